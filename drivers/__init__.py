@@ -1,0 +1,1 @@
+"""Hardware behind small interfaces: GPIO (gpiozero), later camera and modem."""

@@ -1,0 +1,312 @@
+"""The button daemon (``guardpost run button``): the first link of the alarm path.
+
+It owns all GPIO. A press travels:
+
+    pin edge (gpiozero thread) -> PanicInputs worker: glitch/hold filter
+      -> recorder thread: AlarmLatch.press commits the event durably (synchronous=FULL)
+      -> wake the uplink -> buzzer chirp "recorded" -> status LED fast blink
+    uplink marks it sent / acknowledged -> wakes us -> LED slow blink / steady + two chirps
+
+The recorder never drops a press: if the commit fails (disk full, database locked for
+too long), the press stays in memory, the LED shows the fault pattern, and the commit
+is retried every second until it succeeds.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from drivers.gpio import Indicators, PanicInputs, PressReport, open_pin_factory
+from drivers.gpio.outputs import LedPattern
+from drivers.gpio.sim import SimulatedContact
+from edge import __version__
+from edge.config import Config
+from edge.control import ControlServer
+from edge.events import Event, Identity, utc_iso, utc_now
+from edge.latch import AlarmLatch
+from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
+from edge.sdnotify import notify
+from edge.wake import Waker, wake
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_POLL_S = 2.0      # the LED is refreshed at least this often, wake-ups or not
+STATE_EVERY_S = 60.0       # how often the daemon records that it is alive
+RETRY_RECORD_S = 1.0
+MAX_SIM_HOLD_S = 60.0
+
+
+def identity_of(config: Config) -> Identity:
+    d = config.device
+    return Identity(site_id=d.site_id, device_id=d.device_id, location=d.location)
+
+
+@dataclass(frozen=True)
+class _AcceptedPress:
+    report: PressReport
+    occurred_at: datetime
+
+
+class _OutcomeWaiters:
+    """Lets a ``sim press`` request wait for the decision about the press it caused."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[tuple[threading.Event, list]]] = collections.defaultdict(list)
+
+    def expect(self, input_name: str) -> tuple[threading.Event, list]:
+        waiter = (threading.Event(), [])
+        with self._lock:
+            self._waiting[input_name].append(waiter)
+        return waiter
+
+    def cancel(self, input_name: str, waiter) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._waiting[input_name].remove(waiter)
+
+    def resolve(self, input_name: str, outcome: dict) -> None:
+        with self._lock:
+            waiters, self._waiting[input_name] = self._waiting[input_name], []
+        for done, box in waiters:
+            box.append(outcome)
+            done.set()
+
+
+def _event_summary(event: Event) -> dict:
+    d = event.draft
+    return {"id": event.id, "seq": event.seq, "kind": d.kind.value, "code": int(d.code),
+            "repeat_of": d.repeat_of, "repeat": d.repeat}
+
+
+class ButtonDaemon:
+    """Reads the panic inputs, commits alarms, drives the LED and buzzer."""
+
+    name = "button"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.identity = identity_of(config)
+        self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters = _OutcomeWaiters()
+        self._unrecorded = 0
+        self._announced_acks: set[str] | None = None  # None until the first refresh
+        self._stop = threading.Event()
+        self._waker: Waker | None = None
+        self.indicators: Indicators | None = None
+        self.inputs: PanicInputs | None = None
+        self.contacts: dict[str, SimulatedContact] = {}
+        self._started_at = utc_now()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; returns after releasing every pin."""
+        self._stop = stop
+        cfg = self.config
+        factory = open_pin_factory(cfg.gpio.pin_factory, cfg.gpio.chip)
+        recorder = threading.Thread(target=self._record_loop, name="recorder", daemon=True)
+        with contextlib.ExitStack() as stack:
+            stack.callback(factory.close)
+            outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity,
+                                                checkpoint=False))
+            latch = AlarmLatch(outbox, cfg.inputs)
+            self.indicators = Indicators(factory, cfg.outputs)
+            stack.callback(self.indicators.close)
+            # Closed in reverse: the inputs stop first, then the recorder commits
+            # whatever presses they had already accepted.
+            recorder.start()
+            stack.callback(self._stop_recorder, recorder)
+            self.inputs = PanicInputs(factory, cfg.inputs, on_report=self._on_report)
+            stack.callback(self.inputs.close)
+            if cfg.simulated:
+                self.contacts = {name: SimulatedContact(self.inputs.pin(name), spec.contact,
+                                                        spec.pull)
+                                 for name, spec in cfg.inputs.items()}
+            self._waker = stack.enter_context(contextlib.closing(
+                Waker(cfg.storage.runtime_dir, self.name)))
+            self.inputs.start()
+            control = ControlServer(cfg.storage.runtime_dir / "button.ctl", self._handle_control)
+            control.start()
+            stack.callback(control.close)
+
+            self._refresh_feedback(outbox, latch)
+            self._save_state(outbox)
+            notify("READY=1", f"STATUS=watching {len(cfg.inputs)} panic input(s)")
+            log.info("button daemon ready: %s, inputs %s", cfg.gpio.pin_factory,
+                     ", ".join(f"{n}=GPIO{s.pin}" for n, s in cfg.inputs.items()))
+            next_state = utc_now() + timedelta(seconds=STATE_EVERY_S)
+            while not stop.is_set():
+                self._waker.wait(FEEDBACK_POLL_S)
+                if stop.is_set():
+                    break
+                self._refresh_feedback(outbox, latch)
+                if utc_now() >= next_state:
+                    self._save_state(outbox)
+                    next_state = utc_now() + timedelta(seconds=STATE_EVERY_S)
+            notify("STOPPING=1")
+            log.info("button daemon stopping")
+
+    def _stop_recorder(self, recorder: threading.Thread) -> None:
+        self._accepted.put(None)
+        recorder.join(10)
+        if recorder.is_alive():
+            log.critical("recorder did not finish; %d press(es) may not be recorded",
+                         self._unrecorded)
+
+    # -- presses ---------------------------------------------------------------------
+
+    def _on_report(self, report: PressReport) -> None:
+        """PanicInputs worker thread: hand accepted presses to the recorder."""
+        if not report.accepted:
+            self._waiters.resolve(report.input, {
+                "accepted": False, "reason": report.reason, "edge_ticks": report.edge_ticks,
+                "duration_ms": round(report.duration * 1000, 3)})
+            return
+        occurred_at = utc_now() - timedelta(seconds=report.age)
+        self._accepted.put(_AcceptedPress(report, occurred_at))
+
+    def _record_loop(self) -> None:
+        """Recorder thread: commit each accepted press, in order, retrying until it sticks."""
+        cfg = self.config
+        backlog: collections.deque[_AcceptedPress] = collections.deque()
+        stopping = False
+        with Outbox(cfg.storage.database, self.identity, checkpoint=False) as outbox:
+            latch = AlarmLatch(outbox, cfg.inputs)
+            while not (stopping and not backlog):
+                try:
+                    item = self._accepted.get(timeout=RETRY_RECORD_S if backlog else None)
+                except queue.Empty:
+                    item = False
+                if item is None:
+                    stopping = True
+                elif item:
+                    backlog.append(item)
+                while backlog:
+                    press = backlog[0]
+                    try:
+                        event = latch.press(press.report.input, press.occurred_at,
+                                            press.report.duration)
+                    except Exception:
+                        self._unrecorded = len(backlog)
+                        log.critical("could not record a press of %s (%d waiting); retrying",
+                                     press.report.input, len(backlog), exc_info=True)
+                        if self.indicators:
+                            self.indicators.show(LedPattern.FAULT)
+                        if stopping:
+                            return  # the process is ending: nothing more can be done
+                        break
+                    backlog.popleft()
+                    self._unrecorded = len(backlog)
+                    self._recorded(press, event)
+
+    def _recorded(self, press: _AcceptedPress, event: Event) -> None:
+        cfg = self.config
+        wake(cfg.storage.runtime_dir, "uplink")
+        log.info("%s recorded: input %s, seq %d, id %s%s", event.kind.value.upper(),
+                 press.report.input, event.seq, event.id,
+                 f", repeat {event.draft.repeat} of {event.draft.repeat_of}"
+                 if event.draft.repeat_of else "")
+        if self.indicators is not None:
+            if cfg.inputs[press.report.input].mode != "silent":
+                self.indicators.chirp(1)
+            self.indicators.show(LedPattern.FAST_BLINK)
+        self._waiters.resolve(press.report.input, {
+            "accepted": True, "reason": press.report.reason, "edge_ticks": press.report.edge_ticks,
+            "duration_ms": round(press.report.duration * 1000, 3), "event": _event_summary(event)})
+        self.wake()
+
+    # -- feedback --------------------------------------------------------------------
+
+    def _refresh_feedback(self, outbox: Outbox, latch: AlarmLatch) -> None:
+        """Set the LED from the latest event of each latched input, as the outbox has it."""
+        if self.indicators is None:
+            return
+        if self._unrecorded:
+            self.indicators.show(LedPattern.FAULT)
+            return
+        latches = latch.latches()
+        states = outbox.event_states(lt.last_event_id for lt in latches.values())
+        if self._announced_acks is None:
+            # At start, acknowledgements that arrived before are not news: no chirps.
+            self._announced_acks = {i for i, state in states.items() if state == ACKNOWLEDGED}
+        if not latches:
+            self.indicators.show(LedPattern.OFF)
+            self._announced_acks.clear()
+            return
+        seen = [states.get(lt.last_event_id, QUEUED) for lt in latches.values()]
+        if QUEUED in seen:
+            pattern = LedPattern.FAST_BLINK
+        elif all(state == ACKNOWLEDGED for state in seen):
+            pattern = LedPattern.STEADY
+        else:
+            pattern = LedPattern.SLOW_BLINK
+        for name, lt in latches.items():
+            newly_acknowledged = (states.get(lt.last_event_id) == ACKNOWLEDGED
+                                  and lt.last_event_id not in self._announced_acks)
+            if newly_acknowledged:
+                self._announced_acks.add(lt.last_event_id)
+                log.info("police platform acknowledged the alarm on %s", name)
+                if self.config.inputs.get(name) and self.config.inputs[name].mode != "silent":
+                    self.indicators.chirp(2)
+        self.indicators.show(pattern)
+
+    def _status(self) -> dict:
+        inputs = {}
+        for name, spec in self.config.inputs.items():
+            inputs[name] = {"pin": spec.pin, "mode": spec.mode,
+                            "active": self.inputs.is_active(name) if self.inputs else None}
+        return {
+            "daemon": self.name, "version": __version__, "pid": os.getpid(),
+            "started_at": utc_iso(self._started_at), "pin_factory": self.config.gpio.pin_factory,
+            "led": self.indicators.pattern.value if self.indicators else None,
+            "unrecorded_presses": self._unrecorded, "inputs": inputs,
+        }
+
+    def _save_state(self, outbox: Outbox) -> None:
+        try:
+            outbox.set_daemon_state(self.name, json.dumps(self._status()))
+        except Exception:
+            log.exception("could not record the daemon state")
+
+    # -- control socket --------------------------------------------------------------
+
+    def _handle_control(self, request: dict) -> dict:
+        op = request["op"]
+        if op == "ping":
+            return {"ok": True}
+        if op == "status":
+            return {"ok": True, **self._status()}
+        if op == "press":
+            return self._sim_press(request)
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _sim_press(self, request: dict) -> dict:
+        if not self.config.simulated:
+            return {"ok": False, "error": "sim press needs gpio.pin_factory = 'mock'"}
+        name = request.get("input")
+        hold = request.get("hold", 0.2)
+        if name not in self.contacts:
+            return {"ok": False, "error": f"no input {name!r}; inputs: {sorted(self.contacts)}"}
+        if not isinstance(hold, int | float) or not 0 <= hold <= MAX_SIM_HOLD_S:
+            return {"ok": False,
+                    "error": f"hold must be a number of seconds, 0 to {MAX_SIM_HOLD_S}"}
+        waiter = self._waiters.expect(name)
+        self.contacts[name].press_for(float(hold), self._stop)
+        done, box = waiter
+        spec = self.config.inputs[name]
+        if not done.wait(max(spec.min_press_ms, spec.hold_ms) / 1000 + 10):
+            self._waiters.cancel(name, waiter)
+            return {"ok": False, "error": "the press was not decided in time (see the daemon log)"}
+        return {"ok": True, "input": name, "hold": hold, **box[0]}

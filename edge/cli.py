@@ -1,0 +1,278 @@
+"""``guardpost``: one command for every daemon and tool.
+
+    guardpost run button|uplink|all      the daemons (all: as child processes)
+    guardpost sim press INPUT [--hold S]  press a simulated button (mock GPIO only)
+    guardpost reset [--input NAME]        clear the alarm latch (records Contact ID 465)
+    guardpost queue [--json]              the outbox by state and priority
+    guardpost status [--json]             the device, its daemons, its alarm state
+    guardpost config check FILE           validate a configuration file
+    guardpost watch [--ack]               a minimal stand-in for the police platform
+    guardpost demo [--auto]               the whole device in simulation, with a local broker
+
+Exit codes: 0 success; 1 failure or unhealthy; 69 a daemon is not running;
+78 bad configuration (systemd does not restart a unit that exits 78).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge import __version__
+from edge.config import EX_CONFIG, Config, ConfigError, load_config
+
+EX_UNAVAILABLE = 69
+DEFAULT_CONFIG = "/etc/guardpost/guardpost.toml"
+
+log = logging.getLogger("guardpost")
+
+
+def _setup_logging(level: str, tag: str) -> None:
+    # Under systemd, journald stamps each line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format=f"{stamp}%(levelname)-7s {tag}: %(message)s", force=True)
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _run_until_signalled(daemon) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        daemon.wake()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    result = daemon.run(stop)
+    return result if isinstance(result, int) else 0
+
+
+def cmd_run(args) -> int:
+    from drivers.gpio import PinFactoryError
+
+    config = _load(args.config)
+    if args.daemon == "all":
+        from edge.supervisor import Supervisor
+
+        return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
+                                               log_level=args.log_level))
+    if args.daemon == "button":
+        from edge.button import ButtonDaemon as Daemon
+    else:
+        from edge.uplink import UplinkDaemon as Daemon
+    try:
+        return _run_until_signalled(Daemon(config))
+    except PinFactoryError as err:
+        log.error("%s", err)
+        return EX_CONFIG
+
+
+def cmd_sim_press(args) -> int:
+    from edge.control import ControlUnavailable, request
+
+    config = _load(args.config)
+    try:
+        reply = request(config.storage.runtime_dir / "button.ctl",
+                        {"op": "press", "input": args.input, "hold": args.hold},
+                        timeout=args.hold + 15)
+    except ControlUnavailable as err:
+        print(f"the button daemon is not running ({err})", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if not reply.get("ok"):
+        print(f"press refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if not reply["accepted"]:
+        print(f"pressed {args.input} for {args.hold:g} s: ignored ({reply['reason']})")
+        return 1
+    event = reply["event"]
+    what = (f"repeat {event['repeat']} of alarm {event['repeat_of']}" if event["repeat_of"]
+            else f"new {event['kind']}")
+    print(f"pressed {args.input} for {args.hold:g} s: {what} recorded, seq {event['seq']}, "
+          f"id {event['id']}")
+    return 0
+
+
+def cmd_reset(args) -> int:
+    from edge.button import identity_of
+    from edge.latch import AlarmLatch, UnknownInput
+    from edge.outbox import Outbox
+    from edge.wake import wake
+
+    config = _load(args.config)
+    by = args.by or f"{os.environ.get('SUDO_USER') or getpass.getuser()} (guardpost reset)"
+    with Outbox(config.storage.database, identity_of(config)) as outbox:
+        try:
+            events = AlarmLatch(outbox, config.inputs).reset(by=by, input_name=args.input)
+        except UnknownInput:
+            print(f"no input named {args.input!r}; inputs: {', '.join(config.inputs)}",
+                  file=sys.stderr)
+            return 1
+    for name in ("uplink", "button"):
+        wake(config.storage.runtime_dir, name)
+    if not events:
+        print("no alarm is latched; nothing to reset")
+    for event in events:
+        print(f"reset {event.draft.input}: alarm {event.draft.detail['alarm_id']} cleared "
+              f"(reset event seq {event.seq}, id {event.id})")
+    return 0
+
+
+def cmd_queue(args) -> int:
+    from edge.button import identity_of
+    from edge.outbox import Outbox
+    from edge.status import queue_json, queue_text
+
+    config = _load(args.config)
+    with Outbox(config.storage.database, identity_of(config)) as outbox:
+        summary = outbox.summary()
+    print(queue_json(summary) if args.json else queue_text(summary))
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from edge.button import identity_of
+    from edge.outbox import Outbox
+    from edge.status import collect_status, healthy, status_text
+
+    config = _load(args.config)
+    with Outbox(config.storage.database, identity_of(config)) as outbox:
+        status = collect_status(config, outbox)
+    print(json.dumps(status, indent=2, ensure_ascii=False) if args.json else status_text(status))
+    return 0 if healthy(status) else 1
+
+
+def cmd_config_check(args) -> int:
+    config = load_config(args.file)
+    inputs = ", ".join(f"{n} (GPIO{s.pin}, {s.contact}, {s.mode})"
+                       for n, s in config.inputs.items())
+    print(f"{args.file}: OK\n  device {config.device.site_id}/{config.device.device_id} "
+          f"({config.device.location})\n  broker {config.broker.host}:{config.broker.port}, "
+          f"MQTT {config.broker.protocol}{', TLS' if config.broker.tls else ''}\n"
+          f"  topics {config.topic_prefix}/...\n  GPIO {config.gpio.pin_factory}: {inputs}\n"
+          f"  fingerprint {config.fingerprint()}")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from edge.watch import Watcher
+
+    config = _load(args.config)
+    watcher = Watcher(config.broker, config.uplink.topic_root, args.site or config.device.site_id,
+                      ack=args.ack, as_json=args.json, count=args.count,
+                      client_id=args.client_id, by=args.by)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        watcher.done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        watcher.start()
+    except OSError as err:
+        print(f"cannot connect to {config.broker.host}:{config.broker.port}: {err}",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    watcher.done.wait()
+    watcher.stop()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from edge.demo import run_demo
+
+    return run_demo(auto=args.auto, workdir=args.workdir, log_level=args.log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_config = os.environ.get("GUARDPOST_CONFIG", DEFAULT_CONFIG)
+    parser = argparse.ArgumentParser(
+        prog="guardpost", description="Guardpost: the one-key emergency alarm terminal")
+    parser.add_argument("--version", action="version", version=f"guardpost {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("GUARDPOST_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p):
+        p.add_argument("-c", "--config", default=default_config,
+                       help=f"configuration file (default: $GUARDPOST_CONFIG or {DEFAULT_CONFIG})")
+        return p
+
+    run = with_config(commands.add_parser("run", help="run a daemon"))
+    run.add_argument("daemon", choices=["button", "uplink", "all"])
+    run.set_defaults(func=cmd_run)
+
+    sim = commands.add_parser("sim", help="simulation tools (mock GPIO only)")
+    sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="SIM_COMMAND")
+    press = with_config(sim_commands.add_parser("press", help="press a simulated panic input"))
+    press.add_argument("input")
+    press.add_argument("--hold", type=float, default=0.2, help="seconds held (default 0.2)")
+    press.set_defaults(func=cmd_sim_press)
+
+    reset = with_config(commands.add_parser("reset", help="clear the latched alarm"))
+    reset.add_argument("--input", help="only this input (default: all)")
+    reset.add_argument("--by", help="who is resetting (recorded in the event)")
+    reset.set_defaults(func=cmd_reset)
+
+    queue = with_config(commands.add_parser("queue", help="the outbox by state and priority"))
+    queue.add_argument("--json", action="store_true")
+    queue.set_defaults(func=cmd_queue)
+
+    status = with_config(commands.add_parser("status", help="device, daemons and alarm state"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True,
+                                            metavar="CONFIG_COMMAND")
+    check = config_commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+
+    watch = with_config(commands.add_parser("watch", help="a minimal police platform stand-in"))
+    watch.add_argument("--ack", action="store_true", help="acknowledge alarms and tests")
+    watch.add_argument("--site", help="site to watch (default: this device's; '+' for all)")
+    watch.add_argument("--json", action="store_true", help="one JSON object per message")
+    watch.add_argument("--count", type=int, help="exit after this many events")
+    watch.add_argument("--client-id", help="MQTT client id (default: gp-watch-SITE)")
+    watch.add_argument("--by", default="guardpost watch", help="acknowledging operator")
+    watch.set_defaults(func=cmd_watch)
+
+    demo = commands.add_parser("demo", help="the whole device in simulation")
+    demo.add_argument("--auto", action="store_true",
+                      help="play a scripted story (press, outage, reconnect, reset) and exit")
+    demo.add_argument("--workdir", type=Path, help="keep the demo's files here")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tag = f"{args.daemon}" if args.command == "run" else args.command
+    _setup_logging(args.log_level, tag)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"{err.source}: configuration is not valid:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

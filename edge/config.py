@@ -1,0 +1,273 @@
+"""The configuration: one TOML file, validated once at start.
+
+Every daemon and tool loads it through :func:`load_config`. A bad file raises
+:class:`ConfigError` carrying one line per problem, each naming the key path
+(``inputs.gate.pin: ...``); the entry point prints them and exits with
+:data:`EX_CONFIG` (78), which the systemd units list in
+``RestartPreventExitStatus`` so that a typo never becomes a restart loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.functional_validators import AfterValidator
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+# Unix socket paths are limited to 107 bytes (108 with the terminating NUL).
+_MAX_SOCKET_PATH = 107
+_LONGEST_SOCKET_NAME = "button.ctl"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one line per error."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _topic_safe(value: str) -> str:
+    # Identifiers become MQTT topic levels: wildcards or separators in them
+    # would let one device publish into another's subtree.
+    for forbidden in ("/", "+", "#", "\x00"):
+        if forbidden in value:
+            raise ValueError(f"must not contain {forbidden!r} (it becomes an MQTT topic level)")
+    return value
+
+
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
+    AfterValidator(_topic_safe),
+]
+GpioPin = Annotated[int, Field(ge=0, le=53, description="BCM GPIO number")]
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys are refused, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(Strict):
+    site_id: Identifier = Field(description="The school or campus, as the platform knows it")
+    device_id: Identifier = Field(description="This terminal, unique within the site")
+    location: str = Field(min_length=1, max_length=200, description="Human text, e.g. 'South gate'")
+
+
+class TlsConfig(Strict):
+    ca_file: Path = Field(description="CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS")
+    key_file: Path | None = Field(None, description="Client private key for mutual TLS")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class BrokerConfig(Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(8883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT pings")
+    client_id: str | None = Field(None, min_length=1, max_length=128)
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    session_expiry: int = Field(
+        7 * 86400, ge=0, le=0xFFFFFFFF,
+        description="MQTT 5 session expiry (s): how long the broker keeps our acks while away",
+    )
+    connect_timeout: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> BrokerConfig:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        return self
+
+
+class UplinkConfig(Strict):
+    topic_root: str = Field(
+        "guardpost/v1", min_length=1, max_length=128, pattern=r"^[^/+#\x00]+(/[^/+#\x00]+)*$",
+        description="Versioned root of the topic tree (no wildcards, no leading or trailing '/')",
+    )
+    inflight_window: int = Field(
+        20, ge=1, le=1000,
+        description="QoS 1 messages published and not yet acknowledged by the broker",
+    )
+    heartbeat_interval: float = Field(30.0, ge=1, le=3600)
+    reconnect_min: float = Field(0.5, gt=0, le=30)
+    reconnect_max: float = Field(30.0, gt=0, le=30, description="Backoff cap (s)")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> UplinkConfig:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        return self
+
+
+class StorageConfig(Strict):
+    database: Path = Path("/var/lib/guardpost/outbox.db")
+    runtime_dir: Path = Field(
+        Path("/run/guardpost"), description="Local sockets the daemons wake each other through",
+    )
+    keep_days: int = Field(
+        90, ge=1, le=3650,
+        description="Delivered events are kept this long (policy asks for 30 to 90 days)",
+    )
+
+    @model_validator(mode="after")
+    def _socket_paths_fit(self) -> StorageConfig:
+        longest = self.runtime_dir / _LONGEST_SOCKET_NAME
+        if len(str(longest).encode()) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"runtime_dir is too long for a Unix socket path ({longest} is over "
+                f"{_MAX_SOCKET_PATH} bytes)"
+            )
+        return self
+
+
+class GpioConfig(Strict):
+    pin_factory: Literal["lgpio", "rpigpio", "mock"] = Field(
+        description="lgpio on a Pi 5 (and any Pi), rpigpio on older boards, mock for simulation",
+    )
+    chip: int | None = Field(None, ge=0, le=16, description="lgpio gpiochip; default: detect")
+
+
+class InputConfig(Strict):
+    pin: GpioPin
+    contact: Literal["normally-open", "normally-closed"] = "normally-open"
+    pull: Literal["up", "down"] = "up"
+    mode: Literal["panic", "silent", "audible"] = Field(
+        "panic", description="Contact ID 120 panic, 122 silent panic (no buzzer), 123 audible",
+    )
+    min_press_ms: int = Field(
+        10, ge=0, le=20,
+        description="Shorter pulses are glitches; at most 20 so a 20 ms press is never missed",
+    )
+    hold_ms: int = Field(
+        0, ge=0, le=5000, description="Optional guard against accidental presses; 0 = none",
+    )
+    label: str | None = Field(None, max_length=100)
+
+
+class OutputConfig(Strict):
+    pin: GpioPin
+    active_high: bool = True
+
+
+class OutputsConfig(Strict):
+    status_led: OutputConfig | None = None
+    buzzer: OutputConfig | None = None
+    siren: OutputConfig | None = None
+    test_relay: OutputConfig | None = None
+
+
+class Config(Strict):
+    """The whole configuration file."""
+
+    device: DeviceConfig
+    broker: BrokerConfig
+    uplink: UplinkConfig = UplinkConfig()
+    storage: StorageConfig = StorageConfig()
+    gpio: GpioConfig
+    inputs: dict[Identifier, InputConfig] = Field(min_length=1)
+    outputs: OutputsConfig = OutputsConfig()
+
+    @model_validator(mode="after")
+    def _pins_used_once(self) -> Config:
+        users = [(f"inputs.{name}", spec.pin) for name, spec in self.inputs.items()]
+        users += [(f"outputs.{name}", spec.pin) for name in OutputsConfig.model_fields
+                  if (spec := getattr(self.outputs, name)) is not None]
+        owners: dict[int, str] = {}
+        for key, pin in users:
+            if pin in owners:
+                raise ValueError(f"GPIO {pin} is used by both {owners[pin]} and {key}")
+            owners[pin] = key
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"gp-{self.device.site_id}-{self.device.device_id}"
+
+    @property
+    def topic_prefix(self) -> str:
+        """``{root}/{site_id}/{device_id}``: this device's subtree."""
+        return f"{self.uplink.topic_root}/{self.device.site_id}/{self.device.device_id}"
+
+    @property
+    def simulated(self) -> bool:
+        return self.gpio.pin_factory == "mock"
+
+    def fingerprint(self) -> str:
+        """Short hash of the effective configuration (comments and layout do not count)."""
+        canonical = self.model_dump_json(exclude_none=False).encode()
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _check_files(config: Config) -> list[str]:
+    """Files the configuration names must be readable now, not at the first alarm."""
+    problems = []
+    named: list[tuple[str, Path | None]] = [("broker.password_file", config.broker.password_file)]
+    if config.broker.tls is not None:
+        tls = config.broker.tls
+        named += [("broker.tls.ca_file", tls.ca_file), ("broker.tls.cert_file", tls.cert_file),
+                  ("broker.tls.key_file", tls.key_file)]
+    for key, path in named:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            problems.append(f"{key}: cannot read {path}: {err.strerror}")
+    return problems
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (not part of the configuration; check the spelling)"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    # Cross-field rules of the whole file name their keys in the message itself.
+    return f"{location}: {message}" if location else message
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, [_describe(e) for e in err.errors()]) from None
+    problems = _check_files(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at ``path``; raise :class:`ConfigError` on any problem."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(source, [f"(file): cannot read: {err.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(source, [f"(file): not UTF-8 text: {err}"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, [f"(file): TOML syntax error: {err}"]) from None
+    return parse_config(data, source)

@@ -1,0 +1,112 @@
+"""The platform contract: topic names and the payloads that are not events.
+
+Documented in ``docs/contract.md`` with JSON Schemas in ``docs/schemas/``; the tests
+validate every payload the code emits against those schemas.
+
+    {root}/{site_id}/{device_id}/status          retained birth / will / offline
+    {root}/{site_id}/{device_id}/event/{kind}    alarm, reset, test, fault, restore (QoS 1)
+    {root}/{site_id}/{device_id}/health          retained heartbeat (link supervision)
+    {root}/{site_id}/{device_id}/ack             platform -> device: event acknowledged
+    {root}/{site_id}/{device_id}/rejected        device -> platform: input it refused
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.events import Identity, utc_iso, utc_now
+
+STATUS_SCHEMA = "guardpost/status@1"
+HEALTH_SCHEMA = "guardpost/health@1"
+ACK_SCHEMA = "guardpost/ack@1"
+REJECTED_SCHEMA = "guardpost/rejected@1"
+
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class Topics:
+    """Topic names of one device's subtree."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.status = f"{prefix}/status"
+        self.health = f"{prefix}/health"
+        self.ack = f"{prefix}/ack"
+        self.rejected = f"{prefix}/rejected"
+
+    def below(self, suffix: str) -> str:
+        return f"{self.prefix}/{suffix}"
+
+
+def _dump(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def status_payload(identity: Identity, *, state: str, session: int, **fields: Any) -> bytes:
+    """Birth (``online``), will and clean shutdown (``offline``): same session counter.
+
+    As in Sparkplug B, a platform that has seen the birth of session N ignores an
+    ``offline`` that carries an older session: a late will cannot mark a live device dead.
+    """
+    body = {"schema": STATUS_SCHEMA, "state": state, "session": session,
+            "site_id": identity.site_id, "device_id": identity.device_id, **fields}
+    return _dump(body)
+
+
+def health_payload(identity: Identity, *, session: int, uptime_s: float, outbox: dict,
+                   clock_synced: bool, latched: list[str]) -> bytes:
+    return _dump({
+        "schema": HEALTH_SCHEMA, "at": utc_iso(utc_now()), "session": session,
+        "site_id": identity.site_id, "device_id": identity.device_id,
+        "uptime_s": round(uptime_s, 3), "clock_synced": clock_synced,
+        "latched": latched, "outbox": outbox,
+    })
+
+
+def rejection_payload(topic: str, reason: str, payload: bytes) -> bytes:
+    return _dump({
+        "schema": REJECTED_SCHEMA, "at": utc_iso(utc_now()), "topic": topic,
+        "reason": reason, "payload_excerpt": payload[:200].decode("utf-8", "replace"),
+    })
+
+
+class AckMessage(BaseModel):
+    """What the platform sends on ``{prefix}/ack`` (docs/schemas/ack.schema.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_: str = Field(ACK_SCHEMA, alias="schema", pattern=r"^guardpost/ack@1$")
+    event_id: str = Field(pattern=UUID_PATTERN)
+    acknowledged_at: datetime | None = None
+    by: str | None = Field(None, max_length=200)
+
+
+class RejectedInput(ValueError):
+    """A platform message that does not follow the contract."""
+
+
+def parse_ack(payload: bytes) -> AckMessage:
+    """Parse an acknowledgement, or raise :class:`RejectedInput` saying what is wrong."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RejectedInput(f"not JSON: {err}") from None
+    try:
+        return AckMessage.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}"
+            for e in err.errors())
+        raise RejectedInput(problems) from None
+
+
+def ack_payload(event_id: str, by: str | None = None, at: datetime | None = None) -> bytes:
+    """The acknowledgement a platform sends (used by ``guardpost watch --ack``)."""
+    body = {"schema": ACK_SCHEMA, "event_id": event_id, "acknowledged_at": utc_iso(at or utc_now())}
+    if by:
+        body["by"] = by
+    return _dump(body)

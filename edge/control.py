@@ -1,0 +1,96 @@
+"""A daemon's local control socket: one JSON request per line, one JSON reply per line.
+
+The button daemon serves ``{runtime_dir}/button.ctl`` for ``guardpost status`` and, in
+simulation, ``guardpost sim press``. Access is limited by the file mode of the socket
+(the ``guardpost`` group); a malformed request gets an error reply and the daemon
+carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+Handler = Callable[[dict], dict]
+
+
+class ControlUnavailable(ConnectionError):
+    """Nothing is listening on the control socket (the daemon is not running)."""
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class _RequestHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_REQUEST_BYTES + 1)
+        try:
+            if len(line) > MAX_REQUEST_BYTES:
+                raise ValueError("request too long")
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise ValueError('a request is a JSON object with a string "op"')
+        except ValueError as err:
+            reply = {"ok": False, "error": f"malformed request: {err}"}
+        else:
+            try:
+                reply = self.server.handle_request_dict(request)  # type: ignore[attr-defined]
+            except Exception as err:
+                log.exception("control request %r failed", request.get("op"))
+                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        self.wfile.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
+
+
+class ControlServer:
+    """Serves requests on a Unix stream socket, each in its own short-lived thread."""
+
+    def __init__(self, path: Path, handler: Handler):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by a killed process
+        self._server = _Server(str(self.path), _RequestHandler)
+        os.chmod(self.path, 0o660)
+        self._server.handle_request_dict = handler  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
+            "poll_interval": 0.5}, name=f"control:{self.path.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def request(path: Path, message: dict, timeout: float = 10.0) -> dict:
+    """Send one request and return the reply; raises :class:`ControlUnavailable`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            raise ControlUnavailable(f"{path}: {err.strerror}") from None
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        with sock.makefile("rb") as replies:
+            line = replies.readline()
+    if not line:
+        raise ControlUnavailable(f"{path}: closed without a reply")
+    return json.loads(line)

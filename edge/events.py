@@ -1,0 +1,176 @@
+"""What the device reports: event kinds, Contact ID codes, priorities and the wire payload.
+
+Every event carries the Contact ID (SIA DC-05) code that alarm receiving centres map,
+a time-ordered globally unique id (UUIDv7) and a per-device sequence number, so the
+platform can de-duplicate (delivery is at least once) and detect gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+EVENT_SCHEMA = "guardpost/event@1"
+
+
+class EventKind(StrEnum):
+    ALARM = "alarm"
+    RESET = "reset"  # the latch of an alarm was cleared by a person
+    TEST = "test"
+    FAULT = "fault"
+    RESTORE = "restore"
+
+
+class ContactId(IntEnum):
+    """The Contact ID event codes Guardpost emits (SIA DC-05)."""
+
+    PANIC = 120
+    SILENT_PANIC = 122
+    AUDIBLE_PANIC = 123
+    MANUAL_TEST = 601
+    PERIODIC_TEST = 602
+    SELF_TEST_FAILURE = 307
+    COMMUNICATION_TROUBLE = 350
+    FAILURE_TO_COMMUNICATE = 354
+    PANIC_ZONE_TROUBLE = 375
+    PANIC_RESET = 465
+
+
+class Qualifier(IntEnum):
+    """Contact ID event qualifier."""
+
+    NEW = 1
+    RESTORE = 3
+
+
+class Priority(IntEnum):
+    """Publishing order of the outbox: lower goes first."""
+
+    ALARM = 0
+    TEST = 1
+    FAULT = 2
+    SNAPSHOT = 3
+    HEALTH = 4
+
+
+PANIC_CODES = {"panic": ContactId.PANIC, "silent": ContactId.SILENT_PANIC,
+               "audible": ContactId.AUDIBLE_PANIC}
+
+_PRIORITY_OF_KIND = {
+    EventKind.ALARM: Priority.ALARM,
+    # A reset follows its alarm; at alarm priority it cannot be overtaken by a backlog.
+    EventKind.RESET: Priority.ALARM,
+    EventKind.TEST: Priority.TEST,
+    EventKind.FAULT: Priority.FAULT,
+    EventKind.RESTORE: Priority.FAULT,
+}
+
+# The platform acknowledges these; the status LED and the fallback path wait for it.
+ACK_REQUIRED = frozenset({EventKind.ALARM, EventKind.TEST})
+
+
+def priority_of(kind: EventKind) -> Priority:
+    return _PRIORITY_OF_KIND[kind]
+
+
+def uuid7(unix_ns: int | None = None) -> uuid.UUID:
+    """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then randomness.
+
+    Python gains ``uuid.uuid7`` only in 3.14; this is the same layout.
+    """
+    unix_ms = (time.time_ns() if unix_ns is None else unix_ns) // 1_000_000
+    random_bits = int.from_bytes(os.urandom(10), "big")
+    rand_a = random_bits >> 68  # 12 bits
+    rand_b = random_bits & ((1 << 62) - 1)
+    value = (unix_ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    return uuid.UUID(int=value)
+
+
+def utc_iso(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds: ``2026-11-23T08:15:02.123456Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who reports: copied into every payload so a message stands on its own."""
+
+    site_id: str
+    device_id: str
+    location: str
+
+
+@dataclass(frozen=True)
+class EventDraft:
+    """An event before the outbox gives it an id and a sequence number."""
+
+    kind: EventKind
+    code: int
+    occurred_at: datetime
+    clock_synced: bool
+    boot_id: str
+    input: str | None = None
+    qualifier: Qualifier = Qualifier.NEW
+    repeat_of: str | None = None
+    repeat: int = 0
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def priority(self) -> Priority:
+        return priority_of(self.kind)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A committed event: durable in the outbox, with its identity for the platform."""
+
+    id: str
+    seq: int
+    draft: EventDraft
+
+    @property
+    def kind(self) -> EventKind:
+        return self.draft.kind
+
+    @property
+    def topic_suffix(self) -> str:
+        return f"event/{self.draft.kind.value}"
+
+    def payload(self, identity: Identity) -> bytes:
+        """The JSON document published on ``{prefix}/event/{kind}`` (docs/schemas/event)."""
+        d = self.draft
+        body: dict[str, Any] = {
+            "schema": EVENT_SCHEMA,
+            "id": self.id,
+            "seq": self.seq,
+            "site_id": identity.site_id,
+            "device_id": identity.device_id,
+            "location": identity.location,
+            "kind": d.kind.value,
+            "code": int(d.code),
+            "qualifier": int(d.qualifier),
+            "priority": d.priority.name.lower(),
+            "occurred_at": utc_iso(d.occurred_at),
+            "clock_synced": d.clock_synced,
+            "boot_id": d.boot_id,
+            "ack_required": d.kind in ACK_REQUIRED,
+        }
+        if d.input is not None:
+            body["input"] = d.input
+        if d.repeat_of is not None:
+            body["repeat_of"] = d.repeat_of
+            body["repeat"] = d.repeat
+        if d.detail:
+            body["detail"] = dict(d.detail)
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

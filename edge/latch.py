@@ -1,0 +1,117 @@
+"""The alarm latch (GB 50394 §5.2.3): once triggered, an input stays in alarm until reset.
+
+The latch lives in the outbox database, written in the same transaction as the event
+it belongs to, so a crash can never leave an alarm recorded but unlatched, or a latch
+without its alarm, and ``guardpost reset`` works even while the button daemon is down.
+
+- The first accepted press of an input commits an alarm (Contact ID 120, 122 or 123
+  by the input's mode) and latches the input.
+- Every further press while latched commits a *repeat*: an alarm event whose
+  ``repeat_of`` names the original and whose ``repeat`` counts, so the platform sees
+  the urgency. Holding the button is one press and never repeats.
+- A reset commits a panic-reset event (Contact ID 465) per latched input, naming the
+  alarm it clears and who cleared it, and unlatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from edge.clock import boot_id, clock_synchronised
+from edge.config import InputConfig
+from edge.events import PANIC_CODES, ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
+from edge.outbox import Outbox
+
+
+@dataclass(frozen=True)
+class Latch:
+    input: str
+    alarm_id: str
+    latched_at: str
+    last_event_id: str
+    repeats: int
+
+
+class UnknownInput(KeyError):
+    """The input is not in the configuration."""
+
+
+class AlarmLatch:
+    """Commits presses and resets against the latch state of each input."""
+
+    def __init__(self, outbox: Outbox, inputs: Mapping[str, InputConfig],
+                 clock_synced: Callable[[], bool] = clock_synchronised):
+        self._outbox = outbox
+        self._inputs = inputs
+        self._clock_synced = clock_synced
+
+    def _draft(self, kind: EventKind, code: int, input_name: str, occurred_at: datetime,
+               **extra) -> EventDraft:
+        return EventDraft(kind=kind, code=code, occurred_at=occurred_at,
+                          clock_synced=self._clock_synced(), boot_id=boot_id(),
+                          input=input_name, **extra)
+
+    def press(self, input_name: str, occurred_at: datetime | None = None,
+              held_s: float | None = None) -> Event:
+        """Commit an accepted press durably: a new alarm, or a repeat while latched."""
+        spec = self._inputs.get(input_name)
+        if spec is None:
+            raise UnknownInput(input_name)
+        occurred_at = occurred_at or utc_now()
+        code = PANIC_CODES[spec.mode]
+        detail = {"mode": spec.mode}
+        if spec.label:
+            detail["label"] = spec.label
+        if held_s is not None:
+            detail["held_ms"] = round(held_s * 1000, 1)
+        with self._outbox.transaction() as conn:
+            row = conn.execute(
+                "SELECT alarm_id, repeats FROM latches WHERE input = ?", (input_name,)
+            ).fetchone()
+            if row is None:
+                event = self._outbox.append(
+                    self._draft(EventKind.ALARM, code, input_name, occurred_at, detail=detail))
+                conn.execute(
+                    "INSERT INTO latches(input, alarm_id, latched_at, last_event_id, repeats)"
+                    " VALUES (?, ?, ?, ?, 0)",
+                    (input_name, event.id, utc_iso(occurred_at), event.id),
+                )
+            else:
+                alarm_id, repeats = row
+                event = self._outbox.append(self._draft(
+                    EventKind.ALARM, code, input_name, occurred_at, detail=detail,
+                    repeat_of=alarm_id, repeat=repeats + 1))
+                conn.execute(
+                    "UPDATE latches SET last_event_id = ?, repeats = ? WHERE input = ?",
+                    (event.id, repeats + 1, input_name),
+                )
+        return event
+
+    def reset(self, by: str, input_name: str | None = None) -> list[Event]:
+        """Clear the latch of one input (or all); returns the reset events committed."""
+        if input_name is not None and input_name not in self._inputs:
+            raise UnknownInput(input_name)
+        events = []
+        now = utc_now()
+        with self._outbox.transaction() as conn:
+            rows = conn.execute(
+                "SELECT input, alarm_id, latched_at, repeats FROM latches ORDER BY latched_at"
+            ).fetchall()
+            for latched_input, alarm_id, latched_at, repeats in rows:
+                if input_name is not None and latched_input != input_name:
+                    continue
+                events.append(self._outbox.append(self._draft(
+                    EventKind.RESET, ContactId.PANIC_RESET, latched_input, now,
+                    detail={"alarm_id": alarm_id, "latched_at": latched_at,
+                            "repeats": repeats, "by": by},
+                )))
+                conn.execute("DELETE FROM latches WHERE input = ?", (latched_input,))
+        return events
+
+    def latches(self) -> dict[str, Latch]:
+        rows = self._outbox.db.execute(
+            "SELECT input, alarm_id, latched_at, last_event_id, repeats FROM latches"
+        ).fetchall()
+        return {row[0]: Latch(*row) for row in rows}

@@ -1,0 +1,347 @@
+"""The durable outbox: one SQLite file shared by every daemon, the single source of truth.
+
+An event is committed here (WAL, ``synchronous=FULL``: on disk before the commit
+returns) before the guard gets any feedback, and it leaves only after the broker has
+taken it (``sent``) and, for alarms and tests, the platform has acknowledged it
+(``acknowledged``); delivered rows are pruned by age.
+
+Each thread opens its own :class:`Outbox` (SQLite connections are not shared across
+threads). Writers take the lock up front (``BEGIN IMMEDIATE``) so that two daemons never
+deadlock upgrading a read lock, and wait up to ``busy_timeout`` for each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlite_utils
+
+from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+
+QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
+STATES = (QUEUED, SENT, ACKNOWLEDGED)
+
+
+class OutboxError(Exception):
+    """The outbox cannot do what was asked (for example a newer schema than this code)."""
+
+
+def _migrate_to_1(db: sqlite_utils.Database) -> None:
+    db["events"].create(
+        {
+            "seq": int,              # per-device sequence number, never reused
+            "id": str,               # UUIDv7, globally unique and time-ordered
+            "kind": str,
+            "code": int,             # Contact ID
+            "priority": int,         # edge.events.Priority; lower is published first
+            "input": str,
+            "occurred_at": str,      # UTC, RFC 3339, when the edge happened
+            "committed_at": str,     # UTC, when the row became durable
+            "clock_synced": int,
+            "boot_id": str,
+            "repeat_of": str,
+            "ack_required": int,
+            "topic": str,            # below the device prefix, e.g. event/alarm
+            "payload": bytes,        # exactly what is published, so re-sends are identical
+            "state": str,            # queued -> sent (broker PUBACK) -> acknowledged (platform)
+            "sent_at": str,
+            "acknowledged_at": str,
+            "acknowledged_by": str,
+        },
+        pk="seq",
+        not_null=["id", "kind", "code", "priority", "occurred_at", "committed_at",
+                  "clock_synced", "boot_id", "ack_required", "topic", "payload", "state"],
+        defaults={"state": QUEUED},
+    )
+    db["events"].create_index(["id"], unique=True)
+    # The uplink's only hot query: what to publish next, in priority order.
+    db.execute(
+        "CREATE INDEX events_queue ON events(priority, seq) WHERE state = 'queued'"
+    )
+    db.execute("CREATE INDEX events_sent_unacknowledged ON events(seq) "
+               "WHERE state = 'sent' AND ack_required = 1")
+    db["counters"].create({"name": str, "value": int}, pk="name", not_null=["value"])
+    db["latches"].create(
+        {"input": str, "alarm_id": str, "latched_at": str, "last_event_id": str, "repeats": int},
+        pk="input",
+        not_null=["alarm_id", "latched_at", "last_event_id", "repeats"],
+    )
+    db["daemon_state"].create(
+        {"name": str, "state": str, "updated_at": str}, pk="name", not_null=["state", "updated_at"],
+    )
+
+
+_MIGRATIONS = {1: _migrate_to_1}
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A row the uplink is about to publish."""
+
+    seq: int
+    id: str
+    kind: str
+    priority: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class AckResult:
+    event_id: str
+    known: bool
+    already: bool = False
+
+
+@dataclass
+class QueueSummary:
+    """What ``guardpost queue`` prints: counts by state and priority, the oldest unsent."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    oldest_unsent_seq: int | None = None
+    oldest_unsent_committed_at: str | None = None
+    oldest_unsent_age_s: float | None = None
+    last_seq: int = 0
+
+    @property
+    def unsent(self) -> int:
+        return sum(self.counts.get(QUEUED, {}).values())
+
+
+class Outbox:
+    """One connection to the outbox database.
+
+    ``checkpoint=False`` leaves WAL checkpoints to other connections: the button
+    daemon uses it so that an alarm commit never pays for copying the WAL back into
+    the database file (the uplink, which writes after every batch, does that work).
+    """
+
+    def __init__(self, path: str | Path, identity: Identity, *, checkpoint: bool = True):
+        self.path = Path(path)
+        self.identity = identity
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        self._conn = sqlite3.connect(self.path, isolation_level=None,
+                                     timeout=BUSY_TIMEOUT_MS / 1000)
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise OutboxError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        if not checkpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.db = sqlite_utils.Database(self._conn)
+        self._migrate()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{self.path}: schema version {version} is newer than this Guardpost "
+                    f"({SCHEMA_VERSION}); refusing to touch it"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](self.db)
+                self._conn.execute(f"PRAGMA user_version = {target}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, taken with the write lock; durable when the block ends."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- committing events -----------------------------------------------------------
+
+    def next_counter(self, name: str) -> int:
+        """Increment and return a persistent counter (inside a transaction)."""
+        row = self._conn.execute(
+            "INSERT INTO counters(name, value) VALUES (?, 1) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+            (name,),
+        ).fetchone()
+        return row[0]
+
+    def append(self, draft: EventDraft) -> Event:
+        """Add an event inside the caller's :meth:`transaction`; it is durable at its end."""
+        if not self._conn.in_transaction:
+            raise OutboxError("append() must run inside Outbox.transaction()")
+        seq = self.next_counter("event_seq")
+        event = Event(id=str(uuid7()), seq=seq, draft=draft)
+        self._conn.execute(
+            "INSERT INTO events(seq, id, kind, code, priority, input, occurred_at, committed_at,"
+            " clock_synced, boot_id, repeat_of, ack_required, topic, payload, state)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                seq, event.id, draft.kind.value, int(draft.code), int(draft.priority), draft.input,
+                utc_iso(draft.occurred_at), utc_iso(utc_now()), int(draft.clock_synced),
+                draft.boot_id, draft.repeat_of, int(draft.kind in ACK_REQUIRED),
+                event.topic_suffix, event.payload(self.identity), QUEUED,
+            ),
+        )
+        return event
+
+    def commit_event(self, draft: EventDraft) -> Event:
+        """Commit one event durably and return it with its id and sequence number."""
+        with self.transaction():
+            return self.append(draft)
+
+    # -- the uplink's side -----------------------------------------------------------
+
+    def next_queued(self, limit: int, exclude: Iterable[int] = ()) -> list[QueuedMessage]:
+        """Up to ``limit`` queued rows in publishing order, skipping ``exclude`` (in flight)."""
+        skip = set(exclude)
+        rows = self._conn.execute(
+            "SELECT seq, id, kind, priority, topic, payload FROM events"
+            " WHERE state = 'queued' ORDER BY priority, seq LIMIT ?",
+            (limit + len(skip),),
+        ).fetchall()
+        picked = [QueuedMessage(*row) for row in rows if row[0] not in skip]
+        return picked[:limit]
+
+    def mark_sent(self, seqs: Iterable[int], at: datetime | None = None) -> int:
+        """The broker has taken these rows (PUBACK). Returns how many changed state."""
+        seqs = list(seqs)
+        if not seqs:
+            return 0
+        stamp = utc_iso(at or utc_now())
+        changed = 0
+        with self.transaction() as conn:
+            for chunk_start in range(0, len(seqs), 500):
+                chunk = seqs[chunk_start:chunk_start + 500]
+                marks = ",".join("?" * len(chunk))
+                changed += conn.execute(
+                    f"UPDATE events SET state = 'sent', sent_at = ?"
+                    f" WHERE state = 'queued' AND seq IN ({marks})",
+                    (stamp, *chunk),
+                ).rowcount
+        return changed
+
+    def mark_acknowledged(
+        self, acks: Iterable[tuple[str, datetime, str | None]]
+    ) -> list[AckResult]:
+        """The platform has acknowledged these events: ``(event_id, at, by)`` each."""
+        results = []
+        with self.transaction() as conn:
+            for event_id, at, by in acks:
+                row = conn.execute("SELECT state FROM events WHERE id = ?", (event_id,)).fetchone()
+                if row is None:
+                    results.append(AckResult(event_id, known=False))
+                elif row[0] == ACKNOWLEDGED:
+                    results.append(AckResult(event_id, known=True, already=True))
+                else:
+                    # An ack can overtake our own bookkeeping of the PUBACK: either way the
+                    # broker had the message, so sent_at is filled if it was still missing.
+                    conn.execute(
+                        "UPDATE events SET state = 'acknowledged', acknowledged_at = ?,"
+                        " acknowledged_by = ?, sent_at = coalesce(sent_at, ?) WHERE id = ?",
+                        (utc_iso(at), by, utc_iso(at), event_id),
+                    )
+                    results.append(AckResult(event_id, known=True))
+        return results
+
+    def prune(self, keep_days: int, now: datetime | None = None) -> int:
+        """Delete delivered rows older than ``keep_days``; never an undelivered one."""
+        cutoff = utc_iso((now or utc_now()) - timedelta(days=keep_days))
+        with self.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM events WHERE committed_at < ? AND"
+                " (state = 'acknowledged' OR (state = 'sent' AND ack_required = 0))",
+                (cutoff,),
+            ).rowcount
+
+    # -- reading ---------------------------------------------------------------------
+
+    def event_states(self, event_ids: Iterable[str]) -> dict[str, str]:
+        ids = list(event_ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._conn.execute(
+            f"SELECT id, state FROM events WHERE id IN ({marks})", ids
+        ).fetchall()
+        return dict(rows)
+
+    def get_event_row(self, event_id: str) -> dict | None:
+        cursor = self._conn.execute("SELECT * FROM events WHERE id = ?", (event_id,))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return dict(zip([c[0] for c in cursor.description], row, strict=True))
+
+    def summary(self, now: datetime | None = None) -> QueueSummary:
+        summary = QueueSummary()
+        for state, priority, count in self._conn.execute(
+            "SELECT state, priority, count(*) FROM events GROUP BY state, priority"
+        ):
+            summary.counts.setdefault(state, {})[Priority(priority).name.lower()] = count
+        oldest = self._conn.execute(
+            "SELECT seq, committed_at FROM events WHERE state = 'queued' ORDER BY seq LIMIT 1"
+        ).fetchone()
+        if oldest is not None:
+            summary.oldest_unsent_seq, summary.oldest_unsent_committed_at = oldest
+            committed = datetime.fromisoformat(oldest[1])
+            summary.oldest_unsent_age_s = max(0.0, ((now or utc_now()) - committed).total_seconds())
+        row = self._conn.execute(
+            "SELECT value FROM counters WHERE name = 'event_seq'"
+        ).fetchone()
+        summary.last_seq = row[0] if row else 0
+        return summary
+
+    def backlog(self, now: datetime | None = None) -> dict:
+        """The cheap figures of the heartbeat: every query runs on a partial index."""
+        queued = self._conn.execute(
+            "SELECT count(*) FROM events WHERE state = 'queued'").fetchone()[0]
+        unacknowledged = self._conn.execute(
+            "SELECT count(*) FROM events WHERE state = 'sent' AND ack_required = 1").fetchone()[0]
+        oldest = self._conn.execute(
+            "SELECT min(seq) FROM events WHERE state = 'queued'").fetchone()[0]
+        age = None
+        if oldest is not None:
+            committed = self._conn.execute(
+                "SELECT committed_at FROM events WHERE seq = ?", (oldest,)).fetchone()[0]
+            age = round(max(0.0, ((now or utc_now())
+                                  - datetime.fromisoformat(committed)).total_seconds()), 3)
+        last = self._conn.execute(
+            "SELECT value FROM counters WHERE name = 'event_seq'").fetchone()
+        return {"queued": queued, "sent_unacknowledged": unacknowledged,
+                "oldest_unsent_age_s": age, "last_seq": last[0] if last else 0}
+
+    # -- daemons' published state (for `guardpost status`) -----------------------------
+
+    def set_daemon_state(self, name: str, state_json: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO daemon_state(name, state, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET state = excluded.state,"
+                " updated_at = excluded.updated_at",
+                (name, state_json, utc_iso(utc_now())),
+            )
+
+    def daemon_states(self) -> dict[str, tuple[str, str]]:
+        return {name: (state, updated) for name, state, updated in
+                self._conn.execute("SELECT name, state, updated_at FROM daemon_state")}

@@ -1,0 +1,139 @@
+"""``guardpost queue`` and ``guardpost status``: what the device knows about itself.
+
+Everything comes from the outbox database and the button daemon's control socket, so
+these commands work while the daemons run and tell the truth when they do not: a
+daemon's recorded state older than its own reporting interval is shown as stale,
+never as "OK".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+
+from edge.config import Config
+from edge.control import ControlUnavailable, request
+from edge.events import Priority, utc_now
+from edge.latch import AlarmLatch
+from edge.outbox import STATES, Outbox, QueueSummary
+
+PRIORITY_NAMES = [p.name.lower() for p in Priority]
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def queue_text(summary: QueueSummary) -> str:
+    width = max(len(n) for n in PRIORITY_NAMES) + 2
+    lines = ["state".ljust(14) + "".join(n.rjust(width) for n in PRIORITY_NAMES)
+             + "total".rjust(width)]
+    for state in STATES:
+        row = summary.counts.get(state, {})
+        lines.append(state.ljust(14) + "".join(str(row.get(n, 0)).rjust(width)
+                                               for n in PRIORITY_NAMES)
+                     + str(sum(row.values())).rjust(width))
+    if summary.oldest_unsent_seq is None:
+        lines.append("oldest unsent: none (everything has reached the broker)")
+    else:
+        lines.append(f"oldest unsent: seq {summary.oldest_unsent_seq}, committed "
+                     f"{summary.oldest_unsent_committed_at}, "
+                     f"waiting {_age(summary.oldest_unsent_age_s)}")
+    lines.append(f"last sequence number: {summary.last_seq}")
+    return "\n".join(lines)
+
+
+def queue_json(summary: QueueSummary) -> str:
+    return json.dumps(asdict(summary) | {"unsent": summary.unsent}, indent=2)
+
+
+def _stale_after(config: Config) -> float:
+    # The uplink records its state at every heartbeat and at every reconnect attempt
+    # (at most reconnect_max apart); three missed reports mean it is not running.
+    return 3 * max(config.uplink.heartbeat_interval, config.uplink.reconnect_max)
+
+
+def collect_status(config: Config, outbox: Outbox) -> dict:
+    """Everything ``guardpost status`` shows, as one dictionary."""
+    now = utc_now()
+    latches = AlarmLatch(outbox, config.inputs).latches()
+    event_states = outbox.event_states(
+        [lt.alarm_id for lt in latches.values()] + [lt.last_event_id for lt in latches.values()])
+    status: dict = {
+        "device": {"site_id": config.device.site_id, "device_id": config.device.device_id,
+                   "location": config.device.location, "config": config.fingerprint()},
+        "alarm": {name: {"alarm_id": lt.alarm_id, "latched_at": lt.latched_at,
+                         "repeats": lt.repeats,
+                         "alarm_state": event_states.get(lt.alarm_id, "pruned"),
+                         "latest_state": event_states.get(lt.last_event_id, "pruned")}
+                  for name, lt in latches.items()},
+        "outbox": outbox.backlog(now),
+    }
+    try:
+        button = request(config.storage.runtime_dir / "button.ctl", {"op": "status"}, timeout=3)
+        status["button"] = {"running": True, **{k: v for k, v in button.items() if k != "ok"}}
+    except (ControlUnavailable, OSError) as err:
+        status["button"] = {"running": False, "error": str(err)}
+    states = outbox.daemon_states()
+    if "uplink" in states:
+        raw, updated = states["uplink"]
+        age = (now - datetime.fromisoformat(updated)).total_seconds()
+        uplink = json.loads(raw) | {"updated_at": updated, "report_age_s": round(age, 1)}
+        uplink["stale"] = age > _stale_after(config)
+        status["uplink"] = uplink
+    else:
+        status["uplink"] = {"stale": True, "error": "the uplink has never run"}
+    return status
+
+
+def healthy(status: dict) -> bool:
+    uplink = status["uplink"]
+    return (status["button"]["running"] and not uplink.get("stale")
+            and bool(uplink.get("connected")) and status["outbox"]["queued"] == 0)
+
+
+def status_text(status: dict) -> str:
+    d = status["device"]
+    lines = [f"device   {d['site_id']}/{d['device_id']}  ({d['location']})  config {d['config']}"]
+    if status["alarm"]:
+        for name, a in status["alarm"].items():
+            lines.append(f"ALARM    {name}: latched since {a['latched_at']}, {a['repeats']} "
+                         f"repeat(s); alarm {a['alarm_state']}, latest {a['latest_state']}"
+                         "  (clear with: guardpost reset)")
+    else:
+        lines.append("alarm    none latched")
+    b = status["button"]
+    if b["running"]:
+        inputs = ", ".join(f"{n}{'(ACTIVE)' if i['active'] else ''}"
+                           for n, i in b["inputs"].items())
+        lines.append(f"button   running (pid {b['pid']}, {b['pin_factory']}), LED {b['led']}, "
+                     f"inputs: {inputs}")
+        if b.get("unrecorded_presses"):
+            lines.append(f"         {b['unrecorded_presses']} press(es) NOT YET RECORDED (see log)")
+    else:
+        lines.append(f"button   NOT RUNNING ({b['error']})")
+    u = status["uplink"]
+    if "broker" not in u:
+        lines.append(f"uplink   NOT RUNNING ({u.get('error')})")
+    else:
+        state = "connected" if u["connected"] else "disconnected"
+        if u["stale"]:
+            state = f"STALE: last report {u['report_age_s']:.0f} s ago (not running?); was {state}"
+        line = f"uplink   {state} to {u['broker']} (MQTT {u['protocol']}"
+        line += ", TLS)" if u["tls"] else ")"
+        line += f", session {u['session']}"
+        if u.get("connected_at") and u["connected"]:
+            line += f", since {u['connected_at']}"
+        lines.append(line)
+        if u.get("last_error"):
+            lines.append(f"         last error: {u['last_error']}")
+    o = status["outbox"]
+    lines.append(f"outbox   {o['queued']} unsent, {o['sent_unacknowledged']} awaiting the "
+                 f"platform's acknowledgement, oldest unsent {_age(o['oldest_unsent_age_s'])}, "
+                 f"last seq {o['last_seq']}")
+    return "\n".join(lines)

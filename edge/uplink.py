@@ -1,0 +1,404 @@
+"""The uplink daemon (``guardpost run uplink``): drains the outbox to the platform's broker.
+
+One thread, one ``select`` over the MQTT socket and the wake-up socket, with paho's
+external-loop API (``loop_read``/``loop_write``/``loop_misc``). So there are no locks,
+an alarm committed by the button daemon is published as soon as its wake-up arrives,
+and this daemon decides reconnection itself (jittered backoff, capped at 30 s).
+
+- Rows are published in priority order at QoS 1, at most ``inflight_window`` at a time
+  (clamped to the broker's MQTT 5 Receive Maximum). A new alarm therefore waits for at
+  most one free slot, never behind a backlog being drained.
+- A row is marked ``sent`` only on the broker's PUBACK, and ``acknowledged`` only when
+  the platform's acknowledgement has been committed; only then do we PUBACK the
+  acknowledgement itself (manual acks), so a crash between the two loses nothing.
+- Unacknowledged publishes survive a reconnect inside paho (re-sent with DUP, same
+  message id) and a restart in the outbox (still ``queued``): delivery is at least
+  once, de-duplicable by event id.
+- Retained ``status``: a birth after every connect and a will, both carrying the same
+  session counter; ``offline`` on a clean stop. Retained ``health`` heartbeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge import __version__
+from edge.button import identity_of
+from edge.clock import boot_id, clock_synchronised
+from edge.config import Config
+from edge.contract import (
+    RejectedInput,
+    Topics,
+    health_payload,
+    parse_ack,
+    rejection_payload,
+    status_payload,
+)
+from edge.events import Priority, utc_iso, utc_now
+from edge.latch import AlarmLatch
+from edge.mqtt import connect, is_v5, make_client
+from edge.outbox import Outbox
+from edge.sdnotify import notify
+from edge.wake import Waker, wake
+
+log = logging.getLogger(__name__)
+
+HOLD_BACK_S = 30.0          # a row the broker refused is retried after this long
+PRUNE_EVERY_S = 3600.0
+SHUTDOWN_FLUSH_S = 2.0
+LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least this often
+
+
+class Backoff:
+    """Exponential reconnect delay with jitter, so a fleet does not reconnect in step."""
+
+    def __init__(self, first: float, cap: float, rng=random.random):
+        self.first, self.cap, self._rng = first, cap, rng
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.first * 2 ** self.attempt)
+        self.attempt += 1
+        return ceiling / 2 + self._rng() * ceiling / 2  # "equal jitter": half fixed, half random
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    seq: int
+    priority: int
+
+
+class UplinkDaemon:
+    """Publishes the outbox and takes the platform's acknowledgements."""
+
+    name = "uplink"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.identity = identity_of(config)
+        self.topics = Topics(config.topic_prefix)
+        up = config.uplink
+        self._backoff = Backoff(up.reconnect_min, up.reconnect_max)
+        self._window = up.inflight_window
+        self._inflight: dict[int, _InFlight] = {}   # paho message id -> outbox row
+        self._held_back: dict[int, float] = {}      # seq -> monotonic time it may be retried
+        self._pubacks: list[tuple[int, bool, str]] = []
+        self._acks: list = []                       # (AckMessage, mid, qos)
+        self._rejections: list = []                 # (topic, reason, payload, mid, qos)
+        self._connected = False
+        self._stopping = False
+        self._connack_deadline: float | None = None
+        self._session = 0
+        self._connected_at: str | None = None
+        self._last_error: str | None = None
+        self._started = time.monotonic()
+        self._waker: Waker | None = None
+        self._outbox: Outbox | None = None
+        self.client: paho.Client | None = None
+
+    def wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
+
+    # -- main loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        cfg = self.config
+        with Outbox(cfg.storage.database, self.identity) as outbox, \
+                contextlib.closing(Waker(cfg.storage.runtime_dir, self.name)) as waker:
+            self._outbox, self._waker = outbox, waker
+            self.client = client = self._build_client()
+            self._prune()
+            self._save_state()
+            notify("READY=1", f"STATUS=uplink to {cfg.broker.host}:{cfg.broker.port}")
+            log.info("uplink ready: broker %s:%d (MQTT %s%s), window %d", cfg.broker.host,
+                     cfg.broker.port, cfg.broker.protocol, ", TLS" if cfg.broker.tls else "",
+                     self._window)
+            next_attempt = next_heartbeat = 0.0
+            next_prune = time.monotonic() + PRUNE_EVERY_S
+            while not stop.is_set():
+                now = time.monotonic()
+                if client.socket() is None:
+                    if now < next_attempt:
+                        waker.wait(min(next_attempt - now, LOOP_TICK_S))
+                        continue
+                    if not self._open(client):
+                        next_attempt = time.monotonic() + self._backoff.next_delay()
+                        self._save_state()
+                        continue
+                    next_heartbeat = time.monotonic() + cfg.uplink.heartbeat_interval
+                timeout = min(LOOP_TICK_S, max(0.0, next_heartbeat - now))
+                if self._held_back:
+                    timeout = min(timeout, max(0.0, min(self._held_back.values()) - now))
+                self._pump(client, waker, timeout)
+                self._settle(client, outbox)
+                self._fill_window(client, outbox)
+                now = time.monotonic()
+                if self._connected and now >= next_heartbeat:
+                    self._heartbeat(client, outbox)
+                    next_heartbeat = now + cfg.uplink.heartbeat_interval
+                if self._connack_deadline is not None and now > self._connack_deadline:
+                    self._last_error = "no CONNACK from the broker in time"
+                    log.warning("%s; reconnecting", self._last_error)
+                    client.disconnect()
+                    self._close_socket(client)
+                if now >= next_prune:
+                    self._prune()
+                    next_prune = now + PRUNE_EVERY_S
+                if client.socket() is None and not stop.is_set():
+                    next_attempt = time.monotonic() + self._backoff.next_delay()
+            notify("STOPPING=1")
+            self._shutdown(client, outbox)
+
+    def _pump(self, client: paho.Client, waker: Waker, timeout: float) -> None:
+        """One round of network I/O, the way paho's own loop() does it."""
+        sock = client.socket()
+        if sock is None:
+            return
+        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS-buffered bytes
+        wlist = [sock] if client.want_write() else []
+        readable, writable, _ = select.select([sock, waker], wlist, [], 0 if pending else timeout)
+        if waker in readable:
+            waker.drain()
+        if sock in readable or pending:
+            client.loop_read()
+        if client.socket() is not None and writable:
+            client.loop_write()
+        if client.socket() is not None:
+            client.loop_misc()
+
+    @staticmethod
+    def _close_socket(client: paho.Client) -> None:
+        """After disconnect(): paho closes the socket once DISCONNECT is written."""
+        with contextlib.suppress(OSError):
+            client.loop_write()
+        if client.socket() is not None:
+            # The write would block (a dead peer): the external-loop API has no public
+            # close, and waiting here would stall the loop.
+            client._sock_close()
+
+    # -- connection ------------------------------------------------------------------
+
+    def _build_client(self) -> paho.Client:
+        cfg = self.config
+        client = make_client(cfg.broker, cfg.client_id, persistent=True)
+        client.max_inflight_messages_set(max(self._window, 1))
+        client.max_queued_messages_set(0)
+        client.manual_ack_set(True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _open(self, client: paho.Client) -> bool:
+        """Start a connection attempt; False (with the reason logged) if it failed at once."""
+        cfg = self.config
+        with self._outbox.transaction():
+            self._session = self._outbox.next_counter("mqtt_session")
+        client.will_set(self.topics.status, status_payload(
+            self.identity, state="offline", session=self._session, reason="connection lost"),
+            qos=1, retain=True, properties=self._json_props())
+        try:
+            connect(client, cfg.broker, persistent=True)
+        except (OSError, ValueError) as err:
+            self._note_error(f"cannot connect to {cfg.broker.host}:{cfg.broker.port}: {err}")
+            return False
+        self._connack_deadline = time.monotonic() + cfg.broker.connect_timeout
+        return True
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
+        self._last_error = message
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack_deadline = None
+        if reason_code.is_failure:
+            self._note_error(f"broker refused the connection: {reason_code}")
+            return
+        self._connected = True
+        self._connected_at = utc_iso(utc_now())
+        self._last_error = None
+        self._backoff.reset()
+        window = self.config.uplink.inflight_window
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties else None
+        if receive_maximum:
+            window = min(window, receive_maximum)
+        self._window = window
+        log.info("connected to %s:%d (session %d, %s, window %d)", self.config.broker.host,
+                 self.config.broker.port, self._session,
+                 "resumed" if flags.session_present else "new broker session", window)
+        # Published from inside the callback so the birth precedes paho's re-sends.
+        client.publish(self.topics.status, status_payload(
+            self.identity, state="online", session=self._session, version=__version__,
+            config=self.config.fingerprint(), boot_id=boot_id(),
+            protocol=self.config.broker.protocol, connected_at=self._connected_at),
+            qos=1, retain=True, properties=self._json_props())
+        client.subscribe(self.topics.ack, qos=1)
+        self._heartbeat(client, self._outbox)
+        self._save_state()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected, self._connected = self._connected, False
+        self._connack_deadline = None
+        if was_connected and not self._stopping:
+            self._note_error(f"disconnected from the broker: {reason_code}")
+            log.info("%d message(s) in flight will be re-sent on reconnect", len(self._inflight))
+            self._save_state()
+
+    # -- publishing ------------------------------------------------------------------
+
+    def _json_props(self, **extra) -> Properties | None:
+        if not is_v5(self.config.broker):
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        for key, value in extra.items():
+            setattr(props, key, value)
+        return props
+
+    def _fill_window(self, client: paho.Client, outbox: Outbox) -> None:
+        free = self._window - len(self._inflight)
+        if not self._connected or free <= 0:
+            return
+        if self._held_back:
+            now = time.monotonic()
+            self._held_back = {s: t for s, t in self._held_back.items() if t > now}
+        exclude = {f.seq for f in self._inflight.values()} | self._held_back.keys()
+        for row in outbox.next_queued(free, exclude):
+            props = self._json_props(ResponseTopic=self.topics.ack,
+                                     CorrelationData=row.id.encode())
+            info = client.publish(self.topics.below(row.topic), row.payload, qos=1,
+                                  properties=props)
+            # Even if the connection dropped just now, paho holds the message and
+            # re-sends it on reconnect, so the row is in flight either way.
+            self._inflight[info.mid] = _InFlight(row.seq, row.priority)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        failed = reason_code.is_failure if hasattr(reason_code, "is_failure") else False
+        self._pubacks.append((mid, not failed, str(reason_code)))
+
+    def _heartbeat(self, client: paho.Client, outbox: Outbox) -> None:
+        latched = sorted(AlarmLatch(outbox, self.config.inputs).latches())
+        client.publish(self.topics.health, health_payload(
+            self.identity, session=self._session, uptime_s=time.monotonic() - self._started,
+            outbox=outbox.backlog(), clock_synced=clock_synchronised(), latched=latched),
+            qos=1, retain=True, properties=self._json_props())
+        self._save_state()
+
+    # -- what came back --------------------------------------------------------------
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        if message.topic != self.topics.ack:
+            self._rejections.append((message.topic, "no such command topic", message.payload,
+                                     message.mid, message.qos))
+            return
+        try:
+            ack = parse_ack(message.payload)
+        except RejectedInput as err:
+            self._rejections.append((message.topic, str(err), message.payload, message.mid,
+                                     message.qos))
+            return
+        self._acks.append((ack, message.mid, message.qos))
+
+    def _settle(self, client: paho.Client, outbox: Outbox) -> None:
+        """Commit what the last round brought: PUBACKs, acknowledgements, rejections."""
+        wake_button = False
+        if self._pubacks:
+            delivered = []
+            for mid, ok, reason in self._pubacks:
+                flight = self._inflight.pop(mid, None)
+                if flight is None:
+                    continue  # birth, heartbeat, rejection replies: not outbox rows
+                if ok:
+                    delivered.append(flight.seq)
+                    wake_button |= flight.priority == Priority.ALARM
+                else:
+                    log.error("broker refused outbox row %d (%s); retrying in %.0f s",
+                              flight.seq, reason, HOLD_BACK_S)
+                    self._held_back[flight.seq] = time.monotonic() + HOLD_BACK_S
+            self._pubacks.clear()
+            outbox.mark_sent(delivered)
+        if self._acks:
+            acks, self._acks = self._acks, []
+            results = outbox.mark_acknowledged(
+                (ack.event_id, ack.acknowledged_at or utc_now(), ack.by) for ack, _, _ in acks)
+            for (ack, mid, qos), result in zip(acks, results, strict=True):
+                if not result.known:
+                    self._reject(client, self.topics.ack, f"unknown event id {ack.event_id}",
+                                 ack.model_dump_json(by_alias=True).encode())
+                elif not result.already:
+                    log.info("platform acknowledged event %s%s", ack.event_id,
+                             f" ({ack.by})" if ack.by else "")
+                client.ack(mid, qos)  # only now: the acknowledgement is durable
+            wake_button = True
+        if self._rejections:
+            rejections, self._rejections = self._rejections, []
+            for topic, reason, payload, mid, qos in rejections:
+                self._reject(client, topic, reason, payload)
+                client.ack(mid, qos)
+        if wake_button:
+            wake(self.config.storage.runtime_dir, "button")
+
+    def _reject(self, client: paho.Client, topic: str, reason: str, payload: bytes) -> None:
+        log.warning("rejected a message on %s: %s", topic, reason)
+        client.publish(self.topics.rejected, rejection_payload(topic, reason, payload), qos=1,
+                       properties=self._json_props())
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def _prune(self) -> None:
+        removed = self._outbox.prune(self.config.storage.keep_days)
+        if removed:
+            log.info("pruned %d delivered event(s) older than %d days", removed,
+                     self.config.storage.keep_days)
+
+    def _save_state(self) -> None:
+        cfg = self.config
+        state = {
+            "daemon": self.name, "version": __version__, "connected": self._connected,
+            "broker": f"{cfg.broker.host}:{cfg.broker.port}", "protocol": cfg.broker.protocol,
+            "tls": cfg.broker.tls is not None, "session": self._session,
+            "connected_at": self._connected_at, "last_error": self._last_error,
+            "in_flight": len(self._inflight), "window": self._window,
+            "heartbeat_interval": cfg.uplink.heartbeat_interval,
+        }
+        try:
+            self._outbox.set_daemon_state(self.name, json.dumps(state))
+        except Exception:
+            log.exception("could not record the daemon state")
+
+    def _shutdown(self, client: paho.Client, outbox: Outbox) -> None:
+        """Say goodbye properly: a retained offline status, then DISCONNECT."""
+        self._stopping = True
+        if self._connected:
+            info = client.publish(self.topics.status, status_payload(
+                self.identity, state="offline", session=self._session, reason="shutdown"),
+                qos=1, retain=True, properties=self._json_props())
+            deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+            while (not info.is_published() and client.socket() is not None
+                   and time.monotonic() < deadline):
+                self._pump(client, self._waker, 0.1)
+            self._settle(client, outbox)
+            client.disconnect()
+            self._close_socket(client)
+        self._connected = False
+        self._save_state()
+        log.info("uplink stopped")

@@ -1,0 +1,158 @@
+"""``guardpost watch``: a minimal stand-in for the police platform.
+
+It subscribes to a site's subtree, prints every message as it arrives and, with
+``--ack``, acknowledges each event that asks for it (alarms and tests) the way the
+platform would: a JSON acknowledgement on the device's ``ack`` topic. It keeps a
+persistent session so that nothing published while it was away is missed, notices
+duplicates (delivery is at least once) and gaps in the sequence numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+
+import paho.mqtt.client as paho
+
+from edge.config import BrokerConfig
+from edge.contract import ack_payload
+from edge.mqtt import connect, make_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _DeviceTrack:
+    seen_ids: set[str] = field(default_factory=set)
+    seen_seqs: set[int] = field(default_factory=set)
+    highest: int = 0
+
+
+class Watcher:
+    """Subscribes to ``{root}/{site}/#`` and reports (and optionally acknowledges) events."""
+
+    def __init__(self, broker: BrokerConfig, topic_root: str, site: str, *, ack: bool,
+                 as_json: bool = False, count: int | None = None, client_id: str | None = None,
+                 by: str = "guardpost watch", out: TextIO = sys.stdout, prefix: str = ""):
+        self.broker = broker
+        self.filter = f"{topic_root}/{site}/#"
+        self.topic_root = topic_root
+        self.ack = ack
+        self.as_json = as_json
+        self.count = count
+        self.by = by
+        self.out = out
+        self.prefix = prefix
+        self.events_seen = 0
+        self.done = threading.Event()
+        self.subscribed = threading.Event()
+        self._tracks: dict[str, _DeviceTrack] = defaultdict(_DeviceTrack)
+        self._lock = threading.Lock()
+        self.client = make_client(broker, client_id or f"gp-watch-{site}", persistent=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.reconnect_delay_set(0.2, 5)
+
+    def start(self) -> None:
+        connect(self.client, self.broker, persistent=True)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _print(self, text: str) -> None:
+        with self._lock:
+            self.out.write(f"{self.prefix}{text}\n")
+            self.out.flush()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._print(f"broker refused the connection: {reason_code}")
+            return
+        client.subscribe(self.filter, qos=1)
+        if not self.as_json:
+            self._print(f"watching {self.filter} on {self.broker.host}:{self.broker.port}"
+                        f"{' (acknowledging alarms and tests)' if self.ack else ''}")
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        received = datetime.now().astimezone()
+        relative = message.topic[len(self.topic_root) + 1:]
+        parts = relative.split("/")
+        if len(parts) < 3:
+            return
+        site, device, leaf = parts[0], parts[1], "/".join(parts[2:])
+        if leaf == "ack":
+            return  # our own acknowledgements, echoed back by the subscription
+        try:
+            body = json.loads(message.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        if self.as_json:
+            self._print(json.dumps({"topic": message.topic, "received_at": received.isoformat(),
+                                    "retained": bool(message.retain), "payload": body},
+                                   ensure_ascii=False))
+        else:
+            self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  "
+                        + self._describe(site, device, leaf, body))
+        if leaf.startswith("event/") and isinstance(body, dict):
+            if self.ack and body.get("ack_required"):
+                client.publish(f"{self.topic_root}/{site}/{device}/ack",
+                               ack_payload(body["id"], by=self.by), qos=1)
+                if not self.as_json:
+                    self._print(f"{' ' * 12}  -> acknowledged {body['kind']} seq {body['seq']}")
+            self.events_seen += 1
+            if self.count is not None and self.events_seen >= self.count:
+                self.done.set()
+
+    def _describe(self, site: str, device: str, leaf: str, body) -> str:
+        if not isinstance(body, dict):
+            return f"{leaf}: (not JSON)"
+        if leaf == "status":
+            extra = f", v{body['version']}" if body.get("version") else ""
+            reason = f", {body['reason']}" if body.get("reason") else ""
+            return f"STATUS {body.get('state')} (session {body.get('session')}{extra}{reason})"
+        if leaf == "health":
+            o = body.get("outbox", {})
+            latched = ",".join(body.get("latched") or []) or "none"
+            return (f"HEALTH unsent {o.get('queued')}, awaiting ack {o.get('sent_unacknowledged')},"
+                    f" latched {latched}")
+        if leaf == "rejected":
+            return f"REJECTED {body.get('topic')}: {body.get('reason')}"
+        if leaf.startswith("event/"):
+            return self._describe_event(f"{site}/{device}", body)
+        return f"{leaf}: {json.dumps(body, ensure_ascii=False)[:200]}"
+
+    def _describe_event(self, device_key: str, body: dict) -> str:
+        track = self._tracks[device_key]
+        seq, event_id = body.get("seq"), body.get("id")
+        notes = []
+        if event_id in track.seen_ids:
+            notes.append("duplicate")
+        else:
+            track.seen_ids.add(event_id)
+            if isinstance(seq, int):
+                if seq > track.highest + 1 and track.highest:
+                    missing = [s for s in range(track.highest + 1, seq) if s not in track.seen_seqs]
+                    if missing:
+                        notes.append(f"not yet seen: seq {missing[0]}..{missing[-1]}")
+                track.seen_seqs.add(seq)
+                track.highest = max(track.highest, seq)
+        text = (f"{str(body.get('kind')).upper():7} #{seq} code {body.get('code')}"
+                f" input={body.get('input', '-')} id={event_id}")
+        if body.get("repeat_of"):
+            text += f" (repeat {body.get('repeat')} of {body['repeat_of'][:13]}…)"
+        if body.get("kind") == "reset":
+            text += f" (cleared by {body.get('detail', {}).get('by')})"
+        if not body.get("clock_synced", True):
+            text += " [clock not synchronised]"
+        if notes:
+            text += "  [" + "; ".join(notes) + "]"
+        return text
