@@ -30,7 +30,7 @@ from drivers.gpio.sim import SimulatedContact
 from edge import __version__
 from edge.config import Config
 from edge.control import ControlServer
-from edge.events import Event, Identity, utc_iso, utc_now
+from edge.events import Event, utc_iso, utc_now
 from edge.latch import AlarmLatch
 from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
 from edge.sdnotify import notify
@@ -42,11 +42,6 @@ FEEDBACK_POLL_S = 2.0      # the LED is refreshed at least this often, wake-ups 
 STATE_EVERY_S = 60.0       # how often the daemon records that it is alive
 RETRY_RECORD_S = 1.0
 MAX_SIM_HOLD_S = 60.0
-
-
-def identity_of(config: Config) -> Identity:
-    d = config.device
-    return Identity(site_id=d.site_id, device_id=d.device_id, location=d.location)
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ class ButtonDaemon:
 
     def __init__(self, config: Config):
         self.config = config
-        self.identity = identity_of(config)
+        self.identity = config.identity
         self._accepted: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters = _OutcomeWaiters()
         self._unrecorded = 0
@@ -104,6 +99,7 @@ class ButtonDaemon:
         self.inputs: PanicInputs | None = None
         self.contacts: dict[str, SimulatedContact] = {}
         self._started_at = utc_now()
+        self.ready = threading.Event()  # set with READY=1, for in-process users
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -143,6 +139,7 @@ class ButtonDaemon:
 
             self._refresh_feedback(outbox, latch)
             self._save_state(outbox)
+            self.ready.set()
             notify("READY=1", f"STATUS=watching {len(cfg.inputs)} panic input(s)")
             log.info("button daemon ready: %s, inputs %s", cfg.gpio.pin_factory,
                      ", ".join(f"{n}=GPIO{s.pin}" for n, s in cfg.inputs.items()))

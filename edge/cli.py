@@ -103,22 +103,16 @@ def cmd_sim_press(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    from edge.button import identity_of
-    from edge.latch import AlarmLatch, UnknownInput
-    from edge.outbox import Outbox
-    from edge.wake import wake
+    from edge.latch import UnknownInput, reset_alarms
 
     config = _load(args.config)
     by = args.by or f"{os.environ.get('SUDO_USER') or getpass.getuser()} (guardpost reset)"
-    with Outbox(config.storage.database, identity_of(config)) as outbox:
-        try:
-            events = AlarmLatch(outbox, config.inputs).reset(by=by, input_name=args.input)
-        except UnknownInput:
-            print(f"no input named {args.input!r}; inputs: {', '.join(config.inputs)}",
-                  file=sys.stderr)
-            return 1
-    for name in ("uplink", "button"):
-        wake(config.storage.runtime_dir, name)
+    try:
+        events = reset_alarms(config, by, args.input)
+    except UnknownInput:
+        print(f"no input named {args.input!r}; inputs: {', '.join(config.inputs)}",
+              file=sys.stderr)
+        return 1
     if not events:
         print("no alarm is latched; nothing to reset")
     for event in events:
@@ -128,12 +122,11 @@ def cmd_reset(args) -> int:
 
 
 def cmd_queue(args) -> int:
-    from edge.button import identity_of
     from edge.outbox import Outbox
     from edge.status import queue_json, queue_text
 
     config = _load(args.config)
-    with Outbox(config.storage.database, identity_of(config)) as outbox:
+    with Outbox(config.storage.database, config.identity) as outbox:
         summary = outbox.summary()
     print(queue_json(summary) if args.json else queue_text(summary))
     return 0
@@ -142,12 +135,11 @@ def cmd_queue(args) -> int:
 def cmd_status(args) -> int:
     import json
 
-    from edge.button import identity_of
     from edge.outbox import Outbox
     from edge.status import collect_status, healthy, status_text
 
     config = _load(args.config)
-    with Outbox(config.storage.database, identity_of(config)) as outbox:
+    with Outbox(config.storage.database, config.identity) as outbox:
         status = collect_status(config, outbox)
     print(json.dumps(status, indent=2, ensure_ascii=False) if args.json else status_text(status))
     return 0 if healthy(status) else 1

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
+from edge.events import Identity
+
 EX_CONFIG = 78  # sysexits.h: configuration error
 
 # Unix socket paths are limited to 107 bytes (108 with the terminating NUL).
@@ -199,6 +201,12 @@ class Config(Strict):
     @property
     def client_id(self) -> str:
         return self.broker.client_id or f"gp-{self.device.site_id}-{self.device.device_id}"
+
+    @property
+    def identity(self) -> Identity:
+        """Who reports: copied into every payload."""
+        d = self.device
+        return Identity(site_id=d.site_id, device_id=d.device_id, location=d.location)
 
     @property
     def topic_prefix(self) -> str:

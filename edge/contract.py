@@ -7,6 +7,7 @@ validate every payload the code emits against those schemas.
     {root}/{site_id}/{device_id}/event/{kind}    alarm, reset, test, fault, restore (QoS 1)
     {root}/{site_id}/{device_id}/health          retained heartbeat (link supervision)
     {root}/{site_id}/{device_id}/ack             platform -> device: event acknowledged
+    {root}/{site_id}/{device_id}/cmd/...         platform -> device: commands (none in v1)
     {root}/{site_id}/{device_id}/rejected        device -> platform: input it refused
 """
 
@@ -37,6 +38,7 @@ class Topics:
         self.health = f"{prefix}/health"
         self.ack = f"{prefix}/ack"
         self.rejected = f"{prefix}/rejected"
+        self.commands = f"{prefix}/cmd/#"
 
     def below(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -80,16 +81,30 @@ def priority_of(kind: EventKind) -> Priority:
     return _PRIORITY_OF_KIND[kind]
 
 
+_uuid7_lock = threading.Lock()
+_uuid7_last = 0
+
+
 def uuid7(unix_ns: int | None = None) -> uuid.UUID:
     """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then randomness.
 
-    Python gains ``uuid.uuid7`` only in 3.14; this is the same layout.
+    The 12 bits after the milliseconds hold the sub-millisecond fraction (RFC 9562
+    §6.2, method 3) and the value never repeats or goes back within this process, so
+    ids sort in commit order here and by millisecond across processes. Python gains
+    ``uuid.uuid7`` only in 3.14.
     """
-    unix_ms = (time.time_ns() if unix_ns is None else unix_ns) // 1_000_000
-    random_bits = int.from_bytes(os.urandom(10), "big")
-    rand_a = random_bits >> 68  # 12 bits
-    rand_b = random_bits & ((1 << 62) - 1)
-    value = (unix_ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    global _uuid7_last
+    ns = time.time_ns() if unix_ns is None else unix_ns
+    unix_ms, sub_ms = divmod(ns, 1_000_000)
+    fraction = sub_ms * 4096 // 1_000_000  # 12 bits
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (unix_ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | fraction << 64 | 0b10 << 62 | rand_b
+    with _uuid7_lock:
+        if value <= _uuid7_last:
+            # Same tick (or the clock stepped back): step past the last id instead. The
+            # +1 lands in the 62 random bits; a carry out of them is a 2**-62 event.
+            value = _uuid7_last + 1
+        _uuid7_last = value
     return uuid.UUID(int=value)
 
 

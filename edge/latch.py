@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from edge.clock import boot_id, clock_synchronised
-from edge.config import InputConfig
+from edge.config import Config, InputConfig
 from edge.events import PANIC_CODES, ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
 from edge.outbox import Outbox
+from edge.wake import wake
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,16 @@ class AlarmLatch:
             "SELECT input, alarm_id, latched_at, last_event_id, repeats FROM latches"
         ).fetchall()
         return {row[0]: Latch(*row) for row in rows}
+
+
+def reset_alarms(config: Config, by: str, input_name: str | None = None) -> list[Event]:
+    """What ``guardpost reset`` does: commit the resets, then wake the daemons.
+
+    It needs only the database, so it works while the button daemon is down; the
+    button daemon turns the LED off when it next looks (at once, if it is running).
+    """
+    with Outbox(config.storage.database, config.identity) as outbox:
+        events = AlarmLatch(outbox, config.inputs).reset(by=by, input_name=input_name)
+    for daemon in ("uplink", "button"):
+        wake(config.storage.runtime_dir, daemon)
+    return events

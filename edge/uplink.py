@@ -34,7 +34,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge import __version__
-from edge.button import identity_of
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
 from edge.contract import (
@@ -89,7 +88,7 @@ class UplinkDaemon:
 
     def __init__(self, config: Config):
         self.config = config
-        self.identity = identity_of(config)
+        self.identity = config.identity
         self.topics = Topics(config.topic_prefix)
         up = config.uplink
         self._backoff = Backoff(up.reconnect_min, up.reconnect_max)
@@ -109,6 +108,7 @@ class UplinkDaemon:
         self._waker: Waker | None = None
         self._outbox: Outbox | None = None
         self.client: paho.Client | None = None
+        self.ready = threading.Event()  # set with READY=1, for in-process users
 
     def wake(self) -> None:
         if self._waker is not None:
@@ -124,6 +124,7 @@ class UplinkDaemon:
             self.client = client = self._build_client()
             self._prune()
             self._save_state()
+            self.ready.set()
             notify("READY=1", f"STATUS=uplink to {cfg.broker.host}:{cfg.broker.port}")
             log.info("uplink ready: broker %s:%d (MQTT %s%s), window %d", cfg.broker.host,
                      cfg.broker.port, cfg.broker.protocol, ", TLS" if cfg.broker.tls else "",
@@ -251,17 +252,23 @@ class UplinkDaemon:
             config=self.config.fingerprint(), boot_id=boot_id(),
             protocol=self.config.broker.protocol, connected_at=self._connected_at),
             qos=1, retain=True, properties=self._json_props())
-        client.subscribe(self.topics.ack, qos=1)
+        client.subscribe([(self.topics.ack, 1), (self.topics.commands, 1)])
         self._heartbeat(client, self._outbox)
         self._save_state()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self._connected = self._connected, False
         self._connack_deadline = None
-        if was_connected and not self._stopping:
+        if self._stopping:
+            return
+        if was_connected:
             self._note_error(f"disconnected from the broker: {reason_code}")
             log.info("%d message(s) in flight will be re-sent on reconnect", len(self._inflight))
-            self._save_state()
+        elif not (self._last_error or "").startswith("broker refused"):
+            # With TLS 1.3 a missing or rejected client certificate shows up only here.
+            self._note_error(f"the broker closed the connection before accepting it "
+                             f"({reason_code}); check credentials and certificates")
+        self._save_state()
 
     # -- publishing ------------------------------------------------------------------
 
@@ -307,7 +314,8 @@ class UplinkDaemon:
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         if message.topic != self.topics.ack:
-            self._rejections.append((message.topic, "no such command topic", message.payload,
+            # No platform commands exist yet in contract version 1: say so, not nothing.
+            self._rejections.append((message.topic, "unknown command", message.payload,
                                      message.mid, message.qos))
             return
         try:

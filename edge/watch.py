@@ -49,7 +49,8 @@ class Watcher:
         self.by = by
         self.out = out
         self.prefix = prefix
-        self.events_seen = 0
+        self.events: list[dict] = []  # every event payload received, in arrival order
+        self.arrived = threading.Condition()
         self.done = threading.Event()
         self.subscribed = threading.Event()
         self._tracks: dict[str, _DeviceTrack] = defaultdict(_DeviceTrack)
@@ -67,6 +68,11 @@ class Watcher:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def wait_for_events(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` events (copies included) have arrived."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.events) >= count, timeout)
 
     def _print(self, text: str) -> None:
         with self._lock:
@@ -108,8 +114,10 @@ class Watcher:
                                ack_payload(body["id"], by=self.by), qos=1)
                 if not self.as_json:
                     self._print(f"{' ' * 12}  -> acknowledged {body['kind']} seq {body['seq']}")
-            self.events_seen += 1
-            if self.count is not None and self.events_seen >= self.count:
+            with self.arrived:
+                self.events.append(body)
+                self.arrived.notify_all()
+            if self.count is not None and len(self.events) >= self.count:
                 self.done.set()
 
     def _describe(self, site: str, device: str, leaf: str, body) -> str:

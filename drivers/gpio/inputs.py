@@ -120,6 +120,12 @@ class PanicInputs:
         return self._channels[name].is_active()
 
     def start(self) -> None:
+        # An input already active now (a button held, a normally-closed loop cut before
+        # boot) produced no edge we could see: treat it as activated at this moment.
+        for channel in self._channels.values():
+            if channel.is_active():
+                log.warning("input %s is active at start", channel.name)
+                self._edges.put((channel, self._factory.ticks(), True))
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:

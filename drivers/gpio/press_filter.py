@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Edge timestamps are floats; a press equal to the threshold must not be lost to rounding.
+_TOLERANCE_S = 1e-6
+
 
 @dataclass(frozen=True)
 class FilterOutcome:
@@ -70,7 +73,7 @@ class PressFilter:
         if self._pending_since is not None:
             started, self._pending_since = self._pending_since, None
             duration = max(0.0, at - started)
-            if duration >= self.threshold:
+            if duration >= self.threshold - _TOLERANCE_S:
                 return FilterOutcome(True, started, duration, "press (confirmed by its release)")
             return FilterOutcome(False, started, duration, self._too_short(duration))
         self._held = False
@@ -78,7 +81,7 @@ class PressFilter:
 
     def expire(self, now: float, still_active: bool) -> FilterOutcome | None:
         """Called at (or after) :attr:`deadline` with the input's level read now."""
-        if self._pending_since is None or now < self._pending_since + self.threshold:
+        if self._pending_since is None or now < self._pending_since + self.threshold - _TOLERANCE_S:
             return None
         if not still_active:
             # Released, but its edge has not reached us yet: it carries the exact

@@ -1,0 +1,279 @@
+"""``guardpost demo``: the whole device in simulation, on any Linux machine.
+
+It starts a private Mosquitto on loopback (the "police broker"), writes a simulation
+configuration (gpiozero mock pins), runs ``guardpost run all`` as a child process,
+and plays the police platform with ``guardpost watch --ack`` in this process. Then
+either you press the simulated button (interactive), or ``--auto`` plays the story
+the product promises: a glitch ignored, a press acknowledged, three presses during a
+network outage delivered in order when it returns, a reset. ``--auto`` exits 0 only
+if every event arrived, in order, without gaps, and every alarm was acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edge.config import Config, load_config
+from edge.control import request
+from edge.latch import reset_alarms
+from edge.localbroker import BrokerUnavailable, LocalBroker
+from edge.outbox import Outbox
+from edge.sdnotify import NotifyListener
+from edge.status import collect_status, queue_text, status_text
+from edge.watch import Watcher
+
+DEMO_CONFIG = """\
+# Written by `guardpost demo`: a simulated device (mock GPIO) and a local broker.
+[device]
+site_id = "demo-school"
+device_id = "gate-1"
+location = "演示小学 南门 (Demo Primary School, south gate)"
+
+[broker]
+host = "127.0.0.1"
+port = {port}
+keepalive = 10
+
+[uplink]
+heartbeat_interval = 15
+reconnect_min = 0.2
+reconnect_max = 2
+
+[storage]
+database = "{workdir}/state/outbox.db"
+runtime_dir = "{workdir}/run"
+
+[gpio]
+pin_factory = "mock"
+
+[inputs.gate]
+pin = 17
+label = "Gate panic button"
+
+[inputs.desk]
+pin = 27
+contact = "normally-closed"
+mode = "silent"
+label = "Guardhouse desk button (silent)"
+
+[outputs]
+status_led = {{ pin = 22 }}
+buzzer = {{ pin = 23 }}
+"""
+
+HELP = """\
+  Enter or p [INPUT] [SECONDS]  press a panic button (default: gate, 0.3 s)
+  r                             reset the alarm (guardpost reset)
+  d / u                         take the network down / bring it back up
+  s / q                         guardpost status / guardpost queue
+  x (or Ctrl-D)                 quit"""
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+class Demo:
+    def __init__(self, workdir: Path, log_level: str):
+        self.workdir = workdir
+        self.log_level = log_level
+        self.broker = LocalBroker(workdir / "broker")
+        self.config_path = workdir / "guardpost.toml"
+        self.config: Config | None = None
+        self.device: subprocess.Popen | None = None
+        self.watcher: Watcher | None = None
+        self.listener: NotifyListener | None = None
+
+    def start(self) -> None:
+        self.broker.start()
+        self.config_path.write_text(DEMO_CONFIG.format(port=self.broker.port,
+                                                       workdir=self.workdir))
+        self.config = load_config(self.config_path)
+        self.listener = NotifyListener(self.workdir / "demo.notify")
+        self.device = subprocess.Popen(
+            [sys.executable, "-m", "edge", "--log-level", self.log_level, "run", "all",
+             "--config", str(self.config_path)], env=self.listener.env())
+        pidfd = os.pidfd_open(self.device.pid)
+        try:
+            if not self.listener.wait_for(self.device.pid, "READY=1", 60, pidfd=pidfd):
+                raise RuntimeError("the simulated device did not start (see the log above)")
+        finally:
+            os.close(pidfd)
+        self.watcher = Watcher(self.config.broker, self.config.uplink.topic_root,
+                               self.config.device.site_id, ack=True, by="110 duty officer",
+                               client_id="demo-police-platform", prefix="[police 110] ")
+        self.watcher.start()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.device is not None and self.device.poll() is None:
+            self.device.send_signal(signal.SIGTERM)
+            try:
+                self.device.wait(20)
+            except subprocess.TimeoutExpired:
+                self.device.kill()
+        self.broker.stop()
+        if self.listener is not None:
+            self.listener.close()
+
+    # -- actions -----------------------------------------------------------------------
+
+    def press(self, input_name: str = "gate", hold: float = 0.3) -> dict:
+        reply = request(self.config.storage.runtime_dir / "button.ctl",
+                        {"op": "press", "input": input_name, "hold": hold}, timeout=hold + 15)
+        if not reply.get("ok"):
+            print(f"   press refused: {reply.get('error')}")
+        elif not reply["accepted"]:
+            print(f"   {input_name}: ignored ({reply['reason']})")
+        else:
+            event = reply["event"]
+            kind = f"repeat {event['repeat']}" if event["repeat_of"] else "new alarm"
+            print(f"   {input_name}: {kind} recorded durably, seq {event['seq']}")
+        return reply
+
+    def reset(self) -> None:
+        for event in reset_alarms(self.config, by="demo guard"):
+            print(f"   reset {event.draft.input}: recorded as seq {event.seq} (Contact ID 465)")
+
+    def status(self) -> dict:
+        with Outbox(self.config.storage.database, self.config.identity) as outbox:
+            return collect_status(self.config, outbox)
+
+    def queue(self) -> str:
+        with Outbox(self.config.storage.database, self.config.identity) as outbox:
+            return queue_text(outbox.summary())
+
+    def wait_until(self, condition, what: str, timeout: float = 20.0) -> bool:
+        """The demo watches the device as a person would: by looking again."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            pause.wait(0.05)
+        print(f"   !! gave up waiting for {what}")
+        return False
+
+    def led(self) -> str:
+        return request(self.config.storage.runtime_dir / "button.ctl", {"op": "status"})["led"]
+
+    def uplink_connected(self) -> bool:
+        return bool(self.status()["uplink"].get("connected"))
+
+    # -- the scripted story ------------------------------------------------------------
+
+    def story(self) -> int:
+        ok = True
+        say("A 2 ms electrical glitch on the button cable")
+        ok &= not self.press("gate", 0.002).get("accepted", True)
+
+        say("A guard presses the gate panic button")
+        ok &= bool(self.press("gate").get("accepted"))
+        ok &= self.watcher.wait_for_events(1, 10)
+        ok &= self.wait_until(lambda: self.led() == "steady", "the police acknowledgement")
+        print(f"   status LED: {self.led()} (police received it)")
+
+        say("The network goes down (the broker stops)")
+        self.broker.stop()
+        ok &= self.wait_until(lambda: not self.uplink_connected(), "the uplink to notice")
+        for _ in range(3):
+            self.press("gate")
+        print("   " + self.queue().replace("\n", "\n   "))
+        print(f"   status LED: {self.led()} (recorded here, not yet with the police)")
+
+        say("The network returns")
+        self.broker.start()
+        ok &= self.watcher.wait_for_events(4, 30)
+        ok &= self.wait_until(lambda: self.led() == "steady", "the acknowledgements")
+        print(f"   status LED: {self.led()}")
+
+        say("The guard resets the alarm")
+        self.reset()
+        ok &= self.watcher.wait_for_events(5, 10)
+        ok &= self.wait_until(lambda: self.led() == "off", "the LED to go off")
+
+        say("Result")
+        seen: set[str] = set()
+        arrival = []  # sequence numbers in arrival order, first copy of each event
+        for event in self.watcher.events:
+            if event["id"] not in seen:
+                seen.add(event["id"])
+                arrival.append(event["seq"])
+        status = self.status()
+        print(status_text(status))
+        ok &= arrival == list(range(1, 6))
+        ok &= status["outbox"]["queued"] == 0 and status["outbox"]["sent_unacknowledged"] == 0
+        if ok:
+            print(f"\nPASS: {len(arrival)} events delivered in order (seq 1..5), none missing, "
+                  "every alarm acknowledged")
+        else:
+            print(f"\nFAIL: sequence numbers as they arrived: {arrival}; outbox {status['outbox']}")
+        return 0 if ok else 1
+
+    # -- interactive ---------------------------------------------------------------------
+
+    def interactive(self) -> int:
+        print(f"\nThe simulated device is running. In another terminal you can also use:\n"
+              f"   guardpost sim press gate --config {self.config_path}\n"
+              f"   guardpost status --config {self.config_path}\n\n{HELP}\n")
+        while True:
+            try:
+                line = input("guardpost-demo> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            words = line.split()
+            command = words[0] if words else "p"
+            try:
+                if command == "p":
+                    name = words[1] if len(words) > 1 else "gate"
+                    hold = float(words[2]) if len(words) > 2 else 0.3
+                    self.press(name, hold)
+                elif command == "r":
+                    self.reset()
+                elif command == "d":
+                    self.broker.stop()
+                    print("   broker stopped: presses are kept in the outbox")
+                elif command == "u":
+                    self.broker.start()
+                    print("   broker started: the backlog drains")
+                elif command == "s":
+                    print(status_text(self.status()))
+                elif command == "q":
+                    print(self.queue())
+                elif command in ("x", "exit", "quit"):
+                    return 0
+                else:
+                    print(HELP)
+            except (OSError, ValueError, BrokerUnavailable) as err:
+                print(f"   error: {err}")
+
+
+def run_demo(*, auto: bool, workdir: Path | None, log_level: str) -> int:
+    keep = workdir is not None
+    workdir = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="gp-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(workdir.resolve(), log_level)
+    try:
+        demo.start()
+        say(f"Simulated device {demo.config.topic_prefix} running; broker on "
+            f"127.0.0.1:{demo.broker.port}; files in {workdir}")
+        return demo.story() if auto else demo.interactive()
+    except BrokerUnavailable as err:
+        print(f"guardpost demo: {err}", file=sys.stderr)
+        return 69
+    finally:
+        demo.stop()
+        if not keep:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(workdir)

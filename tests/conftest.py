@@ -1,0 +1,127 @@
+"""Shared fixtures: a real Mosquitto per test, configuration files, daemons, a platform."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from edge.config import Config, load_config
+from edge.localbroker import LocalBroker
+from edge.outbox import Outbox
+from edge.sdnotify import NotifyListener
+from tests.support.daemons import DaemonProcess
+from tests.support.platform import PlatformStandIn
+
+
+def write_toml(path: Path, document: dict) -> Path:
+    """Write nested dictionaries of scalars as TOML tables (enough for test configurations)."""
+    lines: list[str] = []
+
+    def table(name: str, mapping: dict) -> None:
+        scalars = {k: v for k, v in mapping.items() if not isinstance(v, dict)}
+        if name and (scalars or not mapping):
+            lines.append(f"[{name}]")
+        lines.extend(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in scalars.items())
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                table(f"{name}.{key}" if name else key, value)
+
+    table("", document)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sim_document(tmp_path: Path, port: int, **sections) -> dict:
+    """A simulation configuration (mock GPIO) for a broker on 127.0.0.1:port."""
+    doc = {
+        "device": {"site_id": "test-school", "device_id": "gate-1", "location": "测试 South gate"},
+        "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5, "connect_timeout": 3},
+        "uplink": {"heartbeat_interval": 60, "reconnect_min": 0.05, "reconnect_max": 0.5},
+        "storage": {"database": str(tmp_path / "state" / "outbox.db"),
+                    "runtime_dir": str(tmp_path / "run")},
+        "gpio": {"pin_factory": "mock"},
+        "inputs": {"gate": {"pin": 17}},
+        "outputs": {"status_led": {"pin": 22}, "buzzer": {"pin": 23}},
+    }
+    for name, values in sections.items():
+        if values is None:
+            doc.pop(name, None)
+        elif name == "inputs":
+            doc["inputs"] = values
+        else:
+            doc.setdefault(name, {}).update(values)
+    return doc
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with LocalBroker(tmp_path / "broker") as running:
+        yield running
+
+
+@pytest.fixture
+def make_config(tmp_path, broker):
+    """Write a simulation configuration; returns (path, validated Config)."""
+
+    def make(name: str = "guardpost.toml", **sections) -> tuple[Path, Config]:
+        path = write_toml(tmp_path / name, sim_document(tmp_path, broker.port, **sections))
+        return path, load_config(path)
+
+    return make
+
+
+@pytest.fixture
+def listener(tmp_path):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    yield notify
+    notify.close()
+
+
+@pytest.fixture
+def daemons(listener):
+    """Start daemons as processes; every one still running is stopped at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str, config_path: Path, **kwargs) -> DaemonProcess:
+        process = DaemonProcess(name, config_path, listener, **kwargs)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        with contextlib.suppress(Exception):
+            process.stop()
+
+
+@pytest.fixture
+def platform(broker):
+    """Start a platform stand-in for a configuration; all stand-ins stop at the end."""
+    started: list[PlatformStandIn] = []
+
+    def start(config: Config, **kwargs) -> PlatformStandIn:
+        stand_in = PlatformStandIn(broker.host, broker.port, config.topic_prefix, **kwargs)
+        started.append(stand_in)
+        return stand_in.start()
+
+    yield start
+    for stand_in in started:
+        stand_in.stop()
+    for stand_in in started:
+        assert not stand_in.schema_problems, "\n".join(stand_in.schema_problems)
+
+
+@pytest.fixture
+def open_outbox():
+    opened: list[Outbox] = []
+
+    def open_(config: Config) -> Outbox:
+        outbox = Outbox(config.storage.database, config.identity)
+        opened.append(outbox)
+        return outbox
+
+    yield open_
+    for outbox in opened:
+        outbox.close()

@@ -1,0 +1,139 @@
+"""A police platform stand-in for tests: a real paho subscriber on the real broker.
+
+It records every message, validates each one against the published schema of its
+topic (so every payload any test makes the device emit is checked), optionally
+acknowledges alarms and tests, and lets tests wait on conditions over what arrived
+(woken by each message, no sleeping).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.contract import ack_payload
+from tests.support.contract import problems, schema_for_topic
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    leaf: str          # the topic below {root}/{site}/{device}/
+    payload: bytes
+    body: object       # parsed JSON, or None
+    retained: bool
+    at: float          # time.monotonic() on arrival
+    properties: object
+
+
+class PlatformStandIn:
+    def __init__(self, host: str, port: int, prefix: str, *, ack: bool = False,
+                 protocol: int = paho.MQTTv5, client_id: str = "test-platform",
+                 tls: dict | None = None):
+        self.prefix = prefix
+        self.ack = ack
+        self.messages: list[Received] = []
+        self.unique_events: list[dict] = []  # first copy of each event, in arrival order
+        self.event_copies = 0                # every copy, duplicates included
+        self._event_ids: set[str] = set()
+        self.schema_problems: list[str] = []
+        self.acked: list[str] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._host, self._port, self._protocol = host, port, protocol
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=protocol,
+                                  clean_session=None if protocol == paho.MQTTv5 else False)
+        if tls:
+            self.client.tls_set(**tls)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.reconnect_delay_set(0.05, 0.5)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> PlatformStandIn:
+        kwargs = {}
+        if self._protocol == paho.MQTTv5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600  # survive broker restarts in outage tests
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect(self._host, self._port, keepalive=10, **kwargs)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "platform stand-in could not subscribe"
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe(f"{self.prefix}/#", qos=1)
+
+    def _on_message(self, client, userdata, message) -> None:
+        leaf = message.topic[len(self.prefix) + 1:]
+        try:
+            body = json.loads(message.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        received = Received(message.topic, leaf, message.payload, body, bool(message.retain),
+                            time.monotonic(), message.properties)
+        schema = schema_for_topic(leaf)
+        if leaf == "ack" or leaf.startswith("cmd/"):
+            pass  # platform-to-device: ours (tests send malformed ones on purpose)
+        elif schema is None:
+            self.schema_problems.append(f"{message.topic}: no schema for this topic")
+        elif body is None:
+            self.schema_problems.append(f"{message.topic}: payload is not JSON")
+        else:
+            self.schema_problems += [f"{message.topic}: {p}" for p in problems(schema, body)]
+        if (self.ack and leaf.startswith("event/") and isinstance(body, dict)
+                and body.get("ack_required")):
+            client.publish(f"{self.prefix}/ack", ack_payload(body["id"], by="test platform"),
+                           qos=1)
+            self.acked.append(body["id"])
+        with self._cond:
+            self.messages.append(received)
+            if leaf.startswith("event/") and isinstance(body, dict):
+                self.event_copies += 1
+                if body.get("id") not in self._event_ids:
+                    self._event_ids.add(body.get("id"))
+                    self.unique_events.append(body)
+            self._cond.notify_all()
+
+    # -- what arrived ----------------------------------------------------------------
+
+    def wait_for(self, condition: Callable[[PlatformStandIn], object], timeout: float = 15.0,
+                 what: str = "condition"):
+        """Block until ``condition(self)`` is truthy (re-checked at each message)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                result = condition(self)
+                if result:
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out waiting for {what}; got "
+                                         f"{len(self.messages)} message(s)")
+                self._cond.wait(remaining)
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        """Event payloads in arrival order, the first copy of each."""
+        return [e for e in list(self.unique_events) if kind is None or e["kind"] == kind]
+
+    def on(self, leaf: str) -> list[dict]:
+        return [m.body for m in list(self.messages) if m.leaf == leaf]
+
+    def publish(self, leaf: str, payload: bytes) -> None:
+        self.client.publish(f"{self.prefix}/{leaf}", payload, qos=1).wait_for_publish(5)

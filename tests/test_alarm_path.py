@@ -1,0 +1,221 @@
+"""The alarm path end to end: daemons as processes, a real Mosquitto, real SQLite files.
+
+Each story is one a guard, an installer or the police platform would tell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import defaultdict
+
+import pytest
+
+from edge.button import ButtonDaemon
+from edge.control import request
+from edge.events import ContactId, EventDraft, EventKind, utc_now
+from edge.latch import AlarmLatch
+from edge.outbox import Outbox
+from tests.support.daemons import poll_until
+
+
+def press(config, input_name="gate", hold=0.05) -> dict:
+    reply = request(config.storage.runtime_dir / "button.ctl",
+                    {"op": "press", "input": input_name, "hold": hold})
+    assert reply["ok"] and reply["accepted"], reply
+    return reply["event"]
+
+
+def online(stand_in, session=None):
+    return stand_in.wait_for(lambda p: [s for s in p.on("status") if s["state"] == "online"
+                                        and (session is None or s["session"] == session)],
+                             what="the device's birth")
+
+
+def test_a_press_reaches_the_police_and_their_acknowledgement_lights_the_led(
+        make_config, daemons, platform, open_outbox):
+    path, config = make_config()
+    police = platform(config, ack=True)
+    button = daemons("button", path)
+    daemons("uplink", path)
+    online(police)
+
+    event = press(config)
+
+    [alarm] = police.wait_for(lambda p: [e for e in p.events("alarm") if e["id"] == event["id"]],
+                              what="the alarm")
+    assert alarm["code"] == ContactId.PANIC and alarm["input"] == "gate"
+    assert alarm["seq"] == event["seq"] and alarm["ack_required"] is True
+    assert alarm["site_id"] == "test-school" and alarm["location"] == "测试 South gate"
+    received = next(m for m in police.messages if m.leaf == "event/alarm")
+    assert received.properties.ResponseTopic == f"{config.topic_prefix}/ack"
+    assert received.properties.CorrelationData == event["id"].encode()
+
+    # The guard's feedback: one chirp when recorded, then steady light and two chirps
+    # once the platform's acknowledgement is durable on the device.
+    recorded = button.wait_for_line("ALARM recorded")
+    assert "buzzer: 1 chirp" in button.lines[recorded + 1]
+    steady = button.wait_for_line("status LED: steady")
+    assert button.wait_for_line("buzzer: 2 chirps") < steady
+    status = request(config.storage.runtime_dir / "button.ctl", {"op": "status"})
+    assert status["led"] == "steady"
+    row = open_outbox(config).get_event_row(event["id"])
+    assert row["state"] == "acknowledged" and row["acknowledged_by"] == "test platform"
+
+
+def test_presses_during_a_network_outage_arrive_in_order_without_gaps_when_it_returns(
+        broker, make_config, daemons, platform, open_outbox):
+    path, config = make_config()
+    police = platform(config, ack=True)
+    button = daemons("button", path)
+    uplink = daemons("uplink", path)
+    online(police)
+
+    broker.stop()
+    uplink.wait_for_line("disconnected from the broker")
+    committed = [press(config) for _ in range(3)]
+    assert [e["repeat"] for e in committed] == [0, 1, 2]
+    summary = open_outbox(config).summary()
+    assert summary.counts["queued"]["alarm"] == 3
+    fast = button.wait_for_line("status LED: fast-blink")
+
+    broker.start()
+    arrived = police.wait_for(lambda p: len(p.events("alarm")) >= 3 and p.events("alarm"),
+                              what="the three alarms")
+    assert [e["id"] for e in arrived] == [e["id"] for e in committed]
+    seqs = [e["seq"] for e in arrived]
+    assert seqs == list(range(seqs[0], seqs[0] + 3))
+    assert [e.get("repeat_of") for e in arrived] == [None, committed[0]["id"], committed[0]["id"]]
+    button.wait_for_line("status LED: steady", after=fast)
+
+
+def _backlog(config, count: int) -> list[str]:
+    """Commit ``count`` events in one transaction, as a long outage would leave them."""
+    with Outbox(config.storage.database, config.identity) as outbox, outbox.transaction():
+        ids = []
+        for n in range(count):
+            kind = EventKind.FAULT if n % 2 == 0 else EventKind.RESTORE
+            ids.append(outbox.append(EventDraft(
+                kind=kind, code=ContactId.PANIC_ZONE_TROUBLE, occurred_at=utc_now(),
+                clock_synced=True, boot_id="test", input="gate")).id)
+        return ids
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_uplink_while_draining_10000_events_loses_nothing(
+        make_config, daemons, platform, open_outbox):
+    path, config = make_config()
+    committed = _backlog(config, 10_000)
+    police = platform(config)
+    uplink = daemons("uplink", path)
+    first = online(police)[0]
+    outbox = open_outbox(config)
+    # The subscriber lags behind the broker; the kill must land mid-drain on the device.
+    poll_until(lambda: outbox.backlog()["queued"] <= 7_500, what="a quarter drained")
+
+    uplink.kill()
+
+    # The broker saw the connection die and published the will of that very session.
+    will = police.wait_for(lambda p: [s for s in p.on("status") if s["state"] == "offline"],
+                           what="the will")[0]
+    assert will == will | {"session": first["session"], "reason": "connection lost"}
+    left = outbox.backlog()["queued"]
+    assert 0 < left < 10_000
+
+    daemons("uplink", path)
+    online(police, session=first["session"] + 1)
+    police.wait_for(lambda p: len(p.unique_events) >= 10_000, timeout=120,
+                    what="the whole backlog")
+
+    assert {e["id"] for e in police.events()} == set(committed)
+    assert sorted(e["seq"] for e in police.events()) == list(range(1, 10_001))
+    duplicates = police.event_copies - 10_000
+    assert duplicates <= config.uplink.inflight_window  # only what was in flight at the kill
+    poll_until(lambda: outbox.backlog()["queued"] == 0, what="every row marked sent")
+
+
+def test_a_thousand_presses_on_four_inputs_with_resets_are_all_delivered(
+        make_config, daemons, platform, open_outbox):
+    inputs = {name: {"pin": pin, "min_press_ms": 0}
+              for name, pin in (("gate", 5), ("side", 6), ("back", 13), ("desk", 19))}
+    path, config = make_config(inputs=inputs, uplink={"inflight_window": 50})
+    police = platform(config)
+    daemons("uplink", path)
+    online(police)
+
+    # The button daemon runs in this process so that the test can drive its mock pins
+    # from several threads at once, as four guards would.
+    button = ButtonDaemon(config)
+    stop = threading.Event()
+    runner = threading.Thread(target=button.run, args=(stop,))
+    runner.start()
+    try:
+        assert button.ready.wait(30)
+        go = threading.Barrier(len(inputs) + 1)
+
+        def guard(name: str) -> None:
+            contact = button.contacts[name]
+            go.wait()
+            for _ in range(250):
+                contact.press()
+                contact.release()
+
+        guards = [threading.Thread(target=guard, args=(n,)) for n in inputs]
+        for g in guards:
+            g.start()
+        resets = 0
+        with Outbox(config.storage.database, config.identity) as outbox:
+            latch = AlarmLatch(outbox, config.inputs)
+            go.wait()
+            while any(g.is_alive() for g in guards):
+                resets += len(latch.reset(by="test supervisor"))
+                guards[0].join(0.02)
+            for g in guards:
+                g.join()
+        police.wait_for(lambda p: len(p.unique_events) >= 1_000 + resets, timeout=60,
+                        what="1,000 alarms and the resets")
+    finally:
+        stop.set()
+        button.wake()
+        runner.join(30)
+
+    events = sorted(police.events(), key=lambda e: e["seq"])
+    assert [e["seq"] for e in events] == list(range(1, 1_000 + resets + 1))
+    per_input = defaultdict(list)
+    for e in events:
+        per_input[e["input"]].append(e)
+    for name, stream in per_input.items():
+        assert sum(e["kind"] == "alarm" for e in stream) == 250, name
+        latched_alarm, repeats = None, 0
+        for e in stream:  # the latch rules hold at every step, in commit order
+            if e["kind"] == "reset":
+                assert e["detail"]["alarm_id"] == latched_alarm
+                latched_alarm = None
+            elif latched_alarm is None:
+                assert "repeat_of" not in e
+                latched_alarm, repeats = e["id"], 0
+            else:
+                repeats += 1
+                assert (e["repeat_of"], e["repeat"]) == (latched_alarm, repeats)
+
+
+def test_a_restarted_button_daemon_keeps_the_alarm_latched(make_config, daemons, platform):
+    path, config = make_config()
+    police = platform(config, ack=True)
+    button = daemons("button", path)
+    daemons("uplink", path)
+    online(police)
+    first = press(config)
+    button.wait_for_line("status LED: steady")
+    button.kill()
+
+    restarted = daemons("button", path)
+    # Still in alarm after the restart, and still acknowledged: steady, without new chirps.
+    restarted.wait_for_line("status LED: steady")
+    assert not any("chirp" in line for line in restarted.lines)
+    again = press(config)
+    assert again["repeat_of"] == first["id"]
+    police.wait_for(lambda p: [e for e in p.events() if e["id"] == again["id"]],
+                    what="the repeat")
+    with contextlib.suppress(AssertionError):
+        restarted.wait_for_line("buzzer: 2 chirps", timeout=10)

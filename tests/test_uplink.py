@@ -1,0 +1,220 @@
+"""The uplink against a real broker: contract, acknowledgements, priority, protocols, TLS."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+
+import paho.mqtt.client as paho
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edge.contract import ack_payload
+from edge.events import ContactId, EventDraft, EventKind, utc_now
+from edge.latch import AlarmLatch
+from edge.localbroker import BrokerTls, LocalBroker
+from edge.outbox import Outbox
+from edge.wake import wake
+from tests.conftest import sim_document, write_toml
+from tests.support.daemons import poll_until
+from tests.support.platform import PlatformStandIn
+from tests.test_alarm_path import online
+
+
+def commit_alarm(config) -> str:
+    with Outbox(config.storage.database, config.identity) as outbox:
+        event = AlarmLatch(outbox, config.inputs).press("gate")
+    wake(config.storage.runtime_dir, "uplink")
+    return event.id
+
+
+def test_birth_heartbeat_and_clean_offline_share_one_session_counter(make_config, daemons,
+                                                                     platform):
+    path, config = make_config(uplink={"heartbeat_interval": 1})
+    police = platform(config)
+    uplink = daemons("uplink", path)
+    birth = online(police)[0]
+    assert birth["version"] and birth["config"] == config.fingerprint()
+    beats = police.wait_for(lambda p: len(p.on("health")) >= 2 and p.on("health"),
+                            what="two heartbeats")
+    assert {b["session"] for b in beats} == {birth["session"]}
+    assert beats[-1]["outbox"] == {"queued": 0, "sent_unacknowledged": 0,
+                                   "oldest_unsent_age_s": None, "last_seq": 0}
+    assert uplink.stop() == 0
+    offline = police.wait_for(lambda p: [s for s in p.on("status") if s["state"] == "offline"],
+                              what="the offline status")[0]
+    assert (offline["session"], offline["reason"]) == (birth["session"], "shutdown")
+    retained = [m for m in police.messages if m.leaf == "status"]
+    assert all(m.properties.ContentType == "application/json" for m in retained)
+
+
+def test_malformed_and_unknown_acknowledgements_are_rejected_and_the_uplink_carries_on(
+        make_config, daemons, platform, open_outbox):
+    path, config = make_config()
+    police = platform(config)
+    daemons("uplink", path)
+    online(police)
+
+    police.publish("ack", b"{not json")
+    police.publish("ack", json.dumps({"event_id": "42"}).encode())
+    police.publish("ack", ack_payload("01234567-89ab-7def-8123-456789abcdef"))
+    police.publish("cmd/reboot", b"{}")
+    rejected = police.wait_for(lambda p: len(p.on("rejected")) >= 4 and p.on("rejected"),
+                               what="four rejections")
+    reasons = [r["reason"] for r in rejected]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[1].startswith("event_id: String should match pattern")
+    assert reasons[2] == "unknown event id 01234567-89ab-7def-8123-456789abcdef"
+    assert rejected[3]["topic"].endswith("/cmd/reboot")
+
+    # Still working: an alarm is delivered and its acknowledgement taken.
+    event_id = commit_alarm(config)
+    police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id], what="the alarm")
+    police.publish("ack", ack_payload(event_id, by="operator 7"))
+    outbox = open_outbox(config)
+    poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
+               what="the acknowledgement")
+
+
+def test_a_live_alarm_overtakes_a_backlog_being_drained(make_config, daemons, platform,
+                                                        open_outbox):
+    path, config = make_config()
+    window = config.uplink.inflight_window
+    with Outbox(config.storage.database, config.identity) as outbox, outbox.transaction():
+        for _ in range(20_000):
+            outbox.append(EventDraft(kind=EventKind.FAULT, code=ContactId.PANIC_ZONE_TROUBLE,
+                                     occurred_at=utc_now(), clock_synced=True, boot_id="t"))
+    police = platform(config)
+    daemons("uplink", path)
+    police.wait_for(lambda p: p.unique_events, what="the drain to begin")
+
+    alarm_id = commit_alarm(config)
+    still_queued = open_outbox(config).backlog()["queued"] - 1  # faults, after the commit
+    assert still_queued > 5 * window, "the backlog drained before the alarm: test is void"
+
+    police.wait_for(lambda p: len(p.unique_events) >= 20_001, timeout=120, what="everything")
+    order = [e["id"] for e in police.unique_events]
+    faults_after_alarm = len(order) - 1 - order.index(alarm_id)
+    # Only what was already in flight (or being picked at that instant) may go first.
+    assert faults_after_alarm >= still_queued - 2 * window
+
+
+def test_mqtt_3_1_1_works_the_same(broker, make_config, daemons):
+    path, config = make_config(broker={"protocol": "3.1.1"})
+    police = PlatformStandIn(broker.host, broker.port, config.topic_prefix, ack=True,
+                             protocol=paho.MQTTv311, client_id="platform-311").start()
+    try:
+        daemons("uplink", path)
+        online(police)
+        event_id = commit_alarm(config)
+        police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
+                        what="the alarm over MQTT 3.1.1")
+        with Outbox(config.storage.database, config.identity) as outbox:
+            poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
+                       what="the acknowledgement")
+    finally:
+        police.stop()
+    assert not police.schema_problems
+
+
+# -- mutual TLS ------------------------------------------------------------------------
+
+def _certificate(subject: str, key, issuer_cert=None, issuer_key=None, *, ca=False):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer_cert.subject if issuer_cert else name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write_pki(directory):
+    directory.mkdir()
+    files = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("Guardpost test CA", ca_key, ca=True)
+    for who in ("ca", "broker", "device"):
+        key = ca_key if who == "ca" else ec.generate_private_key(ec.SECP256R1())
+        cert = ca if who == "ca" else _certificate(who, key, ca, ca_key)
+        (directory / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{who}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (directory / f"{who}.key").chmod(0o600)
+        files[who] = (directory / f"{who}.pem", directory / f"{who}.key")
+    return files
+
+
+def test_mutual_tls_to_a_broker_that_requires_client_certificates(tmp_path, daemons):
+    pki = _write_pki(tmp_path / "pki")
+    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
+    with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
+        doc = sim_document(tmp_path, secure.port, broker={"tls": {
+            "ca_file": str(pki["ca"][0]), "cert_file": str(pki["device"][0]),
+            "key_file": str(pki["device"][1])}})
+        path = write_toml(tmp_path / "tls.toml", doc)
+        from edge.config import load_config
+
+        config = load_config(path)
+        police = PlatformStandIn(secure.host, secure.port, config.topic_prefix,
+                                 client_id="platform-tls", tls={
+                                     "ca_certs": str(pki["ca"][0]),
+                                     "certfile": str(pki["device"][0]),
+                                     "keyfile": str(pki["device"][1])}).start()
+        try:
+            uplink = daemons("uplink", path)
+            online(police)
+            event_id = commit_alarm(config)
+            police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
+                            what="the alarm over TLS")
+            assert "TLS" in uplink.lines[uplink.wait_for_line("uplink ready")]
+        finally:
+            police.stop()
+        assert not police.schema_problems
+
+
+def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tmp_path, daemons):
+    pki = _write_pki(tmp_path / "pki")
+    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
+    with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
+        doc = sim_document(tmp_path, secure.port,
+                           broker={"tls": {"ca_file": str(pki["ca"][0])}})
+        path = write_toml(tmp_path / "no-cert.toml", doc)
+        from edge.config import load_config
+
+        config = load_config(path)
+        uplink = daemons("uplink", path)
+        uplink.wait_for_line("closed the connection before accepting it")
+        commit_alarm(config)
+        with Outbox(config.storage.database, config.identity) as outbox:
+            assert outbox.backlog()["queued"] == 1
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_an_uplink_restart_resends_only_what_was_not_confirmed(make_config, daemons, platform,
+                                                               protocol, open_outbox):
+    path, config = make_config(broker={"protocol": protocol})
+    police = platform(config)
+    uplink = daemons("uplink", path)
+    online(police)
+    first = commit_alarm(config)
+    police.wait_for(lambda p: p.unique_events, what="the first alarm")
+    outbox = open_outbox(config)
+    poll_until(lambda: outbox.event_states([first])[first] == "sent", what="PUBACK recorded")
+    uplink.stop()
+    second = commit_alarm(config)  # committed while the uplink is down
+    daemons("uplink", path)
+    police.wait_for(lambda p: len(p.unique_events) >= 2, what="the second alarm")
+    assert [e["id"] for e in police.unique_events] == [first, second]
+    assert police.event_copies == 2
