@@ -52,13 +52,16 @@ class LocalBroker:
     """One Mosquitto process; ``start()``/``stop()`` may be repeated (same port)."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: BrokerTls | None = None,
-                 persistence: bool = True, extra_config: str = ""):
+                 persistence: bool = True, password_file: Path | None = None,
+                 acl_file: Path | None = None, extra_config: str = ""):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.tls = tls
         self.persistence = persistence
+        self.password_file = password_file
+        self.acl_file = acl_file
         self.extra_config = extra_config
         self.log_path = self.workdir / "mosquitto.log"
         self._process: subprocess.Popen | None = None
@@ -69,17 +72,24 @@ class LocalBroker:
         return self._process is not None and self._process.poll() is None
 
     def _write_config(self) -> Path:
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true",
+        anonymous = self.password_file is None
+        lines = [f"listener {self.port} {self.host}", f"allow_anonymous {str(anonymous).lower()}",
                  "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
                  "log_type information",
                  # Subscribers that fall behind must not lose messages in tests and demos.
-                 "max_queued_messages 0"]
+                 # (Not 0, "unlimited": Mosquitto 2.0.11 then drops any client that has
+                 # just been refused a QoS 1 publish by the ACL.)
+                 "max_queued_messages 10000000"]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot write here
         else:
             lines.append(f"user {getpass.getuser()}")
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.tls is not None:
             lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}",
                       f"keyfile {self.tls.key_file}",

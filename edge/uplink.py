@@ -88,10 +88,13 @@ class _DrainLog:
     def published(self, count: int) -> None:
         if count and self.started is None:
             self.started = time.monotonic()
-        self.count += count
+
+    def delivered(self) -> None:
+        self.count += 1
 
     def finish(self) -> None:
-        if self.started is None:
+        if self.started is None or not self.count:
+            self.started = None
             return
         seconds = max(time.monotonic() - self.started, 1e-9)
         level = logging.INFO if self.count >= 100 else logging.DEBUG
@@ -446,6 +449,7 @@ class UplinkDaemon:
                         self._unmarked_since = time.monotonic()
                     self._unmarked.append(flight)
                     self._unmarked_urgent |= flight.priority == Priority.ALARM
+                    self._drain.delivered()
                 else:
                     log.error("broker refused outbox row %d (%s); retrying in %.0f s",
                               flight.seq, reason, HOLD_BACK_S)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import subprocess
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edge.config import load_config
 from edge.contract import ack_payload
 from edge.events import ContactId, EventDraft, EventKind, utc_now
 from edge.latch import AlarmLatch
@@ -166,8 +169,6 @@ def test_mutual_tls_to_a_broker_that_requires_client_certificates(tmp_path, daem
             "ca_file": str(pki["ca"][0]), "cert_file": str(pki["device"][0]),
             "key_file": str(pki["device"][1])}})
         path = write_toml(tmp_path / "tls.toml", doc)
-        from edge.config import load_config
-
         config = load_config(path)
         police = PlatformStandIn(secure.host, secure.port, config.topic_prefix,
                                  client_id="platform-tls", tls={
@@ -193,8 +194,6 @@ def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tmp
         doc = sim_document(tmp_path, secure.port,
                            broker={"tls": {"ca_file": str(pki["ca"][0])}})
         path = write_toml(tmp_path / "no-cert.toml", doc)
-        from edge.config import load_config
-
         config = load_config(path)
         uplink = daemons("uplink", path)
         uplink.wait_for_line("closed the connection before accepting it")
@@ -220,3 +219,65 @@ def test_an_uplink_restart_resends_only_what_was_not_confirmed(make_config, daem
     police.wait_for(lambda p: len(p.unique_events) >= 2, what="the second alarm")
     assert [e["id"] for e in police.unique_events] == [first, second]
     assert police.event_copies == 2
+
+
+# -- the broker ACL template -------------------------------------------------------------
+
+ACL_TEMPLATE = Path(__file__).resolve().parents[1] / "config" / "mosquitto-acl.example"
+
+
+def _acl_broker(tmp_path: Path) -> LocalBroker:
+    """A broker that authenticates by password and applies config/mosquitto-acl.example,
+    rewritten for the test device's identity."""
+    acl = ACL_TEMPLATE.read_text().replace("school-330106-0042", "test-school")
+    acl = acl.replace("gate-south-1", "gate-1")
+    (tmp_path / "acl").write_text(acl)
+    passwords = tmp_path / "passwords"
+    for n, (user, password) in enumerate([("test-school.gate-1", "device-secret"),
+                                          ("police-platform", "platform-secret"),
+                                          ("test-school.gate-2", "other-secret")]):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if n == 0 else []), "-b", str(passwords),
+                        user, password], check=True, capture_output=True)
+    return LocalBroker(tmp_path / "acl-broker", password_file=passwords,
+                       acl_file=tmp_path / "acl")
+
+
+def test_the_acl_template_lets_a_device_do_its_job_and_nothing_else(tmp_path, daemons):
+    (tmp_path / "device-password").write_text("device-secret\n")
+    with _acl_broker(tmp_path) as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker={
+            "username": "test-school.gate-1",
+            "password_file": str(tmp_path / "device-password")})
+        config = load_config(write_toml(tmp_path / "acl.toml", doc))
+        police = PlatformStandIn(guarded.host, guarded.port, config.topic_prefix, ack=True,
+                                 client_id="platform-acl", username="police-platform",
+                                 password="platform-secret").start()
+        try:
+            daemons("uplink", tmp_path / "acl.toml")
+            online(police)
+            event_id = commit_alarm(config)
+            police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
+                            what="the alarm through the ACL")
+            with Outbox(config.storage.database, config.identity) as outbox:
+                poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
+                           what="the acknowledgement through the ACL")
+        finally:
+            police.stop()
+        assert not police.schema_problems
+
+
+def test_a_publish_the_broker_refuses_stays_queued_and_is_reported(tmp_path, daemons):
+    """A device given another device's credentials: MQTT 5 tells it 'not authorised' in
+    the PUBACK; the alarm is neither lost nor marked sent, and the log says why."""
+    (tmp_path / "wrong-password").write_text("other-secret\n")
+    with _acl_broker(tmp_path) as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker={
+            "username": "test-school.gate-2",
+            "password_file": str(tmp_path / "wrong-password")})
+        config = load_config(write_toml(tmp_path / "wrong.toml", doc))
+        uplink = daemons("uplink", tmp_path / "wrong.toml")
+        uplink.wait_for_line("connected to")
+        commit_alarm(config)
+        uplink.wait_for_line("broker refused outbox row 1")
+        with Outbox(config.storage.database, config.identity) as outbox:
+            assert outbox.backlog()["queued"] == 1

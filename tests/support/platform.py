@@ -35,7 +35,8 @@ class Received:
 class PlatformStandIn:
     def __init__(self, host: str, port: int, prefix: str, *, ack: bool = False,
                  protocol: int = paho.MQTTv5, client_id: str = "test-platform",
-                 tls: dict | None = None):
+                 tls: dict | None = None, username: str | None = None,
+                 password: str | None = None):
         self.prefix = prefix
         self.ack = ack
         self.messages: list[Received] = []
@@ -52,6 +53,8 @@ class PlatformStandIn:
                                   clean_session=None if protocol == paho.MQTTv5 else False)
         if tls:
             self.client.tls_set(**tls)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
