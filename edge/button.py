@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 FEEDBACK_POLL_S = 2.0      # the LED is refreshed at least this often, wake-ups or not
 STATE_EVERY_S = 60.0       # how often the daemon records that it is alive
 RETRY_RECORD_S = 1.0
+COMMIT_STUCK_S = 2.0       # a commit taking longer than this shows the fault pattern
 MAX_SIM_HOLD_S = 60.0
 
 
@@ -92,6 +94,7 @@ class ButtonDaemon:
         self._accepted: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters = _OutcomeWaiters()
         self._unrecorded = 0
+        self._commit_started: float | None = None  # monotonic; set while a commit runs
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
         self._waker: Waker | None = None
@@ -192,10 +195,12 @@ class ButtonDaemon:
                     backlog.append(item)
                 while backlog:
                     press = backlog[0]
+                    self._commit_started = time.monotonic()
                     try:
                         event = latch.press(press.report.input, press.occurred_at,
                                             press.report.duration)
                     except Exception:
+                        self._commit_started = None
                         self._unrecorded = len(backlog)
                         log.critical("could not record a press of %s (%d waiting); retrying",
                                      press.report.input, len(backlog), exc_info=True)
@@ -204,6 +209,7 @@ class ButtonDaemon:
                         if stopping:
                             return  # the process is ending: nothing more can be done
                         break
+                    self._commit_started = None
                     backlog.popleft()
                     self._unrecorded = len(backlog)
                     self._recorded(press, event)
@@ -229,6 +235,14 @@ class ButtonDaemon:
     def _refresh_feedback(self, outbox: Outbox, latch: AlarmLatch) -> None:
         """Set the LED from the latest event of each latched input, as the outbox has it."""
         if self.indicators is None:
+            return
+        started = self._commit_started
+        if started is not None and time.monotonic() - started > COMMIT_STUCK_S:
+            # A commit that hangs (a failing SD card, a writer holding the lock) must
+            # not look like a recorded alarm.
+            log.critical("an alarm commit has been waiting for %.0f s",
+                         time.monotonic() - started)
+            self.indicators.show(LedPattern.FAULT)
             return
         if self._unrecorded:
             self.indicators.show(LedPattern.FAULT)

@@ -6,6 +6,7 @@ Each story is one a guard, an installer or the police platform would tell.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import threading
 from collections import defaultdict
 
@@ -17,7 +18,7 @@ from edge.events import ContactId, EventDraft, EventKind, utc_now
 from edge.latch import AlarmLatch
 from edge.outbox import Outbox
 from edge.uplink import MARK_BATCH
-from tests.support.daemons import poll_until
+from tests.support.daemons import in_process, poll_until
 
 
 def press(config, input_name="gate", hold=0.05) -> dict:
@@ -147,12 +148,7 @@ def test_a_thousand_presses_on_four_inputs_with_resets_are_all_delivered(
 
     # The button daemon runs in this process so that the test can drive its mock pins
     # from several threads at once, as four guards would.
-    button = ButtonDaemon(config)
-    stop = threading.Event()
-    runner = threading.Thread(target=button.run, args=(stop,))
-    runner.start()
-    try:
-        assert button.ready.wait(30)
+    with in_process(ButtonDaemon(config)) as button:
         go = threading.Barrier(len(inputs) + 1)
 
         def guard(name: str) -> None:
@@ -176,10 +172,6 @@ def test_a_thousand_presses_on_four_inputs_with_resets_are_all_delivered(
                 g.join()
         police.wait_for(lambda p: len(p.unique_events) >= 1_000 + resets, timeout=60,
                         what="1,000 alarms and the resets")
-    finally:
-        stop.set()
-        button.wake()
-        runner.join(30)
 
     events = sorted(police.events(), key=lambda e: e["seq"])
     assert [e["seq"] for e in events] == list(range(1, 1_000 + resets + 1))
@@ -221,3 +213,43 @@ def test_a_restarted_button_daemon_keeps_the_alarm_latched(make_config, daemons,
                     what="the repeat")
     with contextlib.suppress(AssertionError):
         restarted.wait_for_line("buzzer: 2 chirps", timeout=10)
+
+
+def test_a_press_that_cannot_be_recorded_is_kept_and_retried_until_it_is(make_config,
+                                                                         open_outbox):
+    """The disk refuses the commit (here: a trigger standing in for a full disk). The press
+    is not dropped: the LED shows the fault, and the alarm is recorded once writing works."""
+    _, config = make_config()
+    outbox = open_outbox(config)
+    outbox.db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON events "
+                      "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    with in_process(ButtonDaemon(config)) as button:
+        button.contacts["gate"].press_for(0.03)
+        poll_until(lambda: button.indicators.pattern == "fault", what="the fault pattern")
+        status = request(config.storage.runtime_dir / "button.ctl", {"op": "status"})
+        assert status["unrecorded_presses"] == 1
+        assert outbox.summary().last_seq == 0
+
+        outbox.db.execute("DROP TRIGGER full_disk")
+        poll_until(lambda: outbox.summary().last_seq == 1, what="the retried commit")
+        [row] = outbox.db.execute("SELECT kind, input FROM events").fetchall()
+        assert row == ("alarm", "gate")
+        poll_until(lambda: button.indicators.pattern == "fast-blink", what="the LED to recover")
+
+
+def test_a_commit_that_hangs_shows_the_fault_instead_of_pretending(make_config, open_outbox):
+    """Another writer holds the outbox's write lock (a hung process, a dying SD card): the
+    guard's LED must not say "recorded"; once the lock is free the alarm is committed."""
+    _, config = make_config()
+    outbox = open_outbox(config)
+    with in_process(ButtonDaemon(config)) as button, \
+            open(f"{config.storage.database}.writelock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            button.contacts["gate"].press_for(0.03)
+            poll_until(lambda: button.indicators.pattern == "fault", what="the fault pattern")
+            assert outbox.summary().last_seq == 0
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        poll_until(lambda: outbox.summary().last_seq == 1, what="the commit")
+        poll_until(lambda: button.indicators.pattern == "fast-blink", what="the LED to recover")

@@ -21,7 +21,7 @@ from edge.events import ContactId, EventDraft, EventKind, utc_now
 from edge.latch import AlarmLatch
 from edge.localbroker import BrokerTls, LocalBroker
 from edge.outbox import Outbox
-from edge.uplink import MARK_BATCH
+from edge.uplink import MARK_BATCH, Backoff
 from edge.wake import wake
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
@@ -281,3 +281,13 @@ def test_a_publish_the_broker_refuses_stays_queued_and_is_reported(tmp_path, dae
         uplink.wait_for_line("broker refused outbox row 1")
         with Outbox(config.storage.database, config.identity) as outbox:
             assert outbox.backlog()["queued"] == 1
+
+
+def test_reconnect_backoff_doubles_with_jitter_and_is_capped_at_30_s():
+    draws = iter([0.0, 1.0] * 10)
+    backoff = Backoff(first=0.5, cap=30.0, rng=lambda: next(draws))
+    delays = [backoff.next_delay() for _ in range(10)]
+    # Each delay lies between half and all of a ceiling that doubles up to the cap.
+    assert delays == [0.25, 1.0, 1.0, 4.0, 4.0, 16.0, 15.0, 30.0, 15.0, 30.0]
+    backoff.reset()
+    assert backoff.next_delay() == 0.25

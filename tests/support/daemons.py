@@ -7,6 +7,7 @@ collected as they come and can be waited on (the LED and buzzer log every change
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -107,3 +108,19 @@ def poll_until(predicate, timeout: float = 30.0, interval: float = 0.005, what: 
             raise AssertionError(f"timed out waiting for {what}")
         pause.wait(interval)
     return result
+
+
+@contextlib.contextmanager
+def in_process(daemon):
+    """Run a daemon object (ButtonDaemon, UplinkDaemon) on a thread of this process, for
+    tests that must reach inside it (drive its mock pins); stopped as its signal would."""
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(stop,), name=f"{daemon.name}-daemon")
+    runner.start()
+    try:
+        assert daemon.ready.wait(30), f"{daemon.name} did not become ready"
+        yield daemon
+    finally:
+        stop.set()
+        daemon.wake()
+        runner.join(30)
