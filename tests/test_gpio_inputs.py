@@ -143,3 +143,18 @@ def test_the_named_pin_factory_or_nothing():
         open_pin_factory("lgpio")
     with pytest.raises(PinFactoryError, match="rpigpio"):
         open_pin_factory("rpigpio")
+
+
+def test_edges_stamped_on_another_clock_are_timed_on_arrival(caplog):
+    """lgpio passes the kernel's event timestamps; a kernel that stamps GPIO events with
+    the wall clock (before Linux 5.7) must not make every press look decades long or
+    negative. The driver calls the pin's when_changed exactly like this."""
+    with Harness(gate={"pin": 17, "min_press_ms": 5}) as h:
+        callback = h.inputs.pin("gate").when_changed
+        wall_clock = 1.8e9  # seconds since 1970, not the monotonic clock of the factory
+        callback(wall_clock, 0)  # pressed (active low) ...
+        threading.Event().wait(0.02)  # shapes the input signal; nothing is awaited here
+        callback(wall_clock + 0.02, 1)  # ... and released 20 ms later
+        report = h.next_report()
+        assert report.accepted and 0.015 <= report.duration < 5
+        assert "not on the pin factory's clock" in caplog.text

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # drivers take the configuration's shape, not its module
 
 log = logging.getLogger(__name__)
 
+MAX_EDGE_AGE_S = 60.0  # an edge timestamp further than this from "now" is on another clock
+
 
 @dataclass(frozen=True)
 class PressReport:
@@ -57,6 +59,8 @@ class _Channel:
 
     def __init__(self, name: str, spec: InputConfig, factory: Factory, edges: queue.SimpleQueue):
         self.name = name
+        self._factory = factory
+        self._clock_warned = False
         self.spec = spec
         self.active_level = active_level(spec.contact, spec.pull)
         self.filter = PressFilter(spec.min_press_ms / 1000, spec.hold_ms / 1000)
@@ -73,6 +77,16 @@ class _Channel:
             raise
 
     def _on_change(self, ticks: float, state: int) -> None:
+        now = self._factory.ticks()
+        if not -MAX_EDGE_AGE_S <= self._factory.ticks_diff(now, ticks) <= MAX_EDGE_AGE_S:
+            # The driver's edge timestamps are on another clock than the factory's (lgpio
+            # on a kernel stamping GPIO events with CLOCK_REALTIME, before Linux 5.7):
+            # time the edge on arrival instead of misjudging every press.
+            if not self._clock_warned:
+                log.warning("input %s: edge timestamps are not on the pin factory's clock;"
+                            " timing edges on arrival", self.name)
+                self._clock_warned = True
+            ticks = now
         self._edges.put((self, ticks, bool(state) == self.active_level))
 
     def is_active(self) -> bool:
