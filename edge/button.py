@@ -32,6 +32,7 @@ from edge import __version__
 from edge.config import Config
 from edge.control import ControlServer
 from edge.events import Event, utc_iso, utc_now
+from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
 from edge.sdnotify import notify
@@ -95,6 +96,7 @@ class ButtonDaemon:
         self._waiters = _OutcomeWaiters()
         self._unrecorded = 0
         self._commit_started: float | None = None  # monotonic; set while a commit runs
+        self._recorder: threading.Thread | None = None
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
         self._waker: Waker | None = None
@@ -110,13 +112,15 @@ class ButtonDaemon:
         if self._waker is not None:
             self._waker.wake()
 
-    def run(self, stop: threading.Event) -> None:
-        """Run until ``stop`` is set; returns after releasing every pin."""
+    def run(self, stop: threading.Event) -> int:
+        """Run until ``stop`` is set; returns (an exit code) after releasing every pin."""
         self._stop = stop
         cfg = self.config
-        factory = open_pin_factory(cfg.gpio.pin_factory, cfg.gpio.chip)
-        recorder = threading.Thread(target=self._record_loop, name="recorder", daemon=True)
+        self._recorder = recorder = threading.Thread(target=self._record_loop, name="recorder",
+                                                     daemon=True)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
+            factory = open_pin_factory(cfg.gpio.pin_factory, cfg.gpio.chip)
             stack.callback(factory.close)
             outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity,
                                                 checkpoint=False))
@@ -152,11 +156,16 @@ class ButtonDaemon:
                 if stop.is_set():
                     break
                 self._refresh_feedback(outbox, latch)
+                if not recorder.is_alive():
+                    # Exit so that the service manager starts a working daemon again.
+                    log.critical("stopping: the recorder thread has died")
+                    return 1
                 if utc_now() >= next_state:
                     self._save_state(outbox)
                     next_state = utc_now() + timedelta(seconds=STATE_EVERY_S)
             notify("STOPPING=1")
             log.info("button daemon stopping")
+        return 0
 
     def _stop_recorder(self, recorder: threading.Thread) -> None:
         self._accepted.put(None)
@@ -207,12 +216,20 @@ class ButtonDaemon:
                         if self.indicators:
                             self.indicators.show(LedPattern.FAULT)
                         if stopping:
-                            return  # the process is ending: nothing more can be done
+                            # The process is ending and the disk refuses: all that is
+                            # left is to put each press in the journal for a person.
+                            for lost in backlog:
+                                log.critical("NOT RECORDED: press of %s at %s",
+                                             lost.report.input, utc_iso(lost.occurred_at))
+                            return
                         break
                     self._commit_started = None
                     backlog.popleft()
                     self._unrecorded = len(backlog)
-                    self._recorded(press, event)
+                    try:
+                        self._recorded(press, event)
+                    except Exception:  # feedback failing must not stop the recording
+                        log.exception("feedback for %s failed", event.id)
 
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
         cfg = self.config
@@ -235,6 +252,10 @@ class ButtonDaemon:
     def _refresh_feedback(self, outbox: Outbox, latch: AlarmLatch) -> None:
         """Set the LED from the latest event of each latched input, as the outbox has it."""
         if self.indicators is None:
+            return
+        if self._recorder is not None and not self._recorder.is_alive():
+            log.critical("the recorder thread has died: presses are not being recorded")
+            self.indicators.show(LedPattern.FAULT)
             return
         started = self._commit_started
         if started is not None and time.monotonic() - started > COMMIT_STUCK_S:
@@ -313,10 +334,13 @@ class ButtonDaemon:
         if not isinstance(hold, int | float) or not 0 <= hold <= MAX_SIM_HOLD_S:
             return {"ok": False,
                     "error": f"hold must be a number of seconds, 0 to {MAX_SIM_HOLD_S}"}
-        waiter = self._waiters.expect(name)
-        self.contacts[name].press_for(float(hold), self._stop)
-        done, box = waiter
         spec = self.config.inputs[name]
+        waiter = self._waiters.expect(name)
+        # A whole press: down, held, up, and up long enough to be a release rather than
+        # bounce, so that the next simulated press is a new one.
+        self.contacts[name].press_for(float(hold), self._stop)
+        self._stop.wait(spec.bounce_ms / 1000)
+        done, box = waiter
         if not done.wait(max(spec.min_press_ms, spec.hold_ms) / 1000 + 10):
             self._waiters.cancel(name, waiter)
             return {"ok": False, "error": "the press was not decided in time (see the daemon log)"}

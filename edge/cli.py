@@ -70,11 +70,16 @@ def cmd_run(args) -> int:
         from edge.button import ButtonDaemon as Daemon
     else:
         from edge.uplink import UplinkDaemon as Daemon
+    from edge.instance import AlreadyRunning
+
     try:
         return _run_until_signalled(Daemon(config))
     except PinFactoryError as err:
         log.error("%s", err)
         return EX_CONFIG
+    except AlreadyRunning as err:
+        log.error("%s; not starting a second one", err)
+        return 1
 
 
 def cmd_sim_press(args) -> int:

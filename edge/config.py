@@ -157,6 +157,11 @@ class InputConfig(Strict):
         10, ge=0, le=20,
         description="Shorter pulses are glitches; at most 20 so a 20 ms press is never missed",
     )
+    bounce_ms: int = Field(
+        5, ge=0, le=10,
+        description="An opening of the contact shorter than this is contact bounce, not a "
+                    "release: it neither shortens a press nor makes a held button repeat",
+    )
     hold_ms: int = Field(
         0, ge=0, le=5000, description="Optional guard against accidental presses; 0 = none",
     )

@@ -132,18 +132,32 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                    0o660)
-        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                     timeout=BUSY_TIMEOUT_MS / 1000)
-        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise OutboxError(f"{self.path}: cannot switch to WAL mode (got {mode})")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        if not checkpoint:
-            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self.db = sqlite_utils.Database(self._conn)
-        self._migrate()
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+            self._conn = sqlite3.connect(self.path, isolation_level=None,
+                                         timeout=BUSY_TIMEOUT_MS / 1000)
+        except BaseException:
+            os.close(self._write_lock)
+            raise
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Switching a new file to WAL fails at once ("database is locked") if another
+            # process is doing the same: two daemons starting together on first boot.
+            fcntl.flock(self._write_lock, fcntl.LOCK_EX)
+            try:
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            finally:
+                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+            if mode.lower() != "wal":
+                raise OutboxError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            if not checkpoint:
+                self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self.db = sqlite_utils.Database(self._conn)
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -124,6 +124,9 @@ class Supervisor:
                 if child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
                     code = self._start_and_wait_ready(child, stop)
+                    if code == EX_CONFIG:
+                        log.error("%s refused its configuration (exit 78); stopping", child.name)
+                        return EX_CONFIG
                     if code is not None:
                         self._schedule_restart(child, code)
             pending = [c.restart_at for c in self.children if c.restart_at is not None]

@@ -46,6 +46,7 @@ from edge.contract import (
     status_payload,
 )
 from edge.events import Priority, utc_iso, utc_now
+from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.mqtt import connect, is_v5, make_client
 from edge.outbox import Outbox
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 HOLD_BACK_S = 30.0          # a row the broker refused is retried after this long
 MARK_DELAY_S = 0.05         # PUBACKs are recorded in batches at most this old ...
 MARK_BATCH = 256            # ... or this large (an alarm's PUBACK is recorded at once)
+STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
+CURSOR_REFRESH_S = 1.0      # the queue is re-read from the top at least this often
+RESERVED_IN_FLIGHT = 2      # birth/offline and heartbeat may be in flight beside the window
 PRUNE_EVERY_S = 3600.0
 SHUTDOWN_FLUSH_S = 2.0
 LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least this often
@@ -139,6 +143,7 @@ class UplinkDaemon:
         # published, or None to start again from the top (a new row may outrank it).
         self._cursor: tuple[int, int] | None = None
         self._cursor_is_frontier = False  # True: every published row is behind the cursor
+        self._cursor_set_at = 0.0
         self._unmarked: list[_InFlight] = []        # PUBACKed, not yet recorded as sent
         self._unmarked_since = 0.0
         self._unmarked_urgent = False
@@ -146,6 +151,7 @@ class UplinkDaemon:
         self._acks: list = []                       # (AckMessage, mid, qos)
         self._rejections: list = []                 # (topic, reason, payload, mid, qos)
         self._connected = False
+        self._connected_since = 0.0
         self._stopping = False
         self._connack_deadline: float | None = None
         self._session = 0
@@ -167,7 +173,8 @@ class UplinkDaemon:
 
     def run(self, stop: threading.Event) -> None:
         cfg = self.config
-        with Outbox(cfg.storage.database, self.identity) as outbox, \
+        with only_instance(cfg.storage.runtime_dir, self.name), \
+                Outbox(cfg.storage.database, self.identity) as outbox, \
                 contextlib.closing(Waker(cfg.storage.runtime_dir, self.name)) as waker:
             self._outbox, self._waker = outbox, waker
             self.client = client = self._build_client()
@@ -192,12 +199,7 @@ class UplinkDaemon:
                         self._save_state()
                         continue
                     next_heartbeat = time.monotonic() + cfg.uplink.heartbeat_interval
-                timeout = min(LOOP_TICK_S, max(0.0, next_heartbeat - now))
-                if self._held_back:
-                    timeout = min(timeout, max(0.0, min(self._held_back.values()) - now))
-                if self._unmarked:
-                    timeout = min(timeout, max(0.0, self._unmarked_since + MARK_DELAY_S - now))
-                self._pump(client, waker, timeout)
+                self._pump(client, waker, self._select_timeout(now, next_heartbeat))
                 self._settle(client, outbox)
                 self._fill_window(client, outbox)
                 now = time.monotonic()
@@ -216,6 +218,16 @@ class UplinkDaemon:
                     next_attempt = time.monotonic() + self._backoff.next_delay()
             notify("STOPPING=1")
             self._shutdown(client, outbox)
+
+    def _select_timeout(self, now: float, next_heartbeat: float) -> float:
+        """How long the loop may wait for the network before it has work of its own."""
+        timeout = min(LOOP_TICK_S, max(0.0, next_heartbeat - now))
+        if self._held_back and self._connected and len(self._inflight) < self._window:
+            # A refused row due again matters only if there is room to publish it.
+            timeout = min(timeout, max(0.0, min(self._held_back.values()) - now))
+        if self._unmarked:
+            timeout = min(timeout, max(0.0, self._unmarked_since + MARK_DELAY_S - now))
+        return timeout
 
     def _pump(self, client: paho.Client, waker: Waker, timeout: float) -> None:
         """One round of network I/O, the way paho's own loop() does it."""
@@ -265,7 +277,9 @@ class UplinkDaemon:
     def _build_client(self) -> paho.Client:
         cfg = self.config
         client = make_client(cfg.broker, cfg.client_id, persistent=True)
-        client.max_inflight_messages_set(max(self._window, 1))
+        # (paho refuses to change this once it has connected, even after a connection
+        # loss, so the broker's Receive Maximum is honoured by our own window instead.)
+        client.max_inflight_messages_set(self._window + RESERVED_IN_FLIGHT)
         client.max_queued_messages_set(0)
         client.manual_ack_set(True)
         client.on_connect = self._on_connect
@@ -310,12 +324,14 @@ class UplinkDaemon:
         self._connected = True
         self._cursor = None
         self._connected_at = utc_iso(utc_now())
+        self._connected_since = time.monotonic()
         self._last_error = None
-        self._backoff.reset()
         window = self.config.uplink.inflight_window
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties else None
         if receive_maximum:
-            window = min(window, receive_maximum)
+            # The status and heartbeat publishes are outside the window: leave them room
+            # so that the broker never has more in flight from us than it allows.
+            window = max(1, min(window, receive_maximum - RESERVED_IN_FLIGHT))
         self._window = window
         log.info("connected to %s:%d (session %d, %s, window %d)", self.config.broker.host,
                  self.config.broker.port, self._session,
@@ -333,6 +349,10 @@ class UplinkDaemon:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self._connected = self._connected, False
         self._connack_deadline = None
+        if was_connected and time.monotonic() - self._connected_since >= STABLE_CONNECTION_S:
+            # Only a connection that lasted resets the backoff: a broker that accepts and
+            # then drops us at once (another client with our id) is not hammered.
+            self._backoff.reset()
         if self._stopping:
             return
         if was_connected:
@@ -368,6 +388,8 @@ class UplinkDaemon:
             self._held_back = {r: t for r, t in self._held_back.items() if t > now}
             self._cursor = None  # a refused row is due again: it is behind the cursor
         # Rows published and not yet recorded as sent still read "queued": skip them.
+        if self._cursor is not None and now - self._cursor_set_at > CURSOR_REFRESH_S:
+            self._cursor = None  # a new row whose wake-up was lost waits at most this long
         if self._cursor is None:
             exclude = {row.seq for row in self._unsettled()}
             rows = outbox.next_queued(free, exclude)
@@ -381,10 +403,13 @@ class UplinkDaemon:
             rows = outbox.queued_after(*self._cursor, free + len(ahead))
             rows = [row for row in rows if row.seq not in ahead][:free]
         if not rows:
+            self._cursor = None
             if not self._inflight:
                 self._flush_marks(outbox)
                 self._drain.finish()
             return
+        if self._cursor is None:
+            self._cursor_set_at = now
         self._cursor = (rows[-1].priority, rows[-1].seq)
         props = self._json_props()
         for row in rows:

@@ -94,6 +94,8 @@ def daemons(listener):
     for process in started:
         with contextlib.suppress(Exception):
             process.stop()
+        # Shown by pytest only when the test failed.
+        print(f"---- log of {process.name} (pid {process.pid}) ----\n{process.log()}")
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_kill_9_of_the_uplink_while_draining_10000_events_loses_nothing(
 
 def test_a_thousand_presses_on_four_inputs_with_resets_are_all_delivered(
         make_config, daemons, platform, open_outbox):
-    inputs = {name: {"pin": pin, "min_press_ms": 0}
+    inputs = {name: {"pin": pin, "min_press_ms": 0, "bounce_ms": 0}
               for name, pin in (("gate", 5), ("side", 6), ("back", 13), ("desk", 19))}
     path, config = make_config(inputs=inputs, uplink={"inflight_window": 50})
     police = platform(config)

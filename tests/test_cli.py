@@ -130,3 +130,13 @@ def test_run_all_starts_every_daemon_and_restarts_one_that_is_killed(make_config
         listener.close()
     assert "stopped uplink (exit 0)" in everything.log()
     assert "stopped button (exit 0)" in everything.log()
+
+
+def test_a_second_copy_of_a_daemon_refuses_to_start(make_config, daemons):
+    """Two uplinks would take the broker session from each other in a loop."""
+    path, _ = make_config()
+    first = daemons("uplink", path)
+    second = subprocess.run([sys.executable, "-m", "edge", "run", "uplink", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"another uplink daemon is running (pid {first.pid}" in second.stderr

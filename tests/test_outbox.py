@@ -135,3 +135,30 @@ def test_several_processes_committing_at_once_never_share_a_sequence_number(tmp_
     with Outbox(path, IDENTITY) as box:
         seqs = [row[0] for row in box.db.execute("SELECT seq FROM events ORDER BY seq")]
     assert seqs == list(range(1, 601))
+
+
+def _open_at_once(path: str, go, results) -> None:
+    go.wait()
+    try:
+        with Outbox(path, IDENTITY) as box:
+            box.commit_event(draft())
+        results.put("ok")
+    except Exception as err:
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_daemons_creating_the_database_at_the_same_moment_all_succeed(tmp_path):
+    """First boot: several daemons open a database that does not exist yet, at once."""
+    context = multiprocessing.get_context("fork")  # starts them closer together than spawn
+    outcomes = []
+    for attempt in range(25):
+        go, results = context.Barrier(6), context.Queue()
+        workers = [context.Process(target=_open_at_once,
+                                   args=(str(tmp_path / f"fresh-{attempt}.db"), go, results))
+                   for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        outcomes += [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(60)
+    assert [o for o in outcomes if o != "ok"] == []

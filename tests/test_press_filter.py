@@ -3,114 +3,145 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.gpio.press_filter import PressFilter
+from drivers.gpio.press_filter import HELD_CHECK_S, PressFilter
 
 
-def feed(flt: PressFilter, edges, *, expire_at=(), level_at_expiry=True):
-    """Feed (time, active) edges; call expire() at the given times; collect decisions."""
-    outcomes = []
-    timeline = sorted([(t, "edge", a) for t, a in edges] + [(t, "expire", None) for t in expire_at],
-                      key=lambda item: item[0])
-    for t, what, active in timeline:
-        result = (flt.edge(t, active) if what == "edge"
-                  else flt.expire(t, level_at_expiry))
-        if result is not None:
-            outcomes.append(result)
-    return outcomes
+class Input:
+    """Drives a filter the way the worker thread does: edges in order, and at each
+    deadline a call to expire() with the level the pin reads at that moment."""
+
+    def __init__(self, flt: PressFilter, edges: list[tuple[float, bool]], *, lost=()):
+        self.flt = flt
+        self.edges = sorted(edges, key=lambda edge: edge[0])  # stable: same-time order kept
+        self.lost = set(lost)  # edges the driver never delivered (the level still changes)
+
+    def level_at(self, t: float) -> bool:
+        level = False
+        for at, active in self.edges:
+            if at <= t:
+                level = active
+        return level
+
+    def run(self, until: float) -> list:
+        outcomes, pending = [], [e for e in self.edges if e not in self.lost]
+        while True:
+            deadline = self.flt.deadline
+            if pending and (deadline is None or pending[0][0] <= deadline):
+                at, active = pending.pop(0)
+                result = self.flt.edge(at, active)
+            elif deadline is not None and deadline <= until:
+                result = self.flt.expire(deadline, self.level_at(deadline))
+            else:
+                return outcomes
+            if result is not None:
+                outcomes.append(result)
 
 
-def test_a_20_ms_press_is_accepted_when_its_release_arrives():
-    flt = PressFilter(min_press=0.010)
-    [outcome] = feed(flt, [(1.000, True), (1.020, False)])
+def presses(min_press=0.010, hold=0.0, bounce=0.005, edges=(), lost=(), until=10.0):
+    return Input(PressFilter(min_press, hold, bounce), list(edges), lost=lost).run(until)
+
+
+def test_a_20_ms_press_is_accepted_at_its_deadline_with_its_first_edge():
+    [outcome] = presses(edges=[(1.000, True), (1.020, False)])
     assert outcome.accepted and outcome.started == 1.000
-    assert abs(outcome.duration - 0.020) < 1e-9
+    assert abs(outcome.duration - 0.010) < 1e-9  # decided 10 ms in, still held
 
 
 def test_a_2_ms_glitch_is_ignored_with_the_reason():
-    flt = PressFilter(min_press=0.010)
-    [outcome] = feed(flt, [(1.000, True), (1.002, False)])
-    assert not outcome.accepted
-    assert "glitch of 2.0 ms" in outcome.reason
+    [outcome] = presses(edges=[(1.000, True), (1.002, False)])
+    assert not outcome.accepted and "glitch of 2.0 ms" in outcome.reason
 
 
-def test_a_held_press_is_accepted_at_its_deadline_and_never_repeats():
-    flt = PressFilter(min_press=0.010)
-    assert flt.edge(1.000, True) is None
-    assert flt.deadline == 1.010
-    assert flt.expire(1.005, still_active=True) is None  # too early
-    outcome = flt.expire(1.011, still_active=True)
-    assert outcome.accepted and outcome.started == 1.000
-    # Held for minutes: no more decisions, whatever is called.
-    assert flt.deadline is None
-    assert flt.expire(100.0, still_active=True) is None
-    assert flt.edge(50.0, True) is None  # a spurious duplicate edge while held
-    assert flt.edge(200.0, False) is None  # the release itself is not news
+def test_bounce_at_the_start_does_not_shorten_the_press():
+    """A 20 ms press whose contact chatters for 2 ms counts from its first edge, even
+    with the longest minimum (20 ms)."""
+    chatter = [(0.0000, True), (0.0005, False), (0.0010, True), (0.0015, False),
+               (0.0020, True), (0.0200, False)]
+    [outcome] = presses(min_press=0.020, edges=chatter)
+    assert outcome.accepted and outcome.started == 0.0
+
+
+def test_chatter_while_held_never_repeats_the_press():
+    held = [(0.0, True)] + [(t / 1000, t % 2 == 0) for t in range(100, 2000, 1)] + [(3.0, False)]
+    outcomes = presses(edges=held)
+    assert [o.accepted for o in outcomes] == [True]
+
+
+def test_a_release_longer_than_the_bounce_time_ends_the_press():
+    outcomes = presses(edges=[(0.0, True), (0.1, False), (0.2, True), (0.3, False)])
+    assert [o.accepted for o in outcomes] == [True, True]
+    assert [o.started for o in outcomes] == [0.0, 0.2]
 
 
 def test_edges_delivered_late_still_count_by_their_timestamps():
-    """Under load both edges of a 20 ms press may reach the worker together, long after."""
-    flt = PressFilter(min_press=0.010)
-    # The deadline passes while the release edge is not yet known: the level read at
-    # expiry says released, so the filter waits for the edge instead of guessing.
+    """Under load both edges of a 20 ms press may reach the worker long after: at the
+    deadline the level already reads released, and the late release edge decides."""
+    flt = PressFilter(0.010, bounce=0.005)
     assert flt.edge(1.000, True) is None
-    assert flt.expire(1.300, still_active=False) is None
-    [outcome] = feed(flt, [(1.020, False)])
-    assert outcome.accepted and outcome.duration == 1.020 - 1.000
+    assert flt.expire(1.300, still_active=False) is None  # waits for the edge
+    outcome = flt.edge(1.020, False)
+    assert outcome.accepted and abs(outcome.duration - 0.020) < 1e-9
+
+
+def test_a_press_held_for_seconds_is_checked_but_not_repeated():
+    flt = PressFilter(0.010, bounce=0.005)
+    flt.edge(0.0, True)
+    assert flt.expire(0.010, True).accepted
+    for n in range(1, 200):  # the worker reads the level every HELD_CHECK_S while held
+        assert flt.deadline <= 0.010 + n * HELD_CHECK_S + 1e-9
+        assert flt.expire(flt.deadline, True) is None
+
+
+def test_a_lost_release_edge_neither_wedges_the_input_nor_loses_the_next_press():
+    edges = [(0.0, True), (0.5, False), (1.0, True), (1.5, False)]
+    outcomes = presses(edges=edges, lost={(0.5, False)})
+    assert [(o.accepted, o.started) for o in outcomes] == [(True, 0.0), (True, 1.0)]
+
+
+def test_a_glitch_whose_release_edge_is_lost_is_ignored_and_nothing_spins():
+    outcomes = presses(edges=[(0.0, True), (0.002, False)], lost={(0.002, False)})
+    [outcome] = outcomes
+    assert not outcome.accepted and "edge was lost" in outcome.reason
 
 
 def test_hold_time_guards_against_accidental_presses():
-    flt = PressFilter(min_press=0.010, hold=1.5)
-    [short] = feed(flt, [(0.0, True), (0.4, False)])
+    short, held = presses(hold=1.5, until=20.0, edges=[(0.0, True), (0.4, False), (10.0, True),
+                                           (12.0, False)])
     assert not short.accepted and "before the hold time of 1500 ms" in short.reason
-    [held] = feed(flt, [(10.0, True)], expire_at=[11.5])
-    assert held.accepted and held.duration == 1.5
+    assert held.accepted and held.started == 10.0 and abs(held.duration - 1.5) < 1e-9
 
 
-def test_zero_threshold_accepts_on_the_activating_edge():
-    flt = PressFilter(min_press=0.0)
-    [outcome] = feed(flt, [(5.0, True)])
-    assert outcome.accepted and outcome.duration == 0.0
-    assert feed(flt, [(5.001, False), (5.002, True)])[0].started == 5.002
-
-
-def test_a_lost_release_edge_does_not_wedge_the_input():
-    flt = PressFilter(min_press=0.010)
-    flt.edge(1.000, True)
-    flt.edge(2.000, True)  # the release in between was lost
-    [outcome] = feed(flt, [(2.030, False)])
-    assert outcome.accepted and outcome.started == 2.000
+def test_no_filtering_at_all_accepts_every_activating_edge():
+    edges = [(t / 1000, t % 2 == 0) for t in range(20)]
+    outcomes = presses(min_press=0.0, bounce=0.0, edges=edges)
+    assert [o.started for o in outcomes] == [t / 1000 for t in range(0, 20, 2)]
 
 
 # -- property: the filter agrees with the definition of a press ----------------------
 
-durations_ms = st.integers(min_value=0, max_value=60)
-
-
 @given(threshold_ms=st.integers(min_value=0, max_value=20),
-       activations=st.lists(st.tuples(durations_ms, st.integers(min_value=1, max_value=60)),
-                            max_size=30),
-       check_deadlines=st.booleans())
-def test_every_activation_at_least_the_threshold_long_is_one_press(threshold_ms, activations,
-                                                                   check_deadlines):
-    """Whatever the sequence of activations (length, gap), exactly those lasting at least
-    the threshold are accepted, once each, whether decided at the deadline or on release."""
-    flt = PressFilter(min_press=threshold_ms / 1000)
-    t = 0.0
-    accepted = []
-    expected = []
-    for held_ms, gap_ms in activations:
+       bounce_ms=st.integers(min_value=0, max_value=10),
+       activations=st.lists(st.tuples(st.integers(min_value=0, max_value=60),
+                                      st.integers(min_value=0, max_value=40)), max_size=25),
+       chatter=st.booleans())
+def test_every_activation_at_least_the_threshold_long_is_exactly_one_press(
+        threshold_ms, bounce_ms, activations, chatter):
+    """Activations separated by more than the bounce time are presses exactly when they
+    last the threshold, chattering or not; one outcome each, never a repeat."""
+    edges, expected, t = [], [], 0.0
+    for held_ms, extra_gap_ms in activations:
         start, end = t, t + held_ms / 1000
+        edges.append((start, True))
+        if chatter and held_ms >= 2 and bounce_ms >= 1:
+            # The contact opens half-way through, for less than the bounce time.
+            middle, opened = start + held_ms / 2000, min(bounce_ms / 2, held_ms / 4) / 1000
+            edges += [(middle, False), (middle + opened, True)]
+        edges.append((end, False))
         expected.append(held_ms >= threshold_ms)
-        decisions = []
-        if (result := flt.edge(start, True)) is not None:
-            decisions.append(result)
-        deadline = flt.deadline
-        if check_deadlines and deadline is not None and deadline <= end:
-            result = flt.expire(deadline, still_active=True)
-            decisions += [result] if result is not None else []
-        if (result := flt.edge(end, False)) is not None:
-            decisions.append(result)
-        assert len(decisions) <= 1
-        accepted.append(bool(decisions) and decisions[0].accepted)
-        t = end + gap_ms / 1000
-    assert accepted == expected
+        t = end + (bounce_ms + 1 + extra_gap_ms) / 1000
+    outcomes = presses(min_press=threshold_ms / 1000, bounce=bounce_ms / 1000, edges=edges,
+                       until=t + 1)
+    if threshold_ms == 0:
+        assert all(o.accepted for o in outcomes) and len(outcomes) == len(expected)
+    else:
+        assert [o.accepted for o in outcomes] == expected

@@ -21,7 +21,7 @@ from edge.events import ContactId, EventDraft, EventKind, utc_now
 from edge.latch import AlarmLatch
 from edge.localbroker import BrokerTls, LocalBroker
 from edge.outbox import Outbox
-from edge.uplink import MARK_BATCH, Backoff
+from edge.uplink import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
 from edge.wake import wake
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
@@ -291,3 +291,19 @@ def test_reconnect_backoff_doubles_with_jitter_and_is_capped_at_30_s():
     assert delays == [0.25, 1.0, 1.0, 4.0, 4.0, 16.0, 15.0, 30.0, 15.0, 30.0]
     backoff.reset()
     assert backoff.next_delay() == 0.25
+
+
+def test_the_loop_sleeps_while_nothing_can_be_published(make_config):
+    """A row refused by the broker is due for its retry, but the window is full (a
+    stalled link) or the connection is not up: the loop must wait for the network, not
+    spin until a slot frees."""
+    _, config = make_config()
+    uplink = UplinkDaemon(config)
+    now = 1000.0
+    uplink._held_back = {_InFlight(seq=1, priority=0): now - 1}  # due a second ago
+    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 1.0  # not connected
+    uplink._connected = True
+    uplink._inflight = {mid: _InFlight(seq=mid + 1, priority=2) for mid in range(20)}
+    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 1.0  # window full
+    uplink._inflight.popitem()
+    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 0.0  # room: retry now

@@ -63,7 +63,8 @@ class _Channel:
         self._clock_warned = False
         self.spec = spec
         self.active_level = active_level(spec.contact, spec.pull)
-        self.filter = PressFilter(spec.min_press_ms / 1000, spec.hold_ms / 1000)
+        self.filter = PressFilter(spec.min_press_ms / 1000, spec.hold_ms / 1000,
+                                  spec.bounce_ms / 1000)
         self._edges = edges
         self.device = InputDevice(f"GPIO{spec.pin}", pull_up=spec.pull == "up",
                                   pin_factory=factory)

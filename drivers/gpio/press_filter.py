@@ -2,17 +2,25 @@
 
 gpiozero's software debounce (``bounce_time``) drops the *edges* that follow an edge
 within the bounce time, so a short real press can vanish, and its mock pins ignore it
-altogether. This filter works on edge timestamps instead:
+altogether. This filter works on edge timestamps instead, with three times:
 
-- an activation becomes a press once it has lasted ``threshold`` seconds
-  (``max(min_press, hold)``), decided either when the deadline passes with the input
-  still active, or when the release edge arrives carrying a timestamp at least
-  ``threshold`` after the activation (so a press whose edges were delivered late,
-  under load, is still counted);
-- an activation released sooner is a glitch (or, with a hold time, too short) and is
-  reported as ignored;
-- once a press is accepted nothing more happens until the input is released: holding
-  the button never repeats it.
+- ``threshold`` = ``max(min_press, hold)``: an activation is a press once it has lasted
+  this long, measured from its first edge;
+- ``bounce``: an opening of the contact shorter than this does not end an activation. A
+  mechanical contact chatters for a few milliseconds when it closes and opens; without
+  this, a bounce at the start would shorten a press below the threshold, and chatter while
+  the button is held would count as a new press;
+- a single pulse shorter than ``threshold`` (a glitch on the cable), followed by at least
+  ``bounce`` of quiet, is reported as ignored.
+
+A press is decided at its deadline if the input still reads active then, or by its
+release edge, whose timestamp says how long it lasted, so a press whose edges reached us
+late, under load, still counts. Once accepted, nothing more happens until the input has
+been released for ``bounce``: holding the button never repeats it.
+
+Edges can be lost (a driver's event buffer overflowing on a noisy loop). The caller
+passes the input's level read at each deadline, so a release whose edge never came is
+still noticed, and nothing waits forever.
 
 The filter is pure: times are floats in seconds on one time base, given by the caller.
 """
@@ -23,6 +31,8 @@ from dataclasses import dataclass
 
 # Edge timestamps are floats; a press equal to the threshold must not be lost to rounding.
 _TOLERANCE_S = 1e-6
+# While a press is held, the level is read this often: a release edge may be lost.
+HELD_CHECK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -36,60 +46,96 @@ class FilterOutcome:
 
 
 class PressFilter:
-    """Glitch and hold-time filter for one input (see the module docstring)."""
+    """Glitch, bounce and hold-time filter for one input (see the module docstring)."""
 
-    def __init__(self, min_press: float, hold: float = 0.0):
-        if min_press < 0 or hold < 0:
-            raise ValueError("min_press and hold must not be negative")
+    def __init__(self, min_press: float, hold: float = 0.0, bounce: float = 0.0):
+        if min(min_press, hold, bounce) < 0:
+            raise ValueError("min_press, hold and bounce must not be negative")
         self.min_press = min_press
         self.hold = hold
+        self.bounce = bounce
         self.threshold = max(min_press, hold)
-        self._pending_since: float | None = None
-        self._held = False
+        self._start: float | None = None     # first edge of the current activation
+        self._held = False                   # the activation was accepted as a press
+        self._gap_since: float | None = None  # the input opened at this time: released?
+        self._gap_seen = False               # ... as an edge (not only as a level read)
+        self._checked = 0.0                  # last level read while held
 
     @property
     def deadline(self) -> float | None:
         """When :meth:`expire` should be called next, or None if nothing is pending."""
-        if self._pending_since is None:
+        if self._start is None:
             return None
-        return self._pending_since + self.threshold
+        if self._gap_since is not None:
+            return self._gap_since + self.bounce
+        if not self._held:
+            return self._start + self.threshold
+        return self._checked + HELD_CHECK_S
 
     def edge(self, at: float, active: bool) -> FilterOutcome | None:
         """Feed one edge; returns a decision if this edge settles one."""
         if active:
-            if self._held:
-                return None  # still the same press: holding never repeats
-            if self._pending_since is not None:
-                # Two activations without a release between them: the release edge was
-                # lost. The first activation's length is unknown; start over from here.
-                self._pending_since = at
+            if self._start is None:
+                self._start, self._gap_since = at, None
+                if self.threshold == 0:
+                    return self._accept(at, "press")
                 return None
-            if self.threshold == 0:
-                self._held = True
-                return FilterOutcome(True, at, 0.0, "press")
-            self._pending_since = at
+            self._gap_since = None  # the contact closed again within the bounce time
             return None
-
-        if self._pending_since is not None:
-            started, self._pending_since = self._pending_since, None
-            duration = max(0.0, at - started)
-            if duration >= self.threshold - _TOLERANCE_S:
-                return FilterOutcome(True, started, duration, "press (confirmed by its release)")
-            return FilterOutcome(False, started, duration, self._too_short(duration))
-        self._held = False
+        if self._start is None:
+            return None
+        self._gap_since = at if self._gap_since is None else min(self._gap_since, at)
+        self._gap_seen = True
+        if not self._held and at - self._start >= self.threshold - _TOLERANCE_S:
+            # Long enough whether or not this opening is a bounce.
+            return self._accept(at, "press (confirmed by its release)")
+        if self.bounce == 0:
+            return self._release()
         return None
 
     def expire(self, now: float, still_active: bool) -> FilterOutcome | None:
         """Called at (or after) :attr:`deadline` with the input's level read now."""
-        if self._pending_since is None or now < self._pending_since + self.threshold - _TOLERANCE_S:
+        deadline = self.deadline
+        if deadline is None or now < deadline - _TOLERANCE_S:
             return None
+        if self._gap_since is not None:
+            if still_active:
+                # Closed again, and the closing edge has not reached us (or was lost):
+                # the opening was a bounce.
+                self._gap_since = None
+                return self.expire(now, still_active)
+            return self._release()
+        if not self._held:
+            if still_active:
+                return self._accept(now, "press")
+            # Open at the deadline, yet no release edge: wait one bounce time for it.
+            self._gap_since, self._gap_seen = now, False
+            return self._release() if self.bounce == 0 else None
+        self._checked = now
         if not still_active:
-            # Released, but its edge has not reached us yet: it carries the exact
-            # duration, so wait for it rather than guess.
-            return None
-        started, self._pending_since = self._pending_since, None
+            self._gap_since, self._gap_seen = now, False  # a release whose edge was lost
+        return None
+
+    def _accept(self, now: float, reason: str) -> FilterOutcome:
         self._held = True
-        return FilterOutcome(True, started, now - started, "press")
+        self._checked = now
+        return FilterOutcome(True, self._start, max(0.0, now - self._start), reason)
+
+    def _release(self) -> FilterOutcome | None:
+        """The input has been open for ``bounce``: the activation is over."""
+        started, ended, held, seen = self._start, self._gap_since, self._held, self._gap_seen
+        self._start = self._gap_since = None
+        self._held = False
+        if held:
+            return None  # the end of an accepted press is not news
+        duration = max(0.0, ended - started)
+        if not seen:
+            # Open at its deadline and its release edge never came: it did not last.
+            return FilterOutcome(False, started, duration,
+                                 "released before the minimum (its release edge was lost)")
+        if duration >= self.threshold - _TOLERANCE_S:
+            return FilterOutcome(True, started, duration, "press (confirmed by its release)")
+        return FilterOutcome(False, started, duration, self._too_short(duration))
 
     def _too_short(self, duration: float) -> str:
         ms = duration * 1000
