@@ -80,7 +80,11 @@ class BrokerConfig(Strict):
     host: str = Field(min_length=1)
     port: int = Field(8883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
-    keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT pings")
+    keepalive: int = Field(
+        15, ge=5, le=3600,
+        description="Seconds between MQTT pings; the broker publishes our will after 1.5 x this "
+                    "when the link goes silent",
+    )
     client_id: str | None = Field(None, min_length=1, max_length=128)
     username: str | None = None
     password_file: Path | None = None
