@@ -168,12 +168,18 @@ bounce_ms = {5 if min_press_ms else 0}
 
 
 def prefill(config, count: int) -> None:
-    with Outbox(config.storage.database, config.identity) as outbox, outbox.transaction():
-        for n in range(count):
-            outbox.append(EventDraft(
-                kind=EventKind.FAULT if n % 2 == 0 else EventKind.RESTORE,
-                code=ContactId.PANIC_ZONE_TROUBLE, occurred_at=utc_now(), clock_synced=True,
-                boot_id="bench", input="gate", detail={"mode": "panic", "label": "backlog"}))
+    with Outbox(config.storage.database, config.identity) as outbox:
+        with outbox.transaction():
+            for n in range(count):
+                outbox.append(EventDraft(
+                    kind=EventKind.FAULT if n % 2 == 0 else EventKind.RESTORE,
+                    code=ContactId.PANIC_ZONE_TROUBLE, occurred_at=utc_now(),
+                    clock_synced=True, boot_id="bench", input="gate",
+                    detail={"mode": "panic", "label": "backlog"}))
+        # A backlog built up over an outage has long been checkpointed into the database
+        # file; without this the drain would start by copying the whole prefill's WAL.
+        outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        os.sync()
 
 
 # -- (a) the raw floor -----------------------------------------------------------------

@@ -10,8 +10,10 @@ class Input:
     """Drives a filter the way the worker thread does: edges in order, and at each
     deadline a call to expire() with the level the pin reads at that moment."""
 
-    def __init__(self, flt: PressFilter, edges: list[tuple[float, bool]], *, lost=()):
+    def __init__(self, flt: PressFilter, edges: list[tuple[float, bool]], *, lost=(),
+                 late=False):
         self.flt = flt
+        self.late = late  # the worker never looks at a deadline before the next edge
         self.edges = sorted(edges, key=lambda edge: edge[0])  # stable: same-time order kept
         self.lost = set(lost)  # edges the driver never delivered (the level still changes)
 
@@ -26,19 +28,19 @@ class Input:
         outcomes, pending = [], [e for e in self.edges if e not in self.lost]
         while True:
             deadline = self.flt.deadline
-            if pending and (deadline is None or pending[0][0] <= deadline):
+            if pending and (deadline is None or pending[0][0] <= deadline or self.late):
                 at, active = pending.pop(0)
-                result = self.flt.edge(at, active)
+                outcomes += self.flt.edge(at, active)
             elif deadline is not None and deadline <= until:
-                result = self.flt.expire(deadline, self.level_at(deadline))
+                outcomes += self.flt.expire(deadline, self.level_at(deadline))
             else:
                 return outcomes
-            if result is not None:
-                outcomes.append(result)
 
 
-def presses(min_press=0.010, hold=0.0, bounce=0.005, edges=(), lost=(), until=10.0):
-    return Input(PressFilter(min_press, hold, bounce), list(edges), lost=lost).run(until)
+def presses(min_press=0.010, hold=0.0, bounce=0.005, edges=(), lost=(), until=10.0,
+            late=False):
+    return Input(PressFilter(min_press, hold, bounce), list(edges), lost=lost,
+                 late=late).run(until)
 
 
 def test_a_20_ms_press_is_accepted_at_its_deadline_with_its_first_edge():
@@ -77,19 +79,20 @@ def test_edges_delivered_late_still_count_by_their_timestamps():
     """Under load both edges of a 20 ms press may reach the worker long after: at the
     deadline the level already reads released, and the late release edge decides."""
     flt = PressFilter(0.010, bounce=0.005)
-    assert flt.edge(1.000, True) is None
-    assert flt.expire(1.300, still_active=False) is None  # waits for the edge
-    outcome = flt.edge(1.020, False)
+    assert flt.edge(1.000, True) == []
+    assert flt.expire(1.300, still_active=False) == []  # waits for the edge
+    [outcome] = flt.edge(1.020, False)
     assert outcome.accepted and abs(outcome.duration - 0.020) < 1e-9
 
 
 def test_a_press_held_for_seconds_is_checked_but_not_repeated():
     flt = PressFilter(0.010, bounce=0.005)
     flt.edge(0.0, True)
-    assert flt.expire(0.010, True).accepted
+    [outcome] = flt.expire(0.010, True)
+    assert outcome.accepted
     for n in range(1, 200):  # the worker reads the level every HELD_CHECK_S while held
         assert flt.deadline <= 0.010 + n * HELD_CHECK_S + 1e-9
-        assert flt.expire(flt.deadline, True) is None
+        assert flt.expire(flt.deadline, True) == []
 
 
 def test_a_lost_release_edge_neither_wedges_the_input_nor_loses_the_next_press():
@@ -117,15 +120,23 @@ def test_no_filtering_at_all_accepts_every_activating_edge():
     assert [o.started for o in outcomes] == [t / 1000 for t in range(0, 20, 2)]
 
 
+def test_a_worker_that_looks_late_still_sees_two_separate_presses():
+    """The worker was busy past the end of a release's bounce time: the next press's edge
+    reaches the filter before the deadline that would have ended the first one."""
+    edges = [(0.0, True), (0.1, False), (0.106, True), (0.2, False)]
+    outcomes = presses(edges=edges, late=True)
+    assert [(o.accepted, o.started) for o in outcomes] == [(True, 0.0), (True, 0.106)]
+
+
 # -- property: the filter agrees with the definition of a press ----------------------
 
 @given(threshold_ms=st.integers(min_value=0, max_value=20),
        bounce_ms=st.integers(min_value=0, max_value=10),
        activations=st.lists(st.tuples(st.integers(min_value=0, max_value=60),
                                       st.integers(min_value=0, max_value=40)), max_size=25),
-       chatter=st.booleans())
+       chatter=st.booleans(), late=st.booleans())
 def test_every_activation_at_least_the_threshold_long_is_exactly_one_press(
-        threshold_ms, bounce_ms, activations, chatter):
+        threshold_ms, bounce_ms, activations, chatter, late):
     """Activations separated by more than the bounce time are presses exactly when they
     last the threshold, chattering or not; one outcome each, never a repeat."""
     edges, expected, t = [], [], 0.0
@@ -140,7 +151,7 @@ def test_every_activation_at_least_the_threshold_long_is_exactly_one_press(
         expected.append(held_ms >= threshold_ms)
         t = end + (bounce_ms + 1 + extra_gap_ms) / 1000
     outcomes = presses(min_press=threshold_ms / 1000, bounce=bounce_ms / 1000, edges=edges,
-                       until=t + 1)
+                       until=t + 1, late=late)
     if threshold_ms == 0:
         assert all(o.accepted for o in outcomes) and len(outcomes) == len(expected)
     else:

@@ -184,14 +184,12 @@ class PanicInputs:
                     item = None
             for channel in self._channels.values():
                 if channel.filter.deadline is not None:
-                    outcome = channel.filter.expire(self._now(), channel.is_active())
-                    if outcome is not None:
+                    for outcome in channel.filter.expire(self._now(), channel.is_active()):
                         self._report(channel, outcome)
 
     def _handle_edge(self, channel: _Channel, ticks: float, active: bool) -> None:
         at = self._factory.ticks_diff(ticks, self._origin)
-        outcome = channel.filter.edge(at, active)
-        if outcome is not None:
+        for outcome in channel.filter.edge(at, active):
             self._report(channel, outcome)
 
     def _report(self, channel: _Channel, outcome: FilterOutcome) -> None:

@@ -72,32 +72,38 @@ class PressFilter:
             return self._start + self.threshold
         return self._checked + HELD_CHECK_S
 
-    def edge(self, at: float, active: bool) -> FilterOutcome | None:
-        """Feed one edge; returns a decision if this edge settles one."""
+    def edge(self, at: float, active: bool) -> list[FilterOutcome]:
+        """Feed one edge; returns the decisions it settles (none, one, or two)."""
         if active:
+            outcomes = []
+            if (self._start is not None and self._gap_since is not None
+                    and at - self._gap_since >= self.bounce - _TOLERANCE_S):
+                # The opening before this edge lasted the bounce time: the previous
+                # activation had ended even if its deadline was not looked at in time.
+                outcomes += self._release()
             if self._start is None:
                 self._start, self._gap_since = at, None
                 if self.threshold == 0:
-                    return self._accept(at, "press")
-                return None
+                    outcomes.append(self._accept(at, "press"))
+                return outcomes
             self._gap_since = None  # the contact closed again within the bounce time
-            return None
+            return outcomes
         if self._start is None:
-            return None
+            return []
         self._gap_since = at if self._gap_since is None else min(self._gap_since, at)
         self._gap_seen = True
         if not self._held and at - self._start >= self.threshold - _TOLERANCE_S:
             # Long enough whether or not this opening is a bounce.
-            return self._accept(at, "press (confirmed by its release)")
+            return [self._accept(at, "press (confirmed by its release)")]
         if self.bounce == 0:
             return self._release()
-        return None
+        return []
 
-    def expire(self, now: float, still_active: bool) -> FilterOutcome | None:
+    def expire(self, now: float, still_active: bool) -> list[FilterOutcome]:
         """Called at (or after) :attr:`deadline` with the input's level read now."""
         deadline = self.deadline
         if deadline is None or now < deadline - _TOLERANCE_S:
-            return None
+            return []
         if self._gap_since is not None:
             if still_active:
                 # Closed again, and the closing edge has not reached us (or was lost):
@@ -107,35 +113,35 @@ class PressFilter:
             return self._release()
         if not self._held:
             if still_active:
-                return self._accept(now, "press")
+                return [self._accept(now, "press")]
             # Open at the deadline, yet no release edge: wait one bounce time for it.
             self._gap_since, self._gap_seen = now, False
-            return self._release() if self.bounce == 0 else None
+            return self._release() if self.bounce == 0 else []
         self._checked = now
         if not still_active:
             self._gap_since, self._gap_seen = now, False  # a release whose edge was lost
-        return None
+        return []
 
     def _accept(self, now: float, reason: str) -> FilterOutcome:
         self._held = True
         self._checked = now
         return FilterOutcome(True, self._start, max(0.0, now - self._start), reason)
 
-    def _release(self) -> FilterOutcome | None:
+    def _release(self) -> list[FilterOutcome]:
         """The input has been open for ``bounce``: the activation is over."""
         started, ended, held, seen = self._start, self._gap_since, self._held, self._gap_seen
         self._start = self._gap_since = None
         self._held = False
         if held:
-            return None  # the end of an accepted press is not news
+            return []  # the end of an accepted press is not news
         duration = max(0.0, ended - started)
         if not seen:
             # Open at its deadline and its release edge never came: it did not last.
-            return FilterOutcome(False, started, duration,
-                                 "released before the minimum (its release edge was lost)")
+            return [FilterOutcome(False, started, duration,
+                                  "released before the minimum (its release edge was lost)")]
         if duration >= self.threshold - _TOLERANCE_S:
-            return FilterOutcome(True, started, duration, "press (confirmed by its release)")
-        return FilterOutcome(False, started, duration, self._too_short(duration))
+            return [FilterOutcome(True, started, duration, "press (confirmed by its release)")]
+        return [FilterOutcome(False, started, duration, self._too_short(duration))]
 
     def _too_short(self, duration: float) -> str:
         ms = duration * 1000
