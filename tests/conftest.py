@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,31 @@ def platform(broker):
         stand_in.stop()
     for stand_in in started:
         assert not stand_in.schema_problems, "\n".join(stand_in.schema_problems)
+
+
+@dataclass
+class RunningDevice:
+    path: Path
+    config: Config
+    police: PlatformStandIn
+    button: DaemonProcess
+    uplink: DaemonProcess
+
+
+@pytest.fixture
+def device(make_config, daemons, platform):
+    """Button and uplink daemons running, a platform acknowledging alarms, birth seen."""
+
+    def start(**sections) -> RunningDevice:
+        path, config = make_config(**sections)
+        police = platform(config, ack=True)
+        button = daemons("button", path)
+        uplink = daemons("uplink", path)
+        police.wait_for(lambda p: any(s["state"] == "online" for s in p.on("status")),
+                        what="the device's birth")
+        return RunningDevice(path, config, police, button, uplink)
+
+    return start
 
 
 @pytest.fixture

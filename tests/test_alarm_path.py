@@ -34,13 +34,10 @@ def online(stand_in, session=None):
                              what="the device's birth")
 
 
-def test_a_press_reaches_the_police_and_their_acknowledgement_lights_the_led(
-        make_config, daemons, platform, open_outbox):
-    path, config = make_config()
-    police = platform(config, ack=True)
-    button = daemons("button", path)
-    daemons("uplink", path)
-    online(police)
+def test_a_press_reaches_the_police_and_their_acknowledgement_lights_the_led(device,
+                                                                             open_outbox):
+    running = device()
+    config, police, button = running.config, running.police, running.button
 
     event = press(config)
 
@@ -193,12 +190,9 @@ def test_a_thousand_presses_on_four_inputs_with_resets_are_all_delivered(
                 assert (e["repeat_of"], e["repeat"]) == (latched_alarm, repeats)
 
 
-def test_a_restarted_button_daemon_keeps_the_alarm_latched(make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config, ack=True)
-    button = daemons("button", path)
-    daemons("uplink", path)
-    online(police)
+def test_a_restarted_button_daemon_keeps_the_alarm_latched(device, daemons):
+    running = device()
+    path, config, police, button = running.path, running.config, running.police, running.button
     first = press(config)
     button.wait_for_line("status LED: steady")
     button.kill()

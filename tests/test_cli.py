@@ -26,12 +26,9 @@ def test_the_demo_plays_the_whole_story_and_passes():
     assert "ignored (glitch of" in result.stdout
 
 
-def test_sim_press_queue_status_and_reset(make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config, ack=True)
-    button = daemons("button", path)
-    daemons("uplink", path)
-    online(police)
+def test_sim_press_queue_status_and_reset(device):
+    running = device()
+    path, police, button = running.path, running.police, running.button
 
     pressed = guardpost("sim", "press", "gate", "--hold", "0.05", "-c", str(path))
     assert pressed.returncode == 0 and "new alarm recorded, seq 1" in pressed.stdout

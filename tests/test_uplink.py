@@ -29,6 +29,15 @@ from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online
 
 
+def alarm_is_delivered_and_acknowledged(police, config, how: str) -> None:
+    event_id = commit_alarm(config)
+    police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
+                    what=f"the alarm {how}")
+    with Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
+                   what=f"the acknowledgement {how}")
+
+
 def commit_alarm(config) -> str:
     with Outbox(config.storage.database, config.identity) as outbox:
         event = AlarmLatch(outbox, config.inputs).press("gate")
@@ -115,12 +124,7 @@ def test_mqtt_3_1_1_works_the_same(broker, make_config, daemons):
     try:
         daemons("uplink", path)
         online(police)
-        event_id = commit_alarm(config)
-        police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
-                        what="the alarm over MQTT 3.1.1")
-        with Outbox(config.storage.database, config.identity) as outbox:
-            poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
-                       what="the acknowledgement")
+        alarm_is_delivered_and_acknowledged(police, config, "over MQTT 3.1.1")
     finally:
         police.stop()
     assert not police.schema_problems
@@ -255,12 +259,7 @@ def test_the_acl_template_lets_a_device_do_its_job_and_nothing_else(tmp_path, da
         try:
             daemons("uplink", tmp_path / "acl.toml")
             online(police)
-            event_id = commit_alarm(config)
-            police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
-                            what="the alarm through the ACL")
-            with Outbox(config.storage.database, config.identity) as outbox:
-                poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
-                           what="the acknowledgement through the ACL")
+            alarm_is_delivered_and_acknowledged(police, config, "through the ACL")
         finally:
             police.stop()
         assert not police.schema_problems
