@@ -35,7 +35,7 @@ from edge.events import Event, utc_iso, utc_now
 from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
-from edge.sdnotify import notify
+from edge.sdnotify import Watchdog, notify
 from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,10 @@ class ButtonDaemon:
             log.info("button daemon ready: %s, inputs %s", cfg.gpio.pin_factory,
                      ", ".join(f"{n}=GPIO{s.pin}" for n, s in cfg.inputs.items()))
             next_state = utc_now() + timedelta(seconds=STATE_EVERY_S)
+            watchdog = Watchdog()
             while not stop.is_set():
-                self._waker.wait(FEEDBACK_POLL_S)
+                watchdog.ping()
+                self._waker.wait(min(FEEDBACK_POLL_S, watchdog.interval or FEEDBACK_POLL_S))
                 if stop.is_set():
                     break
                 self._refresh_feedback(outbox, latch)

@@ -93,7 +93,9 @@ class BrokerConfig(Strict):
         7 * 86400, ge=0, le=0xFFFFFFFF,
         description="MQTT 5 session expiry (s): how long the broker keeps our acks while away",
     )
-    connect_timeout: float = Field(5.0, gt=0, le=60)
+    connect_timeout: float = Field(
+        5.0, gt=0, le=15, description="TCP and TLS set-up; kept well under the watchdog's 30 s",
+    )
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> BrokerConfig:

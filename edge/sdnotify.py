@@ -50,6 +50,7 @@ class NotifyListener:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind(self.path)
         self.seen: dict[int, list[str]] = {}
+        self.history: list[tuple[float, int | None, str]] = []  # (monotonic, pid, field)
 
     def env(self, base: dict | None = None) -> dict:
         env = dict(os.environ if base is None else base)
@@ -73,6 +74,8 @@ class NotifyListener:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
             fields = data.decode(errors="replace").split("\n")
+            arrived = time.monotonic()
+            self.history += [(arrived, pid, field) for field in fields]
             if pid is not None:
                 self.seen.setdefault(pid, []).extend(fields)
             messages.append((pid, fields))
@@ -95,7 +98,49 @@ class NotifyListener:
                 return False
         return True
 
+    def wait_until(self, condition, timeout: float) -> bool:
+        """Receive messages until ``condition(self)`` holds (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not condition(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if select.select([self._sock], [], [], remaining)[0]:
+                self.receive()
+        return True
+
     def close(self) -> None:
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class Watchdog:
+    """systemd's watchdog: ``WATCHDOG=1`` from the daemon's own main loop.
+
+    Pinged from the loop that does the work, never from a helper thread, so a loop that
+    is stuck (a hung commit, a dead lock) stops the pings and systemd restarts the daemon
+    after ``WatchdogSec``. Without ``WATCHDOG_USEC`` in the environment this does nothing.
+    """
+
+    def __init__(self, environ: dict | None = None):
+        env = os.environ if environ is None else environ
+        usec = env.get("WATCHDOG_USEC")
+        pid = env.get("WATCHDOG_PID")
+        enabled = bool(usec) and (not pid or pid == str(os.getpid()))
+        # Ping at half the timeout, as sd_watchdog_enabled(3) recommends.
+        self.interval = int(usec) / 2_000_000 if enabled else None
+        self._next = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None
+
+    def ping(self) -> None:
+        """Ping now if half the timeout has passed since the last ping."""
+        if self.interval is None:
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            notify("WATCHDOG=1")
+            self._next = now + self.interval

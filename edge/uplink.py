@@ -50,7 +50,7 @@ from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.mqtt import connect, is_v5, make_client
 from edge.outbox import Outbox
-from edge.sdnotify import notify
+from edge.sdnotify import Watchdog, notify
 from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,9 @@ class UplinkDaemon:
                      self._window)
             next_attempt = next_heartbeat = 0.0
             next_prune = time.monotonic() + PRUNE_EVERY_S
+            watchdog = Watchdog()
             while not stop.is_set():
+                watchdog.ping()
                 now = time.monotonic()
                 if client.socket() is None:
                     if now < next_attempt:

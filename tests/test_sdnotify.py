@@ -1,0 +1,90 @@
+"""The systemd protocol as the units use it: READY=1 when really ready, a watchdog fed by
+the main loop, and no feeding when that loop is stuck."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+
+from edge.control import request
+from edge.events import EventDraft, EventKind, utc_now
+from edge.outbox import Outbox
+from edge.wake import wake, wake_path
+from tests.support.daemons import DaemonProcess
+
+WATCHDOG_USEC = 2_000_000  # systemd would restart a daemon silent for 2 s
+WATCHDOG_S = WATCHDOG_USEC / 1e6
+
+
+def pings(listener, pid: int) -> list[float]:
+    return [t for t, sender, field in listener.history if sender == pid and field == "WATCHDOG=1"]
+
+
+def more_pings(listener, pid: int, count: int, timeout: float = 20.0) -> list[float]:
+    """Wait (on the notify socket) for ``count`` more pings; return them."""
+    start = len(pings(listener, pid))
+    assert listener.wait_until(lambda notes: len(pings(notes, pid)) >= start + count, timeout), \
+        f"fewer than {count} watchdog pings in {timeout} s"
+    return pings(listener, pid)[start:]
+
+
+def test_ready_means_ready_and_the_main_loops_feed_the_watchdog(make_config, listener):
+    path, config = make_config()
+    env = {"WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    button = DaemonProcess("button", path, listener, extra_env=env).start()
+    uplink = DaemonProcess("uplink", path, listener, extra_env=env).start()
+    try:
+        # READY=1 came only once each could do its job: the button answers on its socket
+        # with its outbox open; the uplink's wake-up socket is bound.
+        assert request(config.storage.runtime_dir / "button.ctl", {"op": "ping"}) == {"ok": True}
+        assert config.storage.database.exists()
+        assert wake_path(config.storage.runtime_dir, "uplink").exists()
+        for daemon in (button, uplink):
+            fed = more_pings(listener, daemon.pid, 4)
+            gaps = [later - earlier for earlier, later in itertools.pairwise(fed)]
+            # Fed about every half timeout: never as late as the timeout itself.
+            assert all(gap < WATCHDOG_S for gap in gaps), gaps
+    finally:
+        button.stop()
+        uplink.stop()
+
+
+def test_a_main_loop_stuck_on_the_database_stops_feeding_the_watchdog(make_config, listener,
+                                                                      broker):
+    path, config = make_config()
+    uplink = DaemonProcess("uplink", path, listener,
+                           extra_env={"WATCHDOG_USEC": str(WATCHDOG_USEC)}).start()
+    try:
+        uplink.wait_for_line("connected to")
+        more_pings(listener, uplink.pid, 2)
+        with Outbox(config.storage.database, config.identity) as outbox, \
+                open(f"{config.storage.database}.writelock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another writer hangs, holding the lock
+            try:
+                _commit_alarm_bypassing_the_lock(outbox)
+                wake(config.storage.runtime_dir, "uplink")
+                # The uplink publishes the alarm, gets its PUBACK and blocks recording it:
+                # from then on, a whole watchdog period passes without a ping.
+                for _ in range(10):
+                    seen = len(pings(listener, uplink.pid))
+                    if not listener.wait_until(
+                            lambda notes, seen=seen: len(pings(notes, uplink.pid)) > seen,
+                            WATCHDOG_S):
+                        break
+                else:
+                    raise AssertionError("the stuck uplink kept feeding the watchdog")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        more_pings(listener, uplink.pid, 1)  # unstuck: fed again
+    finally:
+        uplink.stop()
+
+
+def _commit_alarm_bypassing_the_lock(outbox: Outbox) -> None:
+    """Commit an alarm with the outbox's own code, taking only SQLite's lock (the test
+    holds the flock that Outbox.transaction() would wait for)."""
+    conn = outbox.db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    outbox.append(EventDraft(kind=EventKind.ALARM, code=120, occurred_at=utc_now(),
+                             clock_synced=True, boot_id="test", input="gate"))
+    conn.execute("COMMIT")
