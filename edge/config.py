@@ -10,7 +10,9 @@ Every daemon and tool loads it through :func:`load_config`. A bad file raises
 from __future__ import annotations
 
 import hashlib
+import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -234,6 +236,45 @@ class Config(Strict):
         return hashlib.sha256(canonical).hexdigest()[:16]
 
 
+CREDENTIAL_PREFIX = "credential:"
+
+
+@dataclass(frozen=True)
+class CredentialStore:
+    """Where ``credential:NAME`` paths of the configuration point."""
+
+    directory: Path
+    file_prefix: str = ""
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{self.file_prefix}{name}"
+
+
+def credential_store(config_path: Path, environ: dict | None = None) -> CredentialStore:
+    """systemd's private copy when run as a unit (``LoadCredential=gp:/etc/guardpost/
+    credentials`` names each file ``gp_{name}``), else ``credentials/`` beside the
+    configuration file, for commands an installer runs by hand as root."""
+    env = os.environ if environ is None else environ
+    if env.get("CREDENTIALS_DIRECTORY"):
+        return CredentialStore(Path(env["CREDENTIALS_DIRECTORY"]), "gp_")
+    return CredentialStore(Path(config_path).resolve().parent / "credentials")
+
+
+def _resolve_credentials(config: Config, store: CredentialStore) -> Config:
+    def resolve(path: Path | None) -> Path | None:
+        if path is None or not str(path).startswith(CREDENTIAL_PREFIX):
+            return path
+        return store.path(str(path)[len(CREDENTIAL_PREFIX):])
+
+    broker = config.broker.model_copy(
+        update={"password_file": resolve(config.broker.password_file)})
+    if broker.tls is not None:
+        tls = broker.tls.model_copy(update={name: resolve(getattr(broker.tls, name))
+                                            for name in ("ca_file", "cert_file", "key_file")})
+        broker = broker.model_copy(update={"tls": tls})
+    return config.model_copy(update={"broker": broker})
+
+
 def _check_files(config: Config) -> list[str]:
     """Files the configuration names must be readable now, not at the first alarm."""
     problems = []
@@ -264,12 +305,16 @@ def _describe(error: dict) -> str:
     return f"{location}: {message}" if location else message
 
 
-def parse_config(data: dict, source: str = "<config>") -> Config:
-    """Validate an already-parsed TOML document."""
+def parse_config(data: dict, source: str = "<config>",
+                 credentials: CredentialStore | None = None) -> Config:
+    """Validate an already-parsed TOML document; ``credential:NAME`` paths are resolved
+    in ``credentials`` (see :func:`credential_store`)."""
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, [_describe(e) for e in err.errors()]) from None
+    if credentials is not None:
+        config = _resolve_credentials(config, credentials)
     problems = _check_files(config)
     if problems:
         raise ConfigError(source, problems)
@@ -289,4 +334,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, [f"(file): not UTF-8 text: {err}"]) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, [f"(file): TOML syntax error: {err}"]) from None
-    return parse_config(data, source)
+    return parse_config(data, source, credentials=credential_store(Path(path)))

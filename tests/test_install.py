@@ -1,0 +1,175 @@
+"""The installer and the units, checked in a scratch root directory with Debian's systemd
+tools: twice (nothing changes the second time), the resulting tree, then uninstall."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "systemd" / "install.py"
+UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost.target")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates users: root only"),
+    pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                       reason="needs Debian's systemd package (.ci/setup installs it)"),
+]
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(INSTALL), "--root", str(root), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path outside the virtual environment: type, mode, owner, content hash."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[:3] == ("opt", "guardpost", "venv") or relative.parts[:3] == (
+                "usr", "lib", "systemd"):
+            continue
+        info = path.lstat()
+        content = (os.readlink(path) if path.is_symlink() else
+                   hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None)
+        tree[str(relative)] = (stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode),
+                               info.st_uid, info.st_gid, content)
+    return tree
+
+
+def ids(root: Path) -> tuple[dict, dict]:
+    users = {f[0]: f for f in (line.split(":") for line in
+                                (root / "etc/passwd").read_text().splitlines())}
+    groups = {f[0]: f for f in (line.split(":") for line in
+                                 (root / "etc/group").read_text().splitlines())}
+    return users, groups
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A scratch root holding what a Debian system has under /usr/lib/systemd/system, so
+    that systemd-analyze can resolve the units' dependencies inside it."""
+    scratch = tmp_path_factory.mktemp("root")
+    shutil.copytree("/usr/lib/systemd/system", scratch / "usr/lib/systemd/system",
+                    symlinks=True)
+    return scratch
+
+
+@pytest.fixture(scope="module")
+def installed(root) -> Path:
+    first = install(root)
+    assert "enabled guardpost.target" in first.stdout
+    before = snapshot(root)
+    second = install(root)
+    assert "nothing to change" in second.stdout
+    assert snapshot(root) == before  # idempotent, to the mode and owner
+    return root
+
+
+def test_the_user_and_its_groups(installed):
+    users, groups = ids(installed)
+    user = users["guardpost"]
+    assert user[5:] == ["/var/lib/guardpost", "/usr/sbin/nologin"]
+    for group in ("gpio", "video", "dialout"):
+        assert "guardpost" in groups[group][3].split(","), group
+
+
+def test_directories_and_files_have_the_promised_modes_and_owners(installed):
+    users, groups = ids(installed)
+    uid, gid = int(users["guardpost"][2]), int(groups["guardpost"][2])
+    expected = {
+        "etc/guardpost": (0o750, 0, gid),
+        "etc/guardpost/credentials": (0o700, 0, 0),
+        "etc/guardpost/guardpost.toml": (0o640, 0, gid),
+        "var/lib/guardpost": (0o750, uid, gid),
+    }
+    for relative, (mode, owner, group) in expected.items():
+        info = (installed / relative).stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (mode, owner, group), \
+            relative
+    assert (installed / "etc/guardpost/guardpost.toml").read_bytes() == \
+        (REPO / "config/guardpost.example.toml").read_bytes()
+
+
+def test_the_units_are_installed_verbatim_and_enabled(installed):
+    system = installed / "etc/systemd/system"
+    for unit in UNITS:
+        assert (system / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
+    assert os.readlink(system / "multi-user.target.wants/guardpost.target") == \
+        "/etc/systemd/system/guardpost.target"
+    for unit in UNITS[:2]:
+        assert (system / "guardpost.target.wants" / unit).is_symlink()
+
+
+def test_the_installed_command_runs(installed):
+    result = subprocess.run([str(installed / "opt/guardpost/venv/bin/guardpost"), "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("guardpost ")
+
+
+def test_systemd_accepts_the_units(installed):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={installed}",
+         *(f"/etc/systemd/system/{unit}" for unit in UNITS)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def exposure(unit: Path) -> float:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("unit", UNITS[:2])
+def test_every_service_is_hardened_to_an_exposure_of_3_or_less(unit):
+    assert exposure(REPO / "systemd" / unit) <= 3.0
+
+
+def test_the_services_restart_but_not_on_a_bad_configuration():
+    for unit in UNITS[:2]:
+        text = (REPO / "systemd" / unit).read_text()
+        for line in ("Type=notify", "Restart=always", "RestartPreventExitStatus=78",
+                     "User=guardpost", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+            assert line in text.splitlines(), (unit, line)
+        assert re.search(r"^WatchdogSec=\d+$", text, re.M), unit
+    button = (REPO / "systemd/guardpost-button.service").read_text()
+    unit_section = [line for line in button.split("[Service]")[0].splitlines()
+                    if not line.startswith("#")]
+    assert not [line for line in unit_section if "network" in line]  # needs no network
+    assert "PrivateNetwork=yes" in button
+    uplink = (REPO / "systemd/guardpost-uplink.service").read_text()
+    assert "After=network-online.target guardpost-button.service" in uplink
+
+
+def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
+    root = tmp_path / "root"
+    install(root, "--quiet")
+    state = root / "var/lib/guardpost/outbox.db"
+    state.write_bytes(b"events")
+    install(root, "--uninstall")
+    left = {str(p.relative_to(root)) for p in root.rglob("*")}
+    assert "var/lib/guardpost/outbox.db" in left and "etc/guardpost/guardpost.toml" in left
+    for gone in ("opt/guardpost", "etc/systemd/system/guardpost.target",
+                 "etc/systemd/system/multi-user.target.wants/guardpost.target",
+                 "usr/lib/sysusers.d/guardpost.conf", "usr/lib/tmpfiles.d/guardpost.conf"):
+        assert gone not in left, gone
+    install(root, "--uninstall", "--purge")
+    left = {str(p.relative_to(root)) for p in root.rglob("*")}
+    assert not [p for p in left if "guardpost" in p]
+    users, groups = ids(root)
+    assert "guardpost" not in users and "guardpost" not in groups
+    assert "guardpost" not in groups["gpio"][3]
