@@ -6,6 +6,7 @@
     guardpost queue [--json]              the outbox by state and priority
     guardpost status [--json]             the device, its daemons, its alarm state
     guardpost config check FILE           validate a configuration file
+    guardpost provision --site ...        write the identity, broker and keys
     guardpost watch [--ack]               a minimal stand-in for the police platform
     guardpost demo [--auto]               the whole device in simulation, with a local broker
 
@@ -188,6 +189,25 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def cmd_provision(args) -> int:
+    from edge.provision import ProvisionError, apply, plan_provision
+
+    try:
+        plan = plan_provision(Path(args.config), site=args.site, device=args.device,
+                              location=args.location, broker=args.broker, ca=args.ca,
+                              cert=args.cert, key=args.key, bundle=args.bundle,
+                              new_key=args.new_key)
+        apply(plan)
+    except ProvisionError as err:
+        print(f"provision: {err}; nothing was written", file=sys.stderr)
+        return 1
+    for path, _, mode in plan.files:
+        print(f"wrote {path} ({mode:o})")
+    for note in plan.notes:
+        print(note)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from edge.demo import run_demo
 
@@ -247,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--client-id", help="MQTT client id (default: gp-watch-SITE)")
     watch.add_argument("--by", default="guardpost watch", help="acknowledging operator")
     watch.set_defaults(func=cmd_watch)
+
+    provision = with_config(commands.add_parser(
+        "provision", help="write the device's identity, broker and keys"))
+    provision.add_argument("--site", required=True, help="site id (the school)")
+    provision.add_argument("--device", required=True, help="device id within the site")
+    provision.add_argument("--location", required=True, help="where it is, for people")
+    provision.add_argument("--broker", required=True, help="HOST[:PORT] (port 8883 by default)")
+    provision.add_argument("--ca", type=Path, help="CA certificate of the platform's broker")
+    provision.add_argument("--cert", type=Path, help="the device certificate the platform issued")
+    provision.add_argument("--key", type=Path, help="an existing private key to use")
+    provision.add_argument("--bundle", type=Path, help="PKCS#12 bundle: key, certificate, CA")
+    provision.add_argument("--new-key", action="store_true", help="replace the device's key")
+    provision.set_defaults(func=cmd_provision)
 
     demo = commands.add_parser("demo", help="the whole device in simulation")
     demo.add_argument("--auto", action="store_true",

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edge.config import load_config
 from edge.contract import ack_payload
@@ -25,6 +19,7 @@ from edge.uplink import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
 from edge.wake import wake
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
+from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online
 
@@ -132,41 +127,8 @@ def test_mqtt_3_1_1_works_the_same(broker, make_config, daemons):
 
 # -- mutual TLS ------------------------------------------------------------------------
 
-def _certificate(subject: str, key, issuer_cert=None, issuer_key=None, *, ca=False):
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer_cert.subject if issuer_cert else name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _write_pki(directory):
-    directory.mkdir()
-    files = {}
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("Guardpost test CA", ca_key, ca=True)
-    for who in ("ca", "broker", "device"):
-        key = ca_key if who == "ca" else ec.generate_private_key(ec.SECP256R1())
-        cert = ca if who == "ca" else _certificate(who, key, ca, ca_key)
-        (directory / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{who}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (directory / f"{who}.key").chmod(0o600)
-        files[who] = (directory / f"{who}.pem", directory / f"{who}.key")
-    return files
-
-
 def test_mutual_tls_to_a_broker_that_requires_client_certificates(tmp_path, daemons):
-    pki = _write_pki(tmp_path / "pki")
+    pki = write_pki(tmp_path / "pki")
     tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
     with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
         doc = sim_document(tmp_path, secure.port, broker={"tls": {
@@ -192,7 +154,7 @@ def test_mutual_tls_to_a_broker_that_requires_client_certificates(tmp_path, daem
 
 
 def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tmp_path, daemons):
-    pki = _write_pki(tmp_path / "pki")
+    pki = write_pki(tmp_path / "pki")
     tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
     with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
         doc = sim_document(tmp_path, secure.port,

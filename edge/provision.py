@@ -1,0 +1,238 @@
+"""``guardpost provision``: give a device its identity and its keys.
+
+    guardpost provision --site S --device D --location "South gate" --broker HOST[:PORT]
+        [--ca ca.pem] [--cert device.pem --key device.key | --bundle device.p12]
+
+- The identity and the broker go into the configuration file; its comments and every
+  other setting are kept (tomlkit edits the document in place).
+- Without a certificate, a new private key (EC P-256) and a certificate signing request
+  (CN = ``{site}.{device}``) are created; the installer sends the CSR to the platform and
+  runs ``provision --cert`` with what comes back. The key is reused on later runs.
+- With a certificate (PEM, or a PKCS#12 bundle the platform issued), it must match the
+  key, be valid now, and chain to the CA given.
+
+Layout: ``/etc/guardpost/tls/{ca,device}.pem`` (public, readable by the daemons) and the
+private key in ``/etc/guardpost/credentials/device.key`` (0600 root), which systemd hands
+to the uplink through ``LoadCredential=``; the configuration names it
+``credential:device.key``.
+
+Everything is checked before anything is written; files are written under temporary
+names and renamed into place, the configuration last. Bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import grp
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from edge.config import ConfigError, parse_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "guardpost.example.toml"
+
+
+class ProvisionError(Exception):
+    """Provisioning refused; nothing was written."""
+
+
+@dataclass
+class Plan:
+    """Every file provisioning will write, decided and checked before any is written."""
+
+    files: list[tuple[Path, bytes, int]] = field(default_factory=list)  # path, data, mode
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, path: Path, data: bytes, mode: int) -> None:
+        self.files.append((path, data, mode))
+
+
+def _load_key(data: bytes, source: str):
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise ProvisionError(f"{source}: not an unencrypted PEM private key ({err})") from None
+
+
+def _load_certificates(data: bytes, source: str) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as err:
+        raise ProvisionError(f"{source}: not a PEM certificate ({err})") from None
+    if not certificates:
+        raise ProvisionError(f"{source}: no certificate in it")
+    return certificates
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ProvisionError(f"cannot read the {what} {path}: {err.strerror}") from None
+
+
+def _public_bytes(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _check_certificate(cert: x509.Certificate, key, ca: list[x509.Certificate] | None,
+                       source: str) -> None:
+    if _public_bytes(key) != cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ProvisionError(f"{source}: the certificate does not belong to the device's key")
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ProvisionError(f"{source}: the certificate is not valid now (valid "
+                             f"{cert.not_valid_before_utc:%Y-%m-%d} to "
+                             f"{cert.not_valid_after_utc:%Y-%m-%d})")
+    if ca and not any(cert.issuer == authority.subject for authority in ca):
+        raise ProvisionError(f"{source}: the certificate was not issued by the CA given "
+                             f"(issuer {cert.issuer.rfc4514_string()})")
+
+
+def make_csr(key, site: str, device: str) -> bytes:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{site}.{device}"),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, site)])
+    request = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
+        key, hashes.SHA256())
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def plan_provision(config_path: Path, *, site: str, device: str, location: str, broker: str,
+                   ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+                   bundle: Path | None = None, new_key: bool = False) -> Plan:
+    """Check everything and return what to write; raises :class:`ProvisionError`."""
+    config_path = Path(config_path)
+    etc = config_path.parent
+    tls_dir, credentials = etc / "tls", etc / "credentials"
+    key_path = credentials / "device.key"
+    plan = Plan()
+
+    host, _, port_text = broker.rpartition(":") if ":" in broker else (broker, "", "")
+    try:
+        port = int(port_text) if port_text else 8883
+    except ValueError:
+        raise ProvisionError(f"--broker {broker!r}: the port must be a number") from None
+
+    # The configuration first: an invalid site id or broker stops everything here.
+    text = config_path.read_text() if config_path.exists() else EXAMPLE.read_text()
+    document = tomlkit.parse(text)
+    document.setdefault("device", tomlkit.table())
+    document["device"]["site_id"] = site
+    document["device"]["device_id"] = device
+    document["device"]["location"] = location
+    document.setdefault("broker", tomlkit.table())
+    document["broker"]["host"] = host
+    document["broker"]["port"] = port
+    tls = tomlkit.table()
+    tls["ca_file"] = str(tls_dir / "ca.pem")
+    tls["cert_file"] = str(tls_dir / "device.pem")
+    tls["key_file"] = "credential:device.key"
+    document["broker"]["tls"] = tls
+    rendered = tomlkit.dumps(document)
+    try:
+        parse_config(tomllib.loads(rendered), str(config_path))
+    except ConfigError as err:
+        problems = [p for p in err.problems if "cannot read" not in p]  # written below
+        if problems:
+            raise ProvisionError("; ".join(problems)) from None
+
+    # The CA, the key and the certificate.
+    ca_certs = None
+    if ca is not None:
+        ca_data = _read(ca, "CA certificate")
+        ca_certs = _load_certificates(ca_data, str(ca))
+        plan.add(tls_dir / "ca.pem", ca_data, 0o644)
+
+    if bundle is not None:
+        try:
+            device_key, device_cert, extra = pkcs12.load_key_and_certificates(
+                _read(bundle, "certificate bundle"), None)
+        except ValueError as err:
+            raise ProvisionError(f"{bundle}: not a PKCS#12 bundle without password "
+                                 f"({err})") from None
+        if device_key is None or device_cert is None:
+            raise ProvisionError(f"{bundle}: the bundle must hold the key and the certificate")
+        if ca_certs is None and extra:
+            ca_certs = list(extra)
+            plan.add(tls_dir / "ca.pem", b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                                  for c in extra), 0o644)
+        _check_certificate(device_cert, device_key, ca_certs, str(bundle))
+        plan.add(key_path, _key_pem(device_key), 0o600)
+        plan.add(tls_dir / "device.pem", device_cert.public_bytes(serialization.Encoding.PEM),
+                 0o644)
+    else:
+        if key is not None:
+            device_key = _load_key(_read(key, "private key"), str(key))
+            plan.add(key_path, _key_pem(device_key), 0o600)
+        elif key_path.exists() and not new_key:
+            device_key = _load_key(_read(key_path, "private key"), str(key_path))
+        else:
+            device_key = ec.generate_private_key(ec.SECP256R1())
+            plan.add(key_path, _key_pem(device_key), 0o600)
+            plan.notes.append(f"created a new private key {key_path}")
+        if not isinstance(device_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ProvisionError("the device key must be an EC or RSA key")
+        if cert is not None:
+            [device_cert, *chain] = _load_certificates(_read(cert, "certificate"), str(cert))
+            _check_certificate(device_cert, device_key, ca_certs or chain or None, str(cert))
+            plan.add(tls_dir / "device.pem", _read(cert, "certificate"), 0o644)
+        else:
+            plan.add(etc / "device.csr", make_csr(device_key, site, device), 0o644)
+            plan.notes.append(f"send {etc / 'device.csr'} to the platform, then run "
+                              "guardpost provision ... --cert <the certificate it returns>")
+    if not any(path == tls_dir / "ca.pem" for path, _, _ in plan.files) and \
+            not (tls_dir / "ca.pem").exists():
+        raise ProvisionError("--ca is needed: no CA certificate installed yet "
+                             f"({tls_dir / 'ca.pem'})")
+    plan.add(config_path, rendered.encode(), 0o640)
+    return plan
+
+
+def apply(plan: Plan) -> None:
+    """Write the plan: each file under a temporary name, then renamed; config last."""
+    group = _guardpost_gid()
+    staged = []
+    try:
+        for path, data, mode in plan.files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent.name == "credentials":
+                path.parent.chmod(0o700)
+            temporary = path.with_name(f".{path.name}.new")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temporary, mode)  # the umask must not loosen (or tighten) it
+            if mode == 0o640 and group is not None and os.geteuid() == 0:
+                os.chown(temporary, 0, group)
+            staged.append((temporary, path))
+    except OSError:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, path in staged:
+        temporary.replace(path)
+
+
+def _guardpost_gid() -> int | None:
+    try:
+        return grp.getgrnam("guardpost").gr_gid
+    except KeyError:
+        return None
