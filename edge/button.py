@@ -29,9 +29,10 @@ from drivers.gpio import Indicators, PanicInputs, PressReport, open_pin_factory
 from drivers.gpio.outputs import LedPattern
 from drivers.gpio.sim import SimulatedContact
 from edge import __version__
+from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
 from edge.control import ControlServer
-from edge.events import Event, utc_iso, utc_now
+from edge.events import ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
 from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
@@ -71,11 +72,15 @@ class _OutcomeWaiters:
             self._waiting[input_name].remove(waiter)
 
     def resolve(self, input_name: str, outcome: dict) -> None:
+        """Hand the outcome to those waiting for this input, and for any input ("*")."""
         with self._lock:
-            waiters, self._waiting[input_name] = self._waiting[input_name], []
+            waiters = self._waiting.pop(input_name, []) + self._waiting.pop(ANY_INPUT, [])
         for done, box in waiters:
             box.append(outcome)
             done.set()
+
+
+ANY_INPUT = "*"
 
 
 def _event_summary(event: Event) -> dict:
@@ -97,6 +102,7 @@ class ButtonDaemon:
         self._unrecorded = 0
         self._commit_started: float | None = None  # monotonic; set while a commit runs
         self._recorder: threading.Thread | None = None
+        self._next_press_is_test = threading.Event()  # set by `guardpost doctor`
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
         self._waker: Waker | None = None
@@ -208,8 +214,11 @@ class ButtonDaemon:
                     press = backlog[0]
                     self._commit_started = time.monotonic()
                     try:
-                        event = latch.press(press.report.input, press.occurred_at,
-                                            press.report.duration)
+                        if self._next_press_is_test.is_set():
+                            event = self._record_test_press(outbox, press)
+                        else:
+                            event = latch.press(press.report.input, press.occurred_at,
+                                                press.report.duration)
                     except Exception:
                         self._commit_started = None
                         self._unrecorded = len(backlog)
@@ -233,6 +242,17 @@ class ButtonDaemon:
                     except Exception:  # feedback failing must not stop the recording
                         log.exception("feedback for %s failed", event.id)
 
+    def _record_test_press(self, outbox: Outbox, press: _AcceptedPress) -> Event:
+        """Commissioning: the installer was told to press; this press is a test (Contact
+        ID 601, through the real wiring), never an alarm, and it does not latch."""
+        event = outbox.commit_event(EventDraft(
+            kind=EventKind.TEST, code=ContactId.MANUAL_TEST, occurred_at=press.occurred_at,
+            clock_synced=clock_synchronised(), boot_id=boot_id(), input=press.report.input,
+            detail={"purpose": "commissioning", "covers_wiring": True,
+                    "held_ms": round(press.report.duration * 1000, 1)}))
+        self._next_press_is_test.clear()
+        return event
+
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
         cfg = self.config
         wake(cfg.storage.runtime_dir, "uplink")
@@ -243,9 +263,11 @@ class ButtonDaemon:
         if self.indicators is not None:
             if cfg.inputs[press.report.input].mode != "silent":
                 self.indicators.chirp(1)
-            self.indicators.show(LedPattern.FAST_BLINK)
+            if event.kind == EventKind.ALARM:
+                self.indicators.show(LedPattern.FAST_BLINK)
         self._waiters.resolve(press.report.input, {
-            "accepted": True, "reason": press.report.reason, "edge_ticks": press.report.edge_ticks,
+            "accepted": True, "input": press.report.input, "reason": press.report.reason,
+            "edge_ticks": press.report.edge_ticks,
             "duration_ms": round(press.report.duration * 1000, 3), "event": _event_summary(event)})
         self.wake()
 
@@ -324,7 +346,30 @@ class ButtonDaemon:
             return {"ok": True, **self._status()}
         if op == "press":
             return self._sim_press(request)
+        if op == "test-press":
+            return self._await_test_press(request)
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _await_test_press(self, request: dict) -> dict:
+        """Wait for the installer to press a panic input; that press is recorded as a
+        test (601), not an alarm. A later press is an alarm again, whatever happens."""
+        timeout = request.get("timeout", 30)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
+            return {"ok": False, "error": "timeout must be a number of seconds, up to 300"}
+        deadline = time.monotonic() + timeout
+        self._next_press_is_test.set()
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                waiter = self._waiters.expect(ANY_INPUT)
+                done, box = waiter
+                if not done.wait(remaining):
+                    self._waiters.cancel(ANY_INPUT, waiter)
+                    break
+                if box[0]["accepted"]:  # a glitch is not the press we asked for
+                    return {"ok": True, **box[0]}
+        finally:
+            self._next_press_is_test.clear()
+        return {"ok": False, "error": f"no press within {timeout:g} s"}
 
     def _sim_press(self, request: dict) -> dict:
         if not self.config.simulated:

@@ -7,6 +7,7 @@
     guardpost status [--json]             the device, its daemons, its alarm state
     guardpost config check FILE           validate a configuration file
     guardpost provision --site ...        write the identity, broker and keys
+    guardpost doctor [--json]             commissioning check, step by step
     guardpost watch [--ack]               a minimal stand-in for the police platform
     guardpost demo [--auto]               the whole device in simulation, with a local broker
 
@@ -208,6 +209,13 @@ def cmd_provision(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from edge.doctor import run_doctor
+
+    return run_doctor(Path(args.config), as_json=args.json, press_timeout=args.press_timeout,
+                      ack_timeout=args.ack_timeout)
+
+
 def cmd_demo(args) -> int:
     from edge.demo import run_demo
 
@@ -280,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--bundle", type=Path, help="PKCS#12 bundle: key, certificate, CA")
     provision.add_argument("--new-key", action="store_true", help="replace the device's key")
     provision.set_defaults(func=cmd_provision)
+
+    doctor = with_config(commands.add_parser(
+        "doctor", help="commissioning check: every part, PASS or FAIL with the reason"))
+    doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    doctor.add_argument("--press-timeout", type=float, default=30.0,
+                        help="seconds to wait for the panic button to be pressed")
+    doctor.add_argument("--ack-timeout", type=float, default=30.0,
+                        help="seconds to wait for the platform's acknowledgement")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser("demo", help="the whole device in simulation")
     demo.add_argument("--auto", action="store_true",

@@ -1,0 +1,258 @@
+"""``guardpost doctor``: the commissioning check an installer runs before leaving the gate.
+
+Step by step, with progress and a plain PASS / FAIL / SKIP and the reason:
+
+ 1. configuration valid            6. test event round trip acknowledged by the platform
+ 2. GPIO pin factory correct       7. clock synchronised (NTP)
+ 3. the panic button, pressed now  8. disk space for the outbox
+ 4. camera                         9. 4G modem
+ 5. broker reachable over TLS
+
+The press asked for in step 3 goes through the real wiring and the real button daemon,
+and is recorded as a *test* (Contact ID 601), never as an alarm. Step 6 waits for the
+platform to acknowledge that test (or, without a press, a test committed in software,
+labelled as not covering the wiring). ``--json`` prints one document for machines; the
+exit code is 0 only if no step failed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge.clock import boot_id, clock_synchronised
+from edge.config import Config, ConfigError, load_config
+from edge.control import ControlUnavailable, request
+from edge.events import ContactId, EventDraft, EventKind, utc_now
+from edge.mqtt import connect, make_client
+from edge.outbox import Outbox
+from edge.wake import wake
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+MIN_FREE_BYTES = 200 * 1024 * 1024
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = SKIP
+    detail: str = ""
+    seconds: float = 0.0
+    data: dict = field(default_factory=dict)
+
+
+class Doctor:
+    def __init__(self, config_path: Path, *, press_timeout: float = 30.0,
+                 ack_timeout: float = 30.0, say: Callable[[str], None] = print):
+        self.config_path = Path(config_path)
+        self.press_timeout = press_timeout
+        self.ack_timeout = ack_timeout
+        self.say = say
+        self.config: Config | None = None
+        self.steps: list[Step] = []
+        self._test_event_id: str | None = None
+
+    CHECKS = ("configuration", "GPIO pin factory", "panic button", "camera",
+              "broker over TLS", "test event round trip", "clock synchronised",
+              "disk space", "4G modem")
+
+    def run(self) -> bool:
+        methods = [self.check_config, self.check_gpio, self.check_press, self.check_camera,
+                   self.check_broker, self.check_round_trip, self.check_clock,
+                   self.check_disk, self.check_modem]
+        for number, (name, method) in enumerate(zip(self.CHECKS, methods, strict=True), 1):
+            step = Step(name)
+            started = time.monotonic()
+            if self.config is None and name != "configuration":
+                step.detail = "needs a valid configuration"
+            else:
+                try:
+                    method(step)
+                except Exception as err:  # a check that crashes is a failed check, said why
+                    step.status, step.detail = FAIL, f"{type(err).__name__}: {err}"
+            step.seconds = round(time.monotonic() - started, 3)
+            self.steps.append(step)
+            self.say(f"[{number}/{len(self.CHECKS)}] {name:24} {step.status}  {step.detail}")
+        return all(step.status != FAIL for step in self.steps)
+
+    # -- the checks ----------------------------------------------------------------------
+
+    def check_config(self, step: Step) -> None:
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as err:
+            step.status, step.detail = FAIL, "; ".join(err.problems)
+            return
+        c = self.config
+        step.status = PASS
+        step.detail = (f"{self.config_path}: {c.device.site_id}/{c.device.device_id}, "
+                       f"fingerprint {c.fingerprint()}")
+
+    def _button(self, op: dict, timeout: float = 5.0) -> dict | None:
+        try:
+            return request(self.config.storage.runtime_dir / "button.ctl", op, timeout=timeout)
+        except (ControlUnavailable, OSError):
+            return None
+
+    def check_gpio(self, step: Step) -> None:
+        wanted = self.config.gpio.pin_factory
+        status = self._button({"op": "status"})
+        if status is not None:
+            # The running daemon owns the pins: ask it rather than open them twice.
+            running = status.get("pin_factory")
+            step.status = PASS if running == wanted else FAIL
+            step.detail = (f"button daemon running with {running}; inputs "
+                           + ", ".join(f"{n}=GPIO{i['pin']}" for n, i in status["inputs"].items()))
+            return
+        from drivers.gpio import PinFactoryError, open_pin_factory
+
+        try:
+            factory = open_pin_factory(wanted, self.config.gpio.chip)
+        except PinFactoryError as err:
+            step.status, step.detail = FAIL, str(err)
+            return
+        factory.close()
+        step.status = PASS
+        step.detail = f"{wanted} opens (the button daemon is not running: start guardpost.target)"
+
+    def check_press(self, step: Step) -> None:
+        self.say(f"      press the panic button now (waiting {self.press_timeout:g} s; "
+                 "it is recorded as a TEST, not an alarm)")
+        reply = self._button({"op": "test-press", "timeout": self.press_timeout},
+                             timeout=self.press_timeout + 10)
+        if reply is None:
+            step.status, step.detail = FAIL, "the button daemon is not running"
+        elif not reply.get("ok"):
+            step.status, step.detail = FAIL, reply.get("error", "no answer")
+        else:
+            event = reply["event"]
+            self._test_event_id = event["id"]
+            step.status = PASS
+            step.detail = (f"a press of {reply['duration_ms']:.0f} ms on {reply['input']} "
+                           f"arrived; recorded as test seq {event['seq']}")
+            step.data = {"event": event}
+
+    def check_camera(self, step: Step) -> None:
+        step.detail = "no camera support in this version (comes with the camera daemon)"
+
+    def check_broker(self, step: Step) -> None:
+        broker = self.config.broker
+        if broker.tls is None:
+            step.status = FAIL
+            step.detail = (f"{broker.host}:{broker.port} is configured without TLS: alarms "
+                           "must travel encrypted (add [broker.tls])")
+            return
+        connected = threading.Event()
+        outcome: dict = {}
+        client = make_client(broker, f"{self.config.client_id}-doctor", persistent=False)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            outcome["reason"] = str(reason_code)
+            outcome["ok"] = not reason_code.is_failure
+            connected.set()
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            outcome.setdefault("reason", f"closed by the broker ({reason_code})")
+            connected.set()
+
+        client.on_connect, client.on_disconnect = on_connect, on_disconnect
+        try:
+            connect(client, broker, persistent=False)
+        except (OSError, ValueError) as err:
+            step.status, step.detail = FAIL, f"cannot reach {broker.host}:{broker.port}: {err}"
+            return
+        client.loop_start()
+        try:
+            arrived = connected.wait(broker.connect_timeout + 5)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        if arrived and outcome.get("ok"):
+            mutual = " with the device certificate" if broker.tls.cert_file else ""
+            step.status, step.detail = PASS, f"{broker.host}:{broker.port} over TLS{mutual}"
+        else:
+            step.status = FAIL
+            step.detail = (f"{broker.host}:{broker.port}: "
+                           f"{outcome.get('reason', 'no answer to CONNECT in time')}")
+
+    def check_round_trip(self, step: Step) -> None:
+        with Outbox(self.config.storage.database, self.config.identity) as outbox:
+            event_id = self._test_event_id
+            if event_id is None:
+                event = outbox.commit_event(EventDraft(
+                    kind=EventKind.TEST, code=ContactId.MANUAL_TEST, occurred_at=utc_now(),
+                    clock_synced=clock_synchronised(), boot_id=boot_id(),
+                    detail={"purpose": "commissioning", "covers_wiring": False}))
+                event_id = event.id
+                wake(self.config.storage.runtime_dir, "uplink")
+                step.data["software_test"] = True
+            deadline = time.monotonic() + self.ack_timeout
+            row = outbox.get_event_row(event_id)
+            pause = threading.Event()
+            while row["state"] != "acknowledged" and time.monotonic() < deadline:
+                pause.wait(0.1)  # the doctor watches the outbox as a person would
+                row = outbox.get_event_row(event_id)
+        stages = {k: row[k] for k in ("occurred_at", "committed_at", "sent_at",
+                                      "acknowledged_at", "acknowledged_by")}
+        step.data.update({"event_id": event_id, "stages": stages})
+        if row["state"] == "acknowledged":
+            step.status = PASS
+            step.detail = (f"test seq {row['seq']} acknowledged by "
+                           f"{row['acknowledged_by'] or 'the platform'}")
+            if step.data.get("software_test"):
+                step.detail += " (software test: does not cover the button's wiring)"
+        elif row["state"] == "sent":
+            step.status = FAIL
+            step.detail = (f"the broker has test seq {row['seq']} but the platform did not "
+                           f"acknowledge it within {self.ack_timeout:g} s")
+        else:
+            step.status = FAIL
+            step.detail = (f"test seq {row['seq']} did not reach the broker within "
+                           f"{self.ack_timeout:g} s (is the uplink running? guardpost status)")
+
+    def check_clock(self, step: Step) -> None:
+        if clock_synchronised():
+            step.status, step.detail = PASS, "the kernel reports NTP-synchronised time"
+        else:
+            step.status = FAIL
+            step.detail = ("not synchronised: events are stamped clock_synced=false until NTP "
+                           "succeeds (check network access to the time servers)")
+
+    def check_disk(self, step: Step) -> None:
+        directory = Path(self.config.storage.database).parent
+        usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
+        step.data = {"free_bytes": usage.free, "total_bytes": usage.total}
+        free_mb = usage.free / 1024 / 1024
+        if usage.free >= MIN_FREE_BYTES:
+            step.status, step.detail = PASS, f"{free_mb:,.0f} MB free for {directory}"
+        else:
+            step.status = FAIL
+            step.detail = (f"only {free_mb:,.0f} MB free for {directory} "
+                           f"(at least {MIN_FREE_BYTES // 1024 // 1024} MB needed)")
+
+    def check_modem(self, step: Step) -> None:
+        step.detail = "no modem support in this version (comes with the SMS fallback)"
+
+    def report(self) -> dict:
+        return {"ok": all(s.status != FAIL for s in self.steps),
+                "config": str(self.config_path), "steps": [asdict(s) for s in self.steps]}
+
+
+def run_doctor(config_path: Path, *, as_json: bool, press_timeout: float,
+               ack_timeout: float) -> int:
+    doctor = Doctor(config_path, press_timeout=press_timeout, ack_timeout=ack_timeout,
+                    say=(lambda text: print(text, file=sys.stderr, flush=True)) if as_json
+                    else (lambda text: print(text, flush=True)))
+    ok = doctor.run()
+    if as_json:
+        print(json.dumps(doctor.report(), indent=2, ensure_ascii=False))
+    else:
+        failed = [s.name for s in doctor.steps if s.status == FAIL]
+        print("\nPASS: the device is ready" if ok else f"\nFAIL: {', '.join(failed)}")
+    return 0 if ok else 1

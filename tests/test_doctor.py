@@ -1,0 +1,104 @@
+"""``guardpost doctor`` end to end in simulation: a real TLS broker, real daemons, a
+platform that acknowledges; and the failure an installer meets most (no broker)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge.clock import clock_synchronised
+from edge.config import load_config
+from edge.localbroker import BrokerTls, LocalBroker
+from tests.conftest import sim_document, write_toml
+from tests.support.pki import write_pki
+from tests.support.platform import PlatformStandIn
+from tests.test_alarm_path import online, press
+
+
+def doctor(config_path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge", "doctor", "--json",
+                             "--config", str(config_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def by_name(report: dict) -> dict:
+    return {step["name"]: step for step in report["steps"]}
+
+
+@pytest.fixture
+def secure_site(tmp_path):
+    """A broker requiring client certificates, and a device configured for it."""
+    pki = write_pki(tmp_path / "pki")
+    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
+    with LocalBroker(tmp_path / "tls-broker", tls=tls) as broker:
+        doc = sim_document(tmp_path, broker.port, broker={"tls": {
+            "ca_file": str(pki["ca"][0]), "cert_file": str(pki["device"][0]),
+            "key_file": str(pki["device"][1])}})
+        path = write_toml(tmp_path / "guardpost.toml", doc)
+        yield broker, path, load_config(path), pki
+
+
+def test_doctor_walks_every_step_and_the_press_is_a_test_not_an_alarm(secure_site, daemons):
+    broker, path, config, pki = secure_site
+    police = PlatformStandIn(broker.host, broker.port, config.topic_prefix, ack=True,
+                             client_id="platform-doctor", tls={
+                                 "ca_certs": str(pki["ca"][0]),
+                                 "certfile": str(pki["device"][0]),
+                                 "keyfile": str(pki["device"][1])}).start()
+    try:
+        daemons("button", path)
+        daemons("uplink", path)
+        online(police)
+        checking = doctor(path, "--press-timeout", "30")
+        for line in checking.stderr:  # progress goes to stderr with --json
+            if "press the panic button now" in line:
+                break
+        press(config)  # the installer presses the button
+        report = json.loads(checking.stdout.read())
+        checking.wait(60)
+    finally:
+        police.stop()
+    steps = by_name(report)
+    assert [s["status"] for s in report["steps"]] == [
+        "PASS", "PASS", "PASS", "SKIP", "PASS", "PASS",
+        "PASS" if clock_synchronised() else "FAIL", "PASS", "SKIP"]
+    assert checking.returncode == (0 if clock_synchronised() else 1)
+    assert "on gate arrived; recorded as test" in steps["panic button"]["detail"]
+    round_trip = steps["test event round trip"]
+    assert round_trip["detail"].endswith("acknowledged by test platform")
+    assert round_trip["data"]["stages"]["acknowledged_at"]
+    [test] = police.events("test")
+    assert (test["code"], test["input"], test["detail"]["covers_wiring"]) == (601, "gate", True)
+    assert police.events("alarm") == []  # commissioning never raises an alarm
+    assert not police.schema_problems
+
+
+def test_doctor_says_plainly_what_fails_when_the_broker_is_down(secure_site, daemons):
+    broker, path, _, _ = secure_site
+    daemons("button", path)
+    daemons("uplink", path)
+    broker.stop()
+    checking = doctor(path, "--press-timeout", "0.5", "--ack-timeout", "2")
+    report = json.loads(checking.stdout.read())
+    assert checking.wait(60) == 1 and report["ok"] is False
+    steps = by_name(report)
+    assert steps["configuration"]["status"] == "PASS"
+    assert steps["panic button"]["detail"] == "no press within 0.5 s"
+    assert steps["broker over TLS"]["status"] == "FAIL"
+    assert "Connection refused" in steps["broker over TLS"]["detail"]
+    assert "did not reach the broker" in steps["test event round trip"]["detail"]
+    assert "software test" not in steps["test event round trip"]["detail"]
+
+
+def test_doctor_with_a_broken_configuration_stops_at_the_first_step(tmp_path):
+    path = write_toml(tmp_path / "bad.toml", sim_document(tmp_path, 1883,
+                                                          broker={"port": "x"}))
+    checking = doctor(path)
+    report = json.loads(checking.stdout.read())
+    assert checking.wait(60) == 1
+    [first, *rest] = report["steps"]
+    assert first["status"] == "FAIL" and "broker.port" in first["detail"]
+    assert {s["status"] for s in rest} == {"SKIP"}
