@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import EX_CONFIG, ConfigError, load_config, parse_config
+from edge.config import EX_CONFIG, ConfigError, credential_store, load_config, parse_config
 from tests.conftest import sim_document, write_toml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "guardpost.example.toml"
@@ -127,3 +127,24 @@ def test_a_pin_factory_this_machine_lacks_is_refused_at_start_with_exit_78(tmp_p
     result = guardpost("run", "button", "--config", str(path))
     assert result.returncode == EX_CONFIG
     assert "pin factory 'lgpio' is not available" in result.stderr
+
+
+def test_secrets_named_as_credentials_come_from_systemd_or_beside_the_configuration(tmp_path):
+    doc = sim_document(tmp_path, 1883, broker={
+        "username": "gate-1", "password_file": "credential:mqtt-password"})
+    by_hand = credential_store(tmp_path / "guardpost.toml", environ={})
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "mqtt-password").write_text("secret\n")
+    config = parse_config(doc, credentials=by_hand)
+    assert config.broker.password_file == tmp_path / "credentials" / "mqtt-password"
+
+    systemd_dir = tmp_path / "run-credentials"
+    systemd_dir.mkdir()
+    (systemd_dir / "gp_mqtt-password").write_text("secret\n")  # LoadCredential=gp:<dir>
+    as_unit = credential_store(tmp_path / "guardpost.toml",
+                               environ={"CREDENTIALS_DIRECTORY": str(systemd_dir)})
+    assert parse_config(doc, credentials=as_unit).broker.password_file == \
+        systemd_dir / "gp_mqtt-password"
+    with pytest.raises(ConfigError, match=r"broker\.password_file: cannot read"):
+        parse_config(doc, credentials=credential_store(tmp_path / "elsewhere" / "g.toml",
+                                                       environ={}))

@@ -173,3 +173,16 @@ def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
     users, groups = ids(root)
     assert "guardpost" not in users and "guardpost" not in groups
     assert "guardpost" not in groups["gpio"][3]
+
+
+def test_the_first_boot_file_calls_the_installer_and_provision_as_they_are():
+    from edge.cli import build_parser
+
+    text = (REPO / "config/first-boot.user-data.example").read_text()
+    assert "[python3, /opt/guardpost-src/systemd/install.py]" in text
+    start = text.index("[/opt/guardpost/venv/bin/guardpost, provision")
+    block = text[start + 1:text.index("]", start)]
+    argv = [word.strip().strip('"') for word in block.replace("\n", " ").split(",")]
+    args = build_parser().parse_args(argv[1:])
+    assert args.func.__name__ == "cmd_provision"
+    assert args.ca == Path("/root/guardpost-platform-ca.pem")
