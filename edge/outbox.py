@@ -155,11 +155,30 @@ class Outbox:
                 self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.db = sqlite_utils.Database(self._conn)
             self._migrate()
+            self._adopt_ownership()
         except BaseException:
             self.close()
             raise
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _adopt_ownership(self) -> None:
+        """Run as root (``guardpost doctor``, ``reset``, ``queue`` by an installer), files
+        root creates here would lock the daemons out of their own database: give them
+        to the owner of the state directory, as SQLite does for its WAL files."""
+        if os.geteuid() != 0:
+            return
+        owner = self.path.parent.stat()
+        if owner.st_uid == 0:
+            return
+        for name in (self.path, Path(f"{self.path}.writelock"), Path(f"{self.path}-wal"),
+                     Path(f"{self.path}-shm")):
+            try:
+                info = name.stat()
+            except FileNotFoundError:
+                continue
+            if info.st_uid == 0:
+                os.chown(name, owner.st_uid, owner.st_gid)
 
     def close(self) -> None:
         self._conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 from datetime import timedelta
 
@@ -162,3 +163,15 @@ def test_daemons_creating_the_database_at_the_same_moment_all_succeed(tmp_path):
         for worker in workers:
             worker.join(60)
     assert [o for o in outcomes if o != "ok"] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root creates files for another user")
+def test_root_opening_the_outbox_first_leaves_it_usable_by_the_daemons(tmp_path):
+    """An installer runs `guardpost queue` as root before the daemons ever ran."""
+    state = tmp_path / "var-lib-guardpost"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # the daemons' user owns its state directory
+    with Outbox(state / "outbox.db", IDENTITY) as box:
+        box.commit_event(draft())
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()}
+    assert owners and set(owners.values()) == {(65534, 65534)}, owners
