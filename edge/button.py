@@ -46,12 +46,14 @@ STATE_EVERY_S = 60.0       # how often the daemon records that it is alive
 RETRY_RECORD_S = 1.0
 COMMIT_STUCK_S = 2.0       # a commit taking longer than this shows the fault pattern
 MAX_SIM_HOLD_S = 60.0
+MAX_TEST_PRESS_WAIT_S = 120
 
 
 @dataclass(frozen=True)
 class _AcceptedPress:
     report: PressReport
     occurred_at: datetime
+    test: bool = False  # the press `guardpost doctor` asked for: a test, not an alarm
 
 
 class _OutcomeWaiters:
@@ -102,7 +104,9 @@ class ButtonDaemon:
         self._unrecorded = 0
         self._commit_started: float | None = None  # monotonic; set while a commit runs
         self._recorder: threading.Thread | None = None
-        self._next_press_is_test = threading.Event()  # set by `guardpost doctor`
+        # Set by `guardpost doctor` (time.monotonic(), the clock of the local pin
+        # factories' edge timestamps): the next press that begins after it is a test.
+        self._test_press_asked_at: float | None = None
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
         self._waker: Waker | None = None
@@ -192,7 +196,13 @@ class ButtonDaemon:
                 "duration_ms": round(report.duration * 1000, 3)})
             return
         occurred_at = utc_now() - timedelta(seconds=report.age)
-        self._accepted.put(_AcceptedPress(report, occurred_at))
+        # Decided here, once, for the first press that *began* after the doctor asked:
+        # a press already under way, or queued for recording, stays an alarm.
+        asked = self._test_press_asked_at
+        is_test = asked is not None and report.edge_ticks >= asked
+        if is_test:
+            self._test_press_asked_at = None
+        self._accepted.put(_AcceptedPress(report, occurred_at, test=is_test))
 
     def _record_loop(self) -> None:
         """Recorder thread: commit each accepted press, in order, retrying until it sticks."""
@@ -214,7 +224,7 @@ class ButtonDaemon:
                     press = backlog[0]
                     self._commit_started = time.monotonic()
                     try:
-                        if self._next_press_is_test.is_set():
+                        if press.test:
                             event = self._record_test_press(outbox, press)
                         else:
                             event = latch.press(press.report.input, press.occurred_at,
@@ -250,7 +260,6 @@ class ButtonDaemon:
             clock_synced=clock_synchronised(), boot_id=boot_id(), input=press.report.input,
             detail={"purpose": "commissioning", "covers_wiring": True,
                     "held_ms": round(press.report.duration * 1000, 1)}))
-        self._next_press_is_test.clear()
         return event
 
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
@@ -328,6 +337,7 @@ class ButtonDaemon:
             "started_at": utc_iso(self._started_at), "pin_factory": self.config.gpio.pin_factory,
             "led": self.indicators.pattern.value if self.indicators else None,
             "unrecorded_presses": self._unrecorded, "inputs": inputs,
+            "test_press_pending": self._test_press_asked_at is not None,
         }
 
     def _save_state(self, outbox: Outbox) -> None:
@@ -338,7 +348,7 @@ class ButtonDaemon:
 
     # -- control socket --------------------------------------------------------------
 
-    def _handle_control(self, request: dict) -> dict:
+    def _handle_control(self, request: dict, client_alive) -> dict:
         op = request["op"]
         if op == "ping":
             return {"ok": True}
@@ -347,28 +357,32 @@ class ButtonDaemon:
         if op == "press":
             return self._sim_press(request)
         if op == "test-press":
-            return self._await_test_press(request)
+            return self._await_test_press(request, client_alive)
         return {"ok": False, "error": f"unknown op {op!r}"}
 
-    def _await_test_press(self, request: dict) -> dict:
+    def _await_test_press(self, request: dict, client_alive) -> dict:
         """Wait for the installer to press a panic input; that press is recorded as a
-        test (601), not an alarm. A later press is an alarm again, whatever happens."""
+        test (601), not an alarm. The request ends, and any later press is an alarm
+        again, when the press came, the time is up, or the doctor went away (Ctrl-C)."""
         timeout = request.get("timeout", 30)
-        if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
-            return {"ok": False, "error": "timeout must be a number of seconds, up to 300"}
+        if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TEST_PRESS_WAIT_S:
+            return {"ok": False, "error": "timeout must be a number of seconds, "
+                                          f"up to {MAX_TEST_PRESS_WAIT_S}"}
         deadline = time.monotonic() + timeout
-        self._next_press_is_test.set()
+        waiter = self._waiters.expect(ANY_INPUT)
+        self._test_press_asked_at = time.monotonic()
         try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                waiter = self._waiters.expect(ANY_INPUT)
+            while time.monotonic() < deadline and client_alive():
                 done, box = waiter
-                if not done.wait(remaining):
-                    self._waiters.cancel(ANY_INPUT, waiter)
-                    break
-                if box[0]["accepted"]:  # a glitch is not the press we asked for
-                    return {"ok": True, **box[0]}
+                if not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+                    continue
+                outcome = box[0]
+                if outcome.get("event", {}).get("kind") == "test":
+                    return {"ok": True, **outcome}
+                waiter = self._waiters.expect(ANY_INPUT)  # a glitch, or an alarm under way
         finally:
-            self._next_press_is_test.clear()
+            self._test_press_asked_at = None
+            self._waiters.cancel(ANY_INPUT, waiter)
         return {"ok": False, "error": f"no press within {timeout:g} s"}
 
     def _sim_press(self, request: dict) -> dict:

@@ -30,6 +30,7 @@ from edge import __version__
 from edge.config import EX_CONFIG, Config, ConfigError, load_config
 
 EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/guardpost/guardpost.toml"
 
 log = logging.getLogger("guardpost")
@@ -42,8 +43,10 @@ def _setup_logging(level: str, tag: str) -> None:
                         format=f"{stamp}%(levelname)-7s {tag}: %(message)s", force=True)
 
 
-def _load(path: str) -> Config:
-    return load_config(path)
+def _load(path: str, *, broker_files: bool = False) -> Config:
+    """Commands that connect to the broker check its files (TLS, password); the others,
+    the button daemon first, must work without them."""
+    return load_config(path, check_broker_files=broker_files)
 
 
 def _run_until_signalled(daemon) -> int:
@@ -62,7 +65,8 @@ def _run_until_signalled(daemon) -> int:
 def cmd_run(args) -> int:
     from drivers.gpio import PinFactoryError
 
-    config = _load(args.config)
+    # `run all` leaves the broker's files to the uplink child: the button must run anyway.
+    config = _load(args.config, broker_files=args.daemon == "uplink")
     if args.daemon == "all":
         from edge.supervisor import Supervisor
 
@@ -78,7 +82,10 @@ def cmd_run(args) -> int:
         return _run_until_signalled(Daemon(config))
     except PinFactoryError as err:
         log.error("%s", err)
-        return EX_CONFIG
+        # A factory that is not installed is a configuration matter (78: no restart
+        # loop); one that failed to open (permissions not yet applied at boot, a busy
+        # chip) may work on the next try.
+        return EX_CONFIG if err.permanent else EX_TEMPFAIL
     except AlreadyRunning as err:
         log.error("%s; not starting a second one", err)
         return 1
@@ -167,7 +174,7 @@ def cmd_config_check(args) -> int:
 def cmd_watch(args) -> int:
     from edge.watch import Watcher
 
-    config = _load(args.config)
+    config = _load(args.config, broker_files=True)
     watcher = Watcher(config.broker, config.uplink.topic_root, args.site or config.device.site_id,
                       ack=args.ack, as_json=args.json, count=args.count,
                       client_id=args.client_id, by=args.by)
@@ -198,9 +205,14 @@ def cmd_provision(args) -> int:
                               location=args.location, broker=args.broker, ca=args.ca,
                               cert=args.cert, key=args.key, bundle=args.bundle,
                               new_key=args.new_key)
-        apply(plan)
     except ProvisionError as err:
         print(f"provision: {err}; nothing was written", file=sys.stderr)
+        return 1
+    try:
+        apply(plan)
+    except PermissionError as err:
+        print(f"provision: {err.filename}: permission denied (run it as root); nothing "
+              "was written", file=sys.stderr)
         return 1
     for path, _, mode in plan.files:
         print(f"wrote {path} ({mode:o})")

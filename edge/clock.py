@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,20 @@ def clock_synchronised() -> bool:
         buffer = ctypes.create_string_buffer(_TIMEX_SIZE)
         state = _adjtimex()(buffer)
     except (OSError, AttributeError) as err:  # not Linux, or no libc symbol
-        log.debug("adjtimex unavailable: %s", err)
+        _warn_once(f"adjtimex unavailable ({err}): events say clock_synced=false")
         return False
-    return state not in (-1, _TIME_ERROR)
+    if state == -1:
+        # A seccomp filter (systemd's SystemCallFilter=) or an odd kernel: say so once
+        # rather than stamp every event "not synchronised" in silence.
+        _warn_once(f"adjtimex failed ({os.strerror(ctypes.get_errno())}): events say "
+                   "clock_synced=false")
+        return False
+    return state != _TIME_ERROR
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 @functools.cache

@@ -96,7 +96,8 @@ class BrokerConfig(Strict):
         description="MQTT 5 session expiry (s): how long the broker keeps our acks while away",
     )
     connect_timeout: float = Field(
-        5.0, gt=0, le=15, description="TCP and TLS set-up; kept well under the watchdog's 30 s",
+        5.0, gt=0, le=10,
+        description="TCP connect and TLS handshake, each; kept well under the watchdog's 60 s",
     )
 
     @model_validator(mode="after")
@@ -306,22 +307,28 @@ def _describe(error: dict) -> str:
 
 
 def parse_config(data: dict, source: str = "<config>",
-                 credentials: CredentialStore | None = None) -> Config:
+                 credentials: CredentialStore | None = None,
+                 check_broker_files: bool = True) -> Config:
     """Validate an already-parsed TOML document; ``credential:NAME`` paths are resolved
-    in ``credentials`` (see :func:`credential_store`)."""
+    in ``credentials`` (see :func:`credential_store`).
+
+    ``check_broker_files=False`` is for everything that never talks to the broker (the
+    button daemon above all): the alarm path must not depend on the uplink's secrets,
+    which it cannot even read, nor on a certificate the platform has not issued yet.
+    """
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, [_describe(e) for e in err.errors()]) from None
     if credentials is not None:
         config = _resolve_credentials(config, credentials)
-    problems = _check_files(config)
+    problems = _check_files(config) if check_broker_files else []
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, check_broker_files: bool = True) -> Config:
     """Read and validate the TOML file at ``path``; raise :class:`ConfigError` on any problem."""
     source = str(path)
     try:
@@ -334,4 +341,5 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, [f"(file): not UTF-8 text: {err}"]) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, [f"(file): TOML syntax error: {err}"]) from None
-    return parse_config(data, source, credentials=credential_store(Path(path)))
+    return parse_config(data, source, credentials=credential_store(Path(path)),
+                        check_broker_files=check_broker_files)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import socketserver
 import threading
@@ -22,7 +23,22 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 
-Handler = Callable[[dict], dict]
+# A handler gets the request and a function telling whether the client is still there
+# (a long wait, such as the doctor's "press the button now", ends when it goes away).
+Handler = Callable[[dict, Callable[[], bool]], dict]
+
+
+def _client_still_there(sock: socket.socket) -> bool:
+    """After the request line, the client sends nothing more: readable means gone."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
 
 
 class ControlUnavailable(ConnectionError):
@@ -47,7 +63,8 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             reply = {"ok": False, "error": f"malformed request: {err}"}
         else:
             try:
-                reply = self.server.handle_request_dict(request)  # type: ignore[attr-defined]
+                reply = self.server.handle_request_dict(  # type: ignore[attr-defined]
+                    request, lambda: _client_still_there(self.connection))
             except Exception as err:
                 log.exception("control request %r failed", request.get("op"))
                 reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}

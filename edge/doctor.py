@@ -85,7 +85,7 @@ class Doctor:
 
     def check_config(self, step: Step) -> None:
         try:
-            self.config = load_config(self.config_path)
+            self.config = load_config(self.config_path, check_broker_files=True)
         except ConfigError as err:
             step.status, step.detail = FAIL, "; ".join(err.problems)
             return
@@ -95,14 +95,20 @@ class Doctor:
                        f"fingerprint {c.fingerprint()}")
 
     def _button(self, op: dict, timeout: float = 5.0) -> dict | None:
+        """The button daemon's answer; None if it is not running."""
         try:
             return request(self.config.storage.runtime_dir / "button.ctl", op, timeout=timeout)
-        except (ControlUnavailable, OSError):
+        except ControlUnavailable:
             return None
+        except TimeoutError:
+            return {"ok": False, "error": f"the button daemon did not answer in {timeout:g} s"}
 
     def check_gpio(self, step: Step) -> None:
         wanted = self.config.gpio.pin_factory
         status = self._button({"op": "status"})
+        if status is not None and not status.get("ok"):
+            step.status, step.detail = FAIL, status["error"]
+            return
         if status is not None:
             # The running daemon owns the pins: ask it rather than open them twice.
             running = status.get("pin_factory")

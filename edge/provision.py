@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomlkit
+import tomlkit.exceptions
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.config import ConfigError, parse_config
 
@@ -51,6 +53,7 @@ class Plan:
 
     files: list[tuple[Path, bytes, int]] = field(default_factory=list)  # path, data, mode
     notes: list[str] = field(default_factory=list)
+    removals: list[Path] = field(default_factory=list)  # after everything is in place
 
     def add(self, path: Path, data: bytes, mode: int) -> None:
         self.files.append((path, data, mode))
@@ -85,19 +88,48 @@ def _public_bytes(key) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _check_certificate(cert: x509.Certificate, key, ca: list[x509.Certificate] | None,
-                       source: str) -> None:
-    if _public_bytes(key) != cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+def _issued_by(cert: x509.Certificate, authority: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(authority)  # the signature, not only the name
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _cert_public_bytes(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _require_ca(ca: list[x509.Certificate]) -> None:
+    if not ca:
+        raise ProvisionError("--ca is needed: no CA certificate of the broker installed yet")
+
+
+def _check_certificate(cert: x509.Certificate, key, ca: list[x509.Certificate],
+                       source: str, expected_name: str, notes: list[str]) -> None:
+    if _public_bytes(key) != _cert_public_bytes(cert):
         raise ProvisionError(f"{source}: the certificate does not belong to the device's key")
     now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ProvisionError(f"{source}: the certificate is not valid now (valid "
                              f"{cert.not_valid_before_utc:%Y-%m-%d} to "
                              f"{cert.not_valid_after_utc:%Y-%m-%d})")
-    if ca and not any(cert.issuer == authority.subject for authority in ca):
-        raise ProvisionError(f"{source}: the certificate was not issued by the CA given "
+    if not any(_issued_by(cert, authority) for authority in ca):
+        raise ProvisionError(f"{source}: the certificate was not issued by the broker's CA "
                              f"(issuer {cert.issuer.rfc4514_string()})")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise ProvisionError(f"{source}: the certificate is not for TLS clients "
+                             "(its extended key usage lacks clientAuth)")
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if expected_name not in names:
+        # Platforms name devices their own way; say it, do not refuse it.
+        notes.append(f"note: the certificate names {names or 'no common name'}, "
+                     f"not {expected_name}")
 
 
 def make_csr(key, site: str, device: str) -> bytes:
@@ -121,6 +153,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
     etc = config_path.parent
     tls_dir, credentials = etc / "tls", etc / "credentials"
     key_path = credentials / "device.key"
+    pending_path = credentials / "device.key.pending"
     plan = Plan()
 
     host, _, port_text = broker.rpartition(":") if ":" in broker else (broker, "", "")
@@ -130,8 +163,14 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         raise ProvisionError(f"--broker {broker!r}: the port must be a number") from None
 
     # The configuration first: an invalid site id or broker stops everything here.
-    text = config_path.read_text() if config_path.exists() else EXAMPLE.read_text()
-    document = tomlkit.parse(text)
+    try:
+        text = config_path.read_text() if config_path.exists() else EXAMPLE.read_text()
+        document = tomlkit.parse(text)
+    except OSError as err:
+        raise ProvisionError(f"cannot read {config_path}: {err.strerror}") from None
+    except tomlkit.exceptions.TOMLKitError as err:
+        raise ProvisionError(f"{config_path} is not valid TOML ({err}); fix or remove "
+                             "it first") from None
     document.setdefault("device", tomlkit.table())
     document["device"]["site_id"] = site
     document["device"]["device_id"] = device
@@ -152,12 +191,16 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         if problems:
             raise ProvisionError("; ".join(problems)) from None
 
-    # The CA, the key and the certificate.
-    ca_certs = None
+    # The CA: given now, or the one installed by an earlier run.
+    ca_certs: list[x509.Certificate] = []
     if ca is not None:
         ca_data = _read(ca, "CA certificate")
         ca_certs = _load_certificates(ca_data, str(ca))
         plan.add(tls_dir / "ca.pem", ca_data, 0o644)
+    elif (tls_dir / "ca.pem").exists():
+        ca_certs = _load_certificates(_read(tls_dir / "ca.pem", "CA certificate"),
+                                      str(tls_dir / "ca.pem"))
+    expected_name = f"{site}.{device}"
 
     if bundle is not None:
         try:
@@ -168,15 +211,39 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
                                  f"({err})") from None
         if device_key is None or device_cert is None:
             raise ProvisionError(f"{bundle}: the bundle must hold the key and the certificate")
-        if ca_certs is None and extra:
+        if not ca_certs and extra:
             ca_certs = list(extra)
             plan.add(tls_dir / "ca.pem", b"".join(c.public_bytes(serialization.Encoding.PEM)
                                                   for c in extra), 0o644)
-        _check_certificate(device_cert, device_key, ca_certs, str(bundle))
+        _require_ca(ca_certs)
+        _check_certificate(device_cert, device_key, ca_certs, str(bundle), expected_name,
+                           plan.notes)
         plan.add(key_path, _key_pem(device_key), 0o600)
         plan.add(tls_dir / "device.pem", device_cert.public_bytes(serialization.Encoding.PEM),
                  0o644)
+    elif cert is not None:
+        # The certificate the platform returned for our CSR: it belongs to the pending
+        # key (after --new-key) or to the current one.
+        _require_ca(ca_certs)
+        [device_cert, *_] = _load_certificates(_read(cert, "certificate"), str(cert))
+        candidates = [(path, _load_key(_read(path, "private key"), str(path)))
+                      for path in (pending_path, key_path) if path.exists()]
+        if key is not None:
+            candidates = [(key_path, _load_key(_read(key, "private key"), str(key)))]
+        if not candidates:
+            raise ProvisionError(f"no private key to go with {cert} (run provision without "
+                                 "--cert first, or give --key)")
+        owner = next(((path, k) for path, k in candidates
+                      if _public_bytes(k) == _cert_public_bytes(device_cert)), candidates[-1])
+        _check_certificate(device_cert, owner[1], ca_certs, str(cert), expected_name,
+                           plan.notes)
+        if owner[0] == pending_path or key is not None:
+            plan.add(key_path, _key_pem(owner[1]), 0o600)  # the new key takes over now
+            if pending_path.exists():
+                plan.removals.append(pending_path)
+        plan.add(tls_dir / "device.pem", _read(cert, "certificate"), 0o644)
     else:
+        _require_ca(ca_certs)
         if key is not None:
             device_key = _load_key(_read(key, "private key"), str(key))
             plan.add(key_path, _key_pem(device_key), 0o600)
@@ -184,22 +251,17 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
             device_key = _load_key(_read(key_path, "private key"), str(key_path))
         else:
             device_key = ec.generate_private_key(ec.SECP256R1())
-            plan.add(key_path, _key_pem(device_key), 0o600)
-            plan.notes.append(f"created a new private key {key_path}")
+            # A replacement waits beside the working key until its certificate comes:
+            # the device keeps reaching the platform meanwhile.
+            target = pending_path if key_path.exists() else key_path
+            plan.add(target, _key_pem(device_key), 0o600)
+            plan.notes.append(f"created a new private key {target}")
         if not isinstance(device_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise ProvisionError("the device key must be an EC or RSA key")
-        if cert is not None:
-            [device_cert, *chain] = _load_certificates(_read(cert, "certificate"), str(cert))
-            _check_certificate(device_cert, device_key, ca_certs or chain or None, str(cert))
-            plan.add(tls_dir / "device.pem", _read(cert, "certificate"), 0o644)
-        else:
-            plan.add(etc / "device.csr", make_csr(device_key, site, device), 0o644)
-            plan.notes.append(f"send {etc / 'device.csr'} to the platform, then run "
-                              "guardpost provision ... --cert <the certificate it returns>")
-    if not any(path == tls_dir / "ca.pem" for path, _, _ in plan.files) and \
-            not (tls_dir / "ca.pem").exists():
-        raise ProvisionError("--ca is needed: no CA certificate installed yet "
-                             f"({tls_dir / 'ca.pem'})")
+        plan.add(etc / "device.csr", make_csr(device_key, site, device), 0o644)
+        plan.notes.append(f"send {etc / 'device.csr'} to the platform, then run "
+                          "guardpost provision ... --cert <the certificate it returns>, "
+                          "then: systemctl restart guardpost.target")
     plan.add(config_path, rendered.encode(), 0o640)
     return plan
 
@@ -229,6 +291,18 @@ def apply(plan: Plan) -> None:
         raise
     for temporary, path in staged:
         temporary.replace(path)
+    for path in plan.removals:
+        path.unlink(missing_ok=True)
+    for directory in {path.parent for _, path in staged}:
+        _fsync_directory(directory)  # the renames themselves survive a power cut
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _guardpost_gid() -> int | None:

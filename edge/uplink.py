@@ -196,6 +196,7 @@ class UplinkDaemon:
                         if waker.wait(min(next_attempt - now, LOOP_TICK_S)):
                             self._cursor = None
                         continue
+                    watchdog.ping()  # a connect may block for connect_timeout, twice
                     if not self._open(client):
                         next_attempt = time.monotonic() + self._backoff.next_delay()
                         self._save_state()

@@ -103,6 +103,8 @@ class Installer:
         self.enable()
         if self.root == Path("/") and _systemd_running():
             self.run("systemctl", "daemon-reload")
+            if self.changed:  # an update: running daemons pick it up now
+                self.run("systemctl", "try-restart", *ENABLE[1:])
             if start:
                 self.run("systemctl", "start", "guardpost.target")
         self.say("done" + ("" if self.changed else ": nothing to change"))
@@ -193,28 +195,15 @@ class Installer:
         self.say(f"removed {absolute}")
 
     def remove_user(self) -> None:
-        """Drop the guardpost user and its own group (the shared groups stay)."""
-        for name in ("passwd", "shadow", "group", "gshadow"):
-            file = self.path(f"/etc/{name}")
-            if not file.exists():
-                continue
-            kept = []
-            for line in file.read_text().splitlines():
-                fields = line.split(":")
-                if fields[0] == "guardpost":
-                    continue
-                if name in ("group", "gshadow") and len(fields) >= 4:
-                    members = [m for m in fields[-1].split(",") if m and m != "guardpost"]
-                    fields[-1] = ",".join(members)
-                kept.append(":".join(fields))
-            text = "\n".join(kept) + "\n"
-            if text != file.read_text():
-                mode = file.stat().st_mode & 0o7777
-                temporary = file.with_name(f".{name}.new")
-                temporary.write_text(text)
-                temporary.chmod(mode)
-                temporary.replace(file)
-        self.say("removed the guardpost user")
+        """Drop the guardpost user and its group with the shadow tools, which keep the
+        files' owners, modes and locks right (the shared groups stay)."""
+        root = ["--root", str(self.root)] if self.root != Path("/") else []
+        for tool, database in (("userdel", "passwd"), ("groupdel", "group")):
+            entries = self.path(f"/etc/{database}")
+            if entries.exists() and any(line.startswith("guardpost:")
+                                        for line in entries.read_text().splitlines()):
+                self.run(tool, *root, "guardpost")
+        self.say("removed the guardpost user and group")
 
 
 def _systemd_running() -> bool:

@@ -148,3 +148,17 @@ def test_secrets_named_as_credentials_come_from_systemd_or_beside_the_configurat
     with pytest.raises(ConfigError, match=r"broker\.password_file: cannot read"):
         parse_config(doc, credentials=credential_store(tmp_path / "elsewhere" / "g.toml",
                                                        environ={}))
+
+
+def test_the_button_daemon_runs_without_the_uplinks_secrets(tmp_path, daemons):
+    """Provisioned, certificate not yet issued (or the key readable by root only): the
+    uplink refuses to start, naming the file; the alarm path runs regardless."""
+    path = write_toml(tmp_path / "awaiting-certificate.toml", sim_document(
+        tmp_path, 1883, broker={"tls": {"ca_file": str(tmp_path / "ca.pem"),
+                                        "cert_file": "credential:device.pem",
+                                        "key_file": "credential:device.key"}}))
+    daemons("button", path)  # READY=1: it records alarms
+    uplink = guardpost("run", "uplink", "--config", str(path))
+    assert uplink.returncode == EX_CONFIG
+    assert "broker.tls.ca_file: cannot read" in uplink.stderr
+    assert "broker.tls.key_file: cannot read" in uplink.stderr

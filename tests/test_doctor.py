@@ -4,6 +4,7 @@ platform that acknowledges; and the failure an installer meets most (no broker).
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ import pytest
 
 from edge.clock import clock_synchronised
 from edge.config import load_config
+from edge.control import request
 from edge.localbroker import BrokerTls, LocalBroker
 from tests.conftest import sim_document, write_toml
+from tests.support.daemons import poll_until
 from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online, press
@@ -102,3 +105,19 @@ def test_doctor_with_a_broken_configuration_stops_at_the_first_step(tmp_path):
     [first, *rest] = report["steps"]
     assert first["status"] == "FAIL" and "broker.port" in first["detail"]
     assert {s["status"] for s in rest} == {"SKIP"}
+
+
+def test_a_doctor_that_went_away_leaves_the_next_press_an_alarm(make_config, daemons):
+    """The installer pressed Ctrl-C while the doctor waited for the button: the daemon
+    must not keep turning the next real press into a test."""
+    path, config = make_config()
+    daemons("button", path)
+    control = config.storage.runtime_dir / "button.ctl"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(control))
+        client.sendall(json.dumps({"op": "test-press", "timeout": 60}).encode() + b"\n")
+        poll_until(lambda: request(control, {"op": "status"})["test_press_pending"],
+                   what="the daemon to wait for a test press")
+    poll_until(lambda: not request(control, {"op": "status"})["test_press_pending"],
+               what="the daemon to notice the doctor is gone")
+    assert press(config)["kind"] == "alarm"

@@ -158,6 +158,7 @@ def test_the_services_restart_but_not_on_a_bad_configuration():
 def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
     root = tmp_path / "root"
     install(root, "--quiet")
+    shadow_mode = stat.S_IMODE((root / "etc/shadow").stat().st_mode)
     state = root / "var/lib/guardpost/outbox.db"
     state.write_bytes(b"events")
     install(root, "--uninstall")
@@ -173,6 +174,7 @@ def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
     users, groups = ids(root)
     assert "guardpost" not in users and "guardpost" not in groups
     assert "guardpost" not in groups["gpio"][3]
+    assert stat.S_IMODE((root / "etc/shadow").stat().st_mode) == shadow_mode
 
 
 def test_the_first_boot_file_calls_the_installer_and_provision_as_they_are():

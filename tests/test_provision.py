@@ -116,3 +116,34 @@ def test_a_certificate_for_another_key_is_refused(etc, pki):
     assert result.returncode == 1
     assert "does not belong to the device's key" in result.stderr
     assert tree(etc) == before
+
+
+def test_a_certificate_signed_by_an_impostor_with_the_same_ca_name_is_refused(etc, pki, tmp_path):
+    assert provision(etc / "guardpost.toml", *IDENTITY, "--ca", str(pki["ca"][0])).returncode == 0
+    impostor = write_pki(tmp_path / "impostor")  # its CA bears the very same name
+    forged = etc.parent / "forged.pem"
+    forged.write_bytes(sign_request((etc / "device.csr").read_bytes(), *impostor["ca"]))
+    before = tree(etc)
+    result = provision(etc / "guardpost.toml", *IDENTITY, "--cert", str(forged))
+    assert result.returncode == 1 and "not issued by the broker's CA" in result.stderr
+    assert tree(etc) == before
+
+
+def test_a_new_key_waits_for_its_certificate_before_replacing_the_working_one(etc, pki):
+    config = etc / "guardpost.toml"
+    assert provision(config, *IDENTITY, "--ca", str(pki["ca"][0])).returncode == 0
+    first = etc.parent / "first.pem"
+    first.write_bytes(sign_request((etc / "device.csr").read_bytes(), *pki["ca"]))
+    assert provision(config, *IDENTITY, "--cert", str(first)).returncode == 0
+    working = (etc / "credentials" / "device.key").read_bytes()
+
+    assert provision(config, *IDENTITY, "--new-key").returncode == 0
+    assert (etc / "credentials" / "device.key").read_bytes() == working  # still in use
+    assert (etc / "credentials" / "device.key.pending").exists()
+    renewed = etc.parent / "renewed.pem"
+    renewed.write_bytes(sign_request((etc / "device.csr").read_bytes(), *pki["ca"]))
+    result = provision(config, *IDENTITY, "--cert", str(renewed))
+    assert result.returncode == 0, result.stderr
+    assert (etc / "credentials" / "device.key").read_bytes() != working
+    assert not (etc / "credentials" / "device.key.pending").exists()
+    assert load_config(config).broker.tls is not None  # key and certificate match again

@@ -17,7 +17,11 @@ log = logging.getLogger(__name__)
 
 
 class PinFactoryError(RuntimeError):
-    """The configured pin factory cannot be used on this machine."""
+    """The configured pin factory cannot be used; ``permanent`` if retrying cannot help."""
+
+    def __init__(self, message: str, *, permanent: bool = True):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def _construct(name: str, chip: int | None) -> Factory:
@@ -53,7 +57,8 @@ def open_pin_factory(name: str, chip: int | None = None) -> Factory:
                 "rpigpio": "install python3-rpi.gpio or python3-rpi-lgpio (apt)"}.get(name, "")
         raise PinFactoryError(f"pin factory {name!r} is not available: {err}; {hint}") from err
     except Exception as err:  # the libraries raise their own types (lgpio.error, RuntimeError)
-        raise PinFactoryError(f"pin factory {name!r} failed to open: {err}") from err
+        raise PinFactoryError(f"pin factory {name!r} failed to open: {err}",
+                              permanent=False) from err
     if type(factory).__name__ != _EXPECTED_CLASS[name]:
         factory.close()
         raise PinFactoryError(
