@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from edge.config import Config, load_config
-from edge.localbroker import LocalBroker
+from edge.localbroker import BrokerTls, LocalBroker
 from edge.outbox import Outbox
 from edge.sdnotify import NotifyListener
 from tests.support.daemons import DaemonProcess
+from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 
 
@@ -139,6 +140,39 @@ def device(make_config, daemons, platform):
         return RunningDevice(path, config, police, button, uplink)
 
     return start
+
+
+@dataclass
+class TlsSite:
+    """A broker that requires client certificates, its PKI, and configurations for it."""
+
+    broker: LocalBroker
+    pki: dict
+    tmp_path: Path
+
+    def config(self, name: str = "tls.toml", *, client_certificate: bool = True):
+        tls = {"ca_file": str(self.pki["ca"][0])}
+        if client_certificate:
+            tls |= {"cert_file": str(self.pki["device"][0]),
+                    "key_file": str(self.pki["device"][1])}
+        path = write_toml(self.tmp_path / name,
+                          sim_document(self.tmp_path, self.broker.port, broker={"tls": tls}))
+        return path, load_config(path)
+
+    def platform(self, config: Config, **kwargs) -> PlatformStandIn:
+        return PlatformStandIn(self.broker.host, self.broker.port, config.topic_prefix,
+                               client_id="platform-tls", tls={
+                                   "ca_certs": str(self.pki["ca"][0]),
+                                   "certfile": str(self.pki["device"][0]),
+                                   "keyfile": str(self.pki["device"][1])}, **kwargs).start()
+
+
+@pytest.fixture
+def tls_site(tmp_path):
+    pki = write_pki(tmp_path / "pki")
+    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
+    with LocalBroker(tmp_path / "tls-broker", tls=tls) as broker:
+        yield TlsSite(broker, pki, tmp_path)
 
 
 @pytest.fixture

@@ -8,16 +8,10 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 from edge.clock import clock_synchronised
-from edge.config import load_config
 from edge.control import request
-from edge.localbroker import BrokerTls, LocalBroker
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
-from tests.support.pki import write_pki
-from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online, press
 
 
@@ -31,26 +25,9 @@ def by_name(report: dict) -> dict:
     return {step["name"]: step for step in report["steps"]}
 
 
-@pytest.fixture
-def secure_site(tmp_path):
-    """A broker requiring client certificates, and a device configured for it."""
-    pki = write_pki(tmp_path / "pki")
-    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
-    with LocalBroker(tmp_path / "tls-broker", tls=tls) as broker:
-        doc = sim_document(tmp_path, broker.port, broker={"tls": {
-            "ca_file": str(pki["ca"][0]), "cert_file": str(pki["device"][0]),
-            "key_file": str(pki["device"][1])}})
-        path = write_toml(tmp_path / "guardpost.toml", doc)
-        yield broker, path, load_config(path), pki
-
-
-def test_doctor_walks_every_step_and_the_press_is_a_test_not_an_alarm(secure_site, daemons):
-    broker, path, config, pki = secure_site
-    police = PlatformStandIn(broker.host, broker.port, config.topic_prefix, ack=True,
-                             client_id="platform-doctor", tls={
-                                 "ca_certs": str(pki["ca"][0]),
-                                 "certfile": str(pki["device"][0]),
-                                 "keyfile": str(pki["device"][1])}).start()
+def test_doctor_walks_every_step_and_the_press_is_a_test_not_an_alarm(tls_site, daemons):
+    path, config = tls_site.config()
+    police = tls_site.platform(config, ack=True)
     try:
         daemons("button", path)
         daemons("uplink", path)
@@ -79,8 +56,9 @@ def test_doctor_walks_every_step_and_the_press_is_a_test_not_an_alarm(secure_sit
     assert not police.schema_problems
 
 
-def test_doctor_says_plainly_what_fails_when_the_broker_is_down(secure_site, daemons):
-    broker, path, _, _ = secure_site
+def test_doctor_says_plainly_what_fails_when_the_broker_is_down(tls_site, daemons):
+    path, _ = tls_site.config()
+    broker = tls_site.broker
     daemons("button", path)
     daemons("uplink", path)
     broker.stop()

@@ -13,13 +13,12 @@ from edge.config import load_config
 from edge.contract import ack_payload
 from edge.events import ContactId, EventDraft, EventKind, utc_now
 from edge.latch import AlarmLatch
-from edge.localbroker import BrokerTls, LocalBroker
+from edge.localbroker import LocalBroker
 from edge.outbox import Outbox
 from edge.uplink import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
 from edge.wake import wake
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
-from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online
 
@@ -127,45 +126,28 @@ def test_mqtt_3_1_1_works_the_same(broker, make_config, daemons):
 
 # -- mutual TLS ------------------------------------------------------------------------
 
-def test_mutual_tls_to_a_broker_that_requires_client_certificates(tmp_path, daemons):
-    pki = write_pki(tmp_path / "pki")
-    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
-    with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
-        doc = sim_document(tmp_path, secure.port, broker={"tls": {
-            "ca_file": str(pki["ca"][0]), "cert_file": str(pki["device"][0]),
-            "key_file": str(pki["device"][1])}})
-        path = write_toml(tmp_path / "tls.toml", doc)
-        config = load_config(path)
-        police = PlatformStandIn(secure.host, secure.port, config.topic_prefix,
-                                 client_id="platform-tls", tls={
-                                     "ca_certs": str(pki["ca"][0]),
-                                     "certfile": str(pki["device"][0]),
-                                     "keyfile": str(pki["device"][1])}).start()
-        try:
-            uplink = daemons("uplink", path)
-            online(police)
-            event_id = commit_alarm(config)
-            police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
-                            what="the alarm over TLS")
-            assert "TLS" in uplink.lines[uplink.wait_for_line("uplink ready")]
-        finally:
-            police.stop()
-        assert not police.schema_problems
-
-
-def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tmp_path, daemons):
-    pki = write_pki(tmp_path / "pki")
-    tls = BrokerTls(ca_file=pki["ca"][0], cert_file=pki["broker"][0], key_file=pki["broker"][1])
-    with LocalBroker(tmp_path / "tls-broker", tls=tls) as secure:
-        doc = sim_document(tmp_path, secure.port,
-                           broker={"tls": {"ca_file": str(pki["ca"][0])}})
-        path = write_toml(tmp_path / "no-cert.toml", doc)
-        config = load_config(path)
+def test_mutual_tls_to_a_broker_that_requires_client_certificates(tls_site, daemons):
+    path, config = tls_site.config()
+    police = tls_site.platform(config)
+    try:
         uplink = daemons("uplink", path)
-        uplink.wait_for_line("closed the connection before accepting it")
-        commit_alarm(config)
-        with Outbox(config.storage.database, config.identity) as outbox:
-            assert outbox.backlog()["queued"] == 1
+        online(police)
+        event_id = commit_alarm(config)
+        police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id],
+                        what="the alarm over TLS")
+        assert "TLS" in uplink.lines[uplink.wait_for_line("uplink ready")]
+    finally:
+        police.stop()
+    assert not police.schema_problems
+
+
+def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tls_site, daemons):
+    path, config = tls_site.config("no-cert.toml", client_certificate=False)
+    uplink = daemons("uplink", path)
+    uplink.wait_for_line("closed the connection before accepting it")
+    commit_alarm(config)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        assert outbox.backlog()["queued"] == 1
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
