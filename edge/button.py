@@ -265,6 +265,8 @@ class ButtonDaemon:
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
         cfg = self.config
         wake(cfg.storage.runtime_dir, "uplink")
+        if cfg.cameras:
+            wake(cfg.storage.runtime_dir, "camera")  # the snapshots of before the press
         log.info("%s recorded: input %s, seq %d, id %s%s", event.kind.value.upper(),
                  press.report.input, event.seq, event.id,
                  f", repeat {event.draft.repeat} of {event.draft.repeat_of}"

@@ -1,6 +1,6 @@
 """``guardpost``: one command for every daemon and tool.
 
-    guardpost run button|uplink|all      the daemons (all: as child processes)
+    guardpost run button|uplink|camera|all   the daemons (all: as child processes)
     guardpost sim press INPUT [--hold S]  press a simulated button (mock GPIO only)
     guardpost reset [--input NAME]        clear the alarm latch (records Contact ID 465)
     guardpost queue [--json]              the outbox by state and priority
@@ -70,10 +70,13 @@ def cmd_run(args) -> int:
     if args.daemon == "all":
         from edge.supervisor import Supervisor
 
+        daemons = ["button", "uplink"] + (["camera"] if config.cameras else [])
         return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
-                                               log_level=args.log_level))
+                                               daemons=daemons, log_level=args.log_level))
     if args.daemon == "button":
         from edge.button import ButtonDaemon as Daemon
+    elif args.daemon == "camera":
+        from edge.camera import CameraDaemon as Daemon
     else:
         from edge.uplink import UplinkDaemon as Daemon
     from edge.instance import AlreadyRunning
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(commands.add_parser("run", help="run a daemon"))
-    run.add_argument("daemon", choices=["button", "uplink", "all"])
+    run.add_argument("daemon", choices=["button", "uplink", "camera", "all"])
     run.set_defaults(func=cmd_run)
 
     sim = commands.add_parser("sim", help="simulation tools (mock GPIO only)")

@@ -136,6 +136,13 @@ class StorageConfig(Strict):
         90, ge=1, le=3650,
         description="Delivered events are kept this long (policy asks for 30 to 90 days)",
     )
+    spool_dir: Path = Field(
+        Path("/var/lib/guardpost/spool"), description="Camera snapshots (JPEG files)",
+    )
+    spool_budget_mb: int = Field(
+        1024, ge=8, le=1_000_000,
+        description="Disk the snapshots may use; beyond it the least precious go first",
+    )
 
     @model_validator(mode="after")
     def _socket_paths_fit(self) -> StorageConfig:
@@ -189,6 +196,30 @@ class OutputsConfig(Strict):
     test_relay: OutputConfig | None = None
 
 
+class CameraConfig(Strict):
+    source: str = Field(
+        min_length=1,
+        description="rtsp://user:password@host/path, /dev/videoN, or a video file (simulation)",
+    )
+    label: str | None = Field(None, max_length=100)
+    pre_seconds: float = Field(30, ge=0, le=120, description="Snapshots before the press")
+    post_count: int = Field(10, ge=0, le=120, description="Snapshots after the press")
+    rate: float = Field(1.0, gt=0, le=10, description="Snapshots per second")
+    width: int = Field(1280, ge=0, le=3840, description="Snapshot width; 0 = as captured")
+    jpeg_quality: int = Field(80, ge=30, le=95)
+    max_jpeg_bytes: int = Field(250_000, ge=10_000, le=10_000_000)
+    loop: bool = Field(False, description="Play a file source again when it ends (simulation)")
+    stale_after_s: float = Field(10, ge=1, le=600, description="No frame this long: a fault")
+    frozen_after_s: float = Field(30, ge=2, le=3600, description="Identical frames this long")
+    black_below: float = Field(12, ge=0, le=255, description="Mean brightness of a black image")
+    covered_below: float = Field(4, ge=0, le=128,
+                                 description="Brightness spread of a covered lens")
+    fault_after_s: float = Field(5, ge=0, le=600,
+                                 description="A bad picture this long raises the fault")
+    restore_after_s: float = Field(10, ge=0, le=3600,
+                                   description="A good picture this long restores it")
+
+
 class Config(Strict):
     """The whole configuration file."""
 
@@ -199,6 +230,7 @@ class Config(Strict):
     gpio: GpioConfig
     inputs: dict[Identifier, InputConfig] = Field(min_length=1)
     outputs: OutputsConfig = OutputsConfig()
+    cameras: dict[Identifier, CameraConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _pins_used_once(self) -> Config:

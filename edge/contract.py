@@ -5,6 +5,7 @@ validate every payload the code emits against those schemas.
 
     {root}/{site_id}/{device_id}/status          retained birth / will / offline
     {root}/{site_id}/{device_id}/event/{kind}    alarm, reset, test, fault, restore (QoS 1)
+    {root}/{site_id}/{device_id}/snapshot/{id}   camera JPEGs of alarm/test {id} (QoS 1)
     {root}/{site_id}/{device_id}/health          retained heartbeat (link supervision)
     {root}/{site_id}/{device_id}/ack             platform -> device: event acknowledged
     {root}/{site_id}/{device_id}/cmd/...         platform -> device: commands (none in v1)
@@ -25,6 +26,7 @@ STATUS_SCHEMA = "guardpost/status@1"
 HEALTH_SCHEMA = "guardpost/health@1"
 ACK_SCHEMA = "guardpost/ack@1"
 REJECTED_SCHEMA = "guardpost/rejected@1"
+SNAPSHOT_SCHEMA = "guardpost/snapshot@1"
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -67,6 +69,16 @@ def health_payload(identity: Identity, *, session: int, uptime_s: float, outbox:
         "uptime_s": round(uptime_s, 3), "clock_synced": clock_synced,
         "latched": latched, "outbox": outbox,
     })
+
+
+def snapshot_description(identity: Identity, snapshot) -> dict[str, Any]:
+    """What a snapshot is (docs/schemas/snapshot.schema.json): MQTT 5 user properties, or
+    the JSON line before the JPEG with MQTT 3.1.1."""
+    return {"schema": SNAPSHOT_SCHEMA, "site_id": identity.site_id,
+            "device_id": identity.device_id, "event_id": snapshot.event_id,
+            "camera": snapshot.camera, "index": snapshot.idx, "phase": snapshot.phase,
+            "captured_at": snapshot.captured_at, "offset_s": snapshot.offset_s,
+            "width": snapshot.width, "height": snapshot.height}
 
 
 def rejection_payload(topic: str, reason: str, payload: bytes) -> bytes:

@@ -128,10 +128,24 @@ class Doctor:
         step.detail = f"{wanted} opens (the button daemon is not running: start guardpost.target)"
 
     def check_press(self, step: Step) -> None:
-        self.say(f"      press the panic button now (waiting {self.press_timeout:g} s; "
-                 "it is recorded as a TEST, not an alarm)")
-        reply = self._button({"op": "test-press", "timeout": self.press_timeout},
-                             timeout=self.press_timeout + 10)
+        answer: list = []
+        asking = threading.Thread(target=lambda: answer.append(self._button(
+            {"op": "test-press", "timeout": self.press_timeout},
+            timeout=self.press_timeout + 10)), daemon=True)
+        asking.start()
+        # Ask the installer only once the daemon is listening for the press: one made
+        # before would be an alarm.
+        pause, deadline = threading.Event(), time.monotonic() + 10
+        while asking.is_alive() and time.monotonic() < deadline:
+            status = self._button({"op": "status"})
+            if status is None or status.get("test_press_pending"):
+                break
+            pause.wait(0.05)
+        if asking.is_alive():
+            self.say(f"      press the panic button now (waiting {self.press_timeout:g} s; "
+                     "it is recorded as a TEST, not an alarm)")
+        asking.join(self.press_timeout + 15)
+        reply = answer[0] if answer else {"ok": False, "error": "no answer from the daemon"}
         if reply is None:
             step.status, step.detail = FAIL, "the button daemon is not running"
         elif not reply.get("ok"):
@@ -145,7 +159,22 @@ class Doctor:
             step.data = {"event": event}
 
     def check_camera(self, step: Step) -> None:
-        step.detail = "no camera support in this version (comes with the camera daemon)"
+        if not self.config.cameras:
+            step.detail = "no camera configured"
+            return
+        try:
+            reply = request(self.config.storage.runtime_dir / "camera.ctl", {"op": "frame"},
+                            timeout=10)
+        except ControlUnavailable:
+            step.status, step.detail = FAIL, "the camera daemon is not running"
+            return
+        saved = reply.get("cameras", {})
+        failed = [f"{name}: {r['error']}" for name, r in saved.items() if not r["ok"]]
+        good = [f"{name}: {r['size']} frame saved to {r['path']}" for name, r in saved.items()
+                if r["ok"]]
+        step.data = saved
+        step.status = FAIL if failed or not saved else PASS
+        step.detail = "; ".join(failed + good)
 
     def check_broker(self, step: Step) -> None:
         broker = self.config.broker

@@ -41,6 +41,7 @@ class ContactId(IntEnum):
     COMMUNICATION_TROUBLE = 350
     FAILURE_TO_COMMUNICATE = 354
     PANIC_ZONE_TROUBLE = 375
+    PERIPHERAL_TROUBLE = 330  # a camera: stale, frozen, black or covered
     PANIC_RESET = 465
 
 

@@ -25,7 +25,7 @@ import sqlite_utils
 
 from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 
 QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
@@ -81,7 +81,38 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
     )
 
 
-_MIGRATIONS = {1: _migrate_to_1}
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    # Camera snapshots: the JPEG lives in the spool directory, the row says what it is and
+    # where it stands. Snapshots are not events: they take no sequence number (a snapshot
+    # pruned under the disk budget must not look like a lost event to the platform).
+    db["snapshots"].create(
+        {
+            "id": int,
+            "event_id": str,       # the alarm or test it belongs to
+            "event_kind": str,     # alarm | test: decides what goes first under pressure
+            "camera": str,
+            "idx": int,            # 0.. in capture order, pre-alarm first
+            "phase": str,          # pre | post
+            "captured_at": str,    # UTC, RFC 3339
+            "offset_s": float,     # captured_at - the event's occurred_at
+            "width": int,
+            "height": int,
+            "path": str,
+            "size": int,
+            "committed_at": str,
+            "state": str,          # queued -> sent (broker PUBACK)
+            "sent_at": str,
+        },
+        pk="id",
+        not_null=["event_id", "event_kind", "camera", "idx", "phase", "captured_at",
+                  "offset_s", "path", "size", "committed_at", "state"],
+        defaults={"state": QUEUED},
+    )
+    db.execute("CREATE INDEX snapshots_queue ON snapshots(id) WHERE state = 'queued'")
+    db["snapshots"].create_index(["event_id"])
+
+
+_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2}
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,23 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
         status["uplink"] = uplink
     else:
         status["uplink"] = {"stale": True, "error": "the uplink has never run"}
+    if config.cameras:
+        try:
+            camera = request(config.storage.runtime_dir / "camera.ctl", {"op": "status"},
+                             timeout=3)
+            status["camera"] = {"running": True, "cameras": camera["cameras"]}
+        except (ControlUnavailable, OSError) as err:
+            status["camera"] = {"running": False, "error": str(err)}
     return status
 
 
 def healthy(status: dict) -> bool:
     uplink = status["uplink"]
+    camera = status.get("camera", {"running": True, "cameras": {}})
+    cameras_ok = camera["running"] and not any(c["fault"] for c in camera["cameras"].values())
     return (status["button"]["running"] and not uplink.get("stale")
-            and bool(uplink.get("connected")) and status["outbox"]["queued"] == 0)
+            and bool(uplink.get("connected")) and status["outbox"]["queued"] == 0
+            and cameras_ok)
 
 
 def status_text(status: dict) -> str:
@@ -132,6 +142,15 @@ def status_text(status: dict) -> str:
         lines.append(line)
         if u.get("last_error"):
             lines.append(f"         last error: {u['last_error']}")
+    if "camera" in status:
+        camera = status["camera"]
+        if not camera["running"]:
+            lines.append(f"camera   NOT RUNNING ({camera['error']})")
+        for name, c in camera.get("cameras", {}).items():
+            age = "no frame" if c["frame_age_s"] is None else f"frame {c['frame_age_s']:.1f} s old"
+            state = f"FAULT: {c['fault']}" if c["fault"] else "ok"
+            lines.append(f"camera   {name}: {state}, "
+                         f"{'connected' if c['connected'] else 'DISCONNECTED'}, {age}")
     o = status["outbox"]
     lines.append(f"outbox   {o['queued']} unsent, {o['sent_unacknowledged']} awaiting the "
                  f"platform's acknowledgement, oldest unsent {_age(o['oldest_unsent_age_s'])}, "

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -43,6 +44,7 @@ from edge.contract import (
     health_payload,
     parse_ack,
     rejection_payload,
+    snapshot_description,
     status_payload,
 )
 from edge.events import Priority, utc_iso, utc_now
@@ -51,6 +53,7 @@ from edge.latch import AlarmLatch
 from edge.mqtt import connect, is_v5, make_client
 from edge.outbox import Outbox
 from edge.sdnotify import Watchdog, notify
+from edge.snapshots import QueuedSnapshot, SnapshotStore
 from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
@@ -121,8 +124,9 @@ class _PackedOnce(Properties):
 
 @dataclass(frozen=True)
 class _InFlight:
-    seq: int
+    seq: int            # the event's sequence number, or the snapshot's row id
     priority: int
+    snapshot: bool = False
 
 
 class UplinkDaemon:
@@ -177,6 +181,8 @@ class UplinkDaemon:
                 Outbox(cfg.storage.database, self.identity) as outbox, \
                 contextlib.closing(Waker(cfg.storage.runtime_dir, self.name)) as waker:
             self._outbox, self._waker = outbox, waker
+            self._snapshots = SnapshotStore(outbox, cfg.storage.spool_dir,
+                                            cfg.storage.spool_budget_mb * 1024 * 1024)
             self.client = client = self._build_client()
             self._prune()
             self._save_state()
@@ -405,15 +411,12 @@ class UplinkDaemon:
             self._cursor_is_frontier = not ahead
             rows = outbox.queued_after(*self._cursor, free + len(ahead))
             rows = [row for row in rows if row.seq not in ahead][:free]
-        if not rows:
+        if rows:
+            if self._cursor is None:
+                self._cursor_set_at = now
+            self._cursor = (rows[-1].priority, rows[-1].seq)
+        else:
             self._cursor = None
-            if not self._inflight:
-                self._flush_marks(outbox)
-                self._drain.finish()
-            return
-        if self._cursor is None:
-            self._cursor_set_at = now
-        self._cursor = (rows[-1].priority, rows[-1].seq)
         props = self._json_props()
         for row in rows:
             info = client.publish(self.topics.below(row.topic), row.payload, qos=1,
@@ -421,16 +424,50 @@ class UplinkDaemon:
             # Even if the connection dropped just now, paho holds the message and
             # re-sends it on reconnect, so the row is in flight either way.
             self._inflight[info.mid] = _InFlight(row.seq, row.priority)
-        self._drain.published(len(rows))
+        # Snapshots come after every queued event (their priority is below them all).
+        published = len(rows)
+        if free > len(rows):
+            busy = {row.seq for row in self._unsettled(snapshots=True)}
+            for snapshot in self._snapshots.next_queued(free - len(rows), busy):
+                published += self._publish_snapshot(client, snapshot)
+        if not published and not self._inflight:
+            self._flush_marks(outbox)
+            self._drain.finish()
+        self._drain.published(published)
 
-    def _unsettled(self) -> list[_InFlight]:
-        return [*self._inflight.values(), *self._unmarked, *self._held_back]
+    def _publish_snapshot(self, client: paho.Client, snapshot: QueuedSnapshot) -> int:
+        """A JPEG on ``snapshot/{event_id}``: MQTT 5 carries the description in user
+        properties; MQTT 3.1.1 has none, so a JSON line goes before the JPEG bytes."""
+        try:
+            jpeg = Path(snapshot.path).read_bytes()
+        except OSError as err:
+            self._snapshots.forget(snapshot.id, f"{snapshot.path}: {err.strerror}")
+            return 0
+        description = snapshot_description(self.identity, snapshot)
+        if is_v5(self.config.broker):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "image/jpeg"
+            props.UserProperty = [(key, str(value)) for key, value in description.items()]
+            payload = jpeg
+        else:
+            props = None
+            payload = json.dumps(description).encode() + b"\n" + jpeg
+        info = client.publish(self.topics.below(f"snapshot/{snapshot.event_id}"), payload,
+                              qos=1, properties=props)
+        self._inflight[info.mid] = _InFlight(snapshot.id, Priority.SNAPSHOT, snapshot=True)
+        return 1
+
+    def _unsettled(self, *, snapshots: bool = False) -> list[_InFlight]:
+        """Published, not yet recorded as sent: events, or (``snapshots``) snapshots."""
+        return [row for row in (*self._inflight.values(), *self._unmarked, *self._held_back)
+                if row.snapshot == snapshots]
 
     def _flush_marks(self, outbox: Outbox) -> None:
         """Record the PUBACKed rows as sent: one transaction for the whole batch."""
         if not self._unmarked:
             return
-        outbox.mark_sent(row.seq for row in self._unmarked)
+        outbox.mark_sent(row.seq for row in self._unmarked if not row.snapshot)
+        self._snapshots.mark_sent([row.seq for row in self._unmarked if row.snapshot])
         self._unmarked = []
         if self._unmarked_urgent:
             self._unmarked_urgent = False

@@ -1,0 +1,202 @@
+"""One camera, read continuously on its own thread.
+
+OpenCV's ``VideoCapture`` opens an RTSP URL, a V4L2 device (``/dev/video0``) or a file.
+Every frame is read (so that an RTSP stream never lags behind in a buffer); a frame is
+JPEG-encoded only when the snapshot rate asks for one, into a ring that always covers
+the pre-alarm window. A stream that fails or ends is reopened with a growing delay; a
+file source plays at its own frame rate, as a live camera would (and loops if asked),
+which is how the simulation and the tests feed real video through the real path.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REOPEN_MIN_S = 0.5
+REOPEN_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A JPEG taken from the stream."""
+
+    camera: str
+    jpeg: bytes
+    captured_monotonic: float
+    captured_wall: float  # time.time()
+    width: int
+    height: int
+
+
+def encode_jpeg(frame: np.ndarray, width: int, quality: int, max_bytes: int) -> tuple[bytes,
+                                                                                       int, int]:
+    """Resize to ``width`` (keeping the aspect; 0 = as is) and encode, lowering the quality
+    until the JPEG fits ``max_bytes`` (the broker's packet limit)."""
+    height, current = frame.shape[:2]
+    if width and current != width:
+        height = round(frame.shape[0] * width / current)
+        frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    else:
+        width = current
+    while True:
+        ok, buffer = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise ValueError("OpenCV could not encode the frame as JPEG")
+        if len(buffer) <= max_bytes or quality <= 20:
+            return buffer.tobytes(), width, height
+        quality -= 10
+
+
+class CameraSource:
+    """Reads ``source`` until :meth:`close`; thread-safe accessors for the daemon."""
+
+    def __init__(self, name: str, source: str, *, rate: float, keep_seconds: float,
+                 width: int = 0, jpeg_quality: int = 80, max_jpeg_bytes: int = 250_000,
+                 loop: bool = False):
+        self.name = name
+        self.source = source
+        self.interval = 1.0 / rate
+        self.width = width
+        self.jpeg_quality = jpeg_quality
+        self.max_jpeg_bytes = max_jpeg_bytes
+        self.loop = loop
+        capacity = max(1, int(keep_seconds * rate) + 2)
+        self._ring: collections.deque[Snapshot] = collections.deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self._new_snapshot = threading.Condition(self._lock)
+        self._latest: np.ndarray | None = None
+        self._latest_at: float | None = None  # monotonic
+        self._next_snapshot_at = 0.0
+        self.connected = False
+        self.last_error: str | None = None
+        self.frames_read = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"camera:{name}", daemon=True)
+
+    # -- what the daemon uses ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._new_snapshot:
+            self._new_snapshot.notify_all()
+        self._thread.join(timeout)
+
+    def latest(self) -> tuple[np.ndarray | None, float | None]:
+        """The last frame read and its age in seconds (None, None before the first)."""
+        with self._lock:
+            if self._latest_at is None:
+                return None, None
+            return self._latest, time.monotonic() - self._latest_at
+
+    def snapshots_between(self, start_wall: float, end_wall: float) -> list[Snapshot]:
+        """Ring snapshots captured in [start_wall, end_wall] (wall-clock seconds)."""
+        with self._lock:
+            return [s for s in self._ring if start_wall <= s.captured_wall <= end_wall]
+
+    def snapshots_after(self, after_monotonic: float) -> list[Snapshot]:
+        with self._lock:
+            return [s for s in self._ring if s.captured_monotonic > after_monotonic]
+
+    def wait_for_snapshot(self, after_monotonic: float, timeout: float) -> bool:
+        """Block until a snapshot newer than ``after_monotonic`` exists, or timeout."""
+        with self._new_snapshot:
+            return self._new_snapshot.wait_for(
+                lambda: self._stop.is_set() or any(
+                    s.captured_monotonic > after_monotonic for s in self._ring), timeout)
+
+    # -- the reader thread ---------------------------------------------------------------
+
+    def _open(self) -> cv2.VideoCapture | None:
+        if self.source.startswith("/dev/video"):
+            capture = cv2.VideoCapture(self.source, cv2.CAP_V4L2)
+        else:
+            capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG)
+        if not capture.isOpened():
+            capture.release()
+            return None
+        return capture
+
+    def _is_file(self) -> bool:
+        return os.path.isfile(self.source)
+
+    def _run(self) -> None:
+        delay = REOPEN_MIN_S
+        while not self._stop.is_set():
+            capture = self._open()
+            if capture is None:
+                self._failed(f"cannot open {self.source}")
+                self._stop.wait(delay)
+                delay = min(REOPEN_MAX_S, delay * 2)
+                continue
+            self.connected, delay = True, REOPEN_MIN_S
+            log.info("camera %s: reading %s", self.name, _redact(self.source))
+            try:
+                self._read_stream(capture)
+            finally:
+                capture.release()
+                self.connected = False
+            if self._stop.is_set():
+                return
+            if self._is_file() and self.loop:
+                continue  # play the file again, at once
+            self._failed("the stream ended or stopped delivering frames")
+            self._stop.wait(delay)
+            delay = min(REOPEN_MAX_S, delay * 2)
+
+    def _failed(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("camera %s: %s", self.name, reason)
+        self.last_error = reason
+
+    def _read_stream(self, capture: cv2.VideoCapture) -> None:
+        pace = None
+        if self._is_file():  # a file plays in real time, like a camera
+            fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+            pace = 1.0 / fps
+        started = time.monotonic()
+        count = 0
+        while not self._stop.is_set():
+            ok, frame = capture.read()
+            if not ok or frame is None:
+                return
+            count += 1
+            now, wall = time.monotonic(), time.time()
+            self.frames_read += 1
+            self.last_error = None
+            with self._lock:
+                self._latest, self._latest_at = frame, now
+            if now >= self._next_snapshot_at:
+                self._next_snapshot_at = max(self._next_snapshot_at + self.interval, now)
+                self._take_snapshot(frame, now, wall)
+            if pace is not None:
+                self._stop.wait(max(0.0, started + count * pace - time.monotonic()))
+
+    def _take_snapshot(self, frame: np.ndarray, monotonic: float, wall: float) -> None:
+        jpeg, width, height = encode_jpeg(frame, self.width, self.jpeg_quality,
+                                          self.max_jpeg_bytes)
+        with self._new_snapshot:
+            self._ring.append(Snapshot(self.name, jpeg, monotonic, wall, width, height))
+            self._new_snapshot.notify_all()
+
+
+def _redact(source: str) -> str:
+    """rtsp://user:password@host/... -> rtsp://user:***@host/... for the logs."""
+    if "://" in source and "@" in source.split("://", 1)[1]:
+        scheme, rest = source.split("://", 1)
+        credentials, host = rest.split("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return source

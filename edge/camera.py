@@ -1,0 +1,317 @@
+"""The camera daemon (``guardpost run camera``): snapshots on alarm, camera health.
+
+Each configured camera is read continuously (:class:`drivers.camera.CameraSource`), which
+keeps JPEG snapshots of the last ``pre_seconds`` in memory. When the button daemon commits
+an alarm (or a test) it wakes this daemon, which then, for every camera:
+
+- writes the snapshots of the ``pre_seconds`` before the press durably to the spool and
+  queues them in the outbox (behind the alarm itself: lower priority);
+- keeps writing the next ``post_count`` snapshots as they are taken.
+
+It also watches every picture, and raises a fault (Contact ID 330, with the camera and the
+problem) when a camera is stale, frozen, black or covered for ``fault_after_s``, and a
+restore once it has been good for ``restore_after_s``. A camera crash or a broken stream
+never touches the button path: this is a process of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+
+from drivers.camera import CameraSource, assess
+from edge import __version__
+from edge.clock import boot_id, clock_synchronised
+from edge.config import CameraConfig, Config
+from edge.control import ControlServer
+from edge.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.instance import only_instance
+from edge.outbox import Outbox
+from edge.sdnotify import Watchdog, notify
+from edge.snapshots import SnapshotStore
+from edge.wake import Waker, wake
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 2.0      # picture health
+FROZEN_CHANGE = 0.5      # mean absolute difference of grey thumbnails below this: identical
+LATE_EVENT_S = 120.0     # an alarm older than this when first seen gets no snapshots
+STATE_EVERY_S = 30.0
+
+
+@dataclass
+class _Job:
+    """Snapshots still to take for one event from one camera."""
+
+    event_id: str
+    event_kind: str
+    event_time: datetime
+    camera: str
+    next_idx: int
+    post_left: int
+    after_monotonic: float  # post snapshots are those taken after this
+    deadline: float
+
+
+class _Health:
+    """Stale / frozen / black / covered, with hysteresis so a flapping camera does not
+    flood the platform."""
+
+    def __init__(self, name: str, spec: CameraConfig, started: float):
+        self.name, self.spec = name, spec
+        self.started = started
+        self.thumbnail = None
+        self.unchanged_since: float | None = None
+        self.bad_since: float | None = None
+        self.good_since: float | None = None
+        self.fault: str | None = None  # the problem reported, while faulted
+        self.problem: str | None = None
+        self.measures: dict = {}
+
+    def examine(self, source: CameraSource, now: float) -> str | None:
+        spec = self.spec
+        frame, age = source.latest()
+        if frame is None:
+            self.measures = {"frame_age_s": None}
+            return "stale" if now - self.started > spec.stale_after_s else None
+        self.measures = {"frame_age_s": round(age, 2)}
+        if age > spec.stale_after_s:
+            return "stale"
+        check, self.thumbnail = assess(frame, self.thumbnail)
+        self.measures |= {"brightness": round(check.brightness, 1),
+                          "detail": round(check.detail, 1)}
+        if check.change is not None and check.change < FROZEN_CHANGE:
+            self.unchanged_since = self.unchanged_since or now
+        else:
+            self.unchanged_since = None
+        if check.brightness < spec.black_below:
+            return "black"
+        if check.detail < spec.covered_below:
+            return "covered"
+        if self.unchanged_since is not None and now - self.unchanged_since >= spec.frozen_after_s:
+            return "frozen"
+        return None
+
+    def update(self, problem: str | None, now: float) -> tuple[str, str] | None:
+        """Returns ("fault"|"restore", problem) when one is due."""
+        self.problem = problem
+        if problem is not None:
+            self.good_since = None
+            self.bad_since = self.bad_since or now
+            if self.fault is None and now - self.bad_since >= self.spec.fault_after_s:
+                self.fault = problem
+                return "fault", problem
+            return None
+        self.bad_since = None
+        self.good_since = self.good_since or now
+        if self.fault is not None and now - self.good_since >= self.spec.restore_after_s:
+            previous, self.fault = self.fault, None
+            return "restore", previous
+        return None
+
+
+class CameraDaemon:
+    name = "camera"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.identity = config.identity
+        self.sources: dict[str, CameraSource] = {}
+        self.health: dict[str, _Health] = {}
+        self.jobs: list[_Job] = []
+        self._waker: Waker | None = None
+        self.ready = threading.Event()
+
+    def wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
+
+    def run(self, stop: threading.Event) -> int:
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
+            outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity))
+            store = SnapshotStore(outbox, cfg.storage.spool_dir,
+                                  cfg.storage.spool_budget_mb * 1024 * 1024)
+            orphans = store.remove_orphans()
+            if orphans:
+                log.info("removed %d snapshot file(s) left by an interrupted run", orphans)
+            self._waker = stack.enter_context(contextlib.closing(
+                Waker(cfg.storage.runtime_dir, self.name)))
+            now = time.monotonic()
+            for name, spec in cfg.cameras.items():
+                source = CameraSource(name, spec.source, rate=spec.rate,
+                                      keep_seconds=spec.pre_seconds, width=spec.width,
+                                      jpeg_quality=spec.jpeg_quality,
+                                      max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop)
+                source.start()
+                stack.callback(source.close)
+                self.sources[name] = source
+                self.health[name] = _Health(name, spec, now)
+            control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control)
+            control.start()
+            stack.callback(control.close)
+            cursor = self._initial_cursor(outbox)
+            self.ready.set()
+            notify("READY=1", f"STATUS=watching {len(self.sources)} camera(s)")
+            log.info("camera daemon ready: %s", ", ".join(self.sources) or "no cameras")
+            watchdog = Watchdog()
+            next_check = next_state = time.monotonic()
+            while not stop.is_set():
+                watchdog.ping()
+                timeout = min(CHECK_EVERY_S, max(0.0, next_check - time.monotonic()))
+                if self.jobs:
+                    timeout = min(timeout, 0.1)  # post-alarm snapshots arrive every 1/rate s
+                self._waker.wait(timeout)
+                if stop.is_set():
+                    break
+                cursor = self._start_jobs(outbox, store, cursor)
+                written = self._advance_jobs(store)
+                if written:
+                    store.enforce_budget()
+                    wake(cfg.storage.runtime_dir, "uplink")
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_health(outbox, now)
+                    next_check = now + CHECK_EVERY_S
+                if now >= next_state:
+                    self._save_state(outbox)
+                    next_state = now + STATE_EVERY_S
+            notify("STOPPING=1")
+        return 0
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _initial_cursor(self, outbox: Outbox) -> int:
+        """Events up to now are not ours to photograph: start after the last one."""
+        with outbox.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO counters(name, value) SELECT 'camera_seen',"
+                         " coalesce((SELECT value FROM counters WHERE name = 'event_seq'), 0)")
+            return conn.execute(
+                "SELECT value FROM counters WHERE name = 'camera_seen'").fetchone()[0]
+
+    def _start_jobs(self, outbox: Outbox, store: SnapshotStore, cursor: int) -> int:
+        rows = outbox.db.execute(
+            "SELECT seq, id, kind, occurred_at FROM events WHERE seq > ? AND kind IN"
+            " ('alarm', 'test') AND repeat_of IS NULL ORDER BY seq", (cursor,)).fetchall()
+        if not rows:
+            return cursor
+        for seq, event_id, kind, occurred_at in rows:
+            event_time = datetime.fromisoformat(occurred_at)
+            age = (utc_now() - event_time).total_seconds()
+            if age > LATE_EVENT_S:
+                log.warning("%s %s is %.0f s old: too late for its snapshots", kind, event_id,
+                            age)
+                continue
+            for name, source in self.sources.items():
+                self._start_job(store, source, self.config.cameras[name], event_id, kind,
+                                event_time)
+            cursor = seq
+        with outbox.transaction() as conn:
+            conn.execute("UPDATE counters SET value = ? WHERE name = 'camera_seen'", (cursor,))
+        return cursor
+
+    def _start_job(self, store: SnapshotStore, source: CameraSource, spec: CameraConfig,
+                   event_id: str, kind: str, event_time: datetime) -> None:
+        event_wall = event_time.timestamp()
+        before = source.snapshots_between(event_wall - spec.pre_seconds, event_wall)
+        for idx, snapshot in enumerate(before):
+            store.write(snapshot, event_id=event_id, event_kind=kind, event_time=event_time,
+                        idx=idx, phase="pre")
+        if before:
+            store.enforce_budget()
+            wake(self.config.storage.runtime_dir, "uplink")
+        log.info("camera %s: %d snapshot(s) from before %s %s", source.name, len(before),
+                 kind, event_id)
+        event_monotonic = time.monotonic() - (time.time() - event_wall)
+        self.jobs.append(_Job(event_id, kind, event_time, source.name, len(before),
+                              spec.post_count, event_monotonic,
+                              time.monotonic() + spec.post_count / spec.rate + 10))
+
+    def _advance_jobs(self, store: SnapshotStore) -> int:
+        written = 0
+        for job in list(self.jobs):
+            fresh = self.sources[job.camera].snapshots_after(job.after_monotonic)
+            for snapshot in fresh[:job.post_left]:
+                store.write(snapshot, event_id=job.event_id, event_kind=job.event_kind,
+                            event_time=job.event_time, idx=job.next_idx, phase="post")
+                job.next_idx += 1
+                job.post_left -= 1
+                job.after_monotonic = snapshot.captured_monotonic
+                written += 1
+            if job.post_left == 0 or time.monotonic() > job.deadline:
+                if job.post_left:
+                    log.warning("camera %s: %d post-alarm snapshot(s) of %s missing (no frames)",
+                                job.camera, job.post_left, job.event_id)
+                self.jobs.remove(job)
+        return written
+
+    # -- health --------------------------------------------------------------------------
+
+    def _check_health(self, outbox: Outbox, now: float) -> None:
+        for name, health in self.health.items():
+            change = health.update(health.examine(self.sources[name], now), now)
+            if change is None:
+                continue
+            kind, problem = change
+            detail = {"camera": name, "problem": problem, **health.measures}
+            if self.config.cameras[name].label:
+                detail["label"] = self.config.cameras[name].label
+            event = outbox.commit_event(EventDraft(
+                kind=EventKind.FAULT if kind == "fault" else EventKind.RESTORE,
+                code=ContactId.PERIPHERAL_TROUBLE,
+                qualifier=Qualifier.NEW if kind == "fault" else Qualifier.RESTORE,
+                occurred_at=utc_now(), clock_synced=clock_synchronised(), boot_id=boot_id(),
+                detail=detail))
+            (log.warning if kind == "fault" else log.info)(
+                "camera %s: %s (%s), seq %d", name, kind, problem, event.seq)
+            wake(self.config.storage.runtime_dir, "uplink")
+            self._save_state(outbox)
+
+    def _status(self) -> dict:
+        cameras = {}
+        for name, source in self.sources.items():
+            _, age = source.latest()
+            health = self.health[name]
+            cameras[name] = {"connected": source.connected, "frame_age_s": age,
+                             "frames_read": source.frames_read, "fault": health.fault,
+                             "problem": health.problem, "last_error": source.last_error}
+        return {"daemon": self.name, "version": __version__, "cameras": cameras,
+                "snapshot_jobs": len(self.jobs)}
+
+    def _save_state(self, outbox: Outbox) -> None:
+        try:
+            outbox.set_daemon_state(self.name, json.dumps(self._status()))
+        except Exception:
+            log.exception("could not record the daemon state")
+
+    # -- control socket (status, and a frame for `guardpost doctor`) ----------------------
+
+    def _handle_control(self, request: dict, client_alive) -> dict:
+        if request["op"] == "status":
+            return {"ok": True, **self._status()}
+        if request["op"] == "frame":
+            return self._save_frames()
+        return {"ok": False, "error": f"unknown op {request['op']!r}"}
+
+    def _save_frames(self) -> dict:
+        saved = {}
+        for name, source in self.sources.items():
+            frame, age = source.latest()
+            if frame is None:
+                saved[name] = {"ok": False, "error": source.last_error or "no frame yet"}
+                continue
+            path = Path(self.config.storage.spool_dir) / f"doctor-{name}.jpg"
+            cv2.imwrite(str(path), frame)
+            saved[name] = {"ok": True, "path": str(path), "age_s": round(age, 2),
+                           "size": f"{frame.shape[1]}x{frame.shape[0]}",
+                           "at": utc_iso(datetime.now(UTC))}
+        return {"ok": True, "cameras": saved}

@@ -1,0 +1,170 @@
+"""Camera snapshots on disk: the spool directory, its rows in the outbox, the disk budget.
+
+A snapshot is written durably (temporary file, fsync, rename, fsync of the directory) and
+only then registered in the ``snapshots`` table, in the same database as the events, so
+the uplink publishes it after the alarm it belongs to. When the spool exceeds its budget
+the least precious go first:
+
+1. snapshots already delivered, oldest first;
+2. undelivered snapshots of tests, oldest first;
+3. only when nothing else is left: undelivered snapshots of real alarms, oldest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from drivers.camera import Snapshot
+from edge.events import utc_iso, utc_now
+from edge.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueuedSnapshot:
+    id: int
+    event_id: str
+    camera: str
+    idx: int
+    phase: str
+    captured_at: str
+    offset_s: float
+    width: int
+    height: int
+    path: str
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class SnapshotStore:
+    """Writes, registers, lists and prunes snapshots (one per thread, like Outbox)."""
+
+    def __init__(self, outbox: Outbox, spool_dir: Path, budget_bytes: int):
+        self.outbox = outbox
+        self.spool = Path(spool_dir)
+        self.budget = budget_bytes
+        self.spool.mkdir(parents=True, exist_ok=True)
+
+    def write(self, snapshot: Snapshot, *, event_id: str, event_kind: str, event_time: datetime,
+              idx: int, phase: str) -> int:
+        """Store one snapshot durably and queue it for the uplink; returns its row id."""
+        directory = self.spool / event_id
+        new_directory = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        if new_directory:
+            _fsync_directory(self.spool)
+        path = directory / f"{snapshot.camera}-{idx:03d}-{phase}.jpg"
+        temporary = path.with_name(f".{path.name}.new")
+        with open(temporary, "wb") as out:
+            out.write(snapshot.jpeg)
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.replace(path)
+        _fsync_directory(directory)
+        captured = datetime.fromtimestamp(snapshot.captured_wall, UTC)
+        with self.outbox.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO snapshots(event_id, event_kind, camera, idx, phase, captured_at,"
+                " offset_s, width, height, path, size, committed_at, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                (event_id, event_kind, snapshot.camera, idx, phase, utc_iso(captured),
+                 round((captured - event_time).total_seconds(), 3), snapshot.width,
+                 snapshot.height, str(path), len(snapshot.jpeg), utc_iso(utc_now())))
+            return cursor.lastrowid
+
+    # -- the uplink's side -----------------------------------------------------------
+
+    def next_queued(self, limit: int, exclude: set[int]) -> list[QueuedSnapshot]:
+        rows = self.outbox.db.execute(
+            "SELECT id, event_id, camera, idx, phase, captured_at, offset_s, width, height,"
+            " path FROM snapshots WHERE state = 'queued' ORDER BY id LIMIT ?",
+            (limit + len(exclude),)).fetchall()
+        return [QueuedSnapshot(*row) for row in rows if row[0] not in exclude][:limit]
+
+    def mark_sent(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        stamp = utc_iso(utc_now())
+        with self.outbox.transaction() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                conn.execute(f"UPDATE snapshots SET state = 'sent', sent_at = ? WHERE id IN"
+                             f" ({','.join('?' * len(chunk))})", (stamp, *chunk))
+
+    def forget(self, snapshot_id: int, reason: str) -> None:
+        """A snapshot that cannot be published (its file is gone): say so, drop the row."""
+        log.error("snapshot %d dropped: %s", snapshot_id, reason)
+        with self.outbox.transaction() as conn:
+            conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    # -- the disk budget -------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        return self.outbox.db.execute(
+            "SELECT coalesce(sum(size), 0) FROM snapshots").fetchone()[0]
+
+    _PRUNE_ORDER = (
+        ("delivered", "state = 'sent'"),
+        ("undelivered test", "state = 'queued' AND event_kind <> 'alarm'"),
+        ("undelivered alarm", "state = 'queued' AND event_kind = 'alarm'"),
+    )
+
+    def enforce_budget(self) -> int:
+        """Delete snapshots, least precious first, until the spool fits; returns how many."""
+        excess = self.used_bytes() - self.budget
+        removed = 0
+        for label, condition in self._PRUNE_ORDER:
+            if excess <= 0:
+                break
+            rows = self.outbox.db.execute(
+                f"SELECT id, path, size FROM snapshots WHERE {condition} ORDER BY id").fetchall()
+            doomed = []
+            for row_id, path, size in rows:
+                if excess <= 0:
+                    break
+                doomed.append((row_id, path))
+                excess -= size
+            if not doomed:
+                continue
+            with self.outbox.transaction() as conn:
+                conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in doomed])
+            for _, path in doomed:  # rows first: a crash leaves an orphan file, not a hole
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed += len(doomed)
+            level = logging.WARNING if label == "undelivered alarm" else logging.INFO
+            log.log(level, "spool over budget: removed %d %s snapshot(s)", len(doomed), label)
+        self._remove_empty_directories()
+        return removed
+
+    def remove_orphans(self) -> int:
+        """Files no row points at (a crash between the two deletions): removed at start."""
+        known = {row[0] for row in self.outbox.db.execute("SELECT path FROM snapshots")}
+        orphans = [p for p in self.spool.rglob("*.jpg") if str(p) not in known]
+        orphans += list(self.spool.rglob(".*.new"))
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        self._remove_empty_directories()
+        return len(orphans)
+
+    def _remove_empty_directories(self) -> None:
+        for directory in self.spool.iterdir():
+            if directory.is_dir() and not any(directory.iterdir()):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.spool).free
