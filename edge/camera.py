@@ -41,7 +41,6 @@ from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY_S = 2.0      # picture health
 FROZEN_CHANGE = 0.5      # mean absolute difference of grey thumbnails below this: identical
 LATE_EVENT_S = 120.0     # an alarm older than this when first seen gets no snapshots
 STATE_EVERY_S = 30.0
@@ -164,10 +163,11 @@ class CameraDaemon:
             notify("READY=1", f"STATUS=watching {len(self.sources)} camera(s)")
             log.info("camera daemon ready: %s", ", ".join(self.sources) or "no cameras")
             watchdog = Watchdog()
+            check_every = min((c.check_interval_s for c in cfg.cameras.values()), default=2.0)
             next_check = next_state = time.monotonic()
             while not stop.is_set():
                 watchdog.ping()
-                timeout = min(CHECK_EVERY_S, max(0.0, next_check - time.monotonic()))
+                timeout = min(check_every, max(0.0, next_check - time.monotonic()))
                 if self.jobs:
                     timeout = min(timeout, 0.1)  # post-alarm snapshots arrive every 1/rate s
                 self._waker.wait(timeout)
@@ -181,7 +181,7 @@ class CameraDaemon:
                 now = time.monotonic()
                 if now >= next_check:
                     self._check_health(outbox, now)
-                    next_check = now + CHECK_EVERY_S
+                    next_check = now + check_every
                 if now >= next_state:
                     self._save_state(outbox)
                     next_state = now + STATE_EVERY_S

@@ -210,7 +210,7 @@ class CameraConfig(Strict):
     max_jpeg_bytes: int = Field(250_000, ge=10_000, le=10_000_000)
     loop: bool = Field(False, description="Play a file source again when it ends (simulation)")
     stale_after_s: float = Field(10, ge=1, le=600, description="No frame this long: a fault")
-    frozen_after_s: float = Field(30, ge=2, le=3600, description="Identical frames this long")
+    frozen_after_s: float = Field(30, ge=0.5, le=3600, description="Identical frames this long")
     black_below: float = Field(12, ge=0, le=255, description="Mean brightness of a black image")
     covered_below: float = Field(4, ge=0, le=128,
                                  description="Brightness spread of a covered lens")
@@ -218,6 +218,7 @@ class CameraConfig(Strict):
                                  description="A bad picture this long raises the fault")
     restore_after_s: float = Field(10, ge=0, le=3600,
                                    description="A good picture this long restores it")
+    check_interval_s: float = Field(2, ge=0.1, le=60, description="How often it is examined")
 
 
 class Config(Strict):

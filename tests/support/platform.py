@@ -8,6 +8,7 @@ acknowledges alarms and tests, and lets tests wait on conditions over what arriv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -40,6 +41,7 @@ class PlatformStandIn:
         self.prefix = prefix
         self.ack = ack
         self.messages: list[Received] = []
+        self.snapshots: list[tuple[dict, bytes, float]] = []  # (description, JPEG, arrival)
         self.unique_events: list[dict] = []  # first copy of each event, in arrival order
         self.event_copies = 0                # every copy, duplicates included
         self._event_ids: set[str] = set()
@@ -85,6 +87,9 @@ class PlatformStandIn:
 
     def _on_message(self, client, userdata, message) -> None:
         leaf = message.topic[len(self.prefix) + 1:]
+        if leaf.startswith("snapshot/"):
+            self._on_snapshot(message, leaf)
+            return
         try:
             body = json.loads(message.payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -112,6 +117,29 @@ class PlatformStandIn:
                 if body.get("id") not in self._event_ids:
                     self._event_ids.add(body.get("id"))
                     self.unique_events.append(body)
+            self._cond.notify_all()
+
+    def _on_snapshot(self, message, leaf: str) -> None:
+        if self._protocol == paho.MQTTv5:
+            props = message.properties
+            description = dict(getattr(props, "UserProperty", []) or [])
+            for key in ("index", "width", "height"):
+                with contextlib.suppress(KeyError, ValueError):
+                    description[key] = int(description[key])
+            with contextlib.suppress(KeyError, ValueError):
+                description["offset_s"] = float(description["offset_s"])
+            jpeg = message.payload
+            if getattr(props, "ContentType", None) != "image/jpeg":
+                self.schema_problems.append(f"{message.topic}: ContentType is not image/jpeg")
+        else:
+            header, _, jpeg = message.payload.partition(b"\n")
+            description = json.loads(header)
+        self.schema_problems += [f"{message.topic}: {p}" for p in problems("snapshot",
+                                                                            description)]
+        if leaf != f"snapshot/{description.get('event_id')}":
+            self.schema_problems.append(f"{message.topic}: event_id does not match the topic")
+        with self._cond:
+            self.snapshots.append((description, bytes(jpeg), time.monotonic()))
             self._cond.notify_all()
 
     # -- what arrived ----------------------------------------------------------------
