@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class CameraDaemon:
 
     def run(self, stop: threading.Event) -> int:
         cfg = self.config
+        # RTSP over TCP: IP cameras are behind switches and firewalls that drop UDP.
+        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
         with contextlib.ExitStack() as stack:
             stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
             outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity))
@@ -150,7 +153,8 @@ class CameraDaemon:
                 source = CameraSource(name, spec.source, rate=spec.rate,
                                       keep_seconds=spec.pre_seconds, width=spec.width,
                                       jpeg_quality=spec.jpeg_quality,
-                                      max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop)
+                                      max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop,
+                                      timeout_s=min(spec.stale_after_s, 10.0))
                 source.start()
                 stack.callback(source.close)
                 self.sources[name] = source

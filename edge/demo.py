@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from drivers.camera.testcard import write_video
 from edge.config import Config, load_config
 from edge.control import request
 from edge.latch import reset_alarms
@@ -68,6 +69,15 @@ label = "Guardhouse desk button (silent)"
 [outputs]
 status_led = {{ pin = 22 }}
 buzzer = {{ pin = 23 }}
+
+# A simulated camera: a test-card video played in a loop, as a live camera would stream.
+[cameras.gate-outside]
+source = "{workdir}/gate-camera.avi"
+loop = true
+rate = 2.0
+pre_seconds = 3
+post_count = 3
+width = 0
 """
 
 HELP = """\
@@ -95,6 +105,7 @@ class Demo:
 
     def start(self) -> None:
         self.broker.start()
+        write_video(self.workdir / "gate-camera.avi", [("counter", 60.0)], fps=10.0)
         self.config_path.write_text(DEMO_CONFIG.format(port=self.broker.port,
                                                        workdir=self.workdir))
         self.config = load_config(self.config_path)
@@ -167,6 +178,16 @@ class Demo:
     def led(self) -> str:
         return request(self.config.storage.runtime_dir / "button.ctl", {"op": "status"})["led"]
 
+    def camera_frames(self) -> int:
+        try:
+            status = request(self.config.storage.runtime_dir / "camera.ctl", {"op": "status"})
+        except OSError:
+            return 0
+        return status["cameras"]["gate-outside"]["frames_read"]
+
+    def snapshots_of(self, event_id: str | None) -> list[dict]:
+        return [s for s in list(self.watcher.snapshots) if s.get("event_id") == event_id]
+
     def uplink_connected(self) -> bool:
         return bool(self.status()["uplink"].get("connected"))
 
@@ -178,10 +199,18 @@ class Demo:
         ok &= not self.press("gate", 0.002).get("accepted", True)
 
         say("A guard presses the gate panic button")
-        ok &= bool(self.press("gate").get("accepted"))
+        self.wait_until(lambda: self.camera_frames() >= 30, "3 s of camera video")
+        first = self.press("gate")
+        ok &= bool(first.get("accepted"))
         ok &= self.watcher.wait_for_events(1, 10)
         ok &= self.wait_until(lambda: self.led() == "steady", "the police acknowledgement")
         print(f"   status LED: {self.led()} (police received it)")
+        alarm_id = first.get("event", {}).get("id")
+        ok &= self.wait_until(lambda: len(self.snapshots_of(alarm_id)) >= 7,
+                              "the camera snapshots")
+        phases = [s.get("phase") for s in self.snapshots_of(alarm_id)]
+        print(f"   camera: {phases.count('pre')} snapshots from before the press and "
+              f"{phases.count('post')} after it at the police so far")
 
         say("The network goes down (the broker stops)")
         self.broker.stop()

@@ -50,6 +50,7 @@ class Watcher:
         self.out = out
         self.prefix = prefix
         self.events: list[dict] = []  # every event payload received, in arrival order
+        self.snapshots: list[dict] = []  # the description of every snapshot received
         self.arrived = threading.Condition()
         self.done = threading.Event()
         self.subscribed = threading.Event()
@@ -97,6 +98,9 @@ class Watcher:
         site, device, leaf = parts[0], parts[1], "/".join(parts[2:])
         if leaf == "ack":
             return  # our own acknowledgements, echoed back by the subscription
+        if leaf.startswith("snapshot/"):
+            self._on_snapshot(message, received, site, device)
+            return
         try:
             body = json.loads(message.payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -119,6 +123,32 @@ class Watcher:
                 self.arrived.notify_all()
             if self.count is not None and len(self.events) >= self.count:
                 self.done.set()
+
+    def _on_snapshot(self, message: paho.MQTTMessage, received: datetime, site: str,
+                     device: str) -> None:
+        properties = getattr(message.properties, "UserProperty", None) if message.properties \
+            else None
+        if properties:
+            about, jpeg = dict(properties), message.payload
+        else:  # MQTT 3.1.1: a JSON line, then the JPEG
+            header, _, jpeg = message.payload.partition(b"\n")
+            try:
+                about = json.loads(header)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                about = {}
+        with self.arrived:
+            self.snapshots.append(about)
+            self.arrived.notify_all()
+        if self.as_json:
+            self._print(json.dumps({"topic": message.topic, "received_at": received.isoformat(),
+                                    "snapshot": about, "jpeg_bytes": len(jpeg)},
+                                   ensure_ascii=False))
+            return
+        self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  SNAPSHOT "
+                    f"{about.get('camera')} {about.get('phase')} #{about.get('index')} "
+                    f"({float(about.get('offset_s', 0)):+.1f} s) {about.get('width')}x"
+                    f"{about.get('height')} {len(jpeg) // 1024} kB for "
+                    f"{str(about.get('event_id'))[:13]}…")
 
     def _describe(self, site: str, device: str, leaf: str, body) -> str:
         if not isinstance(body, dict):

@@ -30,8 +30,10 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1]
-UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost.target")
-ENABLE = ("guardpost.target", "guardpost-button.service", "guardpost-uplink.service")
+UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost-camera.service",
+         "guardpost.target")
+ENABLE = ("guardpost.target", "guardpost-button.service", "guardpost-uplink.service",
+          "guardpost-camera.service")
 
 SYSUSERS = """\
 # Guardpost's system user (systemd-sysusers). The groups give it the GPIO chip, the

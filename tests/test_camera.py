@@ -4,12 +4,22 @@ runs as a process, snapshots travel through the real broker."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import time
+from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
+from drivers.camera import Snapshot
+from drivers.camera.testcard import frame_number, write_video
 from edge.control import request
+from edge.events import Identity, utc_now
+from edge.localbroker import free_port
+from edge.outbox import Outbox
+from edge.snapshots import SnapshotStore
 from tests.support.daemons import poll_until
-from tests.support.video import frame_number, write_video
+from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online, press
 
 FPS = 20.0
@@ -103,3 +113,129 @@ def test_a_camera_that_cannot_be_opened_is_a_fault(make_config, daemons, platfor
     assert fault["detail"]["problem"] == "stale" and fault["detail"]["frame_age_s"] is None
     assert "cannot open" in camera.log()
     assert camera_status(config)["gate-outside"]["fault"] == "stale"
+
+
+# -- the spool's disk budget ---------------------------------------------------------------
+
+def _snapshot(camera: str, size: int) -> Snapshot:
+    return Snapshot(camera, b"\xff\xd8" + b"x" * (size - 2), time.monotonic(), time.time(),
+                    320, 240)
+
+
+def test_under_disk_pressure_the_least_precious_snapshots_go_first(tmp_path):
+    with Outbox(tmp_path / "outbox.db", Identity("s", "d", "gate")) as outbox:
+        store = SnapshotStore(outbox, tmp_path / "spool", budget_bytes=10_000)
+        when = utc_now()
+
+        def add(event_id: str, kind: str, count: int) -> list[int]:
+            return [store.write(_snapshot("cam", 1000), event_id=event_id, event_kind=kind,
+                                event_time=when, idx=i, phase="pre") for i in range(count)]
+
+        delivered = add("old-alarm", "alarm", 3)
+        store.mark_sent(delivered)
+        test = add("a-test", "test", 3)
+        alarm = add("live-alarm", "alarm", 4)
+        assert store.used_bytes() == 10_000 and store.enforce_budget() == 0
+
+        add("another-alarm", "alarm", 2)          # 2,000 over: delivered ones go first
+        assert store.enforce_budget() == 2
+        remaining = {row[0] for row in outbox.db.execute("SELECT id FROM snapshots")}
+        assert delivered[:2] and not set(delivered[:2]) & remaining
+        assert delivered[2] in remaining
+
+        add("third-alarm", "alarm", 3)            # 3,000 over: the last delivered, then tests
+        assert store.enforce_budget() == 3
+        remaining = {row[0] for row in outbox.db.execute("SELECT id FROM snapshots")}
+        assert delivered[2] not in remaining and set(test[:2]).isdisjoint(remaining)
+        assert test[2] in remaining and set(alarm) <= remaining  # no real alarm touched
+
+        add("fourth-alarm", "alarm", 3)           # only then the oldest undelivered alarms
+        assert store.enforce_budget() == 3
+        remaining = {row[0] for row in outbox.db.execute("SELECT id FROM snapshots")}
+        assert test[2] not in remaining and set(alarm[:2]).isdisjoint(remaining)
+        assert store.used_bytes() <= 10_000
+        on_disk = list((tmp_path / "spool").rglob("*.jpg"))
+        assert len(on_disk) == len(remaining)     # the files went with their rows
+
+
+def test_snapshots_over_mqtt_3_1_1_carry_their_description_in_front(broker, make_config,
+                                                                    daemons, counter_video):
+    path, config = make_config(broker={"protocol": "3.1.1"},
+                               cameras={"gate-outside": camera_section(counter_video)})
+    police = PlatformStandIn(broker.host, broker.port, config.topic_prefix, ack=True,
+                             protocol=paho.MQTTv311, client_id="platform-311").start()
+    try:
+        daemons("button", path)
+        daemons("uplink", path)
+        daemons("camera", path)
+        online(police)
+        poll_until(lambda: camera_status(config)["gate-outside"]["frames_read"] > FPS,
+                   what="a second of video")
+        event = press(config)
+        police.wait_for(lambda p: len(snapshots_of(p, event["id"])) >= 6, timeout=30,
+                        what="snapshots over MQTT 3.1.1")
+    finally:
+        police.stop()
+    assert not police.schema_problems
+    description, jpeg, _ = snapshots_of(police, event["id"])[0]
+    assert jpeg.startswith(b"\xff\xd8") and description["camera"] == "gate-outside"
+
+
+# -- an RTSP camera on loopback ------------------------------------------------------------
+
+RTSP_SERVER = Path(__file__).parent / "support" / "rtsp_server.py"
+
+
+def _gstreamer_rtsp_available() -> bool:
+    return subprocess.run(["/usr/bin/python3", "-c", "import gi; gi.require_version("
+                           "'GstRtspServer', '1.0'); from gi.repository import GstRtspServer"],
+                          capture_output=True).returncode == 0
+
+
+class RtspCamera:
+    """GStreamer's RTSP server in a process of its own; stop() is the camera unplugged."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"rtsp://127.0.0.1:{port}/camera"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["/usr/bin/python3", str(RTSP_SERVER), str(self.port)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True)
+        assert self.process.stdout.readline().strip() == "READY"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.mark.skipif(not _gstreamer_rtsp_available(),
+                    reason="needs Debian's GStreamer RTSP server (.ci/setup installs it)")
+def test_an_rtsp_camera_that_drops_out_is_a_fault_and_its_return_a_restore(make_config, daemons,
+                                                                          platform):
+    camera = RtspCamera(free_port())
+    camera.start()
+    try:
+        path, config = make_config(cameras={"gate-outside": camera_section(
+            camera.url, loop=False, stale_after_s=1.0, black_below=0, covered_below=0,
+            frozen_after_s=600)})
+        police = platform(config)
+        daemons("uplink", path)
+        daemons("camera", path)
+        online(police)
+        poll_until(lambda: camera_status(config)["gate-outside"]["frames_read"] > 10,
+                   timeout=30, what="frames over RTSP")
+        camera.stop()  # unplugged
+        [fault] = police.wait_for(lambda p: p.events("fault"), timeout=30, what="the fault")
+        assert fault["detail"]["problem"] == "stale"
+        camera.start()  # back
+        [restore] = police.wait_for(lambda p: p.events("restore"), timeout=60,
+                                    what="the restore")
+        assert restore["detail"]["camera"] == "gate-outside"
+        assert camera_status(config)["gate-outside"]["connected"]
+    finally:
+        camera.stop()

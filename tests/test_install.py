@@ -16,7 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "systemd" / "install.py"
-UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost.target")
+UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost-camera.service",
+         "guardpost.target")
+SERVICES = UNITS[:3]
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates users: root only"),
@@ -108,7 +110,7 @@ def test_the_units_are_installed_verbatim_and_enabled(installed):
         assert (system / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
     assert os.readlink(system / "multi-user.target.wants/guardpost.target") == \
         "/etc/systemd/system/guardpost.target"
-    for unit in UNITS[:2]:
+    for unit in SERVICES:
         assert (system / "guardpost.target.wants" / unit).is_symlink()
 
 
@@ -134,13 +136,13 @@ def exposure(unit: Path) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.parametrize("unit", UNITS[:2])
+@pytest.mark.parametrize("unit", SERVICES)
 def test_every_service_is_hardened_to_an_exposure_of_3_or_less(unit):
     assert exposure(REPO / "systemd" / unit) <= 3.0
 
 
 def test_the_services_restart_but_not_on_a_bad_configuration():
-    for unit in UNITS[:2]:
+    for unit in SERVICES:
         text = (REPO / "systemd" / unit).read_text()
         for line in ("Type=notify", "Restart=always", "RestartPreventExitStatus=78",
                      "User=guardpost", "NoNewPrivileges=yes", "ProtectSystem=strict"):

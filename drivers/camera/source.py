@@ -62,7 +62,7 @@ class CameraSource:
 
     def __init__(self, name: str, source: str, *, rate: float, keep_seconds: float,
                  width: int = 0, jpeg_quality: int = 80, max_jpeg_bytes: int = 250_000,
-                 loop: bool = False):
+                 loop: bool = False, timeout_s: float = 10.0):
         self.name = name
         self.source = source
         self.interval = 1.0 / rate
@@ -70,6 +70,9 @@ class CameraSource:
         self.jpeg_quality = jpeg_quality
         self.max_jpeg_bytes = max_jpeg_bytes
         self.loop = loop
+        # OpenCV waits 30 s by default for a stream that went silent; a camera that drops
+        # out should be reopened sooner than that.
+        self.timeout_ms = int(timeout_s * 1000)
         capacity = max(1, int(keep_seconds * rate) + 2)
         self._ring: collections.deque[Snapshot] = collections.deque(maxlen=capacity)
         self._lock = threading.Lock()
@@ -120,10 +123,12 @@ class CameraSource:
     # -- the reader thread ---------------------------------------------------------------
 
     def _open(self) -> cv2.VideoCapture | None:
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms,
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms]
         if self.source.startswith("/dev/video"):
             capture = cv2.VideoCapture(self.source, cv2.CAP_V4L2)
         else:
-            capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG)
+            capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, timeouts)
         if not capture.isOpened():
             capture.release()
             return None
@@ -179,7 +184,9 @@ class CameraSource:
             with self._lock:
                 self._latest, self._latest_at = frame, now
             if now >= self._next_snapshot_at:
-                self._next_snapshot_at = max(self._next_snapshot_at + self.interval, now)
+                self._next_snapshot_at += self.interval
+                if self._next_snapshot_at <= now:  # fell behind (start, a stall): no burst
+                    self._next_snapshot_at = now + self.interval
                 self._take_snapshot(frame, now, wall)
             if pace is not None:
                 self._stop.wait(max(0.0, started + count * pace - time.monotonic()))

@@ -1,4 +1,5 @@
-"""Real video for the camera tests, written with OpenCV at test time.
+"""A test card: real video written with OpenCV, for the simulation, the tests and the
+benchmark (no camera needed).
 
 Every frame carries its own number, drawn as 16 black or white blocks across the top (a
 barcode that survives JPEG), over a noisy picture (real sensors are noisy, so a picture
@@ -30,9 +31,10 @@ def _frame(number: int, rng: np.random.Generator, kind: str) -> np.ndarray:
     return frame
 
 
-def write_video(path: Path, segments: list[tuple[str, float]], fps: float = 20.0) -> Path:
+def write_video(path: Path, segments: list[tuple[str, float]], fps: float = 20.0,
+                size: tuple[int, int] = (WIDTH, HEIGHT)) -> Path:
     """``segments``: (kind, seconds) with kind "counter", "black", "covered" or "frozen"."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (WIDTH, HEIGHT))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
     assert writer.isOpened(), "OpenCV cannot write MJPG video here"
     rng = np.random.default_rng(7)
     number = 0
@@ -41,9 +43,12 @@ def write_video(path: Path, segments: list[tuple[str, float]], fps: float = 20.0
         for _ in range(round(seconds * fps)):
             if kind == "frozen":
                 repeated = repeated if repeated is not None else _frame(number, rng, "counter")
-                writer.write(repeated)
+                frame = repeated
             else:
-                writer.write(_frame(number, rng, kind))
+                frame = _frame(number, rng, kind)
+            if size != (WIDTH, HEIGHT):
+                frame = cv2.resize(frame, size, interpolation=cv2.INTER_NEAREST)
+            writer.write(frame)
             number += 1
     writer.release()
     return path
