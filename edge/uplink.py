@@ -156,6 +156,7 @@ class UplinkDaemon:
         self._rejections: list = []                 # (topic, reason, payload, mid, qos)
         self._connected = False
         self._connected_since = 0.0
+        self._max_packet: int | None = None  # the broker's MQTT 5 Maximum Packet Size
         self._stopping = False
         self._connack_deadline: float | None = None
         self._session = 0
@@ -337,6 +338,7 @@ class UplinkDaemon:
         self._last_error = None
         window = self.config.uplink.inflight_window
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties else None
+        self._max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         if receive_maximum:
             # The status and heartbeat publishes are outside the window: leave them room
             # so that the broker never has more in flight from us than it allows.
@@ -452,6 +454,12 @@ class UplinkDaemon:
         else:
             props = None
             payload = json.dumps(description).encode() + b"\n" + jpeg
+        if self._max_packet and len(payload) + 1024 > self._max_packet:
+            # The broker would close the connection on it, again and again.
+            self._snapshots.forget(snapshot.id, f"{len(payload)} bytes is over the broker's "
+                                   f"maximum packet size of {self._max_packet} (lower the "
+                                   "camera's max_jpeg_bytes)")
+            return 0
         info = client.publish(self.topics.below(f"snapshot/{snapshot.event_id}"), payload,
                               qos=1, properties=props)
         self._inflight[info.mid] = _InFlight(snapshot.id, Priority.SNAPSHOT, snapshot=True)

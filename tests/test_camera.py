@@ -239,3 +239,26 @@ def test_an_rtsp_camera_that_drops_out_is_a_fault_and_its_return_a_restore(make_
         assert camera_status(config)["gate-outside"]["connected"]
     finally:
         camera.stop()
+
+
+def test_snapshots_taken_during_an_outage_arrive_when_it_ends(broker, make_config, daemons,
+                                                              platform, counter_video):
+    path, config = make_config(cameras={"gate-outside": camera_section(counter_video)})
+    police = platform(config, ack=True)
+    daemons("button", path)
+    uplink = daemons("uplink", path)
+    daemons("camera", path)
+    online(police)
+    poll_until(lambda: camera_status(config)["gate-outside"]["frames_read"] > 2.5 * FPS,
+               what="2.5 s of video read")
+    broker.stop()
+    uplink.wait_for_line("disconnected from the broker")
+    event = press(config)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: outbox.db.execute(
+            "SELECT count(*) FROM snapshots WHERE event_id = ? AND state = 'queued'",
+            (event["id"],)).fetchone()[0] >= 15, timeout=30, what="15 snapshots spooled")
+    broker.start()
+    police.wait_for(lambda p: len(snapshots_of(p, event["id"])) >= 15, timeout=60,
+                    what="the snapshots after the outage")
+    assert [d["index"] for d, _, _ in snapshots_of(police, event["id"])][:15] == list(range(15))

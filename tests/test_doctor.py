@@ -7,7 +7,9 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+from drivers.camera.testcard import frame_number, write_video
 from edge.clock import clock_synchronised
 from edge.control import request
 from tests.conftest import sim_document, write_toml
@@ -99,3 +101,20 @@ def test_a_doctor_that_went_away_leaves_the_next_press_an_alarm(make_config, dae
     poll_until(lambda: not request(control, {"op": "status"})["test_press_pending"],
                what="the daemon to notice the doctor is gone")
     assert press(config)["kind"] == "alarm"
+
+
+def test_doctor_saves_a_frame_from_every_camera(make_config, daemons, tmp_path):
+    video = write_video(tmp_path / "gate.avi", [("counter", 10.0)])
+    path, config = make_config(cameras={"gate-outside": {"source": str(video), "loop": True}})
+    daemons("camera", path)
+    poll_until(lambda: request(config.storage.runtime_dir / "camera.ctl",
+                               {"op": "status"})["cameras"]["gate-outside"]["frames_read"] > 0,
+               what="the first frame")
+    checking = doctor(path, "--press-timeout", "0.5", "--ack-timeout", "0.5")
+    report = json.loads(checking.stdout.read())
+    checking.wait(60)
+    camera = by_name(report)["camera"]
+    assert camera["status"] == "PASS", camera
+    saved = Path(camera["data"]["gate-outside"]["path"])
+    assert saved.exists() and frame_number(saved.read_bytes()) >= 0
+    assert "320x240 frame saved to" in camera["detail"]

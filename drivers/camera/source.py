@@ -54,7 +54,9 @@ def encode_jpeg(frame: np.ndarray, width: int, quality: int, max_bytes: int) -> 
             raise ValueError("OpenCV could not encode the frame as JPEG")
         if len(buffer) <= max_bytes or quality <= 20:
             return buffer.tobytes(), width, height
-        quality -= 10
+        # Too big: aim straight at the limit (size grows roughly with quality), then step.
+        aimed = int(quality * max_bytes / len(buffer) * 0.9)
+        quality = max(20, min(quality - 10, aimed))
 
 
 class CameraSource:
