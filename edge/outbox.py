@@ -25,7 +25,7 @@ import sqlite_utils
 
 from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 
 QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
@@ -112,7 +112,59 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
     db["snapshots"].create_index(["event_id"])
 
 
-_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2}
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    # A snapshot is taken once: a camera daemon restarted mid-alarm resumes its numbering
+    # instead of queueing a second picture under the same index. Duplicates left by
+    # schema 2 go first (their files are swept as orphans when the spool opens).
+    db.execute("DELETE FROM snapshots WHERE id NOT IN"
+               " (SELECT min(id) FROM snapshots GROUP BY event_id, camera, idx)")
+    db.execute("CREATE UNIQUE INDEX snapshots_unique ON snapshots(event_id, camera, idx)")
+    # End-to-end alarm tests (edge.alarmtest): one row per test, from the request to the
+    # platform's acknowledgement, kept for the monthly report.
+    db["alarm_tests"].create(
+        {
+            "id": str,               # UUIDv7
+            "trigger": str,          # schedule | manual | platform
+            "method": str,           # relay (covers the wiring) | software
+            "code": int,             # Contact ID 601 manual / 602 periodic
+            "input": str,
+            "requested_at": str,
+            "scheduled_for": str,    # the schedule's slot (UTC), so a slot runs once
+            "started_at": str,
+            "finished_at": str,
+            "state": str,            # requested -> running -> passed | failed
+            "failed_stage": str,     # edge | committed | sent | acknowledged
+            "reason": str,
+            "event_id": str,         # the test event (601/602) it produced
+            "edge_at": str,
+            "committed_at": str,
+            "sent_at": str,
+            "acknowledged_at": str,
+            "edge_to_commit_ms": float,
+            "commit_to_sent_ms": float,
+            "sent_to_ack_ms": float,
+            "total_ms": float,
+            "request": str,          # JSON: the platform's command (request id, reply topic)
+            "reply_state": str,      # pending -> sent: the platform's reply with the result
+            "result_event_id": str,  # the test-result event that published it
+        },
+        pk="id",
+        not_null=["trigger", "method", "code", "requested_at", "state"],
+    )
+    db.execute("CREATE UNIQUE INDEX alarm_tests_slot ON alarm_tests(scheduled_for)"
+               " WHERE scheduled_for IS NOT NULL")
+    db.execute("CREATE INDEX alarm_tests_open ON alarm_tests(requested_at)"
+               " WHERE state IN ('requested', 'running')")
+    db.execute("CREATE INDEX alarm_tests_reply ON alarm_tests(id) WHERE reply_state = 'pending'")
+    # Uplink sessions, for the time online of the monthly report.
+    db["uplink_sessions"].create(
+        {"id": int, "session": int, "connected_at": str, "last_seen_at": str,
+         "disconnected_at": str, "reason": str},
+        pk="id", not_null=["session", "connected_at", "last_seen_at"],
+    )
+
+
+_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
 
 
 @dataclass(frozen=True)
