@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gpiozero import DigitalInputDevice
+
 from drivers.gpio import Indicators, PanicInputs, PressReport, open_pin_factory
 from drivers.gpio.outputs import LedPattern
-from drivers.gpio.sim import SimulatedContact
+from drivers.gpio.sim import SimulatedContact, wire_test_relay
 from edge import __version__
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
@@ -47,13 +49,39 @@ RETRY_RECORD_S = 1.0
 COMMIT_STUCK_S = 2.0       # a commit taking longer than this shows the fault pattern
 MAX_SIM_HOLD_S = 60.0
 MAX_TEST_PRESS_WAIT_S = 120
+# From energising the test relay to the input's edge: a relay operates in 5-15 ms; an
+# edge later than this is not the relay's (and is judged as a press of its own).
+RELAY_OPERATE_S = 0.1
+RELAY_RELEASE_MARGIN_S = 0.03  # after the pulse and the input's bounce time
+
+
+@dataclass(frozen=True)
+class TestSpec:
+    """A press to be recorded as a test (never an alarm), and how."""
+
+    code: ContactId
+    detail: dict
 
 
 @dataclass(frozen=True)
 class _AcceptedPress:
     report: PressReport
     occurred_at: datetime
-    test: bool = False  # the press `guardpost doctor` asked for: a test, not an alarm
+    test: TestSpec | None = None  # a test press, not an alarm
+
+
+class _RelayWindow:
+    """An armed alarm test: the press whose edge coincides with the relay pulse."""
+
+    def __init__(self, input_name: str, started: float):
+        self.input = input_name
+        self.started = started                  # monotonic: the relay was energised
+        self.report: PressReport | None = None  # the press the pulse produced
+        self.occurred_at: datetime | None = None
+
+    def claims(self, report: PressReport) -> bool:
+        return (report.accepted and report.input == self.input and self.report is None
+                and self.started - 0.005 <= report.edge_ticks <= self.started + RELAY_OPERATE_S)
 
 
 class _OutcomeWaiters:
@@ -107,6 +135,9 @@ class ButtonDaemon:
         # Set by `guardpost doctor` (time.monotonic(), the clock of the local pin
         # factories' edge timestamps): the next press that begins after it is a test.
         self._test_press_asked_at: float | None = None
+        self._relay_window: _RelayWindow | None = None
+        self._relay_lock = threading.Lock()  # one alarm test at a time
+        self.supervision: dict[str, DigitalInputDevice] = {}
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
         self._waker: Waker | None = None
@@ -135,6 +166,11 @@ class ButtonDaemon:
             outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity,
                                                 checkpoint=False))
             latch = AlarmLatch(outbox, cfg.inputs)
+            relay = cfg.outputs.test_relay
+            if cfg.simulated and relay is not None:
+                # The fake's wiring: the relay's contact across the panic input's.
+                wire_test_relay(factory, relay.pin, relay.active_high,
+                                lambda: self.contacts.get(cfg.test_input))
             self.indicators = Indicators(factory, cfg.outputs)
             stack.callback(self.indicators.close)
             # Closed in reverse: the inputs stop first, then the recorder commits
@@ -149,6 +185,7 @@ class ButtonDaemon:
                                  for name, spec in cfg.inputs.items()}
             self._waker = stack.enter_context(contextlib.closing(
                 Waker(cfg.storage.runtime_dir, self.name)))
+            self._open_supervision(factory, stack)
             self.inputs.start()
             control = ControlServer(cfg.storage.runtime_dir / "button.ctl", self._handle_control)
             control.start()
@@ -179,6 +216,24 @@ class ButtonDaemon:
             log.info("button daemon stopping")
         return 0
 
+    def _open_supervision(self, factory, stack: contextlib.ExitStack) -> None:
+        """Supervision loops: a wire pair looped at the button, read with a pull-up; it
+        reads closed (low) while the cable is whole."""
+        for name, spec in self.config.inputs.items():
+            if spec.supervision_pin is None:
+                continue
+            loop = DigitalInputDevice(f"GPIO{spec.supervision_pin}", pull_up=True,
+                                      pin_factory=factory)
+            stack.callback(loop.close)
+            if self.config.simulated:
+                loop.pin.drive_low()  # the simulated cable is whole
+            self.supervision[name] = loop
+
+    def wiring(self) -> dict[str, str]:
+        """``ok`` or ``open`` for each input with a supervision loop."""
+        return {name: "ok" if loop.is_active else "open"
+                for name, loop in self.supervision.items()}
+
     def _stop_recorder(self, recorder: threading.Thread) -> None:
         self._accepted.put(None)
         recorder.join(10)
@@ -196,13 +251,23 @@ class ButtonDaemon:
                 "duration_ms": round(report.duration * 1000, 3)})
             return
         occurred_at = utc_now() - timedelta(seconds=report.age)
+        window = self._relay_window
+        if window is not None and window.claims(report):
+            # The alarm test's press: judged once the pulse is over (a person holding
+            # the button then makes it an alarm), by the thread that pulsed the relay.
+            window.occurred_at = occurred_at
+            window.report = report
+            return
         # Decided here, once, for the first press that *began* after the doctor asked:
         # a press already under way, or queued for recording, stays an alarm.
         asked = self._test_press_asked_at
-        is_test = asked is not None and report.edge_ticks >= asked
-        if is_test:
+        test = None
+        if asked is not None and report.edge_ticks >= asked:
             self._test_press_asked_at = None
-        self._accepted.put(_AcceptedPress(report, occurred_at, test=is_test))
+            test = TestSpec(ContactId.MANUAL_TEST, {
+                "purpose": "commissioning", "covers_wiring": True,
+                "held_ms": round(report.duration * 1000, 1)})
+        self._accepted.put(_AcceptedPress(report, occurred_at, test=test))
 
     def _record_loop(self) -> None:
         """Recorder thread: commit each accepted press, in order, retrying until it sticks."""
@@ -224,7 +289,7 @@ class ButtonDaemon:
                     press = backlog[0]
                     self._commit_started = time.monotonic()
                     try:
-                        if press.test:
+                        if press.test is not None:
                             event = self._record_test_press(outbox, press)
                         else:
                             event = latch.press(press.report.input, press.occurred_at,
@@ -253,14 +318,13 @@ class ButtonDaemon:
                         log.exception("feedback for %s failed", event.id)
 
     def _record_test_press(self, outbox: Outbox, press: _AcceptedPress) -> Event:
-        """Commissioning: the installer was told to press; this press is a test (Contact
-        ID 601, through the real wiring), never an alarm, and it does not latch."""
-        event = outbox.commit_event(EventDraft(
-            kind=EventKind.TEST, code=ContactId.MANUAL_TEST, occurred_at=press.occurred_at,
+        """A press that is a test (Contact ID 601/602, through the real wiring): the
+        installer's commissioning press or the test relay's pulse. Never an alarm, and
+        it does not latch."""
+        return outbox.commit_event(EventDraft(
+            kind=EventKind.TEST, code=press.test.code, occurred_at=press.occurred_at,
             clock_synced=clock_synchronised(), boot_id=boot_id(), input=press.report.input,
-            detail={"purpose": "commissioning", "covers_wiring": True,
-                    "held_ms": round(press.report.duration * 1000, 1)}))
-        return event
+            detail=press.test.detail))
 
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
         cfg = self.config
@@ -340,6 +404,10 @@ class ButtonDaemon:
             "led": self.indicators.pattern.value if self.indicators else None,
             "unrecorded_presses": self._unrecorded, "inputs": inputs,
             "test_press_pending": self._test_press_asked_at is not None,
+            "test_relay": ({"input": self.config.test_input,
+                            "pin": self.config.outputs.test_relay.pin}
+                           if self.config.outputs.test_relay else None),
+            "wiring": self.wiring(),
         }
 
     def _save_state(self, outbox: Outbox) -> None:
@@ -360,6 +428,8 @@ class ButtonDaemon:
             return self._sim_press(request)
         if op == "test-press":
             return self._await_test_press(request, client_alive)
+        if op == "relay-test":
+            return self._relay_test(request)
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def _await_test_press(self, request: dict, client_alive) -> dict:
@@ -386,6 +456,78 @@ class ButtonDaemon:
             self._test_press_asked_at = None
             self._waiters.cancel(ANY_INPUT, waiter)
         return {"ok": False, "error": f"no press within {timeout:g} s"}
+
+    def _relay_test(self, request: dict) -> dict:
+        """The end-to-end alarm test: pulse the test relay wired across the panic input
+        and record the press it causes as a test (601/602).
+
+        Only the press whose first edge coincides with the pulse is the test, and only if
+        the input is released when the pulse ends. A press already under way, a latched
+        input, or a button still held after the pulse are a person's: never swallowed.
+        The answer names the stage that failed: ``edge`` (the input did not see the
+        pulse, or a person pressed) or ``committed``.
+        """
+        cfg = self.config
+        relay = self.indicators.test_relay if self.indicators else None
+        name = cfg.test_input
+        if relay is None or name is None:
+            return {"ok": False, "stage": "edge", "error": "no test relay is configured"}
+        code = request.get("code", int(ContactId.PERIODIC_TEST))
+        if code not in (ContactId.MANUAL_TEST, ContactId.PERIODIC_TEST):
+            return {"ok": False, "stage": "edge", "error": "code must be 601 or 602"}
+        detail = request.get("detail", {})
+        if not isinstance(detail, dict):
+            return {"ok": False, "stage": "edge", "error": "detail must be an object"}
+        if not self._relay_lock.acquire(blocking=False):
+            return {"ok": False, "stage": "edge", "error": "another alarm test is running"}
+        try:
+            return self._pulse_and_judge(relay, name, TestSpec(ContactId(code), {
+                **detail, "method": "relay", "covers_wiring": True,
+                "pulse_ms": cfg.outputs.test_relay.pulse_ms}))
+        finally:
+            self._relay_lock.release()
+
+    def _pulse_and_judge(self, relay, name: str, test: TestSpec) -> dict:
+        spec = self.config.inputs[name]
+        if self.inputs.is_active(name):
+            return {"ok": False, "stage": "edge",
+                    "error": f"input {name} is active (a press under way): not tested"}
+        with Outbox(self.config.storage.database, self.identity, checkpoint=False) as outbox:
+            if name in AlarmLatch(outbox, self.config.inputs).latches():
+                return {"ok": False, "stage": "edge",
+                        "error": f"input {name} is latched by an alarm: reset it first"}
+        pulse_s = self.config.outputs.test_relay.pulse_ms / 1000
+        waiter = self._waiters.expect(name)
+        window = self._relay_window = _RelayWindow(name, time.monotonic())
+        try:
+            relay.on()
+            self._stop.wait(pulse_s)
+        finally:
+            relay.off()
+        # The relay has let go; a person's finger has not, if the input is still active.
+        self._stop.wait(spec.bounce_ms / 1000 + RELAY_RELEASE_MARGIN_S)
+        self._relay_window = None
+        report = window.report
+        if report is None:
+            self._waiters.cancel(name, waiter)
+            return {"ok": False, "stage": "edge",
+                    "error": f"input {name} did not see the relay pulse "
+                             "(relay, wiring or input fault)"}
+        held = self.inputs.is_active(name)
+        self._accepted.put(_AcceptedPress(report, window.occurred_at,
+                                          test=None if held else test))
+        done, box = waiter
+        if not done.wait(10):
+            self._waiters.cancel(name, waiter)
+            return {"ok": False, "stage": "committed",
+                    "error": "the test press was not recorded in time (see the daemon log)"}
+        outcome = box[0]
+        if held:
+            return {"ok": False, "stage": "edge", "alarm": outcome.get("event"),
+                    "error": f"input {name} was still held after the pulse: a person pressed "
+                             "the button; recorded as an ALARM"}
+        return {"ok": True, "input": name, "edge_ticks": report.edge_ticks,
+                "occurred_at": utc_iso(window.occurred_at), **outcome}
 
     def _sim_press(self, request: dict) -> dict:
         if not self.config.simulated:

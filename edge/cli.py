@@ -1,6 +1,6 @@
 """``guardpost``: one command for every daemon and tool.
 
-    guardpost run button|uplink|camera|all   the daemons (all: as child processes)
+    guardpost run button|uplink|camera|selftest|all   the daemons (all: as child processes)
     guardpost sim press INPUT [--hold S]  press a simulated button (mock GPIO only)
     guardpost reset [--input NAME]        clear the alarm latch (records Contact ID 465)
     guardpost queue [--json]              the outbox by state and priority
@@ -8,6 +8,8 @@
     guardpost config check FILE           validate a configuration file
     guardpost provision --site ...        write the identity, broker and keys
     guardpost doctor [--json]             commissioning check, step by step
+    guardpost test-alarm                  the end-to-end alarm test, now, stage by stage
+    guardpost report --month YYYY-MM      the monthly record (Markdown, CSV or JSON)
     guardpost watch [--ack]               a minimal stand-in for the police platform
     guardpost demo [--auto]               the whole device in simulation, with a local broker
 
@@ -70,13 +72,15 @@ def cmd_run(args) -> int:
     if args.daemon == "all":
         from edge.supervisor import Supervisor
 
-        daemons = ["button", "uplink"] + (["camera"] if config.cameras else [])
+        daemons = ["button", "uplink", "selftest"] + (["camera"] if config.cameras else [])
         return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
                                                daemons=daemons, log_level=args.log_level))
     if args.daemon == "button":
         from edge.button import ButtonDaemon as Daemon
     elif args.daemon == "camera":
         from edge.camera import CameraDaemon as Daemon
+    elif args.daemon == "selftest":
+        from edge.selftest import SelfTestDaemon as Daemon
     else:
         from edge.uplink import UplinkDaemon as Daemon
     from edge.instance import AlreadyRunning
@@ -231,6 +235,82 @@ def cmd_doctor(args) -> int:
                       ack_timeout=args.ack_timeout)
 
 
+def cmd_test_alarm(args) -> int:
+    """Run the alarm test here and now, printing each stage as it passes."""
+    from edge.alarmtest import AlarmTestRunner, TestBusy, request_test
+    from edge.outbox import Outbox
+
+    config = _load(args.config)
+    if args.ack_timeout is not None:
+        config = config.model_copy(update={"alarm_test": config.alarm_test.model_copy(
+            update={"ack_timeout_s": args.ack_timeout})})
+
+    def show(stage: str, info: dict) -> None:
+        if stage == "started":
+            how = ("test relay (covers the wiring)" if info["method"] == "relay"
+                   else "software (does NOT cover the button's wiring)")
+            print(f"alarm test {info['test_id']}: Contact ID {info['code']}, by {how}")
+        elif stage == "edge":
+            print(f"  edge       {info['occurred_at']}  the input saw the press "
+                  f"(event seq {info['seq']})")
+        elif stage in ("committed", "sent", "acknowledged"):
+            column = {"committed": "committed_at", "sent": "sent_at",
+                      "acknowledged": "acknowledged_at"}[stage]
+            what = {"committed": "durable in the outbox", "sent": "the broker has it (PUBACK)",
+                    "acknowledged": "the platform acknowledged it"
+                    + (f" ({info['acknowledged_by']})" if info.get("acknowledged_by") else "")}
+            print(f"  {stage:<10} {info[column]}  {what[stage]}")
+        sys.stdout.flush()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with Outbox(config.storage.database, config.identity) as outbox:
+        test_id = request_test(outbox, "manual")
+        try:
+            outcome = AlarmTestRunner(config, outbox, progress=show, stop=stop).run(test_id)
+        except TestBusy as err:
+            with outbox.transaction() as conn:
+                conn.execute("UPDATE alarm_tests SET state = 'failed', finished_at = ?,"
+                             " failed_stage = 'edge', reason = ? WHERE id = ?",
+                             (_now_iso(), str(err), test_id))
+            print(f"not run: {err}", file=sys.stderr)
+            return EX_TEMPFAIL
+    if outcome.passed:
+        ms = outcome.stages_ms
+        print(f"PASSED in {ms['total']:.1f} ms (edge->commit {ms['edge_to_commit']:.1f}, "
+              f"commit->broker {ms['commit_to_sent']:.1f}, broker->platform "
+              f"{ms['sent_to_ack']:.1f} ms)")
+        return 0
+    print(f"FAILED at stage {outcome.failed_stage}: {outcome.reason}")
+    return 1
+
+
+def _now_iso() -> str:
+    from edge.events import utc_iso, utc_now
+
+    return utc_iso(utc_now())
+
+
+def cmd_report(args) -> int:
+    from edge.report import build_report, render_csv, render_json, render_markdown
+
+    config = _load(args.config)
+    try:
+        report = build_report(config.storage.database, args.month, config.device.zone,
+                              identity=config.identity)
+    except ValueError as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 2
+    render = {"md": render_markdown, "csv": render_csv, "json": render_json}[args.format]
+    text = render(report)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from edge.demo import run_demo
 
@@ -252,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(commands.add_parser("run", help="run a daemon"))
-    run.add_argument("daemon", choices=["button", "uplink", "camera", "all"])
+    run.add_argument("daemon", choices=["button", "uplink", "camera", "selftest", "all"])
     run.set_defaults(func=cmd_run)
 
     sim = commands.add_parser("sim", help="simulation tools (mock GPIO only)")
@@ -312,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--ack-timeout", type=float, default=30.0,
                         help="seconds to wait for the platform's acknowledgement")
     doctor.set_defaults(func=cmd_doctor)
+
+    test_alarm = with_config(commands.add_parser(
+        "test-alarm", help="run the end-to-end alarm test now (a test, never an alarm)"))
+    test_alarm.add_argument("--ack-timeout", type=float,
+                            help="seconds to wait for the platform (default: alarm_test)")
+    test_alarm.set_defaults(func=cmd_test_alarm)
+
+    report = with_config(commands.add_parser(
+        "report", help="the monthly record: tests, alarms, faults, time online"))
+    report.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    report.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    report.add_argument("-o", "--output", help="write to this file instead of stdout")
+    report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="the whole device in simulation")
     demo.add_argument("--auto", action="store_true",

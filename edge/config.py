@@ -15,7 +15,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
@@ -60,10 +62,35 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (an IANA name such as "
+                         "'Asia/Shanghai')") from None
+    return value
+
+
+def _cron(value: str) -> str:
+    if len(value.split()) != 5 or not croniter.is_valid(value):
+        raise ValueError(f"{value!r} is not a cron schedule (five fields: minute hour "
+                         "day-of-month month day-of-week, e.g. '0 10 * * 1,4' for Monday "
+                         "and Thursday at 10:00)")
+    return value
+
+
 class DeviceConfig(Strict):
     site_id: Identifier = Field(description="The school or campus, as the platform knows it")
     device_id: Identifier = Field(description="This terminal, unique within the site")
     location: str = Field(min_length=1, max_length=200, description="Human text, e.g. 'South gate'")
+    timezone: Annotated[str, AfterValidator(_time_zone)] = Field(
+        "Asia/Shanghai",
+        description="The site's local time: the test schedule, the monthly report, SMS text",
+    )
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 class TlsConfig(Strict):
@@ -182,6 +209,11 @@ class InputConfig(Strict):
         0, ge=0, le=5000, description="Optional guard against accidental presses; 0 = none",
     )
     label: str | None = Field(None, max_length=100)
+    supervision_pin: GpioPin | None = Field(
+        None,
+        description="Input of a supervision loop run in the button's cable (a wire pair "
+                    "looped at the button): open means the cable is cut or unplugged",
+    )
 
 
 class OutputConfig(Strict):
@@ -189,11 +221,26 @@ class OutputConfig(Strict):
     active_high: bool = True
 
 
+class TestRelayConfig(OutputConfig):
+    """A relay whose contact is wired across the panic button's (in parallel with a
+    normally-open button, in series with a normally-closed loop): energised, it makes
+    the input see a press, so an alarm test exercises the real wiring."""
+
+    input: Identifier | None = Field(
+        None, description="The panic input it is wired to; may be left out with one input",
+    )
+    pulse_ms: int = Field(
+        300, ge=50, le=2000,
+        description="How long the relay is energised; a press seen longer than this (plus "
+                    "bounce) is a person holding the button: an alarm, not the test",
+    )
+
+
 class OutputsConfig(Strict):
     status_led: OutputConfig | None = None
     buzzer: OutputConfig | None = None
     siren: OutputConfig | None = None
-    test_relay: OutputConfig | None = None
+    test_relay: TestRelayConfig | None = None
 
 
 class CameraConfig(Strict):
@@ -221,6 +268,49 @@ class CameraConfig(Strict):
     check_interval_s: float = Field(2, ge=0.1, le=60, description="How often it is examined")
 
 
+class HealthConfig(Strict):
+    """The self-test daemon's periodic checks (``guardpost run selftest``)."""
+
+    interval_s: float = Field(300, ge=5, le=86400, description="Seconds between check runs")
+    fail_after: int = Field(
+        2, ge=1, le=20, description="Consecutive failing runs before a check raises its fault",
+    )
+    restore_after: int = Field(
+        3, ge=1, le=50, description="Consecutive passing runs before the fault is restored",
+    )
+    max_unsent_age_s: float = Field(
+        300, ge=10, le=86400, description="The oldest unsent event may wait this long",
+    )
+    min_free_mb: int = Field(200, ge=1, le=1_000_000, description="Free disk for the database")
+    max_cpu_celsius: float = Field(80, ge=40, le=110)
+    integrity_hour: int = Field(
+        3, ge=0, le=23, description="Local hour of the daily database integrity check",
+    )
+
+
+class AlarmTestConfig(Strict):
+    """The end-to-end alarm test: the test relay pulses the panic input."""
+
+    schedule: Annotated[str, AfterValidator(_cron)] = Field(
+        "0 10 1 * *",
+        description="Cron schedule in the site's time zone; default the 1st of each month "
+                    "at 10:00 (a county testing twice a week: '0 10 * * 1,4')",
+    )
+    ack_timeout_s: float = Field(
+        30, ge=1, le=600, description="The platform must acknowledge the test within this",
+    )
+    catch_up_hours: float = Field(
+        24, ge=0, le=24 * 31,
+        description="A slot missed (device off, clock not yet synchronised) still runs "
+                    "this long after its time",
+    )
+    software_without_relay: bool = Field(
+        True,
+        description="Without a test relay, inject the test in software (it is labelled as "
+                    "not covering the wiring); false: such a test fails",
+    )
+
+
 class Config(Strict):
     """The whole configuration file."""
 
@@ -232,10 +322,41 @@ class Config(Strict):
     inputs: dict[Identifier, InputConfig] = Field(min_length=1)
     outputs: OutputsConfig = OutputsConfig()
     cameras: dict[Identifier, CameraConfig] = Field(default_factory=dict)
+    health: HealthConfig = HealthConfig()
+    alarm_test: AlarmTestConfig = AlarmTestConfig()
+
+    @model_validator(mode="after")
+    def _test_relay_input(self) -> Config:
+        relay = self.outputs.test_relay
+        if relay is None:
+            return self
+        if relay.input is None and len(self.inputs) > 1:
+            raise ValueError("outputs.test_relay.input: required with more than one input "
+                             f"(one of {', '.join(sorted(self.inputs))})")
+        if relay.input is not None and relay.input not in self.inputs:
+            raise ValueError(f"outputs.test_relay.input: no input {relay.input!r} "
+                             f"(inputs: {', '.join(sorted(self.inputs))})")
+        spec = self.inputs[relay.input or next(iter(self.inputs))]
+        needed = max(spec.min_press_ms, spec.hold_ms) + 50
+        if relay.pulse_ms < needed:
+            raise ValueError(f"outputs.test_relay.pulse_ms: must be at least {needed} (the "
+                             "input's min_press_ms or hold_ms, plus 50) for the pulse to "
+                             "count as a press")
+        return self
+
+    @property
+    def test_input(self) -> str | None:
+        """The panic input the test relay is wired to, if there is a relay."""
+        relay = self.outputs.test_relay
+        if relay is None:
+            return None
+        return relay.input or next(iter(self.inputs))
 
     @model_validator(mode="after")
     def _pins_used_once(self) -> Config:
         users = [(f"inputs.{name}", spec.pin) for name, spec in self.inputs.items()]
+        users += [(f"inputs.{name}.supervision_pin", spec.supervision_pin)
+                  for name, spec in self.inputs.items() if spec.supervision_pin is not None]
         users += [(f"outputs.{name}", spec.pin) for name in OutputsConfig.model_fields
                   if (spec := getattr(self.outputs, name)) is not None]
         owners: dict[int, str] = {}

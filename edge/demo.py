@@ -69,6 +69,8 @@ label = "Guardhouse desk button (silent)"
 [outputs]
 status_led = {{ pin = 22 }}
 buzzer = {{ pin = 23 }}
+# Wired (in the simulation) across the gate button's contacts: the alarm test.
+test_relay = {{ pin = 24, input = "gate" }}
 
 # A simulated camera: a test-card video played in a loop, as a live camera would stream.
 [cameras.gate-outside]
@@ -80,9 +82,13 @@ post_count = 3
 width = 0
 """
 
+# The story's events: 4 alarms, a reset, the alarm test and its result.
+EVENTS = 7
+
 HELP = """\
   Enter or p [INPUT] [SECONDS]  press a panic button (default: gate, 0.3 s)
   r                             reset the alarm (guardpost reset)
+  t                             the end-to-end alarm test (guardpost test-alarm)
   d / u                         take the network down / bring it back up
   s / q                         guardpost status / guardpost queue
   x (or Ctrl-D)                 quit"""
@@ -231,6 +237,14 @@ class Demo:
         ok &= self.watcher.wait_for_events(5, 10)
         ok &= self.wait_until(lambda: self.led() == "off", "the LED to go off")
 
+        say("The monthly alarm test: the test relay pulses the real gate input")
+        test = subprocess.run([sys.executable, "-m", "edge", "test-alarm", "--config",
+                               str(self.config_path)], capture_output=True, text=True,
+                              timeout=120)
+        print("   " + (test.stdout + test.stderr).strip().replace("\n", "\n   "))
+        ok &= test.returncode == 0
+        ok &= self.watcher.wait_for_events(EVENTS, 10)
+
         say("Result")
         seen: set[str] = set()
         arrival = []  # sequence numbers in arrival order, first copy of each event
@@ -240,11 +254,11 @@ class Demo:
                 arrival.append(event["seq"])
         status = self.status()
         print(status_text(status))
-        ok &= arrival == list(range(1, 6))
+        ok &= arrival == list(range(1, EVENTS + 1))
         ok &= status["outbox"]["queued"] == 0 and status["outbox"]["sent_unacknowledged"] == 0
         if ok:
-            print(f"\nPASS: {len(arrival)} events delivered in order (seq 1..5), none missing, "
-                  "every alarm acknowledged")
+            print(f"\nPASS: {len(arrival)} events delivered in order (seq 1..{EVENTS}), none "
+                  "missing, every alarm and test acknowledged")
         else:
             print(f"\nFAIL: sequence numbers as they arrived: {arrival}; outbox {status['outbox']}")
         return 0 if ok else 1
@@ -270,6 +284,9 @@ class Demo:
                     self.press(name, hold)
                 elif command == "r":
                     self.reset()
+                elif command == "t":
+                    subprocess.run([sys.executable, "-m", "edge", "test-alarm", "--config",
+                                    str(self.config_path)], timeout=120)
                 elif command == "d":
                     self.broker.stop()
                     print("   broker stopped: presses are kept in the outbox")

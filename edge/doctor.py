@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge.alarmtest import follow_event
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config, ConfigError, load_config
 from edge.control import ControlUnavailable, request
@@ -227,12 +228,7 @@ class Doctor:
                 event_id = event.id
                 wake(self.config.storage.runtime_dir, "uplink")
                 step.data["software_test"] = True
-            deadline = time.monotonic() + self.ack_timeout
-            row = outbox.get_event_row(event_id)
-            pause = threading.Event()
-            while row["state"] != "acknowledged" and time.monotonic() < deadline:
-                pause.wait(0.1)  # the doctor watches the outbox as a person would
-                row = outbox.get_event_row(event_id)
+            row = follow_event(outbox, event_id, self.ack_timeout)
         stages = {k: row[k] for k in ("occurred_at", "committed_at", "sent_at",
                                       "acknowledged_at", "acknowledged_by")}
         step.data.update({"event_id": event_id, "stages": stages})

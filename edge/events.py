@@ -25,6 +25,7 @@ class EventKind(StrEnum):
     ALARM = "alarm"
     RESET = "reset"  # the latch of an alarm was cleared by a person
     TEST = "test"
+    TEST_RESULT = "test-result"  # the outcome of an end-to-end alarm test
     FAULT = "fault"
     RESTORE = "restore"
 
@@ -70,6 +71,7 @@ _PRIORITY_OF_KIND = {
     # A reset follows its alarm; at alarm priority it cannot be overtaken by a backlog.
     EventKind.RESET: Priority.ALARM,
     EventKind.TEST: Priority.TEST,
+    EventKind.TEST_RESULT: Priority.TEST,
     EventKind.FAULT: Priority.FAULT,
     EventKind.RESTORE: Priority.FAULT,
 }

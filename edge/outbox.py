@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -492,3 +493,43 @@ class Outbox:
     def daemon_states(self) -> dict[str, tuple[str, str]]:
         return {name: (state, updated) for name, state, updated in
                 self._conn.execute("SELECT name, state, updated_at FROM daemon_state")}
+
+    # -- uplink sessions: the time online of the monthly report ------------------------
+
+    def session_started(self, session: int, at: datetime | None = None) -> None:
+        stamp = utc_iso(at or utc_now())
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO uplink_sessions(session, connected_at, last_seen_at)"
+                         " VALUES (?, ?, ?)", (session, stamp, stamp))
+
+    def session_seen(self, session: int, at: datetime | None = None) -> None:
+        """Still connected: a crash ends the session here, not at the next connect."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE uplink_sessions SET last_seen_at = ? WHERE session = ?"
+                         " AND disconnected_at IS NULL", (utc_iso(at or utc_now()), session))
+
+    def session_ended(self, session: int, reason: str, at: datetime | None = None) -> None:
+        stamp = utc_iso(at or utc_now())
+        with self.transaction() as conn:
+            conn.execute("UPDATE uplink_sessions SET last_seen_at = ?, disconnected_at = ?,"
+                         " reason = ? WHERE session = ? AND disconnected_at IS NULL",
+                         (stamp, stamp, reason, session))
+
+    # -- alarm tests: the platform's replies -------------------------------------------
+
+    def replies_due(self, exclude: Iterable[str] = ()) -> list[tuple[str, dict, str, dict]]:
+        """Finished platform-requested tests whose result reply is not yet at the broker:
+        ``(test_id, request, state, result)`` each; the result is the test-result
+        event's detail."""
+        skip = set(exclude)
+        rows = self._conn.execute(
+            "SELECT t.id, t.request, t.state, e.payload FROM alarm_tests t"
+            " LEFT JOIN events e ON e.id = t.result_event_id"
+            " WHERE t.reply_state = 'pending' AND t.state IN ('passed', 'failed')").fetchall()
+        return [(test_id, json.loads(request), state,
+                 json.loads(payload).get("detail", {}) if payload else {})
+                for test_id, request, state, payload in rows if test_id not in skip]
+
+    def reply_sent(self, test_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET reply_state = 'sent' WHERE id = ?", (test_id,))

@@ -88,6 +88,18 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
         status["uplink"] = uplink
     else:
         status["uplink"] = {"stale": True, "error": "the uplink has never run"}
+    if "selftest" in states:
+        raw, updated = states["selftest"]
+        age = (now - datetime.fromisoformat(updated)).total_seconds()
+        selftest = json.loads(raw)
+        status["selftest"] = {
+            "checks": selftest.get("checks", {}), "checked_at": selftest.get("checked_at"),
+            "last_test": selftest.get("last_test"), "next_test": selftest.get("next_test"),
+            "schedule": selftest.get("schedule"), "report_age_s": round(age, 1),
+            # Records after every run, or a test; three missed runs: not running.
+            "stale": age > 3 * config.health.interval_s + config.alarm_test.ack_timeout_s}
+    else:
+        status["selftest"] = {"stale": True, "error": "the self-test daemon has never run"}
     if config.cameras:
         try:
             camera = request(config.storage.runtime_dir / "camera.ctl", {"op": "status"},
@@ -102,9 +114,12 @@ def healthy(status: dict) -> bool:
     uplink = status["uplink"]
     camera = status.get("camera", {"running": True, "cameras": {}})
     cameras_ok = camera["running"] and not any(c["fault"] for c in camera["cameras"].values())
+    selftest = status.get("selftest", {})
+    checks_ok = not selftest.get("stale") and not any(
+        c.get("fault") for c in selftest.get("checks", {}).values())
     return (status["button"]["running"] and not uplink.get("stale")
             and bool(uplink.get("connected")) and status["outbox"]["queued"] == 0
-            and cameras_ok)
+            and cameras_ok and checks_ok)
 
 
 def status_text(status: dict) -> str:
@@ -151,8 +166,43 @@ def status_text(status: dict) -> str:
             state = f"FAULT: {c['fault']}" if c["fault"] else "ok"
             lines.append(f"camera   {name}: {state}, "
                          f"{'connected' if c['connected'] else 'DISCONNECTED'}, {age}")
+    lines.extend(_selftest_lines(status.get("selftest")))
     o = status["outbox"]
     lines.append(f"outbox   {o['queued']} unsent, {o['sent_unacknowledged']} awaiting the "
                  f"platform's acknowledgement, oldest unsent {_age(o['oldest_unsent_age_s'])}, "
                  f"last seq {o['last_seq']}")
     return "\n".join(lines)
+
+
+def _selftest_lines(selftest: dict | None) -> list[str]:
+    if selftest is None:
+        return []
+    if "checks" not in selftest:
+        return [f"checks   NOT RUNNING ({selftest.get('error')})"]
+    lines = []
+    if selftest["stale"]:
+        lines.append(f"checks   STALE: last run {selftest['report_age_s']:.0f} s ago "
+                     "(self-test daemon not running?)")
+    for name, check in selftest["checks"].items():
+        if check["ok"] is None:
+            state = "n/a  "
+        elif check.get("fault"):
+            state = "FAULT"
+        else:
+            state = "ok   " if check["ok"] else "fail "  # failing, not yet a fault
+        lines.append(f"check    {name:<16} {state} {check['summary']}")
+    test = selftest.get("last_test")
+    if test:
+        how = "relay" if test.get("covers_wiring") else "software, not covering the wiring"
+        if test["result"] == "passed":
+            lines.append(f"test     last alarm test PASSED at {test.get('at')} ({how}), "
+                         f"{test['stages_ms'].get('total')} ms to the platform")
+        else:
+            lines.append(f"test     last alarm test FAILED at {test.get('at')} ({how}): stage "
+                         f"{test.get('failed_stage')}: {test.get('reason')}")
+    else:
+        lines.append("test     no alarm test yet")
+    if selftest.get("next_test"):
+        lines.append(f"         next scheduled {selftest['next_test']} "
+                     f"(schedule '{selftest.get('schedule')}')")
+    return lines

@@ -36,14 +36,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge import __version__
+from edge.alarmtest import request_test
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
 from edge.contract import (
+    MAX_WAITING_TESTS,
     RejectedInput,
     Topics,
     health_payload,
     parse_ack,
+    parse_test_command,
     rejection_payload,
+    reply_payload,
     snapshot_description,
     status_payload,
 )
@@ -67,6 +71,7 @@ RESERVED_IN_FLIGHT = 2      # birth/offline and heartbeat may be in flight besid
 PRUNE_EVERY_S = 3600.0
 SHUTDOWN_FLUSH_S = 2.0
 LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least this often
+CHORES_EVERY_S = 0.25       # how often finished platform tests and new self-checks are looked for
 
 
 class Backoff:
@@ -154,6 +159,14 @@ class UplinkDaemon:
         self._pubacks: list[tuple[int, bool, str]] = []
         self._acks: list = []                       # (AckMessage, mid, qos)
         self._rejections: list = []                 # (topic, reason, payload, mid, qos)
+        self._commands: list = []                   # (command, reply topic, correlation, mid, qos)
+        self._reply_mids: dict[int, str] = {}       # paho mid -> alarm test whose result it is
+        self._next_chores = 0.0
+        self._heartbeat_mid: int | None = None
+        self._heartbeat_sent = 0.0
+        self._broker_rtt_ms: float | None = None    # the last heartbeat's PUBLISH -> PUBACK
+        self._rtt_at: str | None = None
+        self._selftest_seen: str | None = None      # updated_at of the checks last published
         self._connected = False
         self._connected_since = 0.0
         self._max_packet: int | None = None  # the broker's MQTT 5 Maximum Packet Size
@@ -213,6 +226,9 @@ class UplinkDaemon:
                 self._settle(client, outbox)
                 self._fill_window(client, outbox)
                 now = time.monotonic()
+                if self._connected and now >= self._next_chores:
+                    self._chores(client, outbox)
+                    self._next_chores = now + CHORES_EVERY_S
                 if self._connected and now >= next_heartbeat:
                     self._heartbeat(client, outbox)
                     next_heartbeat = now + cfg.uplink.heartbeat_interval
@@ -354,6 +370,7 @@ class UplinkDaemon:
             protocol=self.config.broker.protocol, connected_at=self._connected_at),
             qos=1, retain=True, properties=self._json_props())
         client.subscribe([(self.topics.ack, 1), (self.topics.commands, 1)])
+        self._outbox.session_started(self._session)
         self._heartbeat(client, self._outbox)
         self._save_state()
 
@@ -364,6 +381,9 @@ class UplinkDaemon:
             # Only a connection that lasted resets the backoff: a broker that accepts and
             # then drops us at once (another client with our id) is not hammered.
             self._backoff.reset()
+        if was_connected:
+            self._outbox.session_ended(self._session, "shutdown" if self._stopping
+                                       else str(reason_code))
         if self._stopping:
             return
         if was_connected:
@@ -487,17 +507,57 @@ class UplinkDaemon:
 
     def _heartbeat(self, client: paho.Client, outbox: Outbox) -> None:
         latched = sorted(AlarmLatch(outbox, self.config.inputs).latches())
-        client.publish(self.topics.health, health_payload(
+        selftest = outbox.daemon_states().get("selftest")
+        checks = None
+        if selftest is not None:
+            self._selftest_seen = selftest[1]
+            checks = json.loads(selftest[0])
+        info = client.publish(self.topics.health, health_payload(
             self.identity, session=self._session, uptime_s=time.monotonic() - self._started,
-            outbox=outbox.backlog(), clock_synced=clock_synchronised(), latched=latched),
-            qos=1, retain=True, properties=self._json_props())
-        self._save_state()
+            outbox=outbox.backlog(), clock_synced=clock_synchronised(), latched=latched,
+            selftest=checks), qos=1, retain=True, properties=self._json_props())
+        # Its PUBACK times the round trip to the broker, for the self-test's broker check;
+        # the daemon's state is recorded then.
+        self._heartbeat_mid, self._heartbeat_sent = info.mid, time.monotonic()
+        outbox.session_seen(self._session)
+
+    def _chores(self, client: paho.Client, outbox: Outbox) -> None:
+        """Replies to the platform's tests that have finished; new self-checks are
+        published at once rather than with the next heartbeat."""
+        for test_id, request, state, result in outbox.replies_due(self._reply_mids.values()):
+            info = client.publish(request["reply_topic"], reply_payload(
+                self.identity, command="test", request_id=request["request_id"],
+                status=state, test_id=test_id, result=result), qos=1,
+                properties=self._reply_props(request))
+            self._reply_mids[info.mid] = test_id
+        selftest = outbox.daemon_states().get("selftest")
+        if selftest is not None and selftest[1] != self._selftest_seen:
+            self._heartbeat(client, outbox)
+
+    def _reply_props(self, request: dict) -> Properties | None:
+        if not is_v5(self.config.broker):
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        if request.get("correlation") is not None:
+            props.CorrelationData = bytes.fromhex(request["correlation"])
+        return props
 
     # -- what came back --------------------------------------------------------------
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        if message.topic == self.topics.cmd_test:
+            try:
+                command = parse_test_command(message.payload)
+            except RejectedInput as err:
+                self._rejections.append((message.topic, str(err), message.payload,
+                                         message.mid, message.qos))
+                return
+            self._commands.append((command, *self._reply_to(message), message.mid,
+                                   message.qos))
+            return
         if message.topic != self.topics.ack:
-            # No platform commands exist yet in contract version 1: say so, not nothing.
+            # Say so, not nothing: a platform newer than this device learns it at once.
             self._rejections.append((message.topic, "unknown command", message.payload,
                                      message.mid, message.qos))
             return
@@ -515,13 +575,23 @@ class UplinkDaemon:
         if self._pubacks:
             for mid, ok, reason in self._pubacks:
                 flight = self._inflight.pop(mid, None)
+                if mid == self._heartbeat_mid:
+                    self._heartbeat_mid = None
+                    self._broker_rtt_ms = round((time.monotonic() - self._heartbeat_sent) * 1000,
+                                                3)
+                    self._rtt_at = utc_iso(utc_now())
+                    self._save_state()
+                if mid in self._reply_mids:
+                    outbox.reply_sent(self._reply_mids.pop(mid))
                 if flight is None:
                     continue  # birth, heartbeat, rejection replies: not outbox rows
                 if ok:
                     if not self._unmarked:
                         self._unmarked_since = time.monotonic()
                     self._unmarked.append(flight)
-                    self._unmarked_urgent |= flight.priority == Priority.ALARM
+                    # Alarms light the LED; tests are timed stage by stage: record both
+                    # at once rather than with the next batch.
+                    self._unmarked_urgent |= flight.priority <= Priority.TEST
                     self._drain.delivered()
                 else:
                     log.error("broker refused outbox row %d (%s); retrying in %.0f s",
@@ -544,6 +614,11 @@ class UplinkDaemon:
                              f" ({ack.by})" if ack.by else "")
                 client.ack(mid, qos)  # only now: the acknowledgement is durable
             wake_button = True
+        if self._commands:
+            commands, self._commands = self._commands, []
+            for command, reply_topic, correlation, mid, qos in commands:
+                self._take_test_command(client, outbox, command, reply_topic, correlation)
+                client.ack(mid, qos)  # only now: the request is durable
         if self._rejections:
             rejections, self._rejections = self._rejections, []
             for topic, reason, payload, mid, qos in rejections:
@@ -551,6 +626,41 @@ class UplinkDaemon:
                 client.ack(mid, qos)
         if wake_button:
             wake(self.config.storage.runtime_dir, "button")
+
+    def _reply_to(self, message: paho.MQTTMessage) -> tuple[str, str | None]:
+        """Where the answer goes: the request's MQTT 5 Response Topic (with its
+        Correlation Data) if it lies under our ``reply/`` (the only place the broker's
+        ACL lets a device write answers), else ``reply/test``."""
+        props = getattr(message, "properties", None)
+        topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        if (not topic or not topic.startswith(self.topics.below("reply/"))
+                or any(c in topic for c in "+#\x00")):
+            topic = self.topics.reply_test
+        return topic, correlation.hex() if correlation is not None else None
+
+    def _take_test_command(self, client: paho.Client, outbox: Outbox, command,
+                           reply_topic: str, correlation: str | None) -> None:
+        """The police's linked test: recorded, handed to the self-test daemon, and
+        answered twice: ``accepted`` now, the result when it is known."""
+        request = {"request_id": command.request_id, "reply_topic": reply_topic,
+                   "correlation": correlation, "by": command.by}
+        props = self._reply_props(request)
+        waiting = outbox.db.execute("SELECT count(*) FROM alarm_tests"
+                                    " WHERE state = 'requested'").fetchone()[0]
+        if waiting >= MAX_WAITING_TESTS:
+            client.publish(reply_topic, reply_payload(
+                self.identity, command="test", request_id=command.request_id,
+                status="refused", reason=f"{waiting} tests are already waiting to run"),
+                qos=1, properties=props)
+            return
+        test_id = request_test(outbox, "platform", request=request)
+        log.info("platform requested an alarm test (request %s%s): test %s",
+                 command.request_id, f" by {command.by}" if command.by else "", test_id)
+        wake(self.config.storage.runtime_dir, "selftest")
+        client.publish(reply_topic, reply_payload(
+            self.identity, command="test", request_id=command.request_id, status="accepted",
+            test_id=test_id), qos=1, properties=props)
 
     def _reject(self, client: paho.Client, topic: str, reason: str, payload: bytes) -> None:
         log.warning("rejected a message on %s: %s", topic, reason)
@@ -574,6 +684,7 @@ class UplinkDaemon:
             "connected_at": self._connected_at, "last_error": self._last_error,
             "in_flight": len(self._inflight), "window": self._window,
             "heartbeat_interval": cfg.uplink.heartbeat_interval,
+            "broker_rtt_ms": self._broker_rtt_ms, "rtt_at": self._rtt_at,
         }
         try:
             self._outbox.set_daemon_state(self.name, json.dumps(state))

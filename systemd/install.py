@@ -31,9 +31,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1]
 UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost-camera.service",
-         "guardpost.target")
+         "guardpost-selftest.service", "guardpost.target")
 ENABLE = ("guardpost.target", "guardpost-button.service", "guardpost-uplink.service",
-          "guardpost-camera.service")
+          "guardpost-camera.service", "guardpost-selftest.service")
 
 SYSUSERS = """\
 # Guardpost's system user (systemd-sysusers). The groups give it the GPIO chip, the

@@ -22,13 +22,15 @@ def test_the_demo_plays_the_whole_story_and_passes():
     result = subprocess.run([sys.executable, "-m", "edge", "demo", "--auto"],
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "PASS: 5 events delivered in order" in result.stdout
+    assert "PASS: 7 events delivered in order" in result.stdout
+    assert "PASSED in" in result.stdout  # the alarm test through the simulated relay
     assert "ignored (glitch of" in result.stdout
 
 
-def test_sim_press_queue_status_and_reset(device):
+def test_sim_press_queue_status_and_reset(device, daemons):
     running = device()
     path, police, button = running.path, running.police, running.button
+    daemons("selftest", path)
 
     pressed = guardpost("sim", "press", "gate", "--hold", "0.05", "-c", str(path))
     assert pressed.returncode == 0 and "new alarm recorded, seq 1" in pressed.stdout
@@ -45,6 +47,8 @@ def test_sim_press_queue_status_and_reset(device):
     assert status.returncode == 0, status.stdout
     assert "ALARM    gate: latched since" in status.stdout
     assert "LED steady" in status.stdout and "uplink   connected" in status.stdout
+    assert "check    button           ok" in status.stdout
+    assert "no alarm test yet" in status.stdout and "next scheduled" in status.stdout
 
     reset = guardpost("reset", "--by", "guard Li", "-c", str(path))
     assert reset.returncode == 0 and "reset gate: alarm" in reset.stdout

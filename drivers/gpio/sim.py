@@ -8,6 +8,7 @@ pull-up or pull-down), so the whole input path, filter included, is exercised.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from gpiozero.pins.mock import MockPin
 
@@ -15,7 +16,11 @@ from drivers.gpio.inputs import active_level
 
 
 class SimulatedContact:
-    """The contact behind one mock input pin."""
+    """The contact behind one mock input pin.
+
+    Several things can close it at once, as on a real panel: the guard's button and the
+    test relay wired across it. The input reads "pressed" while any of them presses.
+    """
 
     def __init__(self, pin: MockPin, contact: str, pull: str):
         if not isinstance(pin, MockPin):
@@ -23,7 +28,9 @@ class SimulatedContact:
         self._pin = pin
         self._active = active_level(contact, pull)
         self._lock = threading.Lock()  # one press at a time per contact
-        self.release()  # a normally-closed loop is closed at rest
+        self._level_lock = threading.Lock()
+        self._pressed_by: set[str] = set()
+        self._drive(not self._active)  # a normally-closed loop is closed at rest
 
     def _drive(self, level: bool) -> None:
         if level:
@@ -31,11 +38,16 @@ class SimulatedContact:
         else:
             self._pin.drive_low()
 
-    def press(self) -> None:
-        self._drive(self._active)
+    def press(self, by: str = "button") -> None:
+        with self._level_lock:
+            self._pressed_by.add(by)
+            self._drive(self._active)
 
-    def release(self) -> None:
-        self._drive(not self._active)
+    def release(self, by: str = "button") -> None:
+        with self._level_lock:
+            self._pressed_by.discard(by)
+            if not self._pressed_by:
+                self._drive(not self._active)
 
     def press_for(self, seconds: float, stop: threading.Event | None = None) -> None:
         """Press, hold for ``seconds`` (a wait that ``stop`` can cut short), release."""
@@ -46,3 +58,38 @@ class SimulatedContact:
                     (stop or threading.Event()).wait(seconds)
             finally:
                 self.release()
+
+
+class RelayWiredPin(MockPin):
+    """A mock output pin whose relay contact is wired across a panic input.
+
+    ``on_change(level)`` is called with the new pin level each time the output changes,
+    from the thread that set it, as a real relay would close the contact.
+    """
+
+    def __init__(self, factory, info, on_change: Callable[[bool], None] | None = None):
+        super().__init__(factory, info)
+        self.on_change = on_change
+
+    def _change_state(self, value):
+        changed = self._state != value
+        super()._change_state(value)
+        if changed and self.on_change is not None:
+            self.on_change(bool(value))
+
+
+def wire_test_relay(factory, relay_pin: int, active_high: bool,
+                    contact: Callable[[], SimulatedContact | None]) -> RelayWiredPin:
+    """Wire (in the fake) the test relay's output to the contact of its panic input;
+    call before the output device is created on ``relay_pin``."""
+
+    def follow(level: bool) -> None:
+        target = contact()
+        if target is None:
+            return
+        if level == active_high:
+            target.press(by="test relay")
+        else:
+            target.release(by="test relay")
+
+    return factory.pin(relay_pin, pin_class=RelayWiredPin, on_change=follow)

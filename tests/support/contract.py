@@ -22,6 +22,8 @@ def schema_for_topic(leaf: str) -> str | None:
     """Which schema a device-to-platform topic leaf (below the device prefix) follows."""
     if leaf.startswith("event/"):
         return "event"
+    if leaf.startswith("reply/"):
+        return "reply"
     return {"status": "status", "health": "health", "rejected": "rejected"}.get(leaf)
 
 

@@ -1,0 +1,128 @@
+"""Read-only probes of the board's health: CPU temperature, power, disk.
+
+Each probe takes ``root`` (``/`` on a device) so that tests can point it at a fake sysfs
+tree, and none raises for a source that is missing: a board without the sensor reports
+``available=False`` and the reason, and the self-test daemon marks that check "not
+applicable" instead of failing it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# Raspberry Pi firmware `get_throttled` bits (vcgencmd documentation).
+UNDER_VOLTAGE_NOW = 1 << 0
+CAPPED_NOW = 1 << 1
+THROTTLED_NOW = 1 << 2
+SOFT_TEMP_LIMIT_NOW = 1 << 3
+UNDER_VOLTAGE_OCCURRED = 1 << 16
+CAPPED_OCCURRED = 1 << 17
+THROTTLED_OCCURRED = 1 << 18
+SOFT_TEMP_LIMIT_OCCURRED = 1 << 19
+
+
+@dataclass(frozen=True)
+class Reading:
+    available: bool
+    celsius: float | None = None
+    source: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class PowerStatus:
+    available: bool
+    under_voltage_now: bool = False
+    throttled_now: bool = False
+    capped_now: bool = False
+    soft_temp_limit_now: bool = False
+    under_voltage_since_boot: bool = False
+    throttled_since_boot: bool = False
+    raw: int | None = None
+    source: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    path: str
+    free_bytes: int    # for unprivileged users (f_bavail): what the daemons can use
+    total_bytes: int
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cpu_temperature(root: Path = Path("/")) -> Reading:
+    """The CPU's thermal zone (``cpu-thermal`` on a Pi; else the first zone)."""
+    zones = sorted((root / "sys/class/thermal").glob("thermal_zone*"))
+    if not zones:
+        return Reading(False, reason="no thermal zone reported by the kernel")
+    chosen = next((z for z in zones if _read(z / "type") == "cpu-thermal"), zones[0])
+    raw = _read(chosen / "temp")
+    try:
+        return Reading(True, int(raw) / 1000, source=str(chosen / "temp"))
+    except (TypeError, ValueError):
+        return Reading(False, source=str(chosen / "temp"),
+                       reason=f"unreadable temperature {raw!r}")
+
+
+def _decode(raw: int, source: str) -> PowerStatus:
+    return PowerStatus(
+        True, under_voltage_now=bool(raw & UNDER_VOLTAGE_NOW),
+        throttled_now=bool(raw & THROTTLED_NOW), capped_now=bool(raw & CAPPED_NOW),
+        soft_temp_limit_now=bool(raw & SOFT_TEMP_LIMIT_NOW),
+        under_voltage_since_boot=bool(raw & UNDER_VOLTAGE_OCCURRED),
+        throttled_since_boot=bool(raw & THROTTLED_OCCURRED), raw=raw, source=source)
+
+
+def power_status(root: Path = Path("/"), vcgencmd: str | None = None) -> PowerStatus:
+    """Under-voltage and throttling: the ``rpi_volt`` hwmon alarm (current kernels), the
+    firmware's ``get_throttled`` in sysfs, or ``vcgencmd get_throttled``."""
+    for hwmon in sorted((root / "sys/class/hwmon").glob("hwmon*")):
+        if _read(hwmon / "name") == "rpi_volt":
+            alarm = _read(hwmon / "in0_lcrit_alarm")
+            if alarm in ("0", "1"):
+                return PowerStatus(True, under_voltage_now=alarm == "1",
+                                   source=str(hwmon / "in0_lcrit_alarm"))
+    firmware = root / "sys/devices/platform/soc/soc:firmware/get_throttled"
+    text = _read(firmware)
+    if text is not None:
+        try:
+            return _decode(int(text, 0) if text.startswith("0x") else int(text, 16),
+                           str(firmware))
+        except ValueError:
+            pass
+    command = vcgencmd or shutil.which("vcgencmd")
+    if command and os.access(command, os.X_OK):
+        try:
+            out = subprocess.run([command, "get_throttled"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+            return _decode(int(out.partition("=")[2], 16), "vcgencmd get_throttled")
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            pass
+    return PowerStatus(False, reason="the board reports no under-voltage or throttling state")
+
+
+def disk_space(path: Path) -> DiskSpace:
+    """Free space of the filesystem holding ``path`` (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stat = os.statvfs(path)
+    return DiskSpace(str(path), stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize)
+
+
+def board_model(root: Path = Path("/")) -> str | None:
+    try:
+        return (root / "proc/device-tree/model").read_bytes().rstrip(b"\0").decode()
+    except (OSError, UnicodeDecodeError):
+        return None

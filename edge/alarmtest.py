@@ -1,0 +1,312 @@
+"""The end-to-end alarm test: the real alarm path, exercised and timed.
+
+A test is requested (by the schedule, by ``guardpost test-alarm``, or by the platform's
+``cmd/test``), recorded in the outbox's ``alarm_tests`` table, and run:
+
+    test relay pulse (button daemon) -> the real input sees a press -> test event
+      (601 manual / 602 periodic) committed -> uplink -> broker PUBACK -> platform ack
+
+Each stage's time is taken from the outbox, where every daemon records it, so the figures
+are those of the real path. Without a test relay the event is committed here instead
+("software"), and labelled as not covering the wiring. The result is stored, published as
+a ``test-result`` event, and a failed test raises a fault (Contact ID 307, check
+``alarm-test``) that the next passing test restores.
+
+Only one test runs at a time on a device (a lock file in the runtime directory), whoever
+started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from edge.clock import boot_id, clock_synchronised
+from edge.config import Config
+from edge.control import ControlUnavailable
+from edge.control import request as control_request
+from edge.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now, uuid7
+from edge.outbox import Outbox
+from edge.wake import wake
+
+log = logging.getLogger(__name__)
+
+STAGES = ("edge", "committed", "sent", "acknowledged")
+TRIGGERS = ("schedule", "manual", "platform")
+CHECK_NAME = "alarm-test"
+POLL_S = 0.05       # how often a running test looks at its event's row
+BUTTON_SLACK_S = 15  # the button daemon's answer: the pulse, then recording
+
+Progress = Callable[[str, dict], None]
+
+
+class TestBusy(Exception):
+    """Another alarm test is running on this device."""
+
+
+@dataclass
+class TestOutcome:
+    test_id: str
+    passed: bool
+    method: str
+    trigger: str
+    code: int
+    failed_stage: str | None = None
+    reason: str | None = None
+    event_id: str | None = None
+    times: dict[str, str | None] = field(default_factory=dict)   # stage -> UTC time
+    stages_ms: dict[str, float | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"test_id": self.test_id, "result": "passed" if self.passed else "failed",
+                "method": self.method, "trigger": self.trigger, "code": self.code,
+                "covers_wiring": self.method == "relay", "failed_stage": self.failed_stage,
+                "reason": self.reason, "event_id": self.event_id, "times": self.times,
+                "stages_ms": self.stages_ms}
+
+
+def code_for(trigger: str) -> ContactId:
+    """602 periodic for the schedule; a person asked for the others (601 manual)."""
+    return ContactId.PERIODIC_TEST if trigger == "schedule" else ContactId.MANUAL_TEST
+
+
+def request_test(outbox: Outbox, trigger: str, *, scheduled_for: datetime | None = None,
+                 request: dict | None = None, at: datetime | None = None) -> str | None:
+    """Record that a test is wanted; returns its id, or None if that schedule slot
+    already has its test (a slot runs once, across restarts)."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}")
+    test_id = str(uuid7())
+    with outbox.transaction() as conn:
+        inserted = conn.execute(
+            "INSERT INTO alarm_tests(id, trigger, method, code, requested_at, scheduled_for,"
+            " state, request, reply_state) VALUES (?, ?, '', ?, ?, ?, 'requested', ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (test_id, trigger, int(code_for(trigger)), utc_iso(at or utc_now()),
+             utc_iso(scheduled_for) if scheduled_for else None,
+             json.dumps(request) if request is not None else None,
+             "pending" if trigger == "platform" else None)).rowcount
+    return test_id if inserted else None
+
+
+def requested_tests(outbox: Outbox) -> list[str]:
+    """Tests waiting to run, oldest first."""
+    return [row[0] for row in outbox.db.execute(
+        "SELECT id FROM alarm_tests WHERE state = 'requested' ORDER BY requested_at")]
+
+
+def _ms(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return round(delta.total_seconds() * 1000, 3)
+
+
+def stage_times(row: dict) -> tuple[dict[str, str | None], dict[str, float | None]]:
+    """The stage times of an event's outbox row, and the latency of each step."""
+    times = {"edge": row["occurred_at"], "committed": row["committed_at"],
+             "sent": row["sent_at"], "acknowledged": row["acknowledged_at"]}
+    stages_ms = {
+        "edge_to_commit": _ms(times["edge"], times["committed"]),
+        "commit_to_sent": _ms(times["committed"], times["sent"]),
+        "sent_to_ack": _ms(times["sent"], times["acknowledged"]),
+        "total": _ms(times["edge"], times["acknowledged"]),
+    }
+    return times, stages_ms
+
+
+def follow_event(outbox: Outbox, event_id: str, timeout: float,
+                 progress: Progress | None = None, stop: threading.Event | None = None,
+                 tick: Callable[[], None] | None = None) -> dict:
+    """Watch an event's row until the platform acknowledges it or ``timeout`` passes;
+    ``progress(stage, row)`` is called once as each stage appears, ``tick()`` at every
+    look (a daemon feeds its watchdog there). Returns the row."""
+    pause = stop or threading.Event()
+    deadline = time.monotonic() + timeout
+    told: set[str] = set()
+    while True:
+        row = outbox.get_event_row(event_id)
+        for stage, column in (("committed", "committed_at"), ("sent", "sent_at"),
+                              ("acknowledged", "acknowledged_at")):
+            if row[column] and stage not in told:
+                told.add(stage)
+                if progress:
+                    progress(stage, row)
+        if row["state"] == "acknowledged" or time.monotonic() >= deadline:
+            return row
+        if tick:
+            tick()
+        # The outbox is the meeting point of the daemons; a test is rare and short, so
+        # watching its row closely costs nothing worth a new wake-up channel.
+        if pause.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            return row
+
+
+@contextlib.contextmanager
+def _test_lock(runtime_dir) -> Iterator[None]:
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(runtime_dir / "alarm-test.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TestBusy("another alarm test is running on this device") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class AlarmTestRunner:
+    """Runs requested tests; used by the self-test daemon and ``guardpost test-alarm``."""
+
+    def __init__(self, config: Config, outbox: Outbox, *, progress: Progress | None = None,
+                 stop: threading.Event | None = None, tick: Callable[[], None] | None = None):
+        self.config = config
+        self.outbox = outbox
+        self.progress = progress or (lambda stage, info: None)
+        self.stop = stop or threading.Event()
+        self.tick = tick
+
+    def run(self, test_id: str) -> TestOutcome | None:
+        """Run one requested test to its end; None if it was not waiting to run."""
+        with _test_lock(self.config.storage.runtime_dir):
+            with self.outbox.transaction() as conn:
+                row = conn.execute("SELECT trigger, code FROM alarm_tests WHERE id = ? AND"
+                                   " state = 'requested'", (test_id,)).fetchone()
+                if row is None:
+                    return None
+                trigger, code = row
+                method = "relay" if self.config.outputs.test_relay is not None else "software"
+                conn.execute("UPDATE alarm_tests SET state = 'running', started_at = ?,"
+                             " method = ?, input = ? WHERE id = ?",
+                             (utc_iso(utc_now()), method, self.config.test_input, test_id))
+            outcome = TestOutcome(test_id, passed=False, method=method, trigger=trigger,
+                                  code=code)
+            self.progress("started", {"test_id": test_id, "method": method,
+                                      "trigger": trigger, "code": code})
+            try:
+                self._exercise(outcome)
+            except Exception as err:  # the test fails; the daemon running it goes on
+                log.exception("alarm test %s", test_id)
+                outcome.failed_stage = outcome.failed_stage or "edge"
+                outcome.reason = f"internal error: {err}"
+            self._finish(outcome)
+            return outcome
+
+    # -- the stages ------------------------------------------------------------------
+
+    def _exercise(self, outcome: TestOutcome) -> None:
+        detail = {"purpose": "alarm-test", "test_id": outcome.test_id,
+                  "trigger": outcome.trigger}
+        if outcome.method == "relay":
+            event_id = self._pulse_relay(outcome, detail)
+        elif self.config.alarm_test.software_without_relay:
+            event_id = self._inject(outcome, detail)
+        else:
+            outcome.failed_stage = "edge"
+            outcome.reason = "no test relay is configured and software tests are not allowed"
+            return
+        if event_id is None:
+            return
+        outcome.event_id = event_id
+        row = self.outbox.get_event_row(event_id)
+        self.progress("edge", row)
+        wake(self.config.storage.runtime_dir, "uplink")
+        row = follow_event(self.outbox, event_id, self.config.alarm_test.ack_timeout_s,
+                           self.progress, self.stop, self.tick)
+        outcome.times, outcome.stages_ms = stage_times(row)
+        missing = next((s for s in STAGES if not outcome.times[s]), None)
+        if missing is None:
+            outcome.passed = True
+        else:
+            outcome.failed_stage = missing
+            outcome.reason = {
+                "sent": "the test event did not reach the broker within "
+                        f"{self.config.alarm_test.ack_timeout_s:g} s (uplink or network down)",
+                "acknowledged": "the platform did not acknowledge the test within "
+                                f"{self.config.alarm_test.ack_timeout_s:g} s",
+            }.get(missing, f"stage {missing} not reached")
+
+    def _pulse_relay(self, outcome: TestOutcome, detail: dict) -> str | None:
+        cfg = self.config
+        timeout = cfg.outputs.test_relay.pulse_ms / 1000 + BUTTON_SLACK_S
+        try:
+            answer = control_request(cfg.storage.runtime_dir / "button.ctl",
+                                     {"op": "relay-test", "code": outcome.code,
+                                      "detail": detail}, timeout=timeout)
+        except (ControlUnavailable, OSError) as err:
+            outcome.failed_stage = "edge"
+            outcome.reason = f"the button daemon is not answering ({err})"
+            return None
+        if not answer.get("ok"):
+            outcome.failed_stage = answer.get("stage", "edge")
+            outcome.reason = answer.get("error", "the button daemon refused the test")
+            if answer.get("alarm"):
+                outcome.reason += f" (alarm {answer['alarm']['id']})"
+            return None
+        return answer["event"]["id"]
+
+    def _inject(self, outcome: TestOutcome, detail: dict) -> str:
+        event = self.outbox.commit_event(EventDraft(
+            kind=EventKind.TEST, code=ContactId(outcome.code), occurred_at=utc_now(),
+            clock_synced=clock_synchronised(), boot_id=boot_id(),
+            detail={**detail, "method": "software", "covers_wiring": False}))
+        return event.id
+
+    # -- the record ------------------------------------------------------------------
+
+    def _finish(self, outcome: TestOutcome) -> None:
+        """Store the result, publish it, and raise or restore the alarm-test fault."""
+        t, ms = outcome.times, outcome.stages_ms
+        detail = {"test_id": outcome.test_id, "event_id": outcome.event_id,
+                  "result": "passed" if outcome.passed else "failed",
+                  "trigger": outcome.trigger, "method": outcome.method,
+                  "covers_wiring": outcome.method == "relay", "stages_ms": ms}
+        if not outcome.passed:
+            detail.update(failed_stage=outcome.failed_stage, reason=outcome.reason)
+        with self.outbox.transaction() as conn:
+            previous = conn.execute(
+                "SELECT state FROM alarm_tests WHERE state IN ('passed', 'failed')"
+                " ORDER BY finished_at DESC LIMIT 1").fetchone()
+            result = self.outbox.append(self._draft(EventKind.TEST_RESULT, outcome.code,
+                                                    detail))
+            conn.execute(
+                "UPDATE alarm_tests SET state = ?, finished_at = ?, failed_stage = ?,"
+                " reason = ?, event_id = ?, edge_at = ?, committed_at = ?, sent_at = ?,"
+                " acknowledged_at = ?, edge_to_commit_ms = ?, commit_to_sent_ms = ?,"
+                " sent_to_ack_ms = ?, total_ms = ?, result_event_id = ? WHERE id = ?",
+                ("passed" if outcome.passed else "failed", utc_iso(utc_now()),
+                 outcome.failed_stage, outcome.reason, outcome.event_id, t.get("edge"),
+                 t.get("committed"), t.get("sent"), t.get("acknowledged"),
+                 ms.get("edge_to_commit"), ms.get("commit_to_sent"), ms.get("sent_to_ack"),
+                 ms.get("total"), result.id, outcome.test_id))
+            was_failing = previous is not None and previous[0] == "failed"
+            if outcome.passed == was_failing:  # a change: fault on failure, restore on pass
+                self.outbox.append(self._draft(
+                    EventKind.RESTORE if outcome.passed else EventKind.FAULT,
+                    ContactId.SELF_TEST_FAILURE,
+                    {"check": CHECK_NAME, "test_id": outcome.test_id,
+                     **({} if outcome.passed else {"failed_stage": outcome.failed_stage,
+                                                    "reason": outcome.reason})}))
+        wake(self.config.storage.runtime_dir, "uplink")
+        if outcome.passed:
+            log.info("alarm test %s passed: %s", outcome.test_id, ms)
+        else:
+            log.warning("alarm test %s FAILED at %s: %s", outcome.test_id,
+                        outcome.failed_stage, outcome.reason)
+        self.progress("finished", outcome.as_dict())
+
+    def _draft(self, kind: EventKind, code: int, detail: dict) -> EventDraft:
+        return EventDraft(kind=kind, code=code, occurred_at=utc_now(),
+                          clock_synced=clock_synchronised(), boot_id=boot_id(),
+                          input=self.config.test_input,
+                          qualifier=Qualifier.RESTORE if kind == EventKind.RESTORE
+                          else Qualifier.NEW, detail=detail)

@@ -1,0 +1,250 @@
+"""The device's periodic health checks, and the hysteresis that turns them into events.
+
+Each check answers ``ok`` True, False, or None when it does not apply here (no sensor on
+this board, nothing configured). The self-test daemon runs them every
+``health.interval_s``; :class:`CheckTracker` raises a fault after ``fail_after``
+consecutive failures and a restore after ``restore_after`` consecutive passes, so a
+flapping check raises at most one fault and no storm of events.
+
+The checks read what the other daemons record in the outbox (their ``daemon_state``)
+or ask them over their control sockets: the self-test daemon owns no hardware and no
+network connection of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from drivers import board
+from edge.clock import clock_synchronised
+from edge.config import Config
+from edge.control import ControlUnavailable
+from edge.control import request as control_request
+from edge.events import ContactId, utc_now
+from edge.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+CAMERA_STATE_STALE_S = 120   # the camera daemon records its state every 30 s
+BUTTON_TIMEOUT_S = 3.0
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool | None          # None: does not apply on this device
+    summary: str
+    code: int = ContactId.SELF_TEST_FAILURE  # the Contact ID of its fault
+    value: dict[str, Any] = field(default_factory=dict)
+
+
+def _age_s(stamp: str | None, now: datetime) -> float | None:
+    if not stamp:
+        return None
+    return (now - datetime.fromisoformat(stamp)).total_seconds()
+
+
+class HealthChecks:
+    """Every check of the device, run in one go by :meth:`run`."""
+
+    def __init__(self, config: Config, outbox: Outbox, *, sys_root: Path = Path("/"),
+                 clock: Callable[[], datetime] = utc_now,
+                 clock_synced: Callable[[], bool] = clock_synchronised):
+        self.config = config
+        self.outbox = outbox
+        self.sys_root = sys_root
+        self.clock = clock
+        self.clock_synced = clock_synced
+        self.integrity: dict | None = None  # the last quick_check: {"at", "ok", "detail"}
+
+    def run(self, *, integrity_due: bool = False) -> list[CheckResult]:
+        now = self.clock()
+        states = {name: (json.loads(state), updated)
+                  for name, (state, updated) in self.outbox.daemon_states().items()}
+        button = self._button_status()
+        results = [self.check_button(button), self.check_wiring(button),
+                   self.check_broker(states, now), self.check_outbox(now),
+                   self.check_disk(), self.check_database(integrity_due, now),
+                   self.check_clock(), self.check_temperature(), self.check_power(),
+                   self.check_cameras(states, now), self.check_modem(states, now)]
+        return results
+
+    # -- the alarm path ----------------------------------------------------------------
+
+    def _button_status(self) -> dict | None:
+        try:
+            answer = control_request(self.config.storage.runtime_dir / "button.ctl",
+                                     {"op": "status"}, timeout=BUTTON_TIMEOUT_S)
+        except (ControlUnavailable, OSError, ValueError):
+            return None
+        return answer if answer.get("ok") else None
+
+    def check_button(self, status: dict | None) -> CheckResult:
+        if status is None:
+            return CheckResult("button", False, "the button daemon is not answering: presses "
+                               "are not being read")
+        if status.get("unrecorded_presses"):
+            return CheckResult("button", False, f"{status['unrecorded_presses']} press(es) "
+                               "not yet recorded (the outbox refuses writes)",
+                               value={"unrecorded": status["unrecorded_presses"]})
+        return CheckResult("button", True, f"reading {len(status.get('inputs', {}))} "
+                           "panic input(s)", value={"led": status.get("led")})
+
+    def check_wiring(self, status: dict | None) -> CheckResult:
+        supervised = [n for n, spec in self.config.inputs.items()
+                      if spec.supervision_pin is not None]
+        code = ContactId.PANIC_ZONE_TROUBLE
+        if not supervised:
+            return CheckResult("wiring", None, "no supervision loop is wired", code)
+        if status is None:
+            return CheckResult("wiring", False, "cannot read the supervision loops: the "
+                               "button daemon is not answering", code)
+        wiring = status.get("wiring", {})
+        cut = sorted(name for name in supervised if wiring.get(name) != "ok")
+        if cut:
+            return CheckResult("wiring", False, f"supervision loop open on {', '.join(cut)}: "
+                               "the button's cable is cut or unplugged", code, {"open": cut})
+        return CheckResult("wiring", True, f"{len(supervised)} supervision loop(s) closed", code)
+
+    def check_broker(self, states: dict, now: datetime) -> CheckResult:
+        code = ContactId.COMMUNICATION_TROUBLE
+        if "uplink" not in states:
+            return CheckResult("broker", False, "the uplink has never run", code)
+        state, _ = states["uplink"]
+        rtt_age = _age_s(state.get("rtt_at"), now)
+        fresh = 3 * state.get("heartbeat_interval", 30) + 10
+        value = {"rtt_ms": state.get("broker_rtt_ms"), "rtt_age_s": rtt_age}
+        if not state.get("connected"):
+            return CheckResult("broker", False, "not connected to the broker: "
+                               f"{state.get('last_error') or 'no reason recorded'}", code, value)
+        if rtt_age is None or rtt_age > fresh:
+            return CheckResult("broker", False, "no round trip to the broker for "
+                               f"{'ever' if rtt_age is None else f'{rtt_age:.0f} s'}",
+                               code, value)
+        return CheckResult("broker", True, f"round trip {state['broker_rtt_ms']:.1f} ms",
+                           code, value)
+
+    def check_outbox(self, now: datetime) -> CheckResult:
+        backlog = self.outbox.backlog(now)
+        age, limit = backlog["oldest_unsent_age_s"], self.config.health.max_unsent_age_s
+        code = ContactId.FAILURE_TO_COMMUNICATE
+        if age is not None and age > limit:
+            return CheckResult("outbox", False, f"{backlog['queued']} event(s) unsent, the "
+                               f"oldest for {age:.0f} s (limit {limit:g} s)", code, backlog)
+        return CheckResult("outbox", True, f"{backlog['queued']} event(s) waiting", code, backlog)
+
+    # -- the device --------------------------------------------------------------------
+
+    def check_disk(self) -> CheckResult:
+        space = board.disk_space(Path(self.config.storage.database).parent)
+        free_mb = space.free_bytes / 1024 / 1024
+        value = {"free_mb": round(free_mb, 1), "total_mb": round(space.total_bytes / 2**20, 1)}
+        if free_mb < self.config.health.min_free_mb:
+            return CheckResult("disk", False, f"only {free_mb:,.0f} MB free (at least "
+                               f"{self.config.health.min_free_mb} MB)", value=value)
+        return CheckResult("disk", True, f"{free_mb:,.0f} MB free", value=value)
+
+    def check_database(self, due: bool, now: datetime) -> CheckResult:
+        """``PRAGMA quick_check`` once a day: it reads the whole file, so not every run."""
+        if due or self.integrity is None:
+            rows = [r[0] for r in self.outbox.db.execute("PRAGMA quick_check(5)")]
+            self.integrity = {"at": now.isoformat(), "ok": rows == ["ok"],
+                              "detail": "; ".join(rows)}
+        if self.integrity["ok"]:
+            return CheckResult("database", True, "integrity check passed",
+                               value={"checked_at": self.integrity["at"]})
+        return CheckResult("database", False, f"integrity check failed: "
+                           f"{self.integrity['detail']}", value={"checked_at":
+                                                                 self.integrity["at"]})
+
+    def check_clock(self) -> CheckResult:
+        if self.clock_synced():
+            return CheckResult("clock", True, "synchronised")
+        return CheckResult("clock", False, "not synchronised (NTP): event times are doubtful")
+
+    def check_temperature(self) -> CheckResult:
+        reading = board.cpu_temperature(self.sys_root)
+        if not reading.available:
+            return CheckResult("cpu-temperature", None, reading.reason or "not reported")
+        limit = self.config.health.max_cpu_celsius
+        value = {"celsius": reading.celsius}
+        if reading.celsius > limit:
+            return CheckResult("cpu-temperature", False, f"CPU at {reading.celsius:.1f} °C "
+                               f"(limit {limit:g} °C)", value=value)
+        return CheckResult("cpu-temperature", True, f"{reading.celsius:.1f} °C", value=value)
+
+    def check_power(self) -> CheckResult:
+        power = board.power_status(self.sys_root)
+        if not power.available:
+            return CheckResult("power", None, power.reason or "not reported")
+        value = {k: v for k, v in asdict(power).items() if isinstance(v, bool | int)}
+        problems = [text for flag, text in ((power.under_voltage_now, "under-voltage"),
+                                            (power.throttled_now, "throttled"))
+                    if flag]
+        if problems:
+            return CheckResult("power", False, f"{' and '.join(problems)} now: check the "
+                               "power supply", value=value)
+        note = " (under-voltage earlier since boot)" if power.under_voltage_since_boot else ""
+        return CheckResult("power", True, f"supply good{note}", value=value)
+
+    # -- other daemons' parts ----------------------------------------------------------
+
+    def check_cameras(self, states: dict, now: datetime) -> CheckResult:
+        """The camera daemon is alive; each camera's own faults (330) are raised by it."""
+        code = ContactId.PERIPHERAL_TROUBLE
+        if not self.config.cameras:
+            return CheckResult("camera", None, "no camera configured", code)
+        if "camera" not in states:
+            return CheckResult("camera", False, "the camera daemon has never run", code)
+        state, updated = states["camera"]
+        age = _age_s(updated, now)
+        cameras = state.get("cameras", {})
+        bad = sorted(name for name, cam in cameras.items() if cam.get("fault"))
+        value = {"faults": bad}
+        if age is None or age > CAMERA_STATE_STALE_S:
+            return CheckResult("camera", False, f"the camera daemon has not reported for "
+                               f"{age:.0f} s", code, value)
+        summary = (f"{len(cameras) - len(bad)} of {len(cameras)} camera(s) good"
+                   + (f"; fault on {', '.join(bad)}" if bad else ""))
+        return CheckResult("camera", True, summary, code, value)
+
+    def check_modem(self, states: dict, now: datetime) -> CheckResult:
+        code = ContactId.COMMUNICATION_TROUBLE
+        return CheckResult("modem", None, "no modem configured", code)
+
+
+class CheckTracker:
+    """Hysteresis for every check; its state survives restarts (saved by the caller)."""
+
+    def __init__(self, fail_after: int, restore_after: int, saved: dict | None = None):
+        self.fail_after = fail_after
+        self.restore_after = restore_after
+        self.state: dict[str, dict] = {name: dict(entry) for name, entry in (saved or {}).items()}
+
+    def update(self, result: CheckResult) -> str | None:
+        """Feed one result; returns ``fault`` or ``restore`` when an event is due."""
+        entry = self.state.setdefault(result.name, {"fault": False, "streak": 0})
+        if result.ok is None:
+            entry["streak"] = 0
+            if entry["fault"]:  # no longer applies (a sensor gone, a part unconfigured)
+                entry["fault"] = False
+                return "restore"
+            return None
+        bad = not result.ok
+        if bad == entry["fault"]:
+            entry["streak"] = 0  # as it stands: nothing building up
+            return None
+        entry["streak"] += 1
+        if entry["streak"] >= (self.fail_after if bad else self.restore_after):
+            entry["fault"], entry["streak"] = bad, 0
+            return "fault" if bad else "restore"
+        return None
+
+    def faulted(self, name: str) -> bool:
+        return self.state.get(name, {}).get("fault", False)

@@ -1,0 +1,209 @@
+"""The self-test daemon (``guardpost run selftest``): health checks and the alarm test.
+
+- Every ``health.interval_s`` it runs the checks of :mod:`edge.health`, records them
+  (``guardpost status``; the uplink publishes them in the retained ``health``) and raises
+  a fault, or a restore, through the hysteresis of :class:`edge.health.CheckTracker`.
+- On the ``alarm_test.schedule`` (cron, in the site's time zone) it requests an
+  end-to-end alarm test, and it runs every requested test (the schedule's, and the
+  platform's ``cmd/test``, which the uplink records) with :mod:`edge.alarmtest`.
+
+A schedule slot is requested once (the outbox keeps a unique row per slot), so a restart
+never runs it twice; a slot missed while the device was off, or while its clock was not
+yet synchronised (the wall clock is meaningless then), still runs within
+``alarm_test.catch_up_hours``. Time comes from an injectable clock, so tests travel
+through a month without waiting for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from croniter import croniter
+
+from edge import __version__
+from edge.alarmtest import AlarmTestRunner, TestBusy, request_test, requested_tests
+from edge.clock import boot_id, clock_synchronised
+from edge.config import Config
+from edge.events import EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.health import CheckResult, CheckTracker, HealthChecks
+from edge.instance import only_instance
+from edge.outbox import Outbox
+from edge.sdnotify import Watchdog, notify
+from edge.wake import Waker, wake
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 30.0   # the loop looks at the clock at least this often
+
+
+class AlarmTestSchedule:
+    """The cron schedule of the alarm test, in the site's time zone."""
+
+    def __init__(self, expression: str, zone):
+        self.expression = expression
+        self.zone = zone
+
+    def latest_slot(self, now: datetime) -> datetime:
+        """The most recent slot at or before ``now``."""
+        local = now.astimezone(self.zone) + timedelta(seconds=1)  # a slot at `now` counts
+        return croniter(self.expression, local).get_prev(datetime)
+
+    def next_slot(self, now: datetime) -> datetime:
+        return croniter(self.expression, now.astimezone(self.zone)).get_next(datetime)
+
+
+class SelfTestDaemon:
+    name = "selftest"
+
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
+                 clock_synced: Callable[[], bool] = clock_synchronised,
+                 sys_root: Path = Path("/")):
+        self.config = config
+        self.clock = clock
+        self.clock_synced = clock_synced
+        self.sys_root = sys_root
+        self.schedule = AlarmTestSchedule(config.alarm_test.schedule, config.device.zone)
+        self.results: list[CheckResult] = []
+        self.last_test: dict | None = None
+        self._waker: Waker | None = None
+        self._watchdog: Watchdog | None = None
+        self.ready = threading.Event()
+        self.runs = 0  # completed check runs, for in-process users (tests)
+
+    def wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
+
+    def run(self, stop: threading.Event) -> int:
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
+            outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+            self._waker = stack.enter_context(contextlib.closing(
+                Waker(cfg.storage.runtime_dir, self.name)))
+            saved = self._saved_state(outbox)
+            checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
+                                  clock_synced=self.clock_synced)
+            checks.integrity = saved.get("integrity")
+            tracker = CheckTracker(cfg.health.fail_after, cfg.health.restore_after,
+                                   saved.get("hysteresis"))
+            self.last_test = saved.get("last_test")
+            self._watchdog = Watchdog()
+            runner = AlarmTestRunner(cfg, outbox, stop=stop, progress=self._on_progress,
+                                     tick=self._watchdog.ping)
+            self.ready.set()
+            notify("READY=1", f"STATUS=checks every {cfg.health.interval_s:g} s, alarm test "
+                              f"'{cfg.alarm_test.schedule}'")
+            log.info("self-test daemon ready: checks every %g s, alarm test schedule '%s' (%s)",
+                     cfg.health.interval_s, cfg.alarm_test.schedule, cfg.device.timezone)
+            next_checks = self.clock()
+            while not stop.is_set():
+                self._watchdog.ping()
+                now = self.clock()
+                if now >= next_checks:
+                    self._run_checks(outbox, checks, tracker, now)
+                    next_checks = now + timedelta(seconds=cfg.health.interval_s)
+                self._request_due_test(outbox, now)
+                for test_id in requested_tests(outbox):
+                    if stop.is_set():
+                        break
+                    self._run_test(runner, test_id, outbox, checks, tracker)
+                wait = min(MAX_WAIT_S, max(0.0, (next_checks - self.clock()).total_seconds()),
+                           max(0.0, (self.schedule.next_slot(now) - now).total_seconds()))
+                self._waker.wait(wait)
+            notify("STOPPING=1")
+        return 0
+
+    # -- checks ------------------------------------------------------------------------
+
+    def _integrity_due(self, checks: HealthChecks, now: datetime) -> bool:
+        last = checks.integrity
+        if last is None:
+            return True
+        local = now.astimezone(self.config.device.zone)
+        age = now - datetime.fromisoformat(last["at"])
+        at_its_hour = age >= timedelta(hours=23) and local.hour == self.config.health.integrity_hour
+        return at_its_hour or age >= timedelta(hours=48)
+
+    def _run_checks(self, outbox: Outbox, checks: HealthChecks, tracker: CheckTracker,
+                    now: datetime) -> None:
+        try:
+            self.results = checks.run(integrity_due=self._integrity_due(checks, now))
+        except Exception:
+            log.exception("health checks failed to run")
+            return
+        with outbox.transaction():
+            for result in self.results:
+                change = tracker.update(result)
+                if change is None:
+                    continue
+                log.log(logging.WARNING if change == "fault" else logging.INFO,
+                        "check %s: %s (%s)", result.name, change.upper(), result.summary)
+                outbox.append(EventDraft(
+                    kind=EventKind.FAULT if change == "fault" else EventKind.RESTORE,
+                    code=result.code, occurred_at=now, clock_synced=self.clock_synced(),
+                    boot_id=boot_id(),
+                    qualifier=Qualifier.NEW if change == "fault" else Qualifier.RESTORE,
+                    detail={"check": result.name, "summary": result.summary,
+                            **({"value": result.value} if result.value else {})}))
+        self._save_state(outbox, checks, tracker, now)
+        self.runs += 1
+        wake(self.config.storage.runtime_dir, "uplink")
+
+    def _saved_state(self, outbox: Outbox) -> dict:
+        saved = outbox.daemon_states().get(self.name)
+        if saved is None:
+            return {}
+        try:
+            return json.loads(saved[0])
+        except ValueError:
+            return {}
+
+    def _save_state(self, outbox: Outbox, checks: HealthChecks, tracker: CheckTracker,
+                    now: datetime) -> None:
+        state = {
+            "daemon": self.name, "version": __version__, "checked_at": utc_iso(now),
+            "checks": {r.name: {"ok": r.ok, "fault": tracker.faulted(r.name),
+                                "summary": r.summary, **({"value": r.value} if r.value else {})}
+                       for r in self.results},
+            "last_test": self.last_test,
+            "next_test": utc_iso(self.schedule.next_slot(now)),
+            "schedule": self.config.alarm_test.schedule,
+            "hysteresis": tracker.state, "integrity": checks.integrity,
+        }
+        outbox.set_daemon_state(self.name, json.dumps(state, default=str))
+
+    # -- alarm tests -------------------------------------------------------------------
+
+    def _request_due_test(self, outbox: Outbox, now: datetime) -> None:
+        if not self.clock_synced():
+            return  # the wall clock may be days off before NTP: the slot waits for it
+        slot = self.schedule.latest_slot(now)
+        if now - slot > timedelta(hours=self.config.alarm_test.catch_up_hours):
+            return
+        test_id = request_test(outbox, "schedule", scheduled_for=slot, at=now)
+        if test_id is not None:
+            log.info("scheduled alarm test %s for the slot of %s", test_id,
+                     slot.isoformat(timespec="minutes"))
+
+    def _run_test(self, runner: AlarmTestRunner, test_id: str, outbox: Outbox,
+                  checks: HealthChecks, tracker: CheckTracker) -> None:
+        try:
+            outcome = runner.run(test_id)
+        except TestBusy:
+            return  # `guardpost test-alarm` is running one: ours runs after it
+        if outcome is None:
+            return
+        self.last_test = {k: v for k, v in outcome.as_dict().items() if k != "times"}
+        self.last_test["at"] = utc_iso(utc_now())
+        self._save_state(outbox, checks, tracker, self.clock())
+
+    def _on_progress(self, stage: str, info: dict) -> None:
+        if stage != "finished":
+            log.info("alarm test: %s", stage)

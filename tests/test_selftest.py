@@ -1,0 +1,386 @@
+"""The end-to-end alarm test and the health checks, on real parts.
+
+A real Mosquitto, the uplink as its own process, the button daemon in this process on
+gpiozero's MockFactory with the test relay's output wired (in the fake) across the panic
+input, and the self-test daemon on a clock the test moves: a month passes in no time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.alarmtest import AlarmTestRunner, request_test
+from edge.button import ButtonDaemon
+from edge.contract import TEST_COMMAND_SCHEMA
+from edge.health import CheckResult, CheckTracker
+from edge.outbox import Outbox
+from edge.selftest import AlarmTestSchedule, SelfTestDaemon
+from tests.support.daemons import in_process, poll_until
+from tests.test_config import guardpost
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+RELAY = {"test_relay": {"pin": 24, "pulse_ms": 200}}
+
+
+class FakeClock:
+    """The self-test daemon's wall clock, moved by the test."""
+
+    def __init__(self, start: datetime):
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def alarm_tests_in(outbox: Outbox) -> list[dict]:
+    cursor = outbox.db.execute("SELECT * FROM alarm_tests ORDER BY requested_at")
+    names = [c[0] for c in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def kinds(outbox: Outbox) -> list[tuple[str, int]]:
+    return [(k, c) for k, c in outbox.db.execute("SELECT kind, code FROM events ORDER BY seq")]
+
+
+@contextlib.contextmanager
+def selftest_daemon(config, clock, **kwargs):
+    daemon = SelfTestDaemon(config, clock=clock, clock_synced=lambda: True, **kwargs)
+    with in_process(daemon):
+        poll_until(lambda: daemon.runs >= 1, what="the first check run")
+        yield daemon
+
+
+def test_relay_config_must_name_its_input_and_outlast_the_press_filter(tmp_path):
+    base = tmp_path / "base.toml"
+    from tests.conftest import sim_document, write_toml
+
+    doc = sim_document(tmp_path, 1883, inputs={"a": {"pin": 17}, "b": {"pin": 18}},
+                       outputs={"test_relay": {"pin": 24}})
+    result = guardpost("config", "check", str(write_toml(base, doc)))
+    assert result.returncode == 78
+    assert "outputs.test_relay.input: required with more than one input" in result.stderr
+    doc = sim_document(tmp_path, 1883, inputs={"a": {"pin": 17, "hold_ms": 500}},
+                       outputs={"test_relay": {"pin": 24, "pulse_ms": 300}})
+    result = guardpost("config", "check", str(write_toml(base, doc)))
+    assert result.returncode == 78 and "outputs.test_relay.pulse_ms: must be at least 550" \
+        in result.stderr
+    doc = sim_document(tmp_path, 1883, alarm_test={"schedule": "every monday"})
+    result = guardpost("config", "check", str(write_toml(base, doc)))
+    assert result.returncode == 78 and "alarm_test.schedule: 'every monday' is not a cron" \
+        in result.stderr
+    doc = sim_document(tmp_path, 1883, device={"timezone": "Mars/Olympus"})
+    result = guardpost("config", "check", str(write_toml(base, doc)))
+    assert result.returncode == 78 and "device.timezone: unknown time zone" in result.stderr
+
+
+def test_schedule_slots_are_local_time_and_twice_a_week_works():
+    monthly = AlarmTestSchedule("0 10 1 * *", SHANGHAI)
+    # 02:30 UTC on 1 December is 10:30 in Shanghai: the December slot has passed.
+    now = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)
+    assert monthly.latest_slot(now) == datetime(2026, 12, 1, 10, 0, tzinfo=SHANGHAI)
+    assert monthly.next_slot(now) == datetime(2027, 1, 1, 10, 0, tzinfo=SHANGHAI)
+    exactly = datetime(2026, 12, 1, 10, 0, tzinfo=SHANGHAI)
+    assert monthly.latest_slot(exactly) == exactly  # a slot at `now` is due now
+    twice = AlarmTestSchedule("0 10 * * 1,4", SHANGHAI)
+    week = [twice.next_slot(datetime(2026, 11, 23, tzinfo=SHANGHAI))]
+    week.append(twice.next_slot(week[0]))
+    assert [d.strftime("%a %H:%M") for d in week] == ["Mon 10:00", "Thu 10:00"]
+
+
+def test_scheduled_test_fires_at_its_time_through_the_relay_and_passes(make_config, daemons,
+                                                                       platform):
+    path, config = make_config(outputs=RELAY)
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    clock = FakeClock(datetime(2026, 12, 1, 9, 59, 30, tzinfo=SHANGHAI))
+    with in_process(ButtonDaemon(config)) as button, selftest_daemon(config, clock) as selftest, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        assert alarm_tests_in(outbox) == []  # half a minute early: nothing yet
+        clock.now = datetime(2026, 12, 1, 10, 0, 0, tzinfo=SHANGHAI)
+        selftest.wake()
+        [row] = poll_until(lambda: [t for t in alarm_tests_in(outbox)
+                                    if t["state"] in ("passed", "failed")], what="the test")
+        assert row["state"] == "passed", row
+        assert (row["trigger"], row["method"], row["code"]) == ("schedule", "relay", 602)
+        assert row["scheduled_for"] == "2026-12-01T02:00:00.000000Z"
+        for column in ("edge_to_commit_ms", "commit_to_sent_ms", "sent_to_ack_ms", "total_ms"):
+            assert row[column] is not None and row[column] >= 0, column
+        assert row["total_ms"] == pytest.approx(row["edge_to_commit_ms"] + row["commit_to_sent_ms"]
+                                                + row["sent_to_ack_ms"], abs=0.01)
+        [result] = police.wait_for(lambda p: p.events("test-result"), what="the result")
+        [test] = police.events("test")
+        assert test["code"] == 602 and test["id"] == row["event_id"]
+        assert test["detail"]["method"] == "relay" and test["detail"]["covers_wiring"] is True
+        assert result["detail"]["result"] == "passed"
+        assert result["detail"]["test_id"] == row["id"]
+        assert police.events("alarm") == []  # a test, never an alarm
+        assert not button.inputs.is_active("gate")  # the relay let go
+
+        # The same slot never runs twice, even after the daemon starts again.
+        selftest.wake()
+    clock.now += timedelta(minutes=5)
+    with selftest_daemon(config, clock), \
+            Outbox(config.storage.database, config.identity) as outbox:
+        assert len(alarm_tests_in(outbox)) == 1
+        health = police.wait_for(lambda p: [h for h in p.on("health") if h.get("last_test")],
+                                 what="the health with the last test")
+        assert health[-1]["last_test"]["result"] == "passed"
+
+
+def test_missed_slot_runs_once_the_clock_is_synchronised(make_config):
+    """Off at the slot, and NTP not yet synchronised at boot: the test waits for a true
+    clock, then catches up (within catch_up_hours), once."""
+    _, config = make_config(alarm_test={"catch_up_hours": 6, "ack_timeout_s": 1})
+    synced = threading.Event()
+    clock = FakeClock(datetime(2026, 12, 1, 13, 0, tzinfo=SHANGHAI))  # 3 h after the slot
+    daemon = SelfTestDaemon(config, clock=clock, clock_synced=synced.is_set)
+    with in_process(daemon), Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: daemon.runs >= 1, what="the first check run")
+        assert alarm_tests_in(outbox) == []
+        synced.set()
+        daemon.wake()
+        [row] = poll_until(lambda: alarm_tests_in(outbox), what="the catch-up test")
+        assert row["scheduled_for"] == "2026-12-01T02:00:00.000000Z"
+        # No button daemon here: the software path is taken only without a relay; this
+        # configuration has none, so it is a software test that cannot pass (no uplink).
+    clock.now = datetime(2026, 12, 1, 20, 0, tzinfo=SHANGHAI)  # beyond catch-up: nothing new
+    with selftest_daemon(config, clock), \
+            Outbox(config.storage.database, config.identity) as outbox:
+        assert len(alarm_tests_in(outbox)) == 1
+
+
+def test_unacknowledged_test_fails_at_that_stage_and_raises_a_fault_then_a_restore(
+        make_config, daemons, platform):
+    path, config = make_config(outputs=RELAY, alarm_test={"ack_timeout_s": 1})
+    police = platform(config, ack=False)
+    daemons("uplink", path)
+    with in_process(ButtonDaemon(config)):
+        failed = guardpost("test-alarm", "-c", str(path))
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        out = failed.stdout
+        assert "by test relay (covers the wiring)" in out
+        assert "edge" in out and "committed" in out and "the broker has it" in out
+        assert "FAILED at stage acknowledged: the platform did not acknowledge" in out
+        [fault] = police.wait_for(lambda p: p.events("fault"), what="the fault")
+        assert (fault["code"], fault["detail"]["check"]) == (307, "alarm-test")
+
+        police.ack = True
+        passed = guardpost("test-alarm", "-c", str(path))
+        assert passed.returncode == 0, passed.stdout
+        assert "the platform acknowledged it (test platform)" in passed.stdout
+        assert "PASSED in" in passed.stdout
+        [restore] = police.wait_for(lambda p: p.events("restore"), what="the restore")
+        assert restore["detail"]["check"] == "alarm-test" and restore["qualifier"] == 3
+        results = [e["detail"]["result"] for e in police.wait_for(
+            lambda p: len(p.events("test-result")) == 2 and p.events("test-result"))]
+        assert results == ["failed", "passed"]
+        assert [e["code"] for e in police.events("test")] == [601, 601]  # a person asked
+        assert police.events("alarm") == []
+
+
+def _press_with_the_relay(button: ButtonDaemon, hold: threading.Event) -> None:
+    """A guard presses the button the moment the relay closes, and holds it until
+    ``hold`` is set: longer than the pulse."""
+    relay_pin = button.indicators.test_relay.pin
+    wiring = relay_pin.on_change
+
+    def also_press(level: bool) -> None:
+        wiring(level)
+        if level:
+            button.contacts["gate"].press()
+            threading.Thread(target=lambda: (hold.wait(30),
+                                             button.contacts["gate"].release())).start()
+
+    relay_pin.on_change = also_press
+
+
+def test_a_real_press_during_the_test_is_delivered_as_an_alarm(make_config, daemons, platform):
+    path, config = make_config(outputs=RELAY)
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    released = threading.Event()
+    with in_process(ButtonDaemon(config)) as button, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        _press_with_the_relay(button, released)
+        try:
+            outcome = AlarmTestRunner(config, outbox).run(request_test(outbox, "manual"))
+        finally:
+            released.set()
+        assert not outcome.passed and outcome.failed_stage == "edge"
+        assert "a person pressed the button; recorded as an ALARM" in outcome.reason
+        [alarm] = police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+        assert alarm["code"] == 120 and alarm["input"] == "gate"
+        assert police.events("test") == []  # the press was not taken for the test
+
+        # Latched now: a test is refused, and makes no event on the input at all.
+        before = kinds(outbox)
+        outcome = AlarmTestRunner(config, outbox).run(request_test(outbox, "manual"))
+        assert not outcome.passed and "latched by an alarm: reset it first" in outcome.reason
+        assert [k for k in kinds(outbox)[len(before):] if k[0] in ("alarm", "test")] == []
+
+
+def test_a_press_held_before_the_test_stays_an_alarm_and_the_test_does_not_pulse(
+        make_config, daemons, platform):
+    path, config = make_config(outputs=RELAY)
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    with in_process(ButtonDaemon(config)) as button, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        button.contacts["gate"].press()
+        try:
+            police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+            pulses = len(button.indicators.test_relay.pin.states)
+            outcome = AlarmTestRunner(config, outbox).run(request_test(outbox, "manual"))
+        finally:
+            button.contacts["gate"].release()
+        assert not outcome.passed
+        assert "is active (a press under way)" in outcome.reason
+        assert len(button.indicators.test_relay.pin.states) == pulses  # never energised
+
+
+def test_a_cut_relay_wire_fails_the_test_at_the_edge(make_config):
+    _, config = make_config(outputs=RELAY)
+    with in_process(ButtonDaemon(config)) as button, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        button.indicators.test_relay.pin.on_change = None  # the relay no longer reaches
+        outcome = AlarmTestRunner(config, outbox).run(request_test(outbox, "manual"))
+        assert not outcome.passed and outcome.failed_stage == "edge"
+        assert "did not see the relay pulse" in outcome.reason
+        assert [k for k in kinds(outbox)] == [("test-result", 601), ("fault", 307)]
+
+
+def test_platform_cmd_test_is_answered_with_the_result(make_config, daemons, platform, broker):
+    path, config = make_config(outputs=RELAY)
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    clock = FakeClock(datetime(2026, 12, 15, 9, 0, tzinfo=SHANGHAI))
+    prefix = config.topic_prefix
+    replies: list[tuple[str, dict, bytes | None]] = []
+    got = threading.Condition()
+
+    def on_message(client, userdata, message):
+        with got:
+            replies.append((message.topic, json.loads(message.payload),
+                            getattr(message.properties, "CorrelationData", None)))
+            got.notify_all()
+
+    requester = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="police-requester",
+                            protocol=paho.MQTTv5)
+    requester.on_message = on_message
+    requester.connect(broker.host, broker.port)
+    requester.loop_start()
+    try:
+        requester.subscribe(f"{prefix}/reply/#", qos=1)[0]
+        with in_process(ButtonDaemon(config)), selftest_daemon(config, clock):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{prefix}/reply/police-desk-7"
+            props.CorrelationData = b"\x01\x02case-42"
+            requester.publish(f"{prefix}/cmd/test", json.dumps(
+                {"schema": TEST_COMMAND_SCHEMA, "request_id": "req-42", "by": "110 desk 7"}),
+                qos=1, properties=props).wait_for_publish(5)
+            with got:
+                assert got.wait_for(lambda: len(replies) >= 2, timeout=30), replies
+            requester.publish(f"{prefix}/cmd/test", b"{not json", qos=1).wait_for_publish(5)
+            [rejected] = police.wait_for(lambda p: p.on("rejected"), what="the rejection")
+            assert rejected["topic"] == f"{prefix}/cmd/test"
+            assert rejected["reason"].startswith("not JSON")
+    finally:
+        requester.disconnect()
+        requester.loop_stop()
+    (topic, accepted, corr1), (_, result, corr2) = replies[:2]
+    assert topic == f"{prefix}/reply/police-desk-7"
+    assert accepted["status"] == "accepted" and accepted["request_id"] == "req-42"
+    assert result["status"] == "passed" and result["test_id"] == accepted["test_id"]
+    assert result["result"]["method"] == "relay" and result["result"]["stages_ms"]["total"] > 0
+    assert corr1 == corr2 == b"\x01\x02case-42"
+    [test] = police.events("test")
+    assert test["code"] == 601 and test["detail"]["trigger"] == "platform"
+
+
+def test_hysteresis_one_fault_one_restore_and_flapping_is_damped():
+    tracker = CheckTracker(fail_after=2, restore_after=3)
+
+    def feed(*oks):
+        return [tracker.update(CheckResult("disk", ok, "")) for ok in oks]
+
+    assert feed(True, False, True, False, True) == [None] * 5           # flapping: nothing
+    assert feed(False, False) == [None, "fault"]                        # one fault
+    assert feed(False, True, False, True, True) == [None] * 5           # still the one fault
+    assert feed(True) == ["restore"]                                    # three passes
+    assert feed(None, False, False) == [None, None, "fault"]            # n/a resets nothing
+    assert feed(None) == ["restore"]  # a check that no longer applies is restored
+    saved = json.loads(json.dumps(tracker.state))
+    again = CheckTracker(2, 3, saved)  # survives a restart
+    assert again.update(CheckResult("disk", False, "")) is None
+    assert again.update(CheckResult("disk", False, "")) == "fault"
+
+
+def _sysfs(root: Path, celsius: float, throttled: int | None = None) -> Path:
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text(f"{int(celsius * 1000)}\n")
+    return root
+
+
+def test_failing_check_raises_one_fault_and_recovery_one_restore(make_config, tmp_path,
+                                                                 platform, daemons):
+    path, config = make_config(health={"interval_s": 60, "fail_after": 2, "restore_after": 2,
+                                       "max_cpu_celsius": 70})
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    root = _sysfs(tmp_path / "fake-root", 45.0)
+    clock = FakeClock(datetime(2026, 12, 3, 12, 0, tzinfo=SHANGHAI))
+    with in_process(ButtonDaemon(config)), selftest_daemon(config, clock, sys_root=root) as st, \
+            Outbox(config.storage.database, config.identity) as outbox:
+
+        def run_once(celsius: float) -> None:
+            _sysfs(root, celsius)
+            runs = st.runs
+            clock.now += timedelta(seconds=60)
+            st.wake()
+            poll_until(lambda: st.runs > runs, what="a check run")
+
+        for celsius in (85, 40, 85, 40, 85, 85, 85, 40, 85, 40, 40, 40):
+            run_once(celsius)
+        temperature = [(k, json.loads(p)["detail"]["check"]) for k, p in outbox.db.execute(
+            "SELECT kind, payload FROM events WHERE kind IN ('fault', 'restore')")
+            if json.loads(p)["detail"]["check"] == "cpu-temperature"]
+        assert temperature == [("fault", "cpu-temperature"), ("restore", "cpu-temperature")]
+        health = police.wait_for(
+            lambda p: [h for h in p.on("health")
+                       if h.get("checks", {}).get("cpu-temperature", {}).get("value", {})
+                       .get("celsius") == 40.0 and not h["checks"]["cpu-temperature"]["fault"]],
+            what="the health after the restore")
+        assert health[-1]["checks"]["button"]["ok"] is True
+        assert health[-1]["checks"]["wiring"]["ok"] is None  # no supervision loop wired
+        status = guardpost("status", "-c", str(path))
+        assert "check    cpu-temperature  ok" in status.stdout, status.stdout
+
+
+def test_a_cut_supervision_loop_is_a_panic_zone_trouble(make_config, tmp_path):
+    _, config = make_config(inputs={"gate": {"pin": 17, "supervision_pin": 5}},
+                            health={"fail_after": 1, "restore_after": 1})
+    clock = FakeClock(datetime(2026, 12, 3, 12, 0, tzinfo=SHANGHAI))
+    with in_process(ButtonDaemon(config)) as button, \
+            selftest_daemon(config, clock, sys_root=tmp_path / "empty") as st, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        button.supervision["gate"].pin.drive_high()  # the cable is cut: the pull-up wins
+        runs = st.runs
+        clock.now += timedelta(hours=1)
+        st.wake()
+        poll_until(lambda: st.runs > runs, what="a check run")
+        [(kind, payload)] = outbox.db.execute(
+            "SELECT kind, payload FROM events WHERE code = 375").fetchall()
+        assert kind == "fault" and json.loads(payload)["detail"]["check"] == "wiring"
+        assert not any(e == ("alarm", 120) for e in kinds(outbox))
