@@ -329,6 +329,8 @@ class ButtonDaemon:
     def _recorded(self, press: _AcceptedPress, event: Event) -> None:
         cfg = self.config
         wake(cfg.storage.runtime_dir, "uplink")
+        if cfg.fallback is not None and event.kind == EventKind.ALARM:
+            wake(cfg.storage.runtime_dir, "fallback")  # starts the acknowledgement clock
         if cfg.cameras:
             wake(cfg.storage.runtime_dir, "camera")  # the snapshots of before the press
         log.info("%s recorded: input %s, seq %d, id %s%s", event.kind.value.upper(),
@@ -336,10 +338,13 @@ class ButtonDaemon:
                  f", repeat {event.draft.repeat} of {event.draft.repeat_of}"
                  if event.draft.repeat_of else "")
         if self.indicators is not None:
-            if cfg.inputs[press.report.input].mode != "silent":
+            mode = cfg.inputs[press.report.input].mode
+            if mode != "silent":
                 self.indicators.chirp(1)
             if event.kind == EventKind.ALARM:
                 self.indicators.show(LedPattern.FAST_BLINK)
+                if mode == "audible" and cfg.outputs.siren and not event.draft.repeat_of:
+                    self.indicators.sound_siren(cfg.outputs.siren.sound_for_s)
         self._waiters.resolve(press.report.input, {
             "accepted": True, "input": press.report.input, "reason": press.report.reason,
             "edge_ticks": press.report.edge_ticks,
@@ -374,6 +379,7 @@ class ButtonDaemon:
             self._announced_acks = {i for i, state in states.items() if state == ACKNOWLEDGED}
         if not latches:
             self.indicators.show(LedPattern.OFF)
+            self.indicators.silence_siren()  # the alarm was reset
             self._announced_acks.clear()
             return
         seen = [states.get(lt.last_event_id, QUEUED) for lt in latches.values()]

@@ -1,6 +1,6 @@
 """``guardpost``: one command for every daemon and tool.
 
-    guardpost run button|uplink|camera|selftest|all   the daemons (all: as child processes)
+    guardpost run button|uplink|camera|selftest|fallback|all   the daemons
     guardpost sim press INPUT [--hold S]  press a simulated button (mock GPIO only)
     guardpost reset [--input NAME]        clear the alarm latch (records Contact ID 465)
     guardpost queue [--json]              the outbox by state and priority
@@ -72,7 +72,8 @@ def cmd_run(args) -> int:
     if args.daemon == "all":
         from edge.supervisor import Supervisor
 
-        daemons = ["button", "uplink", "selftest"] + (["camera"] if config.cameras else [])
+        daemons = (["button", "uplink", "selftest"] + (["camera"] if config.cameras else [])
+                   + (["fallback"] if config.fallback else []))
         return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
                                                daemons=daemons, log_level=args.log_level))
     if args.daemon == "button":
@@ -81,6 +82,8 @@ def cmd_run(args) -> int:
         from edge.camera import CameraDaemon as Daemon
     elif args.daemon == "selftest":
         from edge.selftest import SelfTestDaemon as Daemon
+    elif args.daemon == "fallback":
+        from edge.fallback import FallbackDaemon as Daemon
     else:
         from edge.uplink import UplinkDaemon as Daemon
     from edge.instance import AlreadyRunning
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(commands.add_parser("run", help="run a daemon"))
-    run.add_argument("daemon", choices=["button", "uplink", "camera", "selftest", "all"])
+    run.add_argument("daemon",
+                     choices=["button", "uplink", "camera", "selftest", "fallback", "all"])
     run.set_defaults(func=cmd_run)
 
     sim = commands.add_parser("sim", help="simulation tools (mock GPIO only)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import string
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,10 +237,20 @@ class TestRelayConfig(OutputConfig):
     )
 
 
+class SirenConfig(OutputConfig):
+    """A siren or strobe relay: sounds on a new alarm of an input whose mode is
+    ``audible`` (Contact ID 123), never for ``silent`` (122) or ``panic`` (120) inputs."""
+
+    sound_for_s: float = Field(
+        180, ge=0, le=3600,
+        description="How long it sounds; 0 = until the alarm is reset (guardpost reset)",
+    )
+
+
 class OutputsConfig(Strict):
     status_led: OutputConfig | None = None
     buzzer: OutputConfig | None = None
-    siren: OutputConfig | None = None
+    siren: SirenConfig | None = None
     test_relay: TestRelayConfig | None = None
 
 
@@ -311,6 +322,62 @@ class AlarmTestConfig(Strict):
     )
 
 
+class ModemConfig(Strict):
+    """The 4G module of the SMS second path (Quectel EC2x/EG25, SIMCom SIM7600)."""
+
+    port: Path = Field(description="Its AT command port, e.g. /dev/ttyUSB2 (Quectel)")
+    baudrate: int = Field(115200, ge=1200, le=4_000_000)
+    pin: str | None = Field(
+        None, pattern=r"^[0-9]{4,8}$",
+        description="SIM PIN, if the SIM has one; a rejected PIN is never tried again (a "
+                    "third wrong PIN locks the SIM)",
+    )
+    command_timeout_s: float = Field(5, ge=0.5, le=60)
+    sms_timeout_s: float = Field(60, ge=5, le=300, description="One SMS part to be accepted")
+    status_interval_s: float = Field(
+        60, ge=5, le=3600, description="How often SIM, registration and signal are read",
+    )
+
+
+# Placeholders of the SMS template, each filled from the alarm.
+SMS_FIELDS = ("site", "device", "location", "time", "input", "label", "what", "code",
+              "event_id", "timeout", "count")
+DEFAULT_SMS_TEMPLATE = ("【校园一键报警】{location}{label}于{time}触发{what}（{count}起），"
+                        "110平台{timeout}秒内未确认，请立即处置。事件编号{event_id}")
+
+
+def _sms_template(value: str) -> str:
+    for _, name, spec, conversion in string.Formatter().parse(value):
+        if name is not None and name not in SMS_FIELDS:
+            raise ValueError(f"unknown placeholder {{{name}}}; known: "
+                             + ", ".join(f"{{{f}}}" for f in SMS_FIELDS))
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
+    return value
+
+
+class FallbackConfig(Strict):
+    """The second path: an SMS to the duty numbers when the platform is silent."""
+
+    duty_numbers: list[Annotated[str, Field(pattern=r"^\+?[0-9]{3,20}$")]] = Field(
+        min_length=1, max_length=10,
+        description="Who is told: the school's security office, the local police station",
+    )
+    ack_timeout_s: float = Field(
+        10, ge=1, le=600,
+        description="An alarm the platform has not acknowledged this long goes out by SMS "
+                    "(at once while the uplink is down)",
+    )
+    template: Annotated[str, AfterValidator(_sms_template)] = Field(
+        DEFAULT_SMS_TEMPLATE, min_length=1, max_length=600)
+    max_sms_per_hour: int = Field(
+        30, ge=1, le=1000,
+        description="Beyond this, alarms wait and go together in the next allowed SMS",
+    )
+    retry_s: float = Field(30, ge=1, le=3600, description="A failed send is tried again")
+    max_attempts: int = Field(10, ge=1, le=100)
+
+
 class Config(Strict):
     """The whole configuration file."""
 
@@ -324,6 +391,14 @@ class Config(Strict):
     cameras: dict[Identifier, CameraConfig] = Field(default_factory=dict)
     health: HealthConfig = HealthConfig()
     alarm_test: AlarmTestConfig = AlarmTestConfig()
+    modem: ModemConfig | None = None
+    fallback: FallbackConfig | None = None
+
+    @model_validator(mode="after")
+    def _fallback_needs_modem(self) -> Config:
+        if self.fallback is not None and self.modem is None:
+            raise ValueError("fallback: needs a [modem] to send its SMS through")
+        return self
 
     @model_validator(mode="after")
     def _test_relay_input(self) -> Config:

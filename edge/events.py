@@ -26,6 +26,7 @@ class EventKind(StrEnum):
     RESET = "reset"  # the latch of an alarm was cleared by a person
     TEST = "test"
     TEST_RESULT = "test-result"  # the outcome of an end-to-end alarm test
+    FALLBACK = "fallback"  # the alarm(s) also went out by SMS: the platform had not acknowledged
     FAULT = "fault"
     RESTORE = "restore"
 
@@ -72,6 +73,8 @@ _PRIORITY_OF_KIND = {
     EventKind.RESET: Priority.ALARM,
     EventKind.TEST: Priority.TEST,
     EventKind.TEST_RESULT: Priority.TEST,
+    # Right behind the alarms it concerns, ahead of any backlog.
+    EventKind.FALLBACK: Priority.ALARM,
     EventKind.FAULT: Priority.FAULT,
     EventKind.RESTORE: Priority.FAULT,
 }

@@ -26,7 +26,7 @@ import sqlite_utils
 
 from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 10_000
 
 QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
@@ -165,7 +165,31 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     )
 
 
-_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    # The SMS second path (edge.fallback): one row per alarm it watches, from "watching"
+    # to "acknowledged" (no SMS needed) or "sent" (the duty numbers were told).
+    db["sms_notifications"].create(
+        {
+            "event_id": str,         # the alarm
+            "state": str,            # watching -> acknowledged | due -> sent | failed
+            "committed_at": str,
+            "due_at": str,           # committed_at + fallback.ack_timeout_s
+            "reason": str,           # why it was sent: no acknowledgement in time, uplink down
+            "attempts": int,
+            "next_attempt_at": str,
+            "recipients": str,       # JSON: number -> {state, refs, error, at}
+            "text": str,             # the message as sent
+            "sent_at": str,
+            "notice_event_id": str,  # the `fallback` event that tells the platform
+        },
+        pk="event_id",
+        not_null=["state", "committed_at", "due_at", "attempts"],
+    )
+    db.execute("CREATE INDEX sms_open ON sms_notifications(due_at)"
+               " WHERE state IN ('watching', 'due')")
+
+
+_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4}
 
 
 @dataclass(frozen=True)

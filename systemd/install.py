@@ -31,9 +31,10 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1]
 UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost-camera.service",
-         "guardpost-selftest.service", "guardpost.target")
+         "guardpost-selftest.service", "guardpost-fallback.service", "guardpost.target")
 ENABLE = ("guardpost.target", "guardpost-button.service", "guardpost-uplink.service",
-          "guardpost-camera.service", "guardpost-selftest.service")
+          "guardpost-camera.service", "guardpost-selftest.service",
+          "guardpost-fallback.service")
 
 SYSUSERS = """\
 # Guardpost's system user (systemd-sysusers). The groups give it the GPIO chip, the

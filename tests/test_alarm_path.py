@@ -247,3 +247,27 @@ def test_a_commit_that_hangs_shows_the_fault_instead_of_pretending(make_config, 
             fcntl.flock(lock, fcntl.LOCK_UN)
         poll_until(lambda: outbox.summary().last_seq == 1, what="the commit")
         poll_until(lambda: button.indicators.pattern == "fast-blink", what="the LED to recover")
+
+
+def test_the_siren_sounds_for_audible_inputs_only_and_stops_at_the_reset(make_config):
+    """Local alerting: an `audible` input (Contact ID 123) sounds the siren relay until the
+    reset (sound_for_s = 0); a `silent` one (122) neither sounds it nor chirps."""
+    from edge.latch import reset_alarms
+
+    inputs = {"gate": {"pin": 17, "mode": "audible"}, "desk": {"pin": 27, "mode": "silent"}}
+    _, config = make_config(inputs=inputs,
+                            outputs={"siren": {"pin": 24, "sound_for_s": 0}})
+    with in_process(ButtonDaemon(config)) as button:
+        siren, buzzer = button.indicators.siren_relay, button.indicators.buzzer
+        event = press(config, "desk")
+        assert event["code"] == ContactId.SILENT_PANIC
+        assert not siren.value and buzzer.pin.states[-1].state == 0 \
+            and len(buzzer.pin.states) == 1  # never sounded: a silent alarm stays silent
+        event = press(config, "gate")
+        assert event["code"] == ContactId.AUDIBLE_PANIC
+        assert siren.value  # on, and stays on: until the reset
+        press(config, "gate")  # a repeat while latched does not restart anything
+        assert siren.value
+        reset_alarms(config, by="guard Wang")
+        button.wake()
+        poll_until(lambda: not siren.value, what="the siren to stop at the reset")

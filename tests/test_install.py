@@ -17,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "systemd" / "install.py"
 UNITS = ("guardpost-button.service", "guardpost-uplink.service", "guardpost-camera.service",
-         "guardpost-selftest.service", "guardpost.target")
-SERVICES = UNITS[:4]
+         "guardpost-selftest.service", "guardpost-fallback.service", "guardpost.target")
+SERVICES = UNITS[:5]
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates users: root only"),

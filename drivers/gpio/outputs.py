@@ -85,6 +85,22 @@ class Indicators:
         if self.buzzer is not None:
             self.buzzer.beep(on_time=CHIRP_ON_S, off_time=CHIRP_OFF_S, n=times, background=True)
 
+    def sound_siren(self, seconds: float) -> None:
+        """The siren or strobe relay: on for ``seconds`` (0: until :meth:`silence_siren`),
+        in the background."""
+        log.info("siren: on%s", f" for {seconds:g} s" if seconds else " until reset")
+        if self.siren_relay is None:
+            return
+        if seconds:
+            self.siren_relay.blink(on_time=seconds, off_time=0, n=1, background=True)
+        else:
+            self.siren_relay.on()
+
+    def silence_siren(self) -> None:
+        if self.siren_relay is not None and self.siren_relay.value:
+            log.info("siren: off")
+            self.siren_relay.off()
+
     def close(self) -> None:
         for device in self._devices:
             try:

@@ -1,0 +1,352 @@
+"""The fallback daemon (``guardpost run fallback``): the second path, SMS through a 4G modem.
+
+Professional alarm transmitters use two paths, so that one failed network never silences an
+alarm. For every new alarm (not its repeats) this daemon starts a clock when the button
+daemon wakes it; if the police platform has not acknowledged the alarm within
+``fallback.ack_timeout_s`` (10 s), or at once while the uplink is not connected, it sends
+an SMS to the duty numbers:
+
+    watching --(platform acknowledged in time)--> acknowledged   (no SMS)
+        \\--(timeout, or uplink down)--> due --(sent to every number)--> sent
+                                          \\--(max_attempts failures)--> failed
+
+- Once per alarm, not once per retry of the uplink; a failed send is retried every
+  ``retry_s`` for the numbers that did not get it, until ``max_attempts``.
+- Rate-limited (``max_sms_per_hour``): alarms due beyond the limit wait and go together in
+  the next SMS, never dropped.
+- When an SMS has gone, a ``fallback`` event (Contact ID 354, failure to communicate)
+  records to whom, the modem's answers and the text, and travels to the platform right
+  behind the alarm once the network is back: the platform learns that the second path
+  was used.
+
+It owns the modem's serial port: SIM state, registration and signal are read every
+``modem.status_interval_s`` and recorded for ``guardpost status`` and the self-test's
+``modem`` check (a missing SIM or no registration is a fault there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from drivers.modem import Modem, ModemError
+from edge import __version__
+from edge.clock import boot_id, clock_synchronised
+from edge.config import Config
+from edge.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
+from edge.instance import only_instance
+from edge.outbox import Outbox
+from edge.sdnotify import Watchdog, notify
+from edge.wake import Waker, wake
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 5.0  # the loop looks again at least this often (uplink state, modem status)
+WHAT = {ContactId.PANIC: "紧急报警", ContactId.SILENT_PANIC: "无声报警",
+        ContactId.AUDIBLE_PANIC: "紧急报警"}
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+class FallbackDaemon:
+    name = "fallback"
+
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
+                 open_modem: Callable[[], Modem] | None = None):
+        self.config = config
+        self.clock = clock
+        self._open_modem = open_modem or self._open_serial_modem
+        self.modem: Modem | None = None
+        self.modem_status: dict = {"present": False, "error": "not opened yet"}
+        self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
+        self._waker: Waker | None = None
+        self.ready = threading.Event()
+
+    def wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        cfg = self.config
+        if cfg.fallback is None:
+            # Installed everywhere, configured where there is a modem: idle, not failed.
+            self.ready.set()
+            notify("READY=1", "STATUS=no [fallback] configured: idle")
+            log.info("no [fallback] in the configuration: the SMS path is off")
+            watchdog = Watchdog()
+            while not stop.wait(watchdog.interval or 3600):
+                watchdog.ping()
+            return 0
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
+            outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+            self._waker = stack.enter_context(contextlib.closing(
+                Waker(cfg.storage.runtime_dir, self.name)))
+            stack.callback(self._close_modem)
+            saved = outbox.daemon_states().get(self.name)
+            if saved:
+                self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
+            self._start_watching(outbox)
+            watchdog = Watchdog()
+            self.ready.set()
+            notify("READY=1", f"STATUS=SMS to {len(cfg.fallback.duty_numbers)} duty number(s)")
+            log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
+                     "acknowledgement", cfg.modem.port, len(cfg.fallback.duty_numbers),
+                     cfg.fallback.ack_timeout_s)
+            next_status = self.clock()
+            while not stop.is_set():
+                watchdog.ping()
+                now = self.clock()
+                if now >= next_status:
+                    self._read_modem_status(outbox)
+                    next_status = now + timedelta(seconds=cfg.modem.status_interval_s)
+                self._start_watching(outbox)
+                wait = self._settle(outbox, watchdog)
+                self._waker.wait(min(MAX_WAIT_S, wait,
+                                     max(0.0, (next_status - self.clock()).total_seconds())))
+            notify("STOPPING=1")
+        return 0
+
+    # -- the alarms ----------------------------------------------------------------------
+
+    def _start_watching(self, outbox: Outbox) -> None:
+        """A row for every new alarm (not a repeat). At the very first start the history
+        is not news: only alarms of the last hour still unacknowledged are watched."""
+        timeout = timedelta(seconds=self.config.fallback.ack_timeout_s)
+        with outbox.transaction() as conn:
+            if conn.execute("SELECT 1 FROM counters WHERE name = 'fallback_seen'").fetchone() \
+                    is None:
+                recent = utc_iso(self.clock() - timedelta(hours=1))
+                first = conn.execute(
+                    "SELECT min(seq) FROM events WHERE kind = 'alarm' AND state !="
+                    " 'acknowledged' AND committed_at >= ?", (recent,)).fetchone()[0]
+                last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+                conn.execute("INSERT INTO counters(name, value) VALUES ('fallback_seen', ?)",
+                             (first - 1 if first is not None else last,))
+            seen = conn.execute("SELECT value FROM counters WHERE name = 'fallback_seen'"
+                                ).fetchone()[0]
+            rows = conn.execute(
+                "SELECT seq, id, committed_at FROM events WHERE seq > ? AND kind = 'alarm'"
+                " AND repeat_of IS NULL ORDER BY seq", (seen,)).fetchall()
+            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or seen
+            for _, event_id, committed_at in rows:
+                due = utc_iso(_parse(committed_at) + timeout)
+                conn.execute("INSERT OR IGNORE INTO sms_notifications(event_id, state,"
+                             " committed_at, due_at, attempts, recipients)"
+                             " VALUES (?, 'watching', ?, ?, 0, '{}')",
+                             (event_id, committed_at, due))
+            conn.execute("UPDATE counters SET value = ? WHERE name = 'fallback_seen'",
+                         (max(last, seen),))
+
+    def _uplink_connected(self, outbox: Outbox, now: datetime) -> bool:
+        state = outbox.daemon_states().get("uplink")
+        if state is None:
+            return False
+        body, updated = json.loads(state[0]), _parse(state[1])
+        # A dead uplink cannot record that it is disconnected: an old record is no news.
+        stale = 3 * max(body.get("heartbeat_interval", 30), self.config.uplink.reconnect_max)
+        return bool(body.get("connected")) and (now - updated).total_seconds() <= stale
+
+    def _settle(self, outbox: Outbox, watchdog: Watchdog) -> float:
+        """Decide every open alarm; send what is due. Returns how long until the next
+        decision is due (seconds)."""
+        now = self.clock()
+        uplink_up = self._uplink_connected(outbox, now)
+        rows = outbox.db.execute(
+            "SELECT n.event_id, n.state, n.due_at, n.next_attempt_at, e.state"
+            " FROM sms_notifications n JOIN events e ON e.id = n.event_id"
+            " WHERE n.state IN ('watching', 'due') ORDER BY n.committed_at").fetchall()
+        due: list[str] = []
+        wait = MAX_WAIT_S
+        with outbox.transaction() as conn:
+            for event_id, state, due_at, next_attempt, event_state in rows:
+                if event_state == "acknowledged":
+                    if state == "watching":
+                        conn.execute("UPDATE sms_notifications SET state = 'acknowledged'"
+                                     " WHERE event_id = ?", (event_id,))
+                    else:  # the police have it now: the retries can stop
+                        conn.execute("UPDATE sms_notifications SET state = 'sent', reason ="
+                                     " coalesce(reason, '') || '; acknowledged before every"
+                                     " number was reached' WHERE event_id = ?", (event_id,))
+                    continue
+                if state == "watching":
+                    left = (_parse(due_at) - now).total_seconds()
+                    if left > 0 and uplink_up:
+                        wait = min(wait, left)
+                        continue
+                    reason = ("uplink down" if not uplink_up else
+                              f"no acknowledgement within {self.config.fallback.ack_timeout_s:g} s")
+                    conn.execute("UPDATE sms_notifications SET state = 'due', reason = ?"
+                                 " WHERE event_id = ?", (reason, event_id))
+                if next_attempt and _parse(next_attempt) > now:
+                    wait = min(wait, (_parse(next_attempt) - now).total_seconds())
+                    continue
+                due.append(event_id)
+        if due:
+            watchdog.ping()
+            wait = min(wait, self._send(outbox, due, now))
+        return max(0.0, wait)
+
+    def _sent_last_hour(self, outbox: Outbox, now: datetime) -> int:
+        """SMS sent in the last hour: one per number and sending (an SMS that covered
+        several alarms is recorded in each of their rows, and counted once)."""
+        since = now - timedelta(hours=1)
+        sent: set[tuple[str, str]] = set()
+        for (recipients,) in outbox.db.execute(
+                "SELECT recipients FROM sms_notifications WHERE sent_at >= ?", (utc_iso(since),)):
+            for number, entry in json.loads(recipients).items():
+                sent.update((number, at) for at in entry.get("sent", []) if _parse(at) >= since)
+        return len(sent)
+
+    def _send(self, outbox: Outbox, event_ids: list[str], now: datetime) -> float:
+        """One SMS, covering every due alarm, to every number that has not had it."""
+        fb = self.config.fallback
+        budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
+        if budget <= 0:
+            log.warning("SMS rate limit (%d per hour) reached: %d alarm(s) wait",
+                        fb.max_sms_per_hour, len(event_ids))
+            return 60.0
+        records = {eid: json.loads(outbox.db.execute(
+            "SELECT recipients FROM sms_notifications WHERE event_id = ?", (eid,)
+        ).fetchone()[0]) for eid in event_ids}
+        text = self._text(outbox, event_ids)
+        numbers = [n for n in fb.duty_numbers
+                   if any(records[e].get(n, {}).get("state") != "sent" for e in event_ids)]
+        outcome: dict[str, dict] = {}
+        for number in numbers[:budget]:
+            outcome[number] = self._send_one(number, text)
+        stamp = utc_iso(self.clock())
+        finished: list[str] = []
+        with outbox.transaction() as conn:
+            for eid in event_ids:
+                recipients = records[eid]
+                for number, result in outcome.items():
+                    entry = recipients.setdefault(number, {"state": "pending", "sent": []})
+                    if entry.get("state") == "sent":
+                        continue
+                    entry.update(result)
+                    if result["state"] == "sent":
+                        entry["sent"] = [*entry.get("sent", []), stamp]
+                attempts = conn.execute("SELECT attempts FROM sms_notifications WHERE"
+                                        " event_id = ?", (eid,)).fetchone()[0] + 1
+                done = all(recipients.get(n, {}).get("state") == "sent" for n in fb.duty_numbers)
+                state = "sent" if done else ("failed" if attempts >= fb.max_attempts else "due")
+                conn.execute(
+                    "UPDATE sms_notifications SET state = ?, attempts = ?, recipients = ?,"
+                    " text = ?, sent_at = coalesce(sent_at, ?), next_attempt_at = ?"
+                    " WHERE event_id = ?",
+                    (state, attempts, json.dumps(recipients, ensure_ascii=False), text,
+                     stamp if any(r["state"] == "sent" for r in outcome.values()) else None,
+                     utc_iso(self.clock() + timedelta(seconds=fb.retry_s)), eid))
+                if state != "due":
+                    finished.append(eid)
+            if any(r["state"] == "sent" for r in outcome.values()):
+                notice = outbox.append(EventDraft(
+                    kind=EventKind.FALLBACK, code=ContactId.FAILURE_TO_COMMUNICATE,
+                    occurred_at=self.clock(), clock_synced=clock_synchronised(),
+                    boot_id=boot_id(), detail={
+                        "path": "sms", "event_ids": event_ids,
+                        "recipients": {n: {k: v for k, v in r.items() if k != "sent"}
+                                       for n, r in outcome.items()},
+                        "text": text}))
+                conn.execute(
+                    f"UPDATE sms_notifications SET notice_event_id = ? WHERE event_id IN"
+                    f" ({','.join('?' * len(event_ids))})", (notice.id, *event_ids))
+                wake(self.config.storage.runtime_dir, "uplink")
+        for eid in finished:
+            log.info("SMS path for alarm %s finished", eid)
+        return fb.retry_s
+
+    def _send_one(self, number: str, text: str) -> dict:
+        at = utc_iso(self.clock())
+        try:
+            modem = self._modem()
+            result = modem.send_sms(number, text)
+        except (ModemError, OSError) as err:
+            log.error("SMS to %s failed: %s", number, err)
+            self._close_modem()  # reopened (and re-initialised) for the next attempt
+            return {"state": "failed", "error": str(err), "at": at}
+        log.warning("alarm SMS sent to %s (%d part(s), references %s)", number,
+                    len(result.references), result.references)
+        return {"state": "sent", "references": list(result.references), "parts":
+                len(result.references), "at": at}
+
+    def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
+        first = outbox.get_event_row(event_ids[0])
+        payload = json.loads(first["payload"])
+        zone = self.config.device.zone
+        spec = self.config.inputs.get(first["input"] or "")
+        fields = {
+            "site": self.config.device.site_id, "device": self.config.device.device_id,
+            "location": self.config.device.location,
+            "time": _parse(first["occurred_at"]).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S"),
+            "input": first["input"] or "", "label": (spec.label if spec and spec.label
+                                                     else first["input"] or ""),
+            "what": WHAT.get(payload["code"], "报警"), "code": str(payload["code"]),
+            "event_id": first["id"], "timeout": f"{self.config.fallback.ack_timeout_s:g}",
+            "count": str(len(event_ids)),
+        }
+        return self.config.fallback.template.format_map(fields)
+
+    # -- the modem ---------------------------------------------------------------------
+
+    def _open_serial_modem(self) -> Modem:
+        m = self.config.modem
+        return Modem.open_port(str(m.port), baudrate=m.baudrate,
+                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s)
+
+    def _modem(self) -> Modem:
+        if self.modem is None:
+            modem = self._open_modem()
+            try:
+                self._unlock(modem)
+            except BaseException:
+                modem.close()
+                raise
+            self.modem = modem
+        return self.modem
+
+    def _unlock(self, modem: Modem) -> None:
+        """Enter the SIM PIN once; a PIN the SIM refused is never offered again."""
+        pin = self.config.modem.pin
+        if modem.sim_state().state != "SIM PIN" or pin is None:
+            return
+        digest = hashlib.sha256(pin.encode()).hexdigest()[:16]
+        if self._pin_rejected == digest:
+            raise ModemError("AT+CPIN", "SIM PIN already rejected once: not retrying (a "
+                             "third wrong PIN locks the SIM); fix modem.pin")
+        try:
+            modem.enter_pin(pin)
+        except ModemError:
+            self._pin_rejected = digest
+            raise
+
+    def _close_modem(self) -> None:
+        if self.modem is not None:
+            with contextlib.suppress(Exception):
+                self.modem.close()
+            self.modem = None
+
+    def _read_modem_status(self, outbox: Outbox) -> None:
+        try:
+            status = self._modem().status()
+            self.modem_status = status.as_dict()
+        except (ModemError, OSError) as err:
+            self._close_modem()
+            self.modem_status = {"present": False, "error": str(err)}
+        state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
+                 "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
+                 "checked_at": utc_iso(self.clock())}
+        try:
+            outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
+        except Exception:
+            log.exception("could not record the daemon state")
