@@ -1,0 +1,171 @@
+"""An AT command channel over a serial port (pyserial).
+
+One command at a time: write it with a carriage return, read lines until a final result
+code. What the module says in between is the answer; unsolicited result codes (``RING``,
+``+CMTI``, ``+CREG: 1`` …) may arrive at any moment and are set aside, not mistaken for an
+answer. ``AT+CMGS`` is the one command with a second step: the module prompts ``"> "`` (no
+line end), then takes the PDU ended by Ctrl-Z.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CTRL_Z = b"\x1a"
+ESC = b"\x1b"
+FINAL_OK = ("OK",)
+FINAL_ERROR = ("ERROR", "NO CARRIER", "NO DIALTONE", "BUSY", "NO ANSWER")
+_CME = re.compile(r"^\+(CME|CMS) ERROR:\s*(.+)$")
+# Unsolicited result codes of the modules we target (and of TS 27.007/27.005).
+URC_PREFIXES = ("RING", "+CMTI:", "+CMT:", "+CDS:", "+CBM:", "+CREG:", "+CEREG:", "+CGREG:",
+                "+CUSD:", "+QIND:", "+CPIN:", "RDY", "+CFUN:", "SMS DONE", "PB DONE",
+                "+QUSIM:", "+CGEV:", "+CTZV:", "*ATREADY", "+CIEV:")
+
+# The common codes, so that a log line says what a number means (TS 27.007 §9.2,
+# TS 27.005 §3.2.5).
+CME_MEANINGS = {
+    3: "operation not allowed", 4: "operation not supported", 10: "SIM not inserted",
+    11: "SIM PIN required", 12: "SIM PUK required", 13: "SIM failure", 14: "SIM busy",
+    15: "SIM wrong", 16: "incorrect password", 30: "no network service",
+    31: "network timeout", 100: "unknown",
+}
+CMS_MEANINGS = {
+    38: "network out of order", 41: "temporary failure", 42: "congestion",
+    69: "requested facility not implemented", 300: "ME failure", 301: "SMS service reserved",
+    302: "operation not allowed", 304: "invalid PDU mode parameter", 310: "SIM not inserted",
+    311: "SIM PIN required", 313: "SIM failure", 322: "memory full",
+    330: "SMSC address unknown", 331: "no network service", 332: "network timeout",
+    500: "unknown error",
+}
+
+
+class ModemError(Exception):
+    """The module answered with an error (or cannot be talked to)."""
+
+    def __init__(self, command: str, answer: str, code: int | None = None,
+                 kind: str | None = None):
+        self.command, self.answer, self.code, self.kind = command, answer, code, kind
+        meaning = ""
+        if code is not None:
+            meaning = (CME_MEANINGS if kind == "CME" else CMS_MEANINGS).get(code, "")
+        super().__init__(f"{command}: {answer}" + (f" ({meaning})" if meaning else ""))
+
+
+class ModemTimeout(ModemError):
+    """No final answer within the command's time."""
+
+    def __init__(self, command: str, seconds: float, partial: list[str]):
+        super().__init__(command, f"no answer within {seconds:g} s"
+                         + (f" (got {partial!r})" if partial else ""))
+
+
+@dataclass
+class Answer:
+    lines: list[str] = field(default_factory=list)  # information lines, echo removed
+    final: str = "OK"
+
+    def value(self, prefix: str) -> str | None:
+        """The text after ``prefix`` (e.g. ``+CSQ:``) on the first line that has it."""
+        for line in self.lines:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        return None
+
+
+class AtChannel:
+    """Commands and answers over an open pyserial port (or anything with its interface:
+    ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``)."""
+
+    def __init__(self, port, *, timeout: float = 5.0):
+        self.port = port
+        self.timeout = timeout
+        self.unsolicited: list[str] = []
+        self._buffer = b""
+
+    # -- the low level ----------------------------------------------------------------
+
+    def _fill(self, deadline: float) -> bool:
+        """Read what has arrived (waiting at most until ``deadline``); False: nothing."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.port.timeout = min(remaining, 0.5)
+        chunk = self.port.read(max(1, self.port.in_waiting))
+        if chunk:
+            self._buffer += chunk
+        return bool(chunk)
+
+    def _next_line(self, deadline: float) -> str | None:
+        while True:
+            if b"\n" in self._buffer:
+                line, _, self._buffer = self._buffer.partition(b"\n")
+                return line.decode("ascii", "replace").strip()
+            if not self._fill(deadline) and time.monotonic() >= deadline:
+                return None
+
+    def _await_prompt(self, deadline: float) -> bool:
+        while True:
+            text = self._buffer.lstrip(b"\r\n")
+            if text.startswith(b">"):
+                self._buffer = text[1:].lstrip(b" ")
+                return True
+            if b"\n" in text:  # a whole line came first: an error instead of the prompt
+                return False
+            if not self._fill(deadline) and time.monotonic() >= deadline:
+                return False
+
+    # -- commands ---------------------------------------------------------------------
+
+    def command(self, command: str, timeout: float | None = None, *,
+                data: bytes | None = None) -> Answer:
+        """Send ``command``; return its answer on ``OK``, raise :class:`ModemError` on an
+        error result and :class:`ModemTimeout` if none comes. With ``data`` (AT+CMGS),
+        wait for the ``>`` prompt and send it followed by Ctrl-Z."""
+        seconds = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + seconds
+        self._buffer = b""
+        self.port.reset_input_buffer()
+        self.port.write(command.encode("ascii") + b"\r")
+        answer = Answer()
+        if data is not None:
+            if not self._await_prompt(deadline):
+                line = self._next_line(min(deadline, time.monotonic() + 1)) or ""
+                self._raise_for(command, line, answer, seconds)
+                self.port.write(ESC)  # whatever state it is in: abandon the message
+                raise ModemError(command, f"no '>' prompt ({line or 'no answer'})")
+            self.port.write(data + CTRL_Z)
+        while True:
+            line = self._next_line(deadline)
+            if line is None:
+                raise ModemTimeout(command, seconds, answer.lines)
+            if not line or line == command or line.startswith(">"):
+                continue  # blank separators, our own echo, a late prompt
+            if line in FINAL_OK:
+                return answer
+            self._raise_for(command, line, answer, seconds)
+            if line.startswith(URC_PREFIXES) and not self._answers(command, line):
+                self.unsolicited.append(line)
+                log.debug("unsolicited: %s", line)
+                continue
+            answer.lines.append(line)
+
+    @staticmethod
+    def _answers(command: str, line: str) -> bool:
+        """``+CREG: 0,1`` answers ``AT+CREG?``; a bare ``+CREG: 1`` is a URC."""
+        name = line.split(":", 1)[0]
+        return command.upper().startswith(f"AT{name}")
+
+    @staticmethod
+    def _raise_for(command: str, line: str, answer: Answer, seconds: float) -> None:
+        if line in FINAL_ERROR:
+            raise ModemError(command, line)
+        match = _CME.match(line)
+        if match:
+            kind, detail = match.groups()
+            code = int(detail) if detail.strip().isdigit() else None
+            raise ModemError(command, line, code, kind)
