@@ -13,7 +13,6 @@ from drivers.modem.at import AtChannel
 from drivers.modem.pdu import gsm7_septets, pack_septets, reassemble
 from tests.support.modem_sim import ModemSimulator, SimulatedModemState
 
-
 # -- PDU ---------------------------------------------------------------------------------
 
 
