@@ -46,7 +46,8 @@ def test_extension_characters_take_two_septets_and_are_never_cut():
 
 
 def test_chinese_longer_than_70_characters_is_split_and_reassembles():
-    text = "【校园一键报警】南门岗亭于2026-11-24 08:15:02触发紧急报警，110平台10秒内未确认，请立即处置。" * 3
+    text = ("【校园一键报警】南门岗亭于2026-11-24 08:15:02触发紧急报警，"
+            "110平台10秒内未确认，请立即处置。") * 3
     parts = encode_submit("+8613800138000", text)
     decoded = [decode_submit(p.hex) for p in parts]
     assert len(parts) == -(-len(text) // 67) and all(len(d.text) <= 67 for d in decoded)
