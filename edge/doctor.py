@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from edge.alarmtest import follow_event
@@ -268,7 +269,43 @@ class Doctor:
                            f"(at least {MIN_FREE_BYTES // 1024 // 1024} MB needed)")
 
     def check_modem(self, step: Step) -> None:
-        step.detail = "no modem support in this version (comes with the SMS fallback)"
+        """The SMS path: from the fallback daemon's last reading while it owns the port
+        (two readers of one AT port would take each other's answers), else directly."""
+        cfg = self.config
+        if cfg.modem is None:
+            step.detail = "no [modem] configured (the SMS second path is off)"
+            return
+        with Outbox(cfg.storage.database, cfg.identity) as outbox:
+            saved = outbox.daemon_states().get("fallback")
+        fresh = saved is not None and (utc_now() - datetime.fromisoformat(saved[1])
+                                       ).total_seconds() < 3 * cfg.modem.status_interval_s
+        if fresh:
+            status = json.loads(saved[0])["modem"]
+            source = "the fallback daemon's reading"
+        else:
+            from drivers.modem import Modem, ModemError
+
+            try:
+                modem = Modem.open_port(str(cfg.modem.port), baudrate=cfg.modem.baudrate,
+                                        command_timeout=cfg.modem.command_timeout_s)
+            except ModemError as err:
+                step.status, step.detail = FAIL, str(err)
+                return
+            try:
+                status = modem.status().as_dict()
+            finally:
+                modem.close()
+            source = f"read on {cfg.modem.port}"
+        step.data = status
+        if not status.get("present"):
+            step.status, step.detail = FAIL, f"the modem does not answer: {status.get('error')}"
+        elif status.get("problems"):
+            step.status, step.detail = FAIL, "; ".join(status["problems"])
+        else:
+            step.status = PASS
+            step.detail = (f"{status.get('model') or 'modem'}: SIM ready, registered "
+                           f"({status.get('registration')}), signal "
+                           f"{status.get('signal_dbm')} dBm ({source})")
 
     def report(self) -> dict:
         return {"ok": all(s.status != FAIL for s in self.steps),

@@ -66,6 +66,7 @@ class FallbackDaemon:
         self.modem: Modem | None = None
         self.modem_status: dict = {"present": False, "error": "not opened yet"}
         self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
+        self.status_reads = 0
         self._waker: Waker | None = None
         self.ready = threading.Event()
 
@@ -343,6 +344,7 @@ class FallbackDaemon:
         except (ModemError, OSError) as err:
             self._close_modem()
             self.modem_status = {"present": False, "error": str(err)}
+        self.status_reads += 1
         state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
                  "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
                  "checked_at": utc_iso(self.clock())}

@@ -215,8 +215,29 @@ class HealthChecks:
         return CheckResult("camera", True, summary, code, value)
 
     def check_modem(self, states: dict, now: datetime) -> CheckResult:
+        """The SMS path: the modem answers, its SIM is ready, it is registered."""
         code = ContactId.COMMUNICATION_TROUBLE
-        return CheckResult("modem", None, "no modem configured", code)
+        if self.config.modem is None or self.config.fallback is None:
+            return CheckResult("modem", None, "no modem configured", code)
+        if "fallback" not in states:
+            return CheckResult("modem", False, "the fallback daemon has never run", code)
+        state, updated = states["fallback"]
+        age = _age_s(updated, now)
+        if age is None or age > 3 * self.config.modem.status_interval_s + 30:
+            return CheckResult("modem", False, "the fallback daemon has not reported for "
+                               f"{age:.0f} s", code)
+        modem = state.get("modem", {})
+        value = {k: modem.get(k) for k in ("sim", "registration", "signal_dbm", "operator")}
+        if not modem.get("present"):
+            return CheckResult("modem", False, f"the modem does not answer: "
+                               f"{modem.get('error')}", code, value)
+        if modem.get("problems"):
+            return CheckResult("modem", False, "; ".join(modem["problems"]), code, value)
+        signal = (f"{modem['signal_dbm']} dBm" if modem.get("signal_dbm") is not None
+                  else "unknown")
+        return CheckResult("modem", True, f"SIM ready, registered ({modem.get('registration')}, "
+                           f"{modem.get('operator') or 'operator unknown'}), signal {signal}",
+                           code, value)
 
 
 class CheckTracker:

@@ -100,6 +100,12 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
             "stale": age > 3 * config.health.interval_s + config.alarm_test.ack_timeout_s}
     else:
         status["selftest"] = {"stale": True, "error": "the self-test daemon has never run"}
+    if config.fallback is not None:
+        if "fallback" in states:
+            raw, updated = states["fallback"]
+            status["fallback"] = json.loads(raw) | {"updated_at": updated}
+        else:
+            status["fallback"] = {"error": "the fallback daemon has never run"}
     if config.cameras:
         try:
             camera = request(config.storage.runtime_dir / "camera.ctl", {"op": "status"},
@@ -166,6 +172,21 @@ def status_text(status: dict) -> str:
             state = f"FAULT: {c['fault']}" if c["fault"] else "ok"
             lines.append(f"camera   {name}: {state}, "
                          f"{'connected' if c['connected'] else 'DISCONNECTED'}, {age}")
+    if "fallback" in status:
+        f = status["fallback"]
+        modem = f.get("modem")
+        if modem is None:
+            lines.append(f"modem    NOT RUNNING ({f.get('error')})")
+        elif not modem.get("present"):
+            lines.append(f"modem    NOT ANSWERING on {f.get('port')}: {modem.get('error')}")
+        else:
+            signal = (f"{modem['signal_dbm']} dBm (CSQ {modem['signal_csq']})"
+                      if modem.get("signal_dbm") is not None else "signal unknown")
+            problems = f"  PROBLEM: {'; '.join(modem['problems'])}" if modem["problems"] else ""
+            lines.append(f"modem    {modem.get('model') or 'present'} on {f.get('port')}: SIM "
+                         f"{modem.get('sim')}, network {modem.get('registration') or '-'}"
+                         f"{' (' + modem['operator'] + ')' if modem.get('operator') else ''}, "
+                         f"{signal}{problems}")
     lines.extend(_selftest_lines(status.get("selftest")))
     o = status["outbox"]
     lines.append(f"outbox   {o['queued']} unsent, {o['sent_unacknowledged']} awaiting the "

@@ -1,0 +1,222 @@
+"""The SMS second path end to end: a real broker that goes down, the daemons as processes,
+and the modem simulator on a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from edge.events import utc_now
+from edge.fallback import FallbackDaemon
+from edge.outbox import Outbox
+from edge.selftest import SelfTestDaemon
+from tests.support.daemons import in_process, poll_until
+from tests.support.modem_sim import ModemSimulator
+from tests.test_alarm_path import online, press
+from tests.test_config import guardpost
+
+DUTY = ["+8613800138000", "13900139000"]
+
+
+@pytest.fixture
+def modem():
+    with ModemSimulator() as sim:
+        yield sim
+
+
+def sms_config(make_config, sim, **fallback):
+    return make_config(modem={"port": sim.port, "status_interval_s": 5},
+                       fallback={"duty_numbers": DUTY, **fallback})
+
+
+def notification(outbox: Outbox, event_id: str) -> dict | None:
+    cursor = outbox.db.execute("SELECT * FROM sms_notifications WHERE event_id = ?", (event_id,))
+    row = cursor.fetchone()
+    return dict(zip([c[0] for c in cursor.description], row, strict=True)) if row else None
+
+
+def uplink_connected(outbox: Outbox) -> bool:
+    state = outbox.daemon_states().get("uplink")
+    return bool(state and json.loads(state[0])["connected"])
+
+
+class OffsetClock:
+    """Real time, moved forward by the test (the fallback's hour of rate limiting)."""
+
+    def __init__(self):
+        self.offset = timedelta()
+
+    def __call__(self):
+        return utc_now() + self.offset
+
+
+def test_broker_down_press_goes_by_sms_and_reaches_the_platform_when_it_returns(
+        make_config, daemons, platform, broker, modem):
+    # An hour-long timeout: an SMS can only come from the rule "uplink down: at once".
+    path, config = sms_config(make_config, modem, ack_timeout_s=600)
+    police = platform(config, ack=True)
+    daemons("button", path)
+    daemons("uplink", path)
+    daemons("fallback", path)
+    online(police)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        broker.stop()
+        poll_until(lambda: not uplink_connected(outbox), what="the uplink to notice")
+        alarm = press(config)
+        messages = modem.wait_for_messages(2)
+        assert sorted(number for number, _ in messages) == sorted(DUTY)
+        text = messages[0][1]
+        assert "测试 South gate" in text and alarm["id"] in text and "紧急报警" in text
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n)
+        assert row["reason"] == "uplink down" and row["attempts"] == 1
+        recipients = json.loads(row["recipients"])
+        assert {n: r["state"] for n, r in recipients.items()} == dict.fromkeys(DUTY, "sent")
+        assert all(r["references"] and r["parts"] >= 1 for r in recipients.values())
+
+        broker.start()
+        notice = police.wait_for(lambda p: p.events("fallback"), timeout=30,
+                                 what="the platform to learn of the SMS")[0]
+        [delivered] = police.events("alarm")
+        assert delivered["id"] == alarm["id"]
+        assert notice["code"] == 354 and notice["detail"]["event_ids"] == [alarm["id"]]
+        assert notice["detail"]["path"] == "sms" and notice["detail"]["text"] == text
+        assert notice["seq"] > delivered["seq"]  # it follows the alarm
+
+
+def test_an_alarm_acknowledged_in_time_sends_no_sms(make_config, daemons, platform, modem):
+    path, config = sms_config(make_config, modem, ack_timeout_s=5)
+    police = platform(config, ack=True)
+    daemons("button", path)
+    daemons("uplink", path)
+    daemons("fallback", path)
+    online(police)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] != "watching" and n, what="the fallback's decision")
+        assert row["state"] == "acknowledged"
+        assert modem.sent == [] and police.events("fallback") == []
+
+
+def test_silence_from_the_platform_means_one_sms_per_alarm_not_per_repeat(
+        make_config, daemons, platform, modem):
+    path, config = sms_config(make_config, modem, ack_timeout_s=1)
+    police = platform(config, ack=False)
+    daemons("button", path)
+    daemons("uplink", path)
+    daemons("fallback", path)
+    online(police)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        modem.wait_for_messages(2)
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n)
+        assert row["reason"] == "no acknowledgement within 1 s"
+        repeat = press(config)
+        assert repeat["repeat_of"] == alarm["id"]
+        poll_until(lambda: outbox.db.execute(
+            "SELECT value FROM counters WHERE name = 'fallback_seen'").fetchone()[0]
+            >= repeat["seq"], what="the fallback to see the repeat")
+        assert len(modem.messages()) == 2 and notification(outbox, repeat["id"]) is None
+
+
+def test_a_failed_send_is_retried_and_alarms_over_the_hourly_limit_go_together(
+        make_config, daemons, modem):
+    path, config = make_config(
+        modem={"port": modem.port},
+        fallback={"duty_numbers": DUTY[:1], "ack_timeout_s": 1, "retry_s": 1,
+                  "max_sms_per_hour": 1})
+    daemons("button", path)  # no uplink: nothing is ever acknowledged
+    clock = OffsetClock()
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        modem.set(fail_sends=1, send_error=500)
+        first = press(config)
+        fallback.wake()
+        row = poll_until(lambda: (n := notification(outbox, first["id"]))
+                         and n["state"] == "sent" and n, what="the retried SMS")
+        assert row["attempts"] == 2
+        recipient = json.loads(row["recipients"])[DUTY[0]]
+        assert recipient["state"] == "sent" and len(recipient["sent"]) == 1
+
+        later = []
+        for _ in range(2):  # two more alarms (reset in between): the hour's SMS is spent
+            guardpost("reset", "-c", str(path))
+            later.append(press(config)["id"])
+        fallback.wake()
+        poll_until(lambda: all((n := notification(outbox, i)) and n["state"] == "due"
+                               and n["attempts"] == 0 for i in later),
+                   what="alarms held back by the rate limit")
+        assert len(modem.messages()) == 1
+        clock.offset = timedelta(hours=1, minutes=1)
+        fallback.wake()
+        [(_, together)] = modem.wait_for_messages(2)[1:]
+        assert "（2起）" in together and later[0] in together  # both, in one SMS
+        notices = poll_until(lambda: (n := [json.loads(p)["detail"]["event_ids"] for (p,) in
+                                            outbox.db.execute("SELECT payload FROM events WHERE"
+                                                              " kind = 'fallback' ORDER BY seq")])
+                             and len(n) == 2 and n, what="the second fallback event")
+        assert notices == [[first["id"]], later]
+
+
+def test_modem_state_is_shown_and_a_missing_sim_is_a_fault(make_config, daemons, modem):
+    path, config = make_config(modem={"port": modem.port, "status_interval_s": 5},
+                               fallback={"duty_numbers": DUTY[:1]},
+                               health={"interval_s": 5, "fail_after": 1, "restore_after": 1})
+    daemons("button", path)
+    daemons("fallback", path)
+    clock = OffsetClock()
+    with Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: "fallback" in outbox.daemon_states(), what="the modem's state")
+    with in_process(SelfTestDaemon(config, clock=clock, clock_synced=lambda: True)) as st, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: st.runs >= 1, what="a check run")
+        status = guardpost("status", "-c", str(path)).stdout
+        assert "modem    EC25 on" in status and "SIM READY, network home (CHINA MOBILE)" \
+            in status and "-73 dBm (CSQ 20)" in status, status
+        assert "check    modem            ok" in status
+
+        modem.set(sim="absent")
+        poll_until(lambda: "SIM not inserted" in outbox.daemon_states()["fallback"][0],
+                   what="the fallback to read the missing SIM")
+        runs = st.runs
+        clock.offset += timedelta(seconds=config.health.interval_s)
+        st.wake()
+        poll_until(lambda: st.runs > runs, what="a check run")
+        [(code, detail)] = [(c, json.loads(p)["detail"]) for c, p in outbox.db.execute(
+            "SELECT code, payload FROM events WHERE kind = 'fault'")
+            if json.loads(p)["detail"]["check"] == "modem"]
+        assert code == 350
+        assert detail["summary"] == "SIM not inserted"
+        assert "PROBLEM: SIM not inserted" in guardpost("status", "-c", str(path)).stdout
+
+
+def test_a_rejected_pin_is_never_offered_again(make_config, modem):
+    modem.set(sim="SIM PIN", pin="4321")
+    _, config = make_config(modem={"port": modem.port, "pin": "1111"},
+                            fallback={"duty_numbers": DUTY[:1]})
+    for _ in range(2):  # the second start remembers the first one's rejection
+        daemon = FallbackDaemon(config)
+        with in_process(daemon):
+            poll_until(lambda d=daemon: d.status_reads >= 1, what="the modem status")
+    assert modem.commands.count("AT+CPIN=1111") == 1
+    assert modem.state.wrong_pins == 1 and modem.state.sim == "SIM PIN"
+    assert "already rejected once: not retrying" in daemon.modem_status["error"]
+
+
+def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
+    from edge.doctor import FAIL, PASS, Doctor, Step
+
+    path, config = make_config(modem={"port": modem.port})
+    doctor = Doctor(path, say=lambda line: None)
+    doctor.config = config
+    step = Step("4G modem")
+    doctor.check_modem(step)
+    assert step.status == PASS and step.detail.startswith("EC25: SIM ready, registered (home)")
+    modem.set(sim="absent")
+    step = Step("4G modem")
+    doctor.check_modem(step)
+    assert (step.status, step.detail) == (FAIL, "SIM not inserted")
