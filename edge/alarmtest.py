@@ -103,6 +103,24 @@ def requested_tests(outbox: Outbox) -> list[str]:
         "SELECT id FROM alarm_tests WHERE state = 'requested' ORDER BY requested_at")]
 
 
+def latest_test(outbox: Outbox) -> dict | None:
+    """The last finished alarm test, whoever ran it (the schedule, a person, the platform)."""
+    cursor = outbox.db.execute(
+        "SELECT id, trigger, method, code, state, failed_stage, reason, event_id, finished_at,"
+        " edge_to_commit_ms, commit_to_sent_ms, sent_to_ack_ms, total_ms FROM alarm_tests"
+        " WHERE state IN ('passed', 'failed') ORDER BY finished_at DESC LIMIT 1")
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    r = dict(zip([c[0] for c in cursor.description], row, strict=True))
+    return {"test_id": r["id"], "result": r["state"], "method": r["method"],
+            "trigger": r["trigger"], "code": r["code"], "covers_wiring": r["method"] == "relay",
+            "failed_stage": r["failed_stage"], "reason": r["reason"], "event_id": r["event_id"],
+            "at": r["finished_at"],
+            "stages_ms": {k: r[f"{k}_ms"] for k in ("edge_to_commit", "commit_to_sent",
+                                                     "sent_to_ack", "total")}}
+
+
 def _ms(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
@@ -112,8 +130,10 @@ def _ms(start: str | None, end: str | None) -> float | None:
 
 def stage_times(row: dict) -> tuple[dict[str, str | None], dict[str, float | None]]:
     """The stage times of an event's outbox row, and the latency of each step."""
+    # The acknowledgement as this device received it: one clock for every stage.
     times = {"edge": row["occurred_at"], "committed": row["committed_at"],
-             "sent": row["sent_at"], "acknowledged": row["acknowledged_at"]}
+             "sent": row["sent_at"],
+             "acknowledged": row.get("ack_received_at") or row["acknowledged_at"]}
     stages_ms = {
         "edge_to_commit": _ms(times["edge"], times["committed"]),
         "commit_to_sent": _ms(times["committed"], times["sent"]),
@@ -249,6 +269,8 @@ class AlarmTestRunner:
         if not answer.get("ok"):
             outcome.failed_stage = answer.get("stage", "edge")
             outcome.reason = answer.get("error", "the button daemon refused the test")
+            if answer.get("event"):
+                outcome.event_id = answer["event"]["id"]
             if answer.get("alarm"):
                 outcome.reason += f" (alarm {answer['alarm']['id']})"
             return None

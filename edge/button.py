@@ -73,9 +73,10 @@ class _AcceptedPress:
 class _RelayWindow:
     """An armed alarm test: the press whose edge coincides with the relay pulse."""
 
-    def __init__(self, input_name: str, started: float):
+    def __init__(self, input_name: str, started: float, test: TestSpec):
         self.input = input_name
         self.started = started                  # monotonic: the relay was energised
+        self.test = test
         self.report: PressReport | None = None  # the press the pulse produced
         self.occurred_at: datetime | None = None
 
@@ -253,10 +254,13 @@ class ButtonDaemon:
         occurred_at = utc_now() - timedelta(seconds=report.age)
         window = self._relay_window
         if window is not None and window.claims(report):
-            # The alarm test's press: judged once the pulse is over (a person holding
-            # the button then makes it an alarm), by the thread that pulsed the relay.
+            # The alarm test's press: recorded as the test at once, like an alarm, so its
+            # latency is the real one. If the input is still held when the pulse is
+            # over, a person is pressing: the thread that pulsed the relay then records
+            # the alarm too.
             window.occurred_at = occurred_at
             window.report = report
+            self._accepted.put(_AcceptedPress(report, occurred_at, test=window.test))
             return
         # Decided here, once, for the first press that *began* after the doctor asked:
         # a press already under way, or queued for recording, stays an alarm.
@@ -504,7 +508,7 @@ class ButtonDaemon:
                         "error": f"input {name} is latched by an alarm: reset it first"}
         pulse_s = self.config.outputs.test_relay.pulse_ms / 1000
         waiter = self._waiters.expect(name)
-        window = self._relay_window = _RelayWindow(name, time.monotonic())
+        window = self._relay_window = _RelayWindow(name, time.monotonic(), test)
         try:
             relay.on()
             self._stop.wait(pulse_s)
@@ -513,27 +517,39 @@ class ButtonDaemon:
         # The relay has let go; a person's finger has not, if the input is still active.
         self._stop.wait(spec.bounce_ms / 1000 + RELAY_RELEASE_MARGIN_S)
         self._relay_window = None
+        held = self.inputs.is_active(name)
         report = window.report
         if report is None:
             self._waiters.cancel(name, waiter)
             return {"ok": False, "stage": "edge",
                     "error": f"input {name} did not see the relay pulse "
                              "(relay, wiring or input fault)"}
-        held = self.inputs.is_active(name)
-        self._accepted.put(_AcceptedPress(report, window.occurred_at,
-                                          test=None if held else test))
+        outcome = self._outcome(name, waiter)
+        if outcome is None:
+            return {"ok": False, "stage": "committed",
+                    "error": "the test press was not recorded in time (see the daemon log)"}
+        answer = {"ok": True, "input": name, "edge_ticks": report.edge_ticks,
+                  "occurred_at": utc_iso(window.occurred_at), **outcome}
+        if held:
+            # Never swallowed: the same activation, now a person's press, is an alarm,
+            # stamped with the edge it began with.
+            alarm = self._outcome(name, self._waiters.expect(name),
+                                  _AcceptedPress(report, window.occurred_at))
+            answer.update(ok=False, stage="edge", alarm=(alarm or {}).get("event"),
+                          error=f"input {name} was still held after the pulse: a person "
+                                "pressed the button; recorded as an ALARM")
+        return answer
+
+    def _outcome(self, name: str, waiter, press: _AcceptedPress | None = None) -> dict | None:
+        """Wait for the recorder's decision on a press of ``name`` (queued first if
+        ``press`` is given)."""
+        if press is not None:
+            self._accepted.put(press)
         done, box = waiter
         if not done.wait(10):
             self._waiters.cancel(name, waiter)
-            return {"ok": False, "stage": "committed",
-                    "error": "the test press was not recorded in time (see the daemon log)"}
-        outcome = box[0]
-        if held:
-            return {"ok": False, "stage": "edge", "alarm": outcome.get("event"),
-                    "error": f"input {name} was still held after the pulse: a person pressed "
-                             "the button; recorded as an ALARM"}
-        return {"ok": True, "input": name, "edge_ticks": report.edge_ticks,
-                "occurred_at": utc_iso(window.occurred_at), **outcome}
+            return None
+        return box[0]
 
     def _sim_press(self, request: dict) -> dict:
         if not self.config.simulated:

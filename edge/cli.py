@@ -72,8 +72,9 @@ def cmd_run(args) -> int:
     if args.daemon == "all":
         from edge.supervisor import Supervisor
 
-        daemons = (["button", "uplink", "selftest"] + (["camera"] if config.cameras else [])
-                   + (["fallback"] if config.fallback else []))
+        # The self-test last: its first checks find the others running.
+        daemons = (["button", "uplink"] + (["camera"] if config.cameras else [])
+                   + (["fallback"] if config.fallback else []) + ["selftest"])
         return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
                                                daemons=daemons, log_level=args.log_level))
     if args.daemon == "button":
@@ -300,7 +301,7 @@ def cmd_report(args) -> int:
     config = _load(args.config)
     try:
         report = build_report(config.storage.database, args.month, config.device.zone,
-                              identity=config.identity)
+                              identity=config.identity, keep_days=config.storage.keep_days)
     except ValueError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2

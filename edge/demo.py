@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from drivers.camera.testcard import write_video
@@ -28,6 +29,7 @@ from edge.control import request
 from edge.latch import reset_alarms
 from edge.localbroker import BrokerUnavailable, LocalBroker
 from edge.outbox import Outbox
+from edge.report import build_report, render_markdown
 from edge.sdnotify import NotifyListener
 from edge.status import collect_status, queue_text, status_text
 from edge.watch import Watcher
@@ -254,6 +256,13 @@ class Demo:
                 arrival.append(event["seq"])
         status = self.status()
         print(status_text(status))
+        month = datetime.now(self.config.device.zone).strftime("%Y-%m")
+        say(f"The monthly record (guardpost report --month {month}), its summary")
+        report = build_report(self.config.storage.database, month, self.config.device.zone,
+                              identity=self.config.identity,
+                              keep_days=self.config.storage.keep_days)
+        summary = render_markdown(report).split("## ")[0]
+        print("   " + summary.strip().replace("\n", "\n   "))
         ok &= arrival == list(range(1, EVENTS + 1))
         ok &= status["outbox"]["queued"] == 0 and status["outbox"]["sent_unacknowledged"] == 0
         if ok:

@@ -166,6 +166,10 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
 
 
 def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    # When the acknowledgement reached this device, on this device's clock (the platform's
+    # own `acknowledged_at` may come from a clock a few ms, or minutes, apart): the alarm
+    # test times its last stage with it.
+    db.execute("ALTER TABLE events ADD COLUMN ack_received_at TEXT")
     # The SMS second path (edge.fallback): one row per alarm it watches, from "watching"
     # to "acknowledged" (no SMS needed) or "sent" (the duty numbers were told).
     db["sms_notifications"].create(
@@ -428,10 +432,12 @@ class Outbox:
                 else:
                     # An ack can overtake our own bookkeeping of the PUBACK: either way the
                     # broker had the message, so sent_at is filled if it was still missing.
+                    received = utc_iso(utc_now())
                     conn.execute(
                         "UPDATE events SET state = 'acknowledged', acknowledged_at = ?,"
-                        " acknowledged_by = ?, sent_at = coalesce(sent_at, ?) WHERE id = ?",
-                        (utc_iso(at), by, utc_iso(at), event_id),
+                        " acknowledged_by = ?, ack_received_at = ?,"
+                        " sent_at = coalesce(sent_at, ?) WHERE id = ?",
+                        (utc_iso(at), by, received, received, event_id),
                     )
                     results.append(AckResult(event_id, known=True))
         return results

@@ -27,7 +27,13 @@ from pathlib import Path
 from croniter import croniter
 
 from edge import __version__
-from edge.alarmtest import AlarmTestRunner, TestBusy, request_test, requested_tests
+from edge.alarmtest import (
+    AlarmTestRunner,
+    TestBusy,
+    latest_test,
+    request_test,
+    requested_tests,
+)
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
 from edge.events import EventDraft, EventKind, Qualifier, utc_iso, utc_now
@@ -70,7 +76,6 @@ class SelfTestDaemon:
         self.sys_root = sys_root
         self.schedule = AlarmTestSchedule(config.alarm_test.schedule, config.device.zone)
         self.results: list[CheckResult] = []
-        self.last_test: dict | None = None
         self._waker: Waker | None = None
         self._watchdog: Watchdog | None = None
         self.ready = threading.Event()
@@ -93,7 +98,6 @@ class SelfTestDaemon:
             checks.integrity = saved.get("integrity")
             tracker = CheckTracker(cfg.health.fail_after, cfg.health.restore_after,
                                    saved.get("hysteresis"))
-            self.last_test = saved.get("last_test")
             self._watchdog = Watchdog()
             runner = AlarmTestRunner(cfg, outbox, stop=stop, progress=self._on_progress,
                                      tick=self._watchdog.ping)
@@ -172,7 +176,7 @@ class SelfTestDaemon:
             "checks": {r.name: {"ok": r.ok, "fault": tracker.faulted(r.name),
                                 "summary": r.summary, **({"value": r.value} if r.value else {})}
                        for r in self.results},
-            "last_test": self.last_test,
+            "last_test": latest_test(outbox),
             "next_test": utc_iso(self.schedule.next_slot(now)),
             "schedule": self.config.alarm_test.schedule,
             "hysteresis": tracker.state, "integrity": checks.integrity,
@@ -198,11 +202,8 @@ class SelfTestDaemon:
             outcome = runner.run(test_id)
         except TestBusy:
             return  # `guardpost test-alarm` is running one: ours runs after it
-        if outcome is None:
-            return
-        self.last_test = {k: v for k, v in outcome.as_dict().items() if k != "times"}
-        self.last_test["at"] = utc_iso(utc_now())
-        self._save_state(outbox, checks, tracker, self.clock())
+        if outcome is not None:
+            self._save_state(outbox, checks, tracker, self.clock())
 
     def _on_progress(self, stage: str, info: dict) -> None:
         if stage != "finished":

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict
 from datetime import datetime
 
+from edge.alarmtest import latest_test
 from edge.config import Config
 from edge.control import ControlUnavailable, request
 from edge.events import Priority, utc_now
@@ -94,7 +95,7 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
         selftest = json.loads(raw)
         status["selftest"] = {
             "checks": selftest.get("checks", {}), "checked_at": selftest.get("checked_at"),
-            "last_test": selftest.get("last_test"), "next_test": selftest.get("next_test"),
+            "last_test": latest_test(outbox), "next_test": selftest.get("next_test"),
             "schedule": selftest.get("schedule"), "report_age_s": round(age, 1),
             # Records after every run, or a test; three missed runs: not running.
             "stale": age > 3 * config.health.interval_s + config.alarm_test.ack_timeout_s}
