@@ -42,7 +42,6 @@ from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
 
-FROZEN_CHANGE = 0.5      # mean absolute difference of grey thumbnails below this: identical
 LATE_EVENT_S = 120.0     # an alarm older than this when first seen gets no snapshots
 STATE_EVERY_S = 30.0
 
@@ -68,7 +67,7 @@ class _Health:
     def __init__(self, name: str, spec: CameraConfig, started: float):
         self.name, self.spec = name, spec
         self.started = started
-        self.thumbnail = None
+        self.fingerprint: bytes | None = None
         self.unchanged_since: float | None = None
         self.bad_since: float | None = None
         self.good_since: float | None = None
@@ -85,10 +84,10 @@ class _Health:
         self.measures = {"frame_age_s": round(age, 2)}
         if age > spec.stale_after_s:
             return "stale"
-        check, self.thumbnail = assess(frame, self.thumbnail)
+        check, self.fingerprint = assess(frame, self.fingerprint)
         self.measures |= {"brightness": round(check.brightness, 1),
                           "detail": round(check.detail, 1)}
-        if check.change is not None and check.change < FROZEN_CHANGE:
+        if check.identical:
             self.unchanged_since = self.unchanged_since or now
         else:
             self.unchanged_since = None
@@ -162,6 +161,7 @@ class CameraDaemon:
             control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control)
             control.start()
             stack.callback(control.close)
+            self._restore_faults(outbox)
             cursor = self._initial_cursor(outbox)
             self.ready.set()
             notify("READY=1", f"STATUS=watching {len(self.sources)} camera(s)")
@@ -169,6 +169,10 @@ class CameraDaemon:
             watchdog = Watchdog()
             check_every = min((c.check_interval_s for c in cfg.cameras.values()), default=2.0)
             next_check = next_state = time.monotonic()
+            while not stop.is_set() and not self.sources:
+                # No camera configured: the unit runs everywhere, and costs nothing here.
+                watchdog.ping()
+                self._waker.wait(watchdog.interval or 3600)
             while not stop.is_set():
                 watchdog.ping()
                 timeout = min(check_every, max(0.0, next_check - time.monotonic()))
@@ -209,6 +213,7 @@ class CameraDaemon:
         if not rows:
             return cursor
         for seq, event_id, kind, occurred_at in rows:
+            cursor = seq  # seen, whatever comes of it: never read again
             event_time = datetime.fromisoformat(occurred_at)
             age = (utc_now() - event_time).total_seconds()
             if age > LATE_EVENT_S:
@@ -218,7 +223,6 @@ class CameraDaemon:
             for name, source in self.sources.items():
                 self._start_job(store, source, self.config.cameras[name], event_id, kind,
                                 event_time)
-            cursor = seq
         with outbox.transaction() as conn:
             conn.execute("UPDATE counters SET value = ? WHERE name = 'camera_seen'", (cursor,))
         return cursor
@@ -226,7 +230,15 @@ class CameraDaemon:
     def _start_job(self, store: SnapshotStore, source: CameraSource, spec: CameraConfig,
                    event_id: str, kind: str, event_time: datetime) -> None:
         event_wall = event_time.timestamp()
-        before = source.snapshots_between(event_wall - spec.pre_seconds, event_wall)
+        taken = store.taken(event_id, source.name)
+        if taken:
+            # A restart after some of this event's snapshots were written (before the
+            # cursor moved past it): those stay, the numbering goes on after them.
+            before = []
+            log.info("camera %s: resuming %s %s after %d snapshot(s)", source.name, kind,
+                     event_id, taken)
+        else:
+            before = source.snapshots_between(event_wall - spec.pre_seconds, event_wall)
         for idx, snapshot in enumerate(before):
             store.write(snapshot, event_id=event_id, event_kind=kind, event_time=event_time,
                         idx=idx, phase="pre")
@@ -236,8 +248,10 @@ class CameraDaemon:
         log.info("camera %s: %d snapshot(s) from before %s %s", source.name, len(before),
                  kind, event_id)
         event_monotonic = time.monotonic() - (time.time() - event_wall)
-        self.jobs.append(_Job(event_id, kind, event_time, source.name, len(before),
-                              spec.post_count, event_monotonic,
+        self.jobs.append(_Job(event_id, kind, event_time, source.name, taken or len(before),
+                              max(0, spec.post_count - store.taken(event_id, source.name,
+                                                                   "post")),
+                              event_monotonic,
                               time.monotonic() + spec.post_count / spec.rate + 10))
 
     def _advance_jobs(self, store: SnapshotStore) -> int:
@@ -259,6 +273,17 @@ class CameraDaemon:
         return written
 
     # -- health --------------------------------------------------------------------------
+
+    def _restore_faults(self, outbox: Outbox) -> None:
+        """A camera in fault when the daemon stopped is still in fault: its restore is
+        due once it is good again, and no second fault is raised for it."""
+        saved = outbox.daemon_states().get(self.name)
+        if saved is None:
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            for name, camera in json.loads(saved[0])["cameras"].items():
+                if name in self.health and camera.get("fault"):
+                    self.health[name].fault = camera["fault"]
 
     def _check_health(self, outbox: Outbox, now: float) -> None:
         for name, health in self.health.items():

@@ -145,6 +145,11 @@ class UplinkConfig(Strict):
         description="QoS 1 messages published and not yet acknowledged by the broker",
     )
     heartbeat_interval: float = Field(30.0, ge=1, le=3600)
+    max_packet_bytes: int | None = Field(
+        None, ge=16_384, le=268_435_455,
+        description="The broker's message size limit (Mosquitto: message_size_limit), for "
+                    "MQTT 3.1.1, which cannot announce it; a larger snapshot is dropped",
+    )
     reconnect_min: float = Field(0.5, gt=0, le=30)
     reconnect_max: float = Field(30.0, gt=0, le=30, description="Backoff cap (s)")
 

@@ -54,6 +54,7 @@ reconnect_max = 2
 [storage]
 database = "{workdir}/state/outbox.db"
 runtime_dir = "{workdir}/run"
+spool_dir = "{workdir}/state/spool"
 
 [gpio]
 pin_factory = "mock"

@@ -85,6 +85,14 @@ class SnapshotStore:
                  snapshot.height, str(path), len(snapshot.jpeg), utc_iso(utc_now())))
             return cursor.lastrowid
 
+    def taken(self, event_id: str, camera: str, phase: str | None = None) -> int:
+        """How many snapshots of this event and camera (of ``phase``) are recorded."""
+        sql = "SELECT count(*) FROM snapshots WHERE event_id = ? AND camera = ?"
+        args: tuple = (event_id, camera)
+        if phase is not None:
+            sql, args = sql + " AND phase = ?", (*args, phase)
+        return self.outbox.db.execute(sql, args).fetchone()[0]
+
     # -- the uplink's side -----------------------------------------------------------
 
     def next_queued(self, limit: int, exclude: set[int]) -> list[QueuedSnapshot]:
@@ -105,10 +113,15 @@ class SnapshotStore:
                              f" ({','.join('?' * len(chunk))})", (stamp, *chunk))
 
     def forget(self, snapshot_id: int, reason: str) -> None:
-        """A snapshot that cannot be published (its file is gone): say so, drop the row."""
+        """A snapshot that cannot be published (its file is gone, the broker refuses it):
+        say so, drop the row and its file."""
         log.error("snapshot %d dropped: %s", snapshot_id, reason)
+        row = self.outbox.db.execute("SELECT path FROM snapshots WHERE id = ?",
+                                     (snapshot_id,)).fetchone()
         with self.outbox.transaction() as conn:
             conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+        if row is not None:
+            Path(row[0]).unlink(missing_ok=True)
 
     # -- the disk budget -------------------------------------------------------------
 

@@ -71,6 +71,9 @@ RESERVED_IN_FLIGHT = 2      # birth/offline and heartbeat may be in flight besid
 PRUNE_EVERY_S = 3600.0
 SHUTDOWN_FLUSH_S = 2.0
 LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least this often
+# Snapshots are large: a few in flight keep the link busy, more would take the window's
+# slots (and the link's bandwidth) from an alarm that comes next.
+SNAPSHOTS_IN_FLIGHT = 2
 CHORES_EVERY_S = 0.25       # how often finished platform tests and new self-checks are looked for
 
 
@@ -448,9 +451,11 @@ class UplinkDaemon:
             self._inflight[info.mid] = _InFlight(row.seq, row.priority)
         # Snapshots come after every queued event (their priority is below them all).
         published = len(rows)
-        if free > len(rows):
+        snapshots_flying = sum(1 for f in self._inflight.values() if f.snapshot)
+        room = min(free - len(rows), SNAPSHOTS_IN_FLIGHT - snapshots_flying)
+        if room > 0:
             busy = {row.seq for row in self._unsettled(snapshots=True)}
-            for snapshot in self._snapshots.next_queued(free - len(rows), busy):
+            for snapshot in self._snapshots.next_queued(room, busy):
                 published += self._publish_snapshot(client, snapshot)
         if not published and not self._inflight:
             self._flush_marks(outbox)
@@ -474,10 +479,12 @@ class UplinkDaemon:
         else:
             props = None
             payload = json.dumps(description).encode() + b"\n" + jpeg
-        if self._max_packet and len(payload) + 1024 > self._max_packet:
+        limit = min(filter(None, (self._max_packet, self.config.uplink.max_packet_bytes)),
+                    default=None)
+        if limit and len(payload) + 1024 > limit:
             # The broker would close the connection on it, again and again.
             self._snapshots.forget(snapshot.id, f"{len(payload)} bytes is over the broker's "
-                                   f"maximum packet size of {self._max_packet} (lower the "
+                                   f"maximum packet size of {limit} (lower the "
                                    "camera's max_jpeg_bytes)")
             return 0
         info = client.publish(self.topics.below(f"snapshot/{snapshot.event_id}"), payload,
@@ -593,6 +600,10 @@ class UplinkDaemon:
                     # at once rather than with the next batch.
                     self._unmarked_urgent |= flight.priority <= Priority.TEST
                     self._drain.delivered()
+                elif flight.snapshot:
+                    # Refused once, refused again (its size, the ACL): retrying forever
+                    # would only spend the link. Events are never dropped; pictures are.
+                    self._snapshots.forget(flight.seq, f"the broker refused it ({reason})")
                 else:
                     log.error("broker refused outbox row %d (%s); retrying in %.0f s",
                               flight.seq, reason, HOLD_BACK_S)

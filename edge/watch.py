@@ -136,6 +136,8 @@ class Watcher:
                 about = json.loads(header)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 about = {}
+            if not isinstance(about, dict):  # valid JSON, but not the description
+                about = {}
         with self.arrived:
             self.snapshots.append(about)
             self.arrived.notify_all()

@@ -262,3 +262,94 @@ def test_snapshots_taken_during_an_outage_arrive_when_it_ends(broker, make_confi
     police.wait_for(lambda p: len(snapshots_of(p, event["id"])) >= 15, timeout=60,
                     what="the snapshots after the outage")
     assert [d["index"] for d, _, _ in snapshots_of(police, event["id"])][:15] == list(range(15))
+
+
+# -- review fixes: each one a behaviour a reviewer found missing --------------------------
+
+
+def test_a_still_scene_with_sensor_noise_is_not_frozen_a_repeated_frame_is():
+    import numpy as np
+
+    from drivers.camera import assess
+
+    rng = np.random.default_rng(3)
+    scene = rng.integers(60, 200, (240, 320, 3), dtype=np.uint8)  # a quiet gate at night
+
+    def noisy():
+        noise = rng.integers(-2, 3, scene.shape)
+        return np.clip(scene.astype(int) + noise, 0, 255).astype(np.uint8)
+
+    check, digest = assess(noisy(), None)
+    assert check.identical is None
+    for _ in range(5):
+        check, digest = assess(noisy(), digest)
+        assert check.identical is False  # the thumbnails differ by far less than 0.5
+    frame = noisy()
+    _, digest = assess(frame, digest)
+    check, _ = assess(frame.copy(), digest)
+    assert check.identical is True
+
+
+def test_an_event_too_old_for_snapshots_is_passed_once_not_read_forever(make_config, tmp_path):
+    from datetime import timedelta
+
+    from edge.camera import LATE_EVENT_S, CameraDaemon
+    from edge.events import ContactId, EventDraft, EventKind
+
+    _, config = make_config()
+    daemon = CameraDaemon(config)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        cursor = daemon._initial_cursor(outbox)
+        late = outbox.commit_event(EventDraft(
+            kind=EventKind.ALARM, code=ContactId.PANIC, boot_id="b", clock_synced=True,
+            occurred_at=utc_now() - timedelta(seconds=LATE_EVENT_S + 60), input="gate"))
+        store = SnapshotStore(outbox, config.storage.spool_dir, 10_000_000)
+        assert daemon._start_jobs(outbox, store, cursor) == late.seq
+        assert outbox.db.execute("SELECT value FROM counters WHERE name = 'camera_seen'"
+                                 ).fetchone()[0] == late.seq
+
+
+def test_a_camera_fault_survives_a_restart_of_the_daemon(make_config):
+    import json
+
+    from edge.camera import CameraDaemon, _Health
+
+    _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi"}})
+    with Outbox(config.storage.database, config.identity) as outbox:
+        outbox.set_daemon_state("camera", json.dumps(
+            {"cameras": {"gate": {"fault": "black", "connected": True}}}))
+        daemon = CameraDaemon(config)
+        daemon.health["gate"] = _Health("gate", config.cameras["gate"], time.monotonic())
+        daemon._restore_faults(outbox)
+    health = daemon.health["gate"]
+    assert health.fault == "black"
+    now = time.monotonic()
+    assert health.update("black", now) is None  # still black: no second fault
+    assert health.update(None, now) is None
+    assert health.update(None, now + 60) == ("restore", "black")
+
+
+def test_the_reader_survives_an_exception_and_reads_on(tmp_path):
+    from drivers.camera import CameraSource
+
+    video = write_video(tmp_path / "cam.avi", [("counter", 2.0)], fps=20.0)
+
+    class FlakyEncoder(CameraSource):
+        """The first snapshot's encoding blows up, as a codec surprise would."""
+
+        failures = 1
+
+        def _take_snapshot(self, frame, monotonic, wall):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("encoder exploded")
+            super()._take_snapshot(frame, monotonic, wall)
+
+    source = FlakyEncoder("cam", str(video), rate=10.0, keep_seconds=5, width=0,
+                          jpeg_quality=80, max_jpeg_bytes=250_000, loop=True, timeout_s=5)
+    source.start()
+    try:
+        assert source.wait_for_snapshot(0.0, timeout=20)
+        assert source.failures == 0 and source._thread.is_alive()
+    finally:
+        source.close()

@@ -250,3 +250,33 @@ def test_the_loop_sleeps_while_nothing_can_be_published(make_config):
     assert uplink._select_timeout(now, next_heartbeat=now + 30) == 1.0  # window full
     uplink._inflight.popitem()
     assert uplink._select_timeout(now, next_heartbeat=now + 30) == 0.0  # room: retry now
+
+
+def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, daemons):
+    """An ACL without the snapshot topic: the alarm goes through, its picture is refused
+    (MQTT 5 PUBACK 0x87) and dropped with its file, instead of being re-sent every 30 s."""
+    from edge.snapshots import SnapshotStore
+    from tests.test_camera import _snapshot
+
+    (tmp_path / "device-password").write_text("device-secret\n")
+    broker = _acl_broker(tmp_path)
+    acl = (tmp_path / "acl").read_text()
+    (tmp_path / "acl").write_text("\n".join(line for line in acl.splitlines()
+                                            if "snapshot" not in line) + "\n")
+    with broker as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker={
+            "username": "test-school.gate-1",
+            "password_file": str(tmp_path / "device-password")})
+        config = load_config(write_toml(tmp_path / "acl.toml", doc))
+        alarm_id = commit_alarm(config)
+        with Outbox(config.storage.database, config.identity) as outbox:
+            store = SnapshotStore(outbox, config.storage.spool_dir, 10_000_000)
+            store.write(_snapshot("gate-cam", 2000), event_id=alarm_id, event_kind="alarm",
+                        event_time=utc_now(), idx=0, phase="pre")
+            uplink = daemons("uplink", tmp_path / "acl.toml")
+            uplink.wait_for_line("dropped: the broker refused it")
+            poll_until(lambda: outbox.backlog()["queued"] == 0, what="the alarm to be sent")
+            poll_until(lambda: outbox.db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+                       == 0 and not list(config.storage.spool_dir.rglob("*.jpg")),
+                       what="the refused snapshot and its file to go")
+            assert uplink.log().count("dropped: the broker refused it") == 1

@@ -4,14 +4,16 @@
   without infrared);
 - covered: the picture has almost no detail (standard deviation of brightness below
   ``covered_below``): a hand, tape or a bag over the lens, or a camera turned to a wall;
-- frozen: consecutive frames are identical (the stream still arrives, the image does not
-  change: a hung encoder). Real sensors always have some noise, so "identical" means a mean
-  absolute difference below ``frozen_below`` on a small grey thumbnail;
+- frozen: consecutive frames are bit for bit identical (the stream still arrives, the image
+  does not change: a hung encoder repeating its last picture). A live sensor's noise makes
+  every frame differ somewhere, even of a still scene at night, so nothing coarser (a
+  thumbnail's mean difference, say) is used: it would call a quiet gate "frozen";
 - stale: no frame for ``stale_after`` seconds (judged by the caller from the frame age).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import cv2
@@ -24,7 +26,7 @@ THUMBNAIL = (64, 36)
 class PictureCheck:
     brightness: float
     detail: float
-    change: float | None  # mean absolute difference to the previous thumbnail
+    identical: bool | None  # the same pixels as the previous frame examined (None: first)
 
 
 def thumbnail(frame: np.ndarray) -> np.ndarray:
@@ -32,11 +34,14 @@ def thumbnail(frame: np.ndarray) -> np.ndarray:
     return cv2.resize(grey, THUMBNAIL, interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def assess(frame: np.ndarray, previous_thumbnail: np.ndarray | None) -> tuple[PictureCheck,
-                                                                               np.ndarray]:
-    """Measure one frame; returns the check and its thumbnail (for the next comparison)."""
+def fingerprint(frame: np.ndarray) -> bytes:
+    """A digest of every pixel (a 720p frame hashes in a few milliseconds)."""
+    return hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
+
+
+def assess(frame: np.ndarray, previous: bytes | None) -> tuple[PictureCheck, bytes]:
+    """Measure one frame; returns the check and its fingerprint (for the next comparison)."""
     small = thumbnail(frame)
-    change = None
-    if previous_thumbnail is not None:
-        change = float(np.mean(np.abs(small - previous_thumbnail)))
-    return PictureCheck(float(small.mean()), float(small.std()), change), small
+    digest = fingerprint(frame)
+    identical = None if previous is None else digest == previous
+    return PictureCheck(float(small.mean()), float(small.std()), identical), digest

@@ -40,10 +40,11 @@ class Snapshot:
 
 def encode_jpeg(frame: np.ndarray, width: int, quality: int, max_bytes: int) -> tuple[bytes,
                                                                                        int, int]:
-    """Resize to ``width`` (keeping the aspect; 0 = as is) and encode, lowering the quality
-    until the JPEG fits ``max_bytes`` (the broker's packet limit)."""
+    """Shrink to ``width`` (keeping the aspect; 0, or a wider width than the camera's, = as
+    is: enlarging adds bytes, not detail) and encode, lowering the quality until the JPEG
+    fits ``max_bytes`` (the broker's packet limit)."""
     height, current = frame.shape[:2]
-    if width and current != width:
+    if width and width < current:
         height = round(frame.shape[0] * width / current)
         frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
     else:
@@ -57,6 +58,9 @@ def encode_jpeg(frame: np.ndarray, width: int, quality: int, max_bytes: int) -> 
         # Too big: aim straight at the limit (size grows roughly with quality), then step.
         aimed = int(quality * max_bytes / len(buffer) * 0.9)
         quality = max(20, min(quality - 10, aimed))
+
+
+RING_MARGIN_S = 10.0
 
 
 class CameraSource:
@@ -75,7 +79,9 @@ class CameraSource:
         # OpenCV waits 30 s by default for a stream that went silent; a camera that drops
         # out should be reopened sooner than that.
         self.timeout_ms = int(timeout_s * 1000)
-        capacity = max(1, int(keep_seconds * rate) + 2)
+        # Beyond `keep_seconds`: the press's edge can lie seconds before the daemon hears
+        # of it (a button's hold_ms, a slow commit, other cameras written first).
+        capacity = max(1, int((keep_seconds + RING_MARGIN_S) * rate) + 2)
         self._ring: collections.deque[Snapshot] = collections.deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._new_snapshot = threading.Condition(self._lock)
@@ -142,7 +148,12 @@ class CameraSource:
     def _run(self) -> None:
         delay = REOPEN_MIN_S
         while not self._stop.is_set():
-            capture = self._open()
+            try:
+                capture = self._open()
+            except Exception as err:  # cv2.error from a backend: treated as "cannot open"
+                log.exception("camera %s: opening failed", self.name)
+                capture = None
+                self._failed(f"opening failed: {err}")
             if capture is None:
                 self._failed(f"cannot open {self.source}")
                 self._stop.wait(delay)
@@ -152,6 +163,9 @@ class CameraSource:
             log.info("camera %s: reading %s", self.name, _redact(self.source))
             try:
                 self._read_stream(capture)
+            except Exception as err:  # an OpenCV or encoder surprise: reopen, never die
+                log.exception("camera %s: reading failed", self.name)
+                self._failed(f"reading failed: {err}")
             finally:
                 capture.release()
                 self.connected = False
