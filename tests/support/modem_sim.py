@@ -14,6 +14,7 @@ import contextlib
 import os
 import select
 import threading
+import time
 import tty
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class SimulatedModemState:
 class SentPart:
     length: int
     pdu: DecodedSubmit
+    at: float = field(default_factory=time.monotonic)  # when the module accepted it
 
 
 @dataclass
