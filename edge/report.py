@@ -297,6 +297,14 @@ def _s(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _table(title: str, headers: tuple, rows: list[tuple], empty: str) -> list[str]:
+    lines = ["", f"## {title}", ""]
+    if not rows:
+        return [*lines, empty]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def render_markdown(report: MonthlyReport) -> str:
     t, a, o = report.test_summary, report.alarm_summary, report.online
     lat = t["latency_ms"]["total"]
@@ -331,44 +339,24 @@ def render_markdown(report: MonthlyReport) -> str:
         f"| 在线时间 Time online | {online} ({o['seconds'] / 3600:.2f} h of "
         f"{o['period_seconds'] / 3600:.2f} h since {o['since']}, {o['disconnections']} "
         "disconnection(s)) |",
-        "",
-        "## 报警测试 Alarm tests",
-        "",
     ]
-    if report.tests:
-        lines += ["| time | trigger | method | code | result | edge→commit | commit→broker | "
-                  "broker→ack | total (ms) | failed stage / reason |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for x in report.tests:
-            method = x["method"] or "-"
-            if method == "software":
-                method += " (wiring not covered)"
-            why = f"{x['failed_stage']}: {x['reason']}" if x["result"] == "failed" else ""
-            lines.append(f"| {x['requested_at']} | {x['trigger']} | {method} | {x['code']} | "
-                         f"{x['result']} | {_ms(x['edge_to_commit_ms'])} | "
-                         f"{_ms(x['commit_to_sent_ms'])} | {_ms(x['sent_to_ack_ms'])} | "
-                         f"{_ms(x['total_ms'])} | {why} |")
-    else:
-        lines.append("No alarm test this month.")
-    lines += ["", "## 报警 Alarms", ""]
-    if report.alarms:
-        lines += ["| time | input | code | acknowledged | by | time to ack (s) | repeats |",
-                  "|---|---|---|---|---|---|---|"]
-        for x in report.alarms:
-            lines.append(f"| {x['occurred_at']} | {x['input']} | {x['code']} | "
-                         f"{x['acknowledged_at'] or 'NOT ACKNOWLEDGED'} | "
-                         f"{x['acknowledged_by'] or ''} | {_s(x['time_to_ack_s'])} | "
-                         f"{x['repeats']} |")
-    else:
-        lines.append("No alarm this month.")
-    lines += ["", "## 故障与恢复 Faults and restores", ""]
-    if report.faults:
-        lines += ["| time | kind | code | what | summary |", "|---|---|---|---|---|"]
-        for x in report.faults:
-            lines.append(f"| {x['occurred_at']} | {x['kind']} | {x['code']} | {x['subject']} | "
-                         f"{x['summary'] or ''} |")
-    else:
-        lines.append("No fault this month.")
+    lines += _table("报警测试 Alarm tests", (
+        "time", "trigger", "method", "code", "result", "edge→commit", "commit→broker",
+        "broker→ack", "total (ms)", "failed stage / reason"), [
+        (x["requested_at"], x["trigger"],
+         (x["method"] or "-") + (" (wiring not covered)" if x["method"] == "software" else ""),
+         x["code"], x["result"], _ms(x["edge_to_commit_ms"]), _ms(x["commit_to_sent_ms"]),
+         _ms(x["sent_to_ack_ms"]), _ms(x["total_ms"]),
+         f"{x['failed_stage']}: {x['reason']}" if x["result"] == "failed" else "")
+        for x in report.tests], "No alarm test this month.")
+    lines += _table("报警 Alarms", (
+        "time", "input", "code", "acknowledged", "by", "time to ack (s)", "repeats"), [
+        (x["occurred_at"], x["input"], x["code"], x["acknowledged_at"] or "NOT ACKNOWLEDGED",
+         x["acknowledged_by"] or "", _s(x["time_to_ack_s"]), x["repeats"])
+        for x in report.alarms], "No alarm this month.")
+    lines += _table("故障与恢复 Faults and restores", ("time", "kind", "code", "what", "summary"), [
+        (x["occurred_at"], x["kind"], x["code"], x["subject"], x["summary"] or "")
+        for x in report.faults], "No fault this month.")
     if report.open_faults:
         lines += ["", "Open at the end of the month: " + "; ".join(
             f"{f['subject']} ({f['code']}) since {f['since']}" for f in report.open_faults)]

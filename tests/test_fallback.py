@@ -31,6 +31,17 @@ def sms_config(make_config, sim, **fallback):
                        fallback={"duty_numbers": DUTY, **fallback})
 
 
+def sms_device(make_config, daemons, platform, sim, *, ack: bool, **fallback):
+    """Button, uplink and fallback daemons as processes, and a platform that has seen the
+    device's birth."""
+    path, config = sms_config(make_config, sim, **fallback)
+    police = platform(config, ack=ack)
+    for name in ("button", "uplink", "fallback"):
+        daemons(name, path)
+    online(police)
+    return path, config, police
+
+
 def notification(outbox: Outbox, event_id: str) -> dict | None:
     cursor = outbox.db.execute("SELECT * FROM sms_notifications WHERE event_id = ?", (event_id,))
     row = cursor.fetchone()
@@ -55,12 +66,8 @@ class OffsetClock:
 def test_broker_down_press_goes_by_sms_and_reaches_the_platform_when_it_returns(
         make_config, daemons, platform, broker, modem):
     # An hour-long timeout: an SMS can only come from the rule "uplink down: at once".
-    path, config = sms_config(make_config, modem, ack_timeout_s=600)
-    police = platform(config, ack=True)
-    daemons("button", path)
-    daemons("uplink", path)
-    daemons("fallback", path)
-    online(police)
+    _, config, police = sms_device(make_config, daemons, platform, modem, ack=True,
+                                   ack_timeout_s=600)
     with Outbox(config.storage.database, config.identity) as outbox:
         broker.stop()
         poll_until(lambda: not uplink_connected(outbox), what="the uplink to notice")
@@ -87,12 +94,8 @@ def test_broker_down_press_goes_by_sms_and_reaches_the_platform_when_it_returns(
 
 
 def test_an_alarm_acknowledged_in_time_sends_no_sms(make_config, daemons, platform, modem):
-    path, config = sms_config(make_config, modem, ack_timeout_s=5)
-    police = platform(config, ack=True)
-    daemons("button", path)
-    daemons("uplink", path)
-    daemons("fallback", path)
-    online(police)
+    _, config, police = sms_device(make_config, daemons, platform, modem, ack=True,
+                                   ack_timeout_s=5)
     with Outbox(config.storage.database, config.identity) as outbox:
         alarm = press(config)
         row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
@@ -103,12 +106,8 @@ def test_an_alarm_acknowledged_in_time_sends_no_sms(make_config, daemons, platfo
 
 def test_silence_from_the_platform_means_one_sms_per_alarm_not_per_repeat(
         make_config, daemons, platform, modem):
-    path, config = sms_config(make_config, modem, ack_timeout_s=1)
-    police = platform(config, ack=False)
-    daemons("button", path)
-    daemons("uplink", path)
-    daemons("fallback", path)
-    online(police)
+    _, config, _ = sms_device(make_config, daemons, platform, modem, ack=False,
+                              ack_timeout_s=1)
     with Outbox(config.storage.database, config.identity) as outbox:
         alarm = press(config)
         modem.wait_for_messages(2)

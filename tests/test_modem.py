@@ -87,21 +87,17 @@ def sim():
 
 
 def test_initialises_a_module_that_echoes_and_reads_its_state(sim):
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         assert sim.commands[:4] == ["AT", "ATE0", "AT+CMEE=1", "AT+CMGF=0"]
         status = modem.status()
         assert (status.present, status.sim, status.registration) == (True, "READY", "home")
         assert (status.signal_csq, status.signal_dbm, status.operator) == (20, -73,
                                                                            "CHINA MOBILE")
         assert status.problems == []
-    finally:
-        modem.close()
 
 
 def test_no_sim_no_network_and_unknown_signal_are_problems(sim):
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         sim.set(sim="absent")
         status = modem.status()
         assert status.sim == "not inserted" and status.problems == ["SIM not inserted"]
@@ -113,14 +109,11 @@ def test_no_sim_no_network_and_unknown_signal_are_problems(sim):
         assert modem.status().registration == "roaming"
         sim.set(registration=3)
         assert modem.registration() == "denied"
-    finally:
-        modem.close()
 
 
 def test_pin_wrong_then_right(sim):
     sim.set(sim="SIM PIN", pin="4321")
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         assert modem.sim_state().state == "SIM PIN"
         with pytest.raises(ModemError) as wrong:
             modem.enter_pin("1111")
@@ -128,13 +121,10 @@ def test_pin_wrong_then_right(sim):
         assert "incorrect password" in str(wrong.value)
         modem.enter_pin("4321")
         assert modem.sim_state().ready
-    finally:
-        modem.close()
 
 
 def test_sends_a_short_and_a_long_chinese_sms(sim):
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         short = modem.send_sms("+8613800138000", "Gate alarm 1")
         text = "紧急报警" * 40  # 160 characters: three UCS-2 parts
         long = modem.send_sms("13900139000", text)
@@ -142,13 +132,10 @@ def test_sends_a_short_and_a_long_chinese_sms(sim):
         assert short.references == [1] and long.references == [2, 3, 4]
         assert sorted(sim.wait_for_messages(2)) == sorted(
             [("+8613800138000", "Gate alarm 1"), ("13900139000", text)])
-    finally:
-        modem.close()
 
 
 def test_error_answers_raise_with_their_codes(sim):
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         sim.set(fail_sends=1, send_error=38)
         with pytest.raises(ModemError) as failed:
             modem.send_sms("+8613800138000", "x")
@@ -163,8 +150,6 @@ def test_error_answers_raise_with_their_codes(sim):
         assert unknown.value.answer == "ERROR" and unknown.value.code is None
         sim.set(registration=1)
         assert modem.send_sms("+8613800138000", "ok").parts == 1  # and it recovers
-    finally:
-        modem.close()
 
 
 def test_slow_answers_are_waited_for_and_a_dead_module_times_out(sim):
@@ -182,15 +167,12 @@ def test_slow_answers_are_waited_for_and_a_dead_module_times_out(sim):
 
 
 def test_unsolicited_codes_during_a_command_are_set_aside(sim):
-    modem = Modem.open_port(sim.port)
-    try:
+    with Modem.open_port(sim.port) as modem:
         sim.set(urc_before_reply='+CMTI: "SM",3')
         assert modem.signal().csq == 20
         sim.set(urc_before_reply="+CREG: 1")
         assert modem.sim_state().ready
         assert modem.channel.unsolicited == ['+CMTI: "SM",3', "+CREG: 1"]
-    finally:
-        modem.close()
 
 
 def test_an_absent_port_is_a_clear_error(tmp_path):

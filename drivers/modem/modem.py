@@ -92,6 +92,12 @@ class Modem:
     def close(self) -> None:
         self._port.close()
 
+    def __enter__(self) -> Modem:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def initialise(self) -> None:
         """Echo off, numeric errors, PDU mode. The first ``AT`` may meet a module still
         echoing or mid-boot: it is tried a few times."""
