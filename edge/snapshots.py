@@ -17,12 +17,16 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from drivers.camera import Snapshot
 from edge.events import utc_iso, utc_now
 from edge.outbox import Outbox
+
+# Free disk always left to the outbox (and the system): the spool shrinks below its budget
+# rather than eat into it.
+DISK_RESERVE_BYTES = 200 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,9 @@ class SnapshotStore:
     def next_queued(self, limit: int, exclude: set[int]) -> list[QueuedSnapshot]:
         rows = self.outbox.db.execute(
             "SELECT id, event_id, camera, idx, phase, captured_at, offset_s, width, height,"
-            " path FROM snapshots WHERE state = 'queued' ORDER BY id LIMIT ?",
+            # A real alarm's pictures before a test's; each event's in the order taken.
+            " path FROM snapshots WHERE state = 'queued'"
+            " ORDER BY event_kind <> 'alarm', id LIMIT ?",
             (limit + len(exclude),)).fetchall()
         return [QueuedSnapshot(*row) for row in rows if row[0] not in exclude][:limit]
 
@@ -135,9 +141,18 @@ class SnapshotStore:
         ("undelivered alarm", "state = 'queued' AND event_kind = 'alarm'"),
     )
 
+    def effective_budget(self) -> int:
+        """The configured budget, or less when the disk is filling: the outbox shares the
+        disk, and an alarm that cannot be committed matters more than any picture."""
+        return max(0, min(self.budget,
+                          self.used_bytes() + self.free_disk_bytes() - DISK_RESERVE_BYTES))
+
+    def free_disk_bytes(self) -> int:
+        return shutil.disk_usage(self.spool).free
+
     def enforce_budget(self) -> int:
         """Delete snapshots, least precious first, until the spool fits; returns how many."""
-        excess = self.used_bytes() - self.budget
+        excess = self.used_bytes() - self.effective_budget()
         removed = 0
         for label, condition in self._PRUNE_ORDER:
             if excess <= 0:
@@ -163,6 +178,19 @@ class SnapshotStore:
         self._remove_empty_directories()
         return removed
 
+    def prune_delivered(self, keep_days: int, now: datetime | None = None) -> int:
+        """Delivered snapshots older than ``keep_days``, as delivered events are."""
+        cutoff = utc_iso((now or utc_now()) - timedelta(days=keep_days))
+        rows = self.outbox.db.execute("SELECT id, path FROM snapshots WHERE state = 'sent'"
+                                      " AND committed_at < ?", (cutoff,)).fetchall()
+        if rows:
+            with self.outbox.transaction() as conn:
+                conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in rows])
+            for _, path in rows:
+                Path(path).unlink(missing_ok=True)
+            self._remove_empty_directories()
+        return len(rows)
+
     def remove_orphans(self) -> int:
         """Files no row points at (a crash between the two deletions): removed at start."""
         known = {row[0] for row in self.outbox.db.execute("SELECT path FROM snapshots")}
@@ -178,6 +206,3 @@ class SnapshotStore:
             if directory.is_dir() and not any(directory.iterdir()):
                 with contextlib.suppress(OSError):
                     directory.rmdir()
-
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.spool).free

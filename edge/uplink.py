@@ -681,10 +681,12 @@ class UplinkDaemon:
     # -- housekeeping ----------------------------------------------------------------
 
     def _prune(self) -> None:
-        removed = self._outbox.prune(self.config.storage.keep_days)
-        if removed:
-            log.info("pruned %d delivered event(s) older than %d days", removed,
-                     self.config.storage.keep_days)
+        keep = self.config.storage.keep_days
+        removed = self._outbox.prune(keep)
+        pictures = self._snapshots.prune_delivered(keep)
+        if removed or pictures:
+            log.info("pruned %d delivered event(s) and %d snapshot(s) older than %d days",
+                     removed, pictures, keep)
 
     def _save_state(self) -> None:
         cfg = self.config

@@ -14,7 +14,7 @@ import pytest
 from drivers.camera import Snapshot
 from drivers.camera.testcard import frame_number, write_video
 from edge.control import request
-from edge.events import Identity, utc_now
+from edge.events import Identity, utc_iso, utc_now
 from edge.localbroker import free_port
 from edge.outbox import Outbox
 from edge.snapshots import SnapshotStore
@@ -353,3 +353,36 @@ def test_the_reader_survives_an_exception_and_reads_on(tmp_path):
         assert source.failures == 0 and source._thread.is_alive()
     finally:
         source.close()
+
+
+def test_a_filling_disk_shrinks_the_spool_and_old_delivered_pictures_go(tmp_path):
+    from datetime import timedelta
+
+    from edge.snapshots import DISK_RESERVE_BYTES
+
+    class NearlyFullDisk(SnapshotStore):
+        """The outbox's disk with only a little left above the reserve."""
+
+        def free_disk_bytes(self) -> int:
+            return DISK_RESERVE_BYTES + 2_000
+
+    with Outbox(tmp_path / "outbox.db", Identity("s", "d", "gate")) as outbox:
+        store = NearlyFullDisk(outbox, tmp_path / "spool", budget_bytes=1_000_000)
+        when = utc_now()
+        ids = [store.write(_snapshot("cam", 1000), event_id="alarm-1", event_kind="alarm",
+                           event_time=when, idx=i, phase="pre") for i in range(5)]
+        store.write(_snapshot("cam", 1000), event_id="test-1", event_kind="test",
+                    event_time=when, idx=0, phase="pre")
+        # 6,000 bytes used, 2,000 free above the reserve: the spool may hold 8,000 now,
+        # not its 1,000,000 budget; with the disk nearly full it must give way.
+        assert store.effective_budget() == 8_000
+        queued = store.next_queued(10, set())
+        assert [q.event_id for q in queued] == ["alarm-1"] * 5 + ["test-1"]  # alarms first
+
+        store.mark_sent(ids[:2])
+        outbox.db.execute("UPDATE snapshots SET committed_at = ? WHERE id = ?",
+                          (utc_iso(when - timedelta(days=91)), ids[0]))
+        assert store.prune_delivered(keep_days=90) == 1
+        assert not (tmp_path / "spool" / "alarm-1" / "cam-000-pre.jpg").exists()
+        assert {r[0] for r in outbox.db.execute("SELECT id FROM snapshots")} == \
+            set(ids[1:]) | {queued[-1].id}
