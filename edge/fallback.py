@@ -67,6 +67,7 @@ class FallbackDaemon:
         self.modem_status: dict = {"present": False, "error": "not opened yet"}
         self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
         self.status_reads = 0
+        self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
         self.ready = threading.Event()
 
@@ -123,30 +124,33 @@ class FallbackDaemon:
         """A row for every new alarm (not a repeat). At the very first start the history
         is not news: only alarms of the last hour still unacknowledged are watched."""
         timeout = timedelta(seconds=self.config.fallback.ack_timeout_s)
+        seen = outbox.db.execute("SELECT value FROM counters WHERE name = 'fallback_seen'"
+                                 ).fetchone()
+        last = outbox.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        if seen is not None and seen[0] >= last:
+            return  # nothing new: no write (this runs every few seconds, on an SD card)
         with outbox.transaction() as conn:
-            if conn.execute("SELECT 1 FROM counters WHERE name = 'fallback_seen'").fetchone() \
-                    is None:
+            if seen is None:
                 recent = utc_iso(self.clock() - timedelta(hours=1))
                 first = conn.execute(
                     "SELECT min(seq) FROM events WHERE kind = 'alarm' AND state !="
                     " 'acknowledged' AND committed_at >= ?", (recent,)).fetchone()[0]
-                last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+                start = first - 1 if first is not None else last
                 conn.execute("INSERT INTO counters(name, value) VALUES ('fallback_seen', ?)",
-                             (first - 1 if first is not None else last,))
-            seen = conn.execute("SELECT value FROM counters WHERE name = 'fallback_seen'"
-                                ).fetchone()[0]
+                             (start,))
+            else:
+                start = seen[0]
             rows = conn.execute(
-                "SELECT seq, id, committed_at FROM events WHERE seq > ? AND kind = 'alarm'"
-                " AND repeat_of IS NULL ORDER BY seq", (seen,)).fetchall()
-            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or seen
-            for _, event_id, committed_at in rows:
+                "SELECT id, committed_at FROM events WHERE seq > ? AND kind = 'alarm'"
+                " AND repeat_of IS NULL ORDER BY seq", (start,)).fetchall()
+            for event_id, committed_at in rows:
                 due = utc_iso(_parse(committed_at) + timeout)
                 conn.execute("INSERT OR IGNORE INTO sms_notifications(event_id, state,"
                              " committed_at, due_at, attempts, recipients)"
                              " VALUES (?, 'watching', ?, ?, 0, '{}')",
                              (event_id, committed_at, due))
             conn.execute("UPDATE counters SET value = ? WHERE name = 'fallback_seen'",
-                         (max(last, seen),))
+                         (max(last, start),))
 
     def _uplink_connected(self, outbox: Outbox, now: datetime) -> bool:
         state = outbox.daemon_states().get("uplink")
@@ -168,6 +172,8 @@ class FallbackDaemon:
             " WHERE n.state IN ('watching', 'due') ORDER BY n.committed_at").fetchall()
         due: list[str] = []
         wait = MAX_WAIT_S
+        if not rows:
+            return wait
         with outbox.transaction() as conn:
             for event_id, state, due_at, next_attempt, event_state in rows:
                 if event_state == "acknowledged":
@@ -213,9 +219,12 @@ class FallbackDaemon:
         fb = self.config.fallback
         budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
         if budget <= 0:
-            log.warning("SMS rate limit (%d per hour) reached: %d alarm(s) wait",
-                        fb.max_sms_per_hour, len(event_ids))
+            if self._held_back != len(event_ids):  # said once per change, not every pass
+                log.warning("SMS rate limit (%d per hour) reached: %d alarm(s) wait",
+                            fb.max_sms_per_hour, len(event_ids))
+            self._held_back = len(event_ids)
             return 60.0
+        self._held_back = 0
         records = {eid: json.loads(outbox.db.execute(
             "SELECT recipients FROM sms_notifications WHERE event_id = ?", (eid,)
         ).fetchone()[0]) for eid in event_ids}
