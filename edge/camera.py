@@ -240,8 +240,8 @@ class CameraDaemon:
         else:
             before = source.snapshots_between(event_wall - spec.pre_seconds, event_wall)
         for idx, snapshot in enumerate(before):
-            store.write(snapshot, event_id=event_id, event_kind=kind, event_time=event_time,
-                        idx=idx, phase="pre")
+            self._write(store, snapshot, event_id=event_id, event_kind=kind,
+                        event_time=event_time, idx=idx, phase="pre")
         if before:
             store.enforce_budget()
             wake(self.config.storage.runtime_dir, "uplink")
@@ -254,12 +254,26 @@ class CameraDaemon:
                               event_monotonic,
                               time.monotonic() + spec.post_count / spec.rate + 10))
 
+    @staticmethod
+    def _write(store: SnapshotStore, snapshot, **where) -> bool:
+        """One snapshot to the spool; a full or failing disk costs that picture, not the
+        daemon (and the spool gives way to make room)."""
+        try:
+            store.write(snapshot, **where)
+            return True
+        except OSError as err:
+            log.error("camera %s: snapshot %d of %s not saved: %s", snapshot.camera,
+                      where["idx"], where["event_id"], err)
+            with contextlib.suppress(Exception):
+                store.enforce_budget()
+            return False
+
     def _advance_jobs(self, store: SnapshotStore) -> int:
         written = 0
         for job in list(self.jobs):
             fresh = self.sources[job.camera].snapshots_after(job.after_monotonic)
             for snapshot in fresh[:job.post_left]:
-                store.write(snapshot, event_id=job.event_id, event_kind=job.event_kind,
+                self._write(store, snapshot, event_id=job.event_id, event_kind=job.event_kind,
                             event_time=job.event_time, idx=job.next_idx, phase="post")
                 job.next_idx += 1
                 job.post_left -= 1

@@ -386,3 +386,19 @@ def test_a_filling_disk_shrinks_the_spool_and_old_delivered_pictures_go(tmp_path
         assert not (tmp_path / "spool" / "alarm-1" / "cam-000-pre.jpg").exists()
         assert {r[0] for r in outbox.db.execute("SELECT id FROM snapshots")} == \
             set(ids[1:]) | {queued[-1].id}
+
+
+def test_a_snapshot_the_disk_refuses_costs_that_picture_not_the_daemon(tmp_path):
+    import errno
+
+    from edge.camera import CameraDaemon
+
+    class FullDisk(SnapshotStore):
+        def write(self, snapshot, **where):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Outbox(tmp_path / "outbox.db", Identity("s", "d", "gate")) as outbox:
+        store = FullDisk(outbox, tmp_path / "spool", budget_bytes=10_000)
+        assert CameraDaemon._write(store, _snapshot("cam", 1000), event_id="e", idx=0,
+                                   event_kind="alarm", event_time=utc_now(),
+                                   phase="pre") is False
