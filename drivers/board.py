@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Raspberry Pi firmware `get_throttled` bits (vcgencmd documentation).
@@ -51,7 +51,7 @@ class PowerStatus:
 class DiskSpace:
     path: str
     free_bytes: int    # for unprivileged users (f_bavail): what the daemons can use
-    total_bytes: int
+    total_bytes: int   # root's reserved blocks are part of the total, never of free_bytes
 
 
 def _read(path: Path) -> str | None:
@@ -85,31 +85,65 @@ def _decode(raw: int, source: str) -> PowerStatus:
 
 
 def power_status(root: Path = Path("/"), vcgencmd: str | None = None) -> PowerStatus:
-    """Under-voltage and throttling: the ``rpi_volt`` hwmon alarm (current kernels), the
-    firmware's ``get_throttled`` in sysfs, or ``vcgencmd get_throttled``."""
+    """Under-voltage and throttling: the firmware's ``get_throttled`` (in sysfs, else from
+    ``vcgencmd get_throttled``) for every flag, and the ``rpi_volt`` hwmon alarm of current
+    kernels for under-voltage now, which it reports the moment it happens."""
+    reasons: list[str] = []
+    throttled = _firmware_throttled(root, vcgencmd, reasons)
+    volt = _rpi_volt_alarm(root, reasons)
+    if volt is not None:
+        alarm, source = volt
+        if throttled is None:
+            # Throttling is unknown here, not absent: the reason says so.
+            return PowerStatus(True, under_voltage_now=alarm, source=source,
+                               reason="; ".join(reasons) or None)
+        return replace(throttled, under_voltage_now=alarm or throttled.under_voltage_now,
+                       source=f"{source} + {throttled.source}")
+    if throttled is not None:
+        return throttled
+    reasons.insert(0, "the board reports no under-voltage or throttling state")
+    return PowerStatus(False, reason="; ".join(reasons))
+
+
+def _rpi_volt_alarm(root: Path, reasons: list[str]) -> tuple[bool, str] | None:
     for hwmon in sorted((root / "sys/class/hwmon").glob("hwmon*")):
         if _read(hwmon / "name") == "rpi_volt":
-            alarm = _read(hwmon / "in0_lcrit_alarm")
+            path = hwmon / "in0_lcrit_alarm"
+            alarm = _read(path)
             if alarm in ("0", "1"):
-                return PowerStatus(True, under_voltage_now=alarm == "1",
-                                   source=str(hwmon / "in0_lcrit_alarm"))
+                return alarm == "1", str(path)
+            reasons.append(f"{path}: unreadable alarm {alarm!r}")
+    return None
+
+
+def _firmware_throttled(root: Path, vcgencmd: str | None,
+                        reasons: list[str]) -> PowerStatus | None:
     firmware = root / "sys/devices/platform/soc/soc:firmware/get_throttled"
     text = _read(firmware)
     if text is not None:
         try:
-            return _decode(int(text, 0) if text.startswith("0x") else int(text, 16),
-                           str(firmware))
+            # The kernel writes hex without "0x"; tolerate it with one.
+            return _decode(int(text.removeprefix("0x"), 16), str(firmware))
         except ValueError:
-            pass
+            reasons.append(f"{firmware}: unreadable value {text!r}")
     command = vcgencmd or shutil.which("vcgencmd")
-    if command and os.access(command, os.X_OK):
-        try:
-            out = subprocess.run([command, "get_throttled"], capture_output=True, text=True,
-                                 timeout=5).stdout.strip()
-            return _decode(int(out.partition("=")[2], 16), "vcgencmd get_throttled")
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            pass
-    return PowerStatus(False, reason="the board reports no under-voltage or throttling state")
+    if not command or not os.access(command, os.X_OK):
+        return None
+    try:
+        run = subprocess.run([command, "get_throttled"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        reasons.append(f"vcgencmd get_throttled: {err}")
+        return None
+    key, _, value = run.stdout.strip().partition("=")
+    try:
+        if run.returncode != 0 or key != "throttled":
+            raise ValueError
+        return _decode(int(value, 16), "vcgencmd get_throttled")
+    except ValueError:
+        said = (run.stderr or run.stdout).strip() or f"exit status {run.returncode}"
+        reasons.append(f"vcgencmd get_throttled failed: {said}")
+        return None
 
 
 def disk_space(path: Path) -> DiskSpace:

@@ -138,6 +138,9 @@ class ButtonDaemon:
         self._test_press_asked_at: float | None = None
         self._relay_window: _RelayWindow | None = None
         self._relay_lock = threading.Lock()  # one alarm test at a time
+        # The recorder's "recorded" feedback and the main loop's refresh from the outbox
+        # take turns, so the guard never hears the chirp after the LED has moved on.
+        self._feedback_lock = threading.Lock()
         self.supervision: dict[str, DigitalInputDevice] = {}
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
@@ -337,18 +340,19 @@ class ButtonDaemon:
             wake(cfg.storage.runtime_dir, "fallback")  # starts the acknowledgement clock
         if cfg.cameras:
             wake(cfg.storage.runtime_dir, "camera")  # the snapshots of before the press
-        log.info("%s recorded: input %s, seq %d, id %s%s", event.kind.value.upper(),
-                 press.report.input, event.seq, event.id,
-                 f", repeat {event.draft.repeat} of {event.draft.repeat_of}"
-                 if event.draft.repeat_of else "")
-        if self.indicators is not None:
-            mode = cfg.inputs[press.report.input].mode
-            if mode != "silent":
-                self.indicators.chirp(1)
-            if event.kind == EventKind.ALARM:
-                self.indicators.show(LedPattern.FAST_BLINK)
-                if mode == "audible" and cfg.outputs.siren and not event.draft.repeat_of:
-                    self.indicators.sound_siren(cfg.outputs.siren.sound_for_s)
+        with self._feedback_lock:
+            log.info("%s recorded: input %s, seq %d, id %s%s", event.kind.value.upper(),
+                     press.report.input, event.seq, event.id,
+                     f", repeat {event.draft.repeat} of {event.draft.repeat_of}"
+                     if event.draft.repeat_of else "")
+            if self.indicators is not None:
+                mode = cfg.inputs[press.report.input].mode
+                if mode != "silent":
+                    self.indicators.chirp(1)
+                if event.kind == EventKind.ALARM:
+                    self.indicators.show(LedPattern.FAST_BLINK)
+                    if mode == "audible" and cfg.outputs.siren and not event.draft.repeat_of:
+                        self.indicators.sound_siren(cfg.outputs.siren.sound_for_s)
         self._waiters.resolve(press.report.input, {
             "accepted": True, "input": press.report.input, "reason": press.report.reason,
             "edge_ticks": press.report.edge_ticks,
@@ -361,6 +365,10 @@ class ButtonDaemon:
         """Set the LED from the latest event of each latched input, as the outbox has it."""
         if self.indicators is None:
             return
+        with self._feedback_lock:
+            self._refresh_feedback_locked(outbox, latch)
+
+    def _refresh_feedback_locked(self, outbox: Outbox, latch: AlarmLatch) -> None:
         if self._recorder is not None and not self._recorder.is_alive():
             log.critical("the recorder thread has died: presses are not being recorded")
             self.indicators.show(LedPattern.FAULT)

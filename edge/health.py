@@ -183,7 +183,9 @@ class HealthChecks:
         return CheckResult("cpu-temperature", True, f"{reading.celsius:.1f} °C", value=value)
 
     def check_power(self) -> CheckResult:
-        power = board.power_status(self.sys_root)
+        # Under a fake root (tests, a mounted image), never ask this host's own vcgencmd.
+        vcgencmd = None if self.sys_root == Path("/") else str(self.sys_root / "usr/bin/vcgencmd")
+        power = board.power_status(self.sys_root, vcgencmd=vcgencmd)
         if not power.available:
             return CheckResult("power", None, power.reason or "not reported")
         value = {k: v for k, v in asdict(power).items() if isinstance(v, bool | int)}
@@ -194,6 +196,8 @@ class HealthChecks:
             return CheckResult("power", False, f"{' and '.join(problems)} now: check the "
                                "power supply", value=value)
         note = " (under-voltage earlier since boot)" if power.under_voltage_since_boot else ""
+        if power.raw is None:
+            note += " (throttling not reported)"
         return CheckResult("power", True, f"supply good{note}", value=value)
 
     # -- other daemons' parts ----------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -31,13 +32,16 @@ ONLINE_GRACE_S = 120  # the newest session counts as still up if seen this recen
 
 def month_bounds(month: str, zone: ZoneInfo) -> tuple[datetime, datetime]:
     """The UTC bounds of a calendar month of the site's local time."""
+    # strptime alone takes "2026-1" and " 2026-11": a report's name must be exact.
     try:
+        if not re.fullmatch(r"\d{4}-\d{2}", month):
+            raise ValueError
         first = datetime.strptime(month, "%Y-%m")
-    except ValueError:
+        start = first.replace(tzinfo=zone)
+        following = (first.replace(day=28) + timedelta(days=4)).replace(day=1, tzinfo=zone)
+        return start.astimezone(UTC), following.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 9999-12 has no following month
         raise ValueError(f"month must be YYYY-MM (e.g. 2026-11), not {month!r}") from None
-    start = first.replace(tzinfo=zone)
-    following = (first.replace(day=28) + timedelta(days=4)).replace(day=1, tzinfo=zone)
-    return start.astimezone(UTC), following.astimezone(UTC)
 
 
 def _stats(values: list[float]) -> dict:
@@ -217,16 +221,17 @@ class _Reader:
         first = min((_parse(x["connected_at"]) for x in sessions), default=self.start)
         since = max(self.start, first)
         period = max(0.0, (until - since).total_seconds())
-        intervals = []
+        intervals, disconnections = [], 0
         for index, s in enumerate(sessions):
             begin = _parse(s["connected_at"])
-            if s["disconnected_at"]:
-                end = _parse(s["disconnected_at"])
-            elif (index == len(sessions) - 1
-                  and (now - _parse(s["last_seen_at"])).total_seconds() <= ONLINE_GRACE_S):
-                end = now  # the current connection
+            current = (not s["disconnected_at"] and index == len(sessions) - 1
+                       and (now - _parse(s["last_seen_at"])).total_seconds() <= ONLINE_GRACE_S)
+            if current:
+                end = now
             else:
-                end = _parse(s["last_seen_at"])  # it ended unseen (a crash, a power cut)
+                # Ended cleanly, or unseen (a crash, a power cut: its last sign of life).
+                end = _parse(s["disconnected_at"] or s["last_seen_at"])
+                disconnections += self.start <= end < self.end
             begin, end = max(begin, self.start), min(end, until)
             if end > begin:
                 intervals.append((begin, end))
@@ -237,8 +242,6 @@ class _Reader:
             if end > begin:
                 total += (end - begin).total_seconds()
             reach = end if reach is None else max(reach, end)
-        disconnections = sum(1 for s in sessions if s["disconnected_at"]
-                             and self.bounds[0] <= s["disconnected_at"] < self.bounds[1])
         return {"seconds": round(total, 3), "period_seconds": round(period, 3),
                 "since": self.local(utc_iso(since)),
                 "percent": round(100 * total / period, 3) if period else None,
@@ -257,7 +260,9 @@ def build_report(database: str | Path | sqlite3.Connection, month: str, zone: Zo
     else:
         if not Path(database).exists():
             raise ValueError(f"no outbox at {database}")
-        db, owned = sqlite3.connect(f"file:{database}?mode=ro", uri=True), True
+        # as_uri() escapes what a URI would misread in a path ("?", "#", "%", spaces).
+        uri = f"{Path(database).resolve().as_uri()}?mode=ro"
+        db, owned = sqlite3.connect(uri, uri=True), True
     try:
         reader = _Reader(db, zone, start, end)
         report = MonthlyReport(
@@ -365,7 +370,7 @@ def render_markdown(report: MonthlyReport) -> str:
 
 CSV_COLUMNS = ("section", "time", "kind", "code", "input_or_subject", "result", "method",
                "trigger", "edge_to_commit_ms", "commit_to_sent_ms", "sent_to_ack_ms",
-               "total_ms", "acknowledged_at", "time_to_ack_s", "detail")
+               "total_ms", "acknowledged_at", "acknowledged_by", "time_to_ack_s", "detail")
 
 
 def render_csv(report: MonthlyReport) -> str:
@@ -394,6 +399,7 @@ def render_csv(report: MonthlyReport) -> str:
         writer.writerow({"section": "alarm", "time": x["occurred_at"], "kind": "alarm",
                          "code": x["code"], "input_or_subject": x["input"],
                          "acknowledged_at": x["acknowledged_at"],
+                         "acknowledged_by": x["acknowledged_by"],
                          "time_to_ack_s": x["time_to_ack_s"],
                          "detail": f"repeats={x['repeats']}"})
     for x in report.faults:

@@ -70,8 +70,36 @@ def test_month_bounds_are_local_time():
     start, end = month_bounds("2026-11", SHANGHAI)
     assert (start, end) == (at("2026-10-31T16:00:00"), at("2026-11-30T16:00:00"))
     assert month_bounds("2026-12", SHANGHAI)[1] == at("2026-12-31T16:00:00")
-    with pytest.raises(ValueError, match="month must be YYYY-MM"):
-        month_bounds("November", SHANGHAI)
+    for wrong in ("November", "2026-1", " 2026-11", "2026-11-01", "2026-13", "9999-12"):
+        with pytest.raises(ValueError, match="month must be YYYY-MM"):
+            month_bounds(wrong, SHANGHAI)
+
+
+def test_an_outbox_whose_path_a_uri_would_misread_is_read_and_left_unchanged(tmp_path):
+    # "?" and "#" end a URI's path and "%" starts an escape; a school's share may have both.
+    path = tmp_path / "gate 1 #2 ?50%" / "outbox.db"
+    path.parent.mkdir()
+    with Outbox(path, IDENTITY) as outbox:
+        commit(outbox, EventKind.ALARM, ContactId.PANIC, "2026-11-03T01:00:00", ack_after=1)
+    before = path.read_bytes()
+    report = build_report(path, "2026-11", SHANGHAI, identity=IDENTITY,
+                          now=at("2026-12-02T00:00:00"))
+    assert report.alarm_summary["alarms"] == 1
+    assert path.read_bytes() == before
+    assert not (tmp_path / "gate 1 ").exists()  # no stray database made at a cut path
+
+
+def test_a_session_that_ended_unseen_is_a_disconnection_and_the_live_one_is_not(outbox):
+    add_session(outbox, "2026-11-02T00:00:00", "2026-11-02T06:00:00", "2026-11-02T06:00:00", 1)
+    # A power cut: never said goodbye; its last sign of life was in the month.
+    add_session(outbox, "2026-11-03T00:00:00", "2026-11-03T05:00:00", None, 2)
+    # Ended unseen after the month: not this month's disconnection.
+    add_session(outbox, "2026-11-30T10:00:00", "2026-12-01T01:00:00", None, 3)
+    add_session(outbox, "2026-12-01T02:00:00", "2026-12-01T23:59:30", None, 4)  # live now
+    report = build_report(outbox.path, "2026-11", SHANGHAI, identity=IDENTITY,
+                          now=at("2026-12-02T00:00:00"))
+    assert report.online["disconnections"] == 2
+    assert report.online["seconds"] == (6 + 5 + 6) * 3600  # session 3 up to 16:00 UTC
 
 
 def test_every_figure_matches_the_events_in_the_database(outbox):
@@ -139,7 +167,7 @@ def test_every_figure_matches_the_events_in_the_database(outbox):
     assert report.online == {"seconds": float(online), "period_seconds": float(month),
                              "since": "2026-11-01 00:00:00",
                              "percent": round(100 * online / month, 3), "sessions": 3,
-                             "disconnections": 1}
+                             "disconnections": 2}  # session 1, and 2 unseen
     assert report.complete  # within keep_days
 
 
@@ -157,6 +185,7 @@ def test_renders_markdown_csv_and_json_and_the_command_writes_them(outbox, tmp_p
     assert {r["section"] for r in rows} == {"summary", "test", "alarm"}
     [alarm] = [r for r in rows if r["section"] == "alarm"]
     assert alarm["time_to_ack_s"] == "1.5" and alarm["time"] == "2026-11-03 09:00:00"
+    assert alarm["acknowledged_by"] == "110 desk"
     document = json.loads(render_json(report))
     assert document["schema"] == "guardpost/report@1"
     assert document["alarm_summary"]["alarms"] == 1

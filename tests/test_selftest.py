@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 from edge.alarmtest import AlarmTestRunner, request_test
 from edge.button import ButtonDaemon
 from edge.contract import TEST_COMMAND_SCHEMA
-from edge.health import CheckResult, CheckTracker
+from edge.health import CheckResult, CheckTracker, HealthChecks
 from edge.outbox import Outbox
 from edge.selftest import AlarmTestSchedule, SelfTestDaemon
 from tests.support.daemons import in_process, poll_until
@@ -388,3 +388,25 @@ def test_a_cut_supervision_loop_is_a_panic_zone_trouble(make_config, tmp_path):
             "SELECT kind, payload FROM events WHERE code = 375").fetchall()
         assert kind == "fault" and json.loads(payload)["detail"]["check"] == "wiring"
         assert not any(e == ("alarm", 120) for e in kinds(outbox))
+
+
+def test_power_check_reads_the_boards_tool_under_its_own_root_never_the_hosts(make_config,
+                                                                              tmp_path):
+    # A fake root brings its own vcgencmd: the check must ask that one (which reports a
+    # weak supply now), not whatever this host has on PATH.
+    _, config = make_config()
+    root = tmp_path / "pi-root"
+    tool = root / "usr/bin/vcgencmd"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\necho throttled=0x50005\n")
+    tool.chmod(0o755)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        checks = HealthChecks(config, outbox, sys_root=root)
+
+        power = checks.check_power()
+        tool.unlink()
+        unknown = checks.check_power()
+
+    assert power.ok is False and "under-voltage and throttled now" in power.summary
+    assert power.value["under_voltage_since_boot"] is True
+    assert unknown.ok is None  # no source at all under this root: not applicable
