@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
+import numpy as np
 
-from drivers.camera import CameraSource, assess
+from drivers.camera import CameraSource, PictureCheck, assess
 from edge import __version__
 from edge.clock import boot_id, clock_synchronised
 from edge.config import CameraConfig, Config
@@ -60,6 +61,9 @@ class _Job:
     deadline: float
 
 
+STARTING = "starting"  # no frame since the daemon started, within stale_after_s
+
+
 class _Health:
     """Stale / frozen / black / covered, with hysteresis so a flapping camera does not
     flood the platform."""
@@ -68,6 +72,8 @@ class _Health:
         self.name, self.spec = name, spec
         self.started = started
         self.fingerprint: bytes | None = None
+        self.examined: np.ndarray | None = None  # the last frame assessed, and its check
+        self.check: PictureCheck | None = None
         self.unchanged_since: float | None = None
         self.bad_since: float | None = None
         self.good_since: float | None = None
@@ -80,17 +86,23 @@ class _Health:
         frame, age = source.latest()
         if frame is None:
             self.measures = {"frame_age_s": None}
-            return "stale" if now - self.started > spec.stale_after_s else None
+            return "stale" if now - self.started > spec.stale_after_s else STARTING
         self.measures = {"frame_age_s": round(age, 2)}
         if age > spec.stale_after_s:
             return "stale"
-        check, self.fingerprint = assess(frame, self.fingerprint)
+        if frame is self.examined:
+            # No new frame since the last check (checks faster than a slow stream): the
+            # same frame again is no evidence of a frozen picture; "stale" covers a stall.
+            check = self.check
+        else:
+            check, self.fingerprint = assess(frame, self.fingerprint)
+            self.examined, self.check = frame, check
+            if check.identical:
+                self.unchanged_since = self.unchanged_since or now
+            else:
+                self.unchanged_since = None
         self.measures |= {"brightness": round(check.brightness, 1),
                           "detail": round(check.detail, 1)}
-        if check.identical:
-            self.unchanged_since = self.unchanged_since or now
-        else:
-            self.unchanged_since = None
         if check.brightness < spec.black_below:
             return "black"
         if check.detail < spec.covered_below:
@@ -102,6 +114,10 @@ class _Health:
     def update(self, problem: str | None, now: float) -> tuple[str, str] | None:
         """Returns ("fault"|"restore", problem) when one is due."""
         self.problem = problem
+        if problem == STARTING:
+            # No frame yet, and not yet stale: neither good nor bad. Counting it as good
+            # would restore, after a restart, a fault of a camera that is still dead.
+            return None
         if problem is not None:
             self.good_since = None
             self.bad_since = self.bad_since or now
@@ -154,6 +170,15 @@ class CameraDaemon:
                                       jpeg_quality=spec.jpeg_quality,
                                       max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop,
                                       timeout_s=min(spec.stale_after_s, 10.0))
+                worst = source.capacity * spec.max_jpeg_bytes
+                if worst > source.max_ring_bytes:
+                    log.warning(
+                        "camera %s: %g s before the press at %g/s of up to %d KB may need "
+                        "%d MB of memory; the ring keeps %d MB, so large pictures shorten "
+                        "the window to about %.0f s", name, spec.pre_seconds, spec.rate,
+                        spec.max_jpeg_bytes // 1024, worst // 2**20,
+                        source.max_ring_bytes // 2**20,
+                        source.max_ring_bytes / spec.max_jpeg_bytes / spec.rate)
                 source.start()
                 stack.callback(source.close)
                 self.sources[name] = source
@@ -229,7 +254,10 @@ class CameraDaemon:
 
     def _start_job(self, store: SnapshotStore, source: CameraSource, spec: CameraConfig,
                    event_id: str, kind: str, event_time: datetime) -> None:
-        event_wall = event_time.timestamp()
+        # The edge's time is wall-clock (the button daemon's); the ring is kept on the
+        # monotonic clock. Mapped once, now: a step of the wall clock between the pictures
+        # and the press (NTP's first sync at boot) cannot shift the window.
+        event_monotonic = time.monotonic() - (time.time() - event_time.timestamp())
         taken = store.taken(event_id, source.name)
         if taken:
             # A restart after some of this event's snapshots were written (before the
@@ -238,7 +266,8 @@ class CameraDaemon:
             log.info("camera %s: resuming %s %s after %d snapshot(s)", source.name, kind,
                      event_id, taken)
         else:
-            before = source.snapshots_between(event_wall - spec.pre_seconds, event_wall)
+            before = source.snapshots_between(event_monotonic - spec.pre_seconds,
+                                              event_monotonic)
         for idx, snapshot in enumerate(before):
             self._write(store, snapshot, event_id=event_id, event_kind=kind,
                         event_time=event_time, idx=idx, phase="pre")
@@ -247,7 +276,6 @@ class CameraDaemon:
             wake(self.config.storage.runtime_dir, "uplink")
         log.info("camera %s: %d snapshot(s) from before %s %s", source.name, len(before),
                  kind, event_id)
-        event_monotonic = time.monotonic() - (time.time() - event_wall)
         self.jobs.append(_Job(event_id, kind, event_time, source.name, taken or len(before),
                               max(0, spec.post_count - store.taken(event_id, source.name,
                                                                    "post")),
@@ -324,7 +352,9 @@ class CameraDaemon:
         for name, source in self.sources.items():
             _, age = source.latest()
             health = self.health[name]
+            pictures, ring_bytes = source.ring_usage()
             cameras[name] = {"connected": source.connected, "frame_age_s": age,
+                             "ring": {"pictures": pictures, "bytes": ring_bytes},
                              "frames_read": source.frames_read, "fault": health.fault,
                              "problem": health.problem, "last_error": source.last_error}
         return {"daemon": self.name, "version": __version__, "cameras": cameras,

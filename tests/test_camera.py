@@ -329,6 +329,26 @@ def test_a_camera_fault_survives_a_restart_of_the_daemon(make_config):
     assert health.update(None, now + 60) == ("restore", "black")
 
 
+def test_a_camera_still_dead_after_a_restart_is_not_restored_while_it_is_awaited(make_config):
+    # Its fault is remembered; in the first seconds no frame has come yet. That is not a
+    # good picture: no restore may go out before stale_after_s says "still stale".
+    from edge.camera import _Health
+
+    _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi",
+                                              "stale_after_s": 20, "restore_after_s": 5}})
+
+    class DeadCamera:
+        def latest(self):
+            return None, None
+
+    health = _Health("gate", config.cameras["gate"], started=0.0)
+    health.fault = "stale"  # restored from the daemon's saved state
+    changes = [health.update(health.examine(DeadCamera(), now), now)
+               for now in range(0, 40, 2)]
+    assert changes == [None] * 20
+    assert health.fault == "stale" and health.problem == "stale"
+
+
 def test_the_reader_survives_an_exception_and_reads_on(tmp_path):
     from drivers.camera import CameraSource
 
@@ -402,3 +422,87 @@ def test_a_snapshot_the_disk_refuses_costs_that_picture_not_the_daemon(tmp_path)
         assert CameraDaemon._write(store, _snapshot("cam", 1000), event_id="e", idx=0,
                                    event_kind="alarm", event_time=utc_now(),
                                    phase="pre") is False
+
+
+def test_the_pictures_before_the_press_are_found_across_a_clock_step(make_config):
+    # NTP's first sync at boot steps the wall clock by an hour: the pictures of the last
+    # seconds carry the old wall time, the press the new one. The pre-window is kept on
+    # the monotonic clock, so they are still the seconds before the press.
+    from drivers.camera import CameraSource
+    from edge.camera import CameraDaemon
+    from edge.events import ContactId, EventDraft, EventKind
+
+    _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi",
+                                              "pre_seconds": 5, "post_count": 0}})
+    source = CameraSource("gate", "/nonexistent.avi", rate=2.0, keep_seconds=5)
+    mono, wall = time.monotonic(), time.time()
+    for age in (8.0, 4.0, 2.0, 0.5):  # seconds before the press; 8 s is outside the window
+        source._ring.append(Snapshot("gate", b"\xff\xd8" + bytes([int(age * 2)]),
+                                     mono - age, wall - age - 3600, 320, 240))
+    daemon = CameraDaemon(config)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        event = outbox.commit_event(EventDraft(
+            kind=EventKind.ALARM, code=ContactId.PANIC, boot_id="b", clock_synced=True,
+            occurred_at=utc_now(), input="gate"))
+        store = SnapshotStore(outbox, config.storage.spool_dir, 10_000_000)
+        daemon._start_job(store, source, config.cameras["gate"], event.id, "alarm",
+                          event.draft.occurred_at)
+        rows = outbox.db.execute("SELECT idx, phase FROM snapshots WHERE event_id = ?"
+                                 " ORDER BY idx", (event.id,)).fetchall()
+    assert rows == [(0, "pre"), (1, "pre"), (2, "pre")]
+
+
+def test_the_same_frame_checked_again_is_not_a_frozen_picture_new_identical_frames_are(
+        make_config):
+    # Checks every 2 s of a camera that sends a frame every 5 s see one frame twice: that is
+    # a slow stream, not a frozen one. Frames that keep arriving with the same pixels are.
+    import numpy as np
+
+    from edge.camera import _Health
+
+    class SlowStream:
+        """What the health check reads of a source: its latest frame and that frame's age."""
+
+        def __init__(self, frame):
+            self.frame = frame
+
+        def latest(self):
+            return self.frame, 0.5
+
+    _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi",
+                                              "frozen_after_s": 3, "stale_after_s": 60}})
+    scene = np.random.default_rng(5).integers(40, 220, (240, 320, 3), dtype=np.uint8)
+    stream = SlowStream(scene)
+    health = _Health("gate", config.cameras["gate"], started=0.0)
+    assert [health.examine(stream, now) for now in (0.0, 2.0, 4.0, 6.0)] == [None] * 4
+
+    problems = []
+    for now in (8.0, 10.0, 12.0):
+        stream.frame = scene.copy()  # a new frame, the very same pixels
+        problems.append(health.examine(stream, now))
+    assert problems == [None, None, "frozen"]  # unchanged since 8 s: frozen at 11 s
+
+
+def test_the_memory_ring_keeps_its_byte_limit_dropping_the_oldest_first():
+    # 120 s at 10/s of big pictures would not fit a Pi's memory: the ring is capped in
+    # bytes as well as in count, and the newest pictures are the ones kept.
+    import numpy as np
+
+    from drivers.camera import CameraSource
+
+    source = CameraSource("gate", "/nonexistent.avi", rate=10.0, keep_seconds=120,
+                          width=0, jpeg_quality=95, max_ring_bytes=400_000)
+    rng = np.random.default_rng(9)
+    for number in range(60):
+        frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)  # noise: big JPEGs
+        source._take_snapshot(frame, float(number), 1e9 + number)
+    pictures, held = source.ring_usage()
+    kept = source.snapshots_after(-1.0)
+    assert held <= 400_000 and held == sum(len(s.jpeg) for s in kept)
+    assert 1 < pictures < 60 and len(kept) == pictures
+    assert [s.captured_monotonic for s in kept] == [float(n) for n in range(60 - pictures, 60)]
+
+    small = CameraSource("gate", "/nonexistent.avi", rate=1.0, keep_seconds=3)
+    for number in range(30):
+        small._take_snapshot(np.zeros((24, 32, 3), np.uint8), float(number), 1e9 + number)
+    assert small.ring_usage()[0] == small.capacity == 15  # (3 + 10 s margin) * 1/s + 2

@@ -61,6 +61,10 @@ def encode_jpeg(frame: np.ndarray, width: int, quality: int, max_bytes: int) -> 
 
 
 RING_MARGIN_S = 10.0
+# The ring lives in RAM. 120 s at 10 pictures/s of up to 250 KB would be 300 MB per camera
+# on a board with 1-2 GB: past this many bytes the oldest pictures go first (the window
+# before the press shortens; the daemon warns of it at start).
+RING_MAX_BYTES = 64 * 1024 * 1024
 
 
 class CameraSource:
@@ -68,7 +72,8 @@ class CameraSource:
 
     def __init__(self, name: str, source: str, *, rate: float, keep_seconds: float,
                  width: int = 0, jpeg_quality: int = 80, max_jpeg_bytes: int = 250_000,
-                 loop: bool = False, timeout_s: float = 10.0):
+                 loop: bool = False, timeout_s: float = 10.0,
+                 max_ring_bytes: int = RING_MAX_BYTES):
         self.name = name
         self.source = source
         self.interval = 1.0 / rate
@@ -81,8 +86,10 @@ class CameraSource:
         self.timeout_ms = int(timeout_s * 1000)
         # Beyond `keep_seconds`: the press's edge can lie seconds before the daemon hears
         # of it (a button's hold_ms, a slow commit, other cameras written first).
-        capacity = max(1, int((keep_seconds + RING_MARGIN_S) * rate) + 2)
-        self._ring: collections.deque[Snapshot] = collections.deque(maxlen=capacity)
+        self.capacity = max(1, int((keep_seconds + RING_MARGIN_S) * rate) + 2)
+        self.max_ring_bytes = max_ring_bytes
+        self._ring: collections.deque[Snapshot] = collections.deque()
+        self._ring_bytes = 0
         self._lock = threading.Lock()
         self._new_snapshot = threading.Condition(self._lock)
         self._latest: np.ndarray | None = None
@@ -112,10 +119,11 @@ class CameraSource:
                 return None, None
             return self._latest, time.monotonic() - self._latest_at
 
-    def snapshots_between(self, start_wall: float, end_wall: float) -> list[Snapshot]:
-        """Ring snapshots captured in [start_wall, end_wall] (wall-clock seconds)."""
+    def snapshots_between(self, start: float, end: float) -> list[Snapshot]:
+        """Ring snapshots captured in [start, end] (``time.monotonic()`` seconds: a clock
+        step by NTP must not move the window away from the pictures)."""
         with self._lock:
-            return [s for s in self._ring if start_wall <= s.captured_wall <= end_wall]
+            return [s for s in self._ring if start <= s.captured_monotonic <= end]
 
     def snapshots_after(self, after_monotonic: float) -> list[Snapshot]:
         with self._lock:
@@ -212,7 +220,16 @@ class CameraSource:
                                           self.max_jpeg_bytes)
         with self._new_snapshot:
             self._ring.append(Snapshot(self.name, jpeg, monotonic, wall, width, height))
+            self._ring_bytes += len(jpeg)
+            while len(self._ring) > 1 and (len(self._ring) > self.capacity
+                                           or self._ring_bytes > self.max_ring_bytes):
+                self._ring_bytes -= len(self._ring.popleft().jpeg)
             self._new_snapshot.notify_all()
+
+    def ring_usage(self) -> tuple[int, int]:
+        """(pictures, bytes) held in memory now."""
+        with self._lock:
+            return len(self._ring), self._ring_bytes
 
 
 def _redact(source: str) -> str:
