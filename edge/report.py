@@ -302,6 +302,11 @@ def _s(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _duration(seconds: float) -> str:
+    """Hours for a month; minutes for a device installed an hour ago (not "0.00 h")."""
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def _table(title: str, headers: tuple, rows: list[tuple], empty: str) -> list[str]:
     lines = ["", f"## {title}", ""]
     if not rows:
@@ -341,8 +346,8 @@ def render_markdown(report: MonthlyReport) -> str:
         f"{sum(1 for f in report.faults if f['kind'] == 'restore')} |",
         f"| 月末未恢复故障 Faults open at month end | {len(report.open_faults)} |",
         f"| 短信通道 Alarms sent by SMS | {sum(len(s['alarms']) for s in report.sms)} |",
-        f"| 在线时间 Time online | {online} ({o['seconds'] / 3600:.2f} h of "
-        f"{o['period_seconds'] / 3600:.2f} h since {o['since']}, {o['disconnections']} "
+        f"| 在线时间 Time online | {online} ({_duration(o['seconds'])} of "
+        f"{_duration(o['period_seconds'])} since {o['since']}, {o['disconnections']} "
         "disconnection(s)) |",
     ]
     lines += _table("报警测试 Alarm tests", (

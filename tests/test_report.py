@@ -100,6 +100,17 @@ def test_a_session_that_ended_unseen_is_a_disconnection_and_the_live_one_is_not(
                           now=at("2026-12-02T00:00:00"))
     assert report.online["disconnections"] == 2
     assert report.online["seconds"] == (6 + 5 + 6) * 3600  # session 3 up to 16:00 UTC
+    assert "(17.00 h of 688.00 h since 2026-11-02 08:00:00, 2 disconnection(s))" in \
+        render_markdown(report)
+
+
+def test_a_device_installed_minutes_ago_reports_minutes_online_not_zero_hours(tmp_path):
+    with Outbox(tmp_path / "new.db", IDENTITY) as outbox:
+        add_session(outbox, "2026-12-01T02:00:00", "2026-12-01T02:27:00", None, 1)  # then lost
+    report = build_report(tmp_path / "new.db", "2026-12", SHANGHAI, identity=IDENTITY,
+                          now=at("2026-12-01T02:30:00"))
+    assert "(27.0 min of 30.0 min since 2026-12-01 10:00:00, 1 disconnection(s))" in \
+        render_markdown(report)
 
 
 def test_every_figure_matches_the_events_in_the_database(outbox):
