@@ -289,7 +289,8 @@ class HealthConfig(Strict):
 
     interval_s: float = Field(300, ge=5, le=86400, description="Seconds between check runs")
     fail_after: int = Field(
-        2, ge=1, le=20, description="Consecutive failing runs before a check raises its fault",
+        2, ge=1, le=20,
+        description="Failing runs, of the last fail_after + restore_after, that raise a fault",
     )
     restore_after: int = Field(
         3, ge=1, le=50, description="Consecutive passing runs before the fault is restored",

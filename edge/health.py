@@ -2,9 +2,9 @@
 
 Each check answers ``ok`` True, False, or None when it does not apply here (no sensor on
 this board, nothing configured). The self-test daemon runs them every
-``health.interval_s``; :class:`CheckTracker` raises a fault after ``fail_after``
-consecutive failures and a restore after ``restore_after`` consecutive passes, so a
-flapping check raises at most one fault and no storm of events.
+``health.interval_s``; :class:`CheckTracker` raises a fault once ``fail_after`` of the
+recent runs failed and a restore after ``restore_after`` consecutive passes, so a
+flapping check raises one fault and no storm of events.
 
 The checks read what the other daemons record in the outbox (their ``daemon_state``)
 or ask them over their control sockets: the self-test daemon owns no hardware and no
@@ -63,15 +63,39 @@ class HealthChecks:
         self.integrity: dict | None = None  # the last quick_check: {"at", "ok", "detail"}
 
     def run(self, *, integrity_due: bool = False) -> list[CheckResult]:
+        """Every check, each on its own: one that raises (a corrupt database file, a
+        surprise from a sensor) is a failed check of its own, never the end of the rest."""
         now = self.clock()
-        states = {name: (json.loads(state), updated)
-                  for name, (state, updated) in self.outbox.daemon_states().items()}
         button = self._button_status()
-        results = [self.check_button(button), self.check_wiring(button),
-                   self.check_broker(states, now), self.check_outbox(now),
-                   self.check_disk(), self.check_database(integrity_due, now),
-                   self.check_clock(), self.check_temperature(), self.check_power(),
-                   self.check_cameras(states, now), self.check_modem(states, now)]
+        states: dict | None = None
+
+        def daemon_states() -> dict:
+            nonlocal states
+            if states is None:
+                states = {name: (json.loads(state), updated)
+                          for name, (state, updated) in self.outbox.daemon_states().items()}
+            return states
+
+        checks: list[tuple[str, Callable[[], CheckResult]]] = [
+            ("button", lambda: self.check_button(button)),
+            ("wiring", lambda: self.check_wiring(button)),
+            ("broker", lambda: self.check_broker(daemon_states(), now)),
+            ("outbox", lambda: self.check_outbox(now)),
+            ("disk", self.check_disk),
+            ("database", lambda: self.check_database(integrity_due, now)),
+            ("clock", self.check_clock),
+            ("cpu-temperature", self.check_temperature),
+            ("power", self.check_power),
+            ("camera", lambda: self.check_cameras(daemon_states(), now)),
+            ("modem", lambda: self.check_modem(daemon_states(), now)),
+        ]
+        results = []
+        for name, check in checks:
+            try:
+                results.append(check())
+            except Exception as err:
+                log.exception("health check %s could not run", name)
+                results.append(CheckResult(name, False, f"the check could not run: {err!r}"))
         return results
 
     # -- the alarm path ----------------------------------------------------------------
@@ -246,30 +270,45 @@ class HealthChecks:
 
 
 class CheckTracker:
-    """Hysteresis for every check; its state survives restarts (saved by the caller)."""
+    """Hysteresis for every check; its state survives restarts (saved by the caller).
+
+    A fault is raised when ``fail_after`` of the last ``fail_after + restore_after`` runs
+    failed, so a check that fails every other run (a loose connector) raises its one
+    fault instead of hiding for ever; it is restored only after ``restore_after``
+    consecutive passes, so flapping never becomes a storm of fault/restore pairs. A
+    check that stops applying (``ok`` None) while faulted is restored only after as
+    many runs of not applying: one unreadable sensor reading does not clear a fault.
+    """
 
     def __init__(self, fail_after: int, restore_after: int, saved: dict | None = None):
         self.fail_after = fail_after
         self.restore_after = restore_after
-        self.state: dict[str, dict] = {name: dict(entry) for name, entry in (saved or {}).items()}
+        self.window = fail_after + restore_after
+        self.state: dict[str, dict] = {}
+        for name, entry in (saved or {}).items():
+            # State saved before the history was kept: a fault stays a fault.
+            self.state[name] = {"fault": bool(entry.get("fault")),
+                                "history": list(entry.get("history", []))[-self.window:]}
 
     def update(self, result: CheckResult) -> str | None:
         """Feed one result; returns ``fault`` or ``restore`` when an event is due."""
-        entry = self.state.setdefault(result.name, {"fault": False, "streak": 0})
-        if result.ok is None:
-            entry["streak"] = 0
-            if entry["fault"]:  # no longer applies (a sensor gone, a part unconfigured)
+        entry = self.state.setdefault(result.name, {"fault": False, "history": []})
+        history: list = entry["history"]
+        history.append(result.ok)
+        del history[:-self.window]
+        recent = history[-self.restore_after:]
+        if entry["fault"]:
+            settled = len(recent) == self.restore_after
+            if settled and (all(ok is True for ok in recent)
+                            or all(ok is None for ok in recent)):
                 entry["fault"] = False
+                history.clear()
                 return "restore"
             return None
-        bad = not result.ok
-        if bad == entry["fault"]:
-            entry["streak"] = 0  # as it stands: nothing building up
-            return None
-        entry["streak"] += 1
-        if entry["streak"] >= (self.fail_after if bad else self.restore_after):
-            entry["fault"], entry["streak"] = bad, 0
-            return "fault" if bad else "restore"
+        if sum(ok is False for ok in history) >= self.fail_after:
+            entry["fault"] = True
+            history.clear()
+            return "fault"
         return None
 
     def faulted(self, name: str) -> bool:

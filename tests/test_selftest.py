@@ -317,16 +317,38 @@ def test_hysteresis_one_fault_one_restore_and_flapping_is_damped():
     def feed(*oks):
         return [tracker.update(CheckResult("disk", ok, "")) for ok in oks]
 
-    assert feed(True, False, True, False, True) == [None] * 5           # flapping: nothing
-    assert feed(False, False) == [None, "fault"]                        # one fault
-    assert feed(False, True, False, True, True) == [None] * 5           # still the one fault
-    assert feed(True) == ["restore"]                                    # three passes
-    assert feed(None, False, False) == [None, None, "fault"]            # n/a resets nothing
-    assert feed(None) == ["restore"]  # a check that no longer applies is restored
+    # A check failing every other run (a loose connector) raises its one fault...
+    assert feed(True, False, True, False, True) == [None, None, None, "fault", None]
+    assert feed(False, True, False, True, True) == [None] * 5  # ...flapping: no storm
+    assert feed(True) == ["restore"]                             # three passes in a row
+    assert feed(False, True, True, True, True, False) == [None] * 6  # failures far apart
+    assert feed(False) == ["fault"]                              # two of the last five
+    assert feed(None, None) == [None, None]  # an unreadable sensor does not clear a fault
+    assert feed(None) == ["restore"]         # three runs of not applying: it is gone
+    assert feed(None, False, None, False) == [None, None, None, "fault"]  # n/a is neutral
     saved = json.loads(json.dumps(tracker.state))
-    again = CheckTracker(2, 3, saved)  # survives a restart
-    assert again.update(CheckResult("disk", False, "")) is None
-    assert again.update(CheckResult("disk", False, "")) == "fault"
+    again = CheckTracker(2, 3, saved)  # survives a restart: still the one fault
+    assert [again.update(CheckResult("disk", ok, "")) for ok in (False, True, True, True)] \
+        == [None, None, None, "restore"]
+    older = CheckTracker(2, 3, {"disk": {"fault": True, "streak": 1}})  # saved by 0.5
+    assert older.faulted("disk")
+
+
+def test_a_check_that_raises_is_a_failed_check_and_the_others_still_run(make_config,
+                                                                       tmp_path):
+    # The uplink's saved state is not what the broker check expects (a garbled row, a
+    # daemon of another version): that check fails on its own, the others still report.
+    _, config = make_config()
+    with Outbox(config.storage.database, config.identity) as outbox:
+        checks = HealthChecks(config, outbox, sys_root=tmp_path / "empty",
+                              clock_synced=lambda: True)
+        outbox.set_daemon_state("uplink", json.dumps(["not", "a", "state"]))
+        results = {r.name: r for r in checks.run(integrity_due=True)}
+    assert results["broker"].ok is False
+    assert "could not run" in results["broker"].summary
+    assert results["database"].ok is True and results["clock"].ok is True
+    assert results["disk"].ok is True and results["button"].ok is False  # daemon not up
+    assert len(results) == 11
 
 
 def _sysfs(root: Path, celsius: float, throttled: int | None = None) -> Path:
