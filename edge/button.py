@@ -52,7 +52,12 @@ MAX_TEST_PRESS_WAIT_S = 120
 # From energising the test relay to the input's edge: a relay operates in 5-15 ms; an
 # edge later than this is not the relay's (and is judged as a press of its own).
 RELAY_OPERATE_S = 0.1
-RELAY_RELEASE_MARGIN_S = 0.03  # after the pulse and the input's bounce time
+# A signal relay's contact opens within a few milliseconds of its coil being released
+# (2-10 ms, its own bounce included): activity on the input later than this after the
+# pulse is a finger, not the relay.
+RELAY_RELEASE_S = 0.015
+RELAY_RELEASE_MARGIN_S = 0.003  # sampling slack on top of the input's bounce time
+HELD_SAMPLE_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,19 @@ class TestSpec:
     detail: dict
 
 
+Waiter = tuple[threading.Event, list]
+
+
+def _new_waiter() -> Waiter:
+    return threading.Event(), []
+
+
 @dataclass(frozen=True)
 class _AcceptedPress:
     report: PressReport
     occurred_at: datetime
     test: TestSpec | None = None  # a test press, not an alarm
+    waiter: Waiter | None = None  # told the outcome of this press alone (not by input)
 
 
 class _RelayWindow:
@@ -79,6 +92,7 @@ class _RelayWindow:
         self.test = test
         self.report: PressReport | None = None  # the press the pulse produced
         self.occurred_at: datetime | None = None
+        self.outcome: Waiter = _new_waiter()    # its recording, and nothing else's
 
     def claims(self, report: PressReport) -> bool:
         return (report.accepted and report.input == self.input and self.report is None
@@ -112,6 +126,14 @@ class _OutcomeWaiters:
 
 
 ANY_INPUT = "*"
+
+
+OUTCOME_WAIT_S = 10.0  # for the recorder to commit a press (it retries a failing disk)
+
+
+def _wait(waiter: Waiter, deadline: float) -> dict | None:
+    done, box = waiter
+    return box[0] if done.wait(max(0.0, deadline - time.monotonic())) else None
 
 
 def _event_summary(event: Event) -> dict:
@@ -263,7 +285,8 @@ class ButtonDaemon:
             # the alarm too.
             window.occurred_at = occurred_at
             window.report = report
-            self._accepted.put(_AcceptedPress(report, occurred_at, test=window.test))
+            self._accepted.put(_AcceptedPress(report, occurred_at, test=window.test,
+                                              waiter=window.outcome))
             return
         # Decided here, once, for the first press that *began* after the doctor asked:
         # a press already under way, or queued for recording, stays an alarm.
@@ -353,10 +376,16 @@ class ButtonDaemon:
                     self.indicators.show(LedPattern.FAST_BLINK)
                     if mode == "audible" and cfg.outputs.siren and not event.draft.repeat_of:
                         self.indicators.sound_siren(cfg.outputs.siren.sound_for_s)
-        self._waiters.resolve(press.report.input, {
-            "accepted": True, "input": press.report.input, "reason": press.report.reason,
-            "edge_ticks": press.report.edge_ticks,
-            "duration_ms": round(press.report.duration * 1000, 3), "event": _event_summary(event)})
+        outcome = {"accepted": True, "input": press.report.input, "reason": press.report.reason,
+                   "edge_ticks": press.report.edge_ticks,
+                   "duration_ms": round(press.report.duration * 1000, 3),
+                   "event": _event_summary(event)}
+        if press.waiter is not None:
+            done, box = press.waiter
+            box.append(outcome)
+            done.set()
+        else:
+            self._waiters.resolve(press.report.input, outcome)
         self.wake()
 
     # -- feedback --------------------------------------------------------------------
@@ -515,49 +544,65 @@ class ButtonDaemon:
                 return {"ok": False, "stage": "edge",
                         "error": f"input {name} is latched by an alarm: reset it first"}
         pulse_s = self.config.outputs.test_relay.pulse_ms / 1000
-        waiter = self._waiters.expect(name)
         window = self._relay_window = _RelayWindow(name, time.monotonic(), test)
         try:
             relay.on()
             self._stop.wait(pulse_s)
         finally:
             relay.off()
-        # The relay has let go; a person's finger has not, if the input is still active.
-        self._stop.wait(spec.bounce_ms / 1000 + RELAY_RELEASE_MARGIN_S)
+        held = self._held_past_pulse(name, time.monotonic(), spec.bounce_ms / 1000)
         self._relay_window = None
-        held = self.inputs.is_active(name)
         report = window.report
         if report is None:
-            self._waiters.cancel(name, waiter)
             return {"ok": False, "stage": "edge",
                     "error": f"input {name} did not see the relay pulse "
                              "(relay, wiring or input fault)"}
-        outcome = self._outcome(name, waiter)
-        if outcome is None:
-            return {"ok": False, "stage": "committed",
-                    "error": "the test press was not recorded in time (see the daemon log)"}
-        answer = {"ok": True, "input": name, "edge_ticks": report.edge_ticks,
-                  "occurred_at": utc_iso(window.occurred_at), **outcome}
+        alarm = None
         if held:
             # Never swallowed: the same activation, now a person's press, is an alarm,
-            # stamped with the edge it began with.
-            alarm = self._outcome(name, self._waiters.expect(name),
-                                  _AcceptedPress(report, window.occurred_at))
-            answer.update(ok=False, stage="edge", alarm=(alarm or {}).get("event"),
+            # stamped with the edge it began with. Queued before anything is waited for,
+            # so a slow commit of the test cannot keep it from the recorder.
+            alarm = _AcceptedPress(report, window.occurred_at, waiter=_new_waiter())
+            self._accepted.put(alarm)
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        outcome = _wait(window.outcome, deadline)
+        if outcome is None:
+            answer = {"ok": False, "stage": "committed",
+                      "error": "the test press was not recorded in time (see the daemon log)"}
+        else:
+            answer = {"ok": True, "input": name, "edge_ticks": report.edge_ticks,
+                      "occurred_at": utc_iso(window.occurred_at), **outcome}
+        if alarm is not None:
+            recorded = _wait(alarm.waiter, deadline)
+            answer.update(ok=False, stage="edge", alarm=(recorded or {}).get("event"),
                           error=f"input {name} was still held after the pulse: a person "
                                 "pressed the button; recorded as an ALARM")
         return answer
 
-    def _outcome(self, name: str, waiter, press: _AcceptedPress | None = None) -> dict | None:
-        """Wait for the recorder's decision on a press of ``name`` (queued first if
-        ``press`` is given)."""
-        if press is not None:
-            self._accepted.put(press)
-        done, box = waiter
-        if not done.wait(10):
-            self._waiters.cancel(name, waiter)
-            return None
-        return box[0]
+    def _held_past_pulse(self, name: str, released: float, bounce: float) -> bool:
+        """Is a finger on the button once the relay has let go (at ``released``)?
+
+        The input is read every millisecond. Active at any time from ``RELAY_RELEASE_S``
+        on, before it has been open for the input's bounce time, means the press goes
+        on past the pulse: a person's, even a tap that began as the relay let go (the
+        press filter takes it as bounce of the test press, so it would not report it on
+        its own). Once open for longer than the bounce time, the press filter has seen
+        the release, and a later press is reported, and recorded, on its own.
+        """
+        open_since: float | None = None
+        while not self._stop.is_set():  # stopping: an input active at the next start is
+            now = time.monotonic()      # an alarm then, so nothing is lost by not judging
+            if self.inputs.is_active(name):
+                open_since = None
+                if now - released >= RELAY_RELEASE_S:
+                    return True
+            else:
+                open_since = open_since if open_since is not None else now
+                if now - open_since >= bounce + RELAY_RELEASE_MARGIN_S and \
+                        now - released >= RELAY_RELEASE_S:
+                    return False
+            time.sleep(HELD_SAMPLE_S)
+        return False
 
     def _sim_press(self, request: dict) -> dict:
         if not self.config.simulated:

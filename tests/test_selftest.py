@@ -233,6 +233,37 @@ def test_a_real_press_during_the_test_is_delivered_as_an_alarm(make_config, daem
         assert [k for k in kinds(outbox)[len(before):] if k[0] in ("alarm", "test")] == []
 
 
+def test_a_tap_as_the_pulse_ends_is_an_alarm_though_the_filter_takes_it_for_bounce(
+        make_config, daemons, platform):
+    # A guard taps the button just as the relay lets go, for 36 ms: to the press filter
+    # that is bounce of the test press (no press of its own); it is still a person.
+    path, config = make_config(outputs=RELAY, inputs={"gate": {"pin": 17, "bounce_ms": 10}})
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    with in_process(ButtonDaemon(config)) as button, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        relay_pin = button.indicators.test_relay.pin
+        wiring, contact = relay_pin.on_change, button.contacts["gate"]
+        tapped = threading.Event()
+
+        def tap_as_it_lets_go(level: bool) -> None:
+            if not level:
+                contact.press(by="guard")  # the finger lands as the relay opens
+            wiring(level)
+            if not level:
+                threading.Thread(target=lambda: (threading.Event().wait(0.036),
+                                                 contact.release(by="guard"),
+                                                 tapped.set())).start()
+
+        relay_pin.on_change = tap_as_it_lets_go
+        outcome = AlarmTestRunner(config, outbox).run(request_test(outbox, "manual"))
+        assert tapped.wait(5)
+        assert not outcome.passed and outcome.failed_stage == "edge"
+        assert "recorded as an ALARM" in outcome.reason
+        [alarm] = police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+        assert alarm["code"] == 120
+
+
 def test_a_press_held_before_the_test_stays_an_alarm_and_the_test_does_not_pulse(
         make_config, daemons, platform):
     path, config = make_config(outputs=RELAY)
