@@ -44,6 +44,9 @@ TRIGGERS = ("schedule", "manual", "platform")
 CHECK_NAME = "alarm-test"
 POLL_S = 0.05       # how often a running test looks at its event's row
 BUTTON_SLACK_S = 15  # the button daemon's answer: the pulse, then recording
+# A test cut short by its process stopping (an upgrade, a power cut) runs again; cut
+# short this often, it counts as failed: something stops the device whenever it tests.
+MAX_INTERRUPTIONS = 3
 
 Progress = Callable[[str, dict], None]
 
@@ -218,9 +221,30 @@ class AlarmTestRunner:
                 log.exception("alarm test %s", test_id)
                 outcome.failed_stage = outcome.failed_stage or "edge"
                 outcome.reason = f"internal error: {err}"
-            self._finish(outcome)
+            if self.stop.is_set() and not outcome.passed:
+                # Cut short by a stop, not failed: the path was not seen to fail.
+                self._interrupted(outcome)
+            else:
+                self._finish(outcome)
             return outcome
 
+    def recover_interrupted(self) -> int:
+        """Tests left "running" by a process that died mid-test (a power cut, a kill):
+        run again, or failed once cut short too often. Returns how many were found."""
+        try:
+            with _test_lock(self.config.storage.runtime_dir):
+                rows = self.outbox.db.execute(
+                    "SELECT id, trigger, method, code, event_id FROM alarm_tests"
+                    " WHERE state = 'running'").fetchall()
+                for test_id, trigger, method, code, event_id in rows:
+                    outcome = TestOutcome(test_id, passed=False, method=method,
+                                          trigger=trigger, code=code, failed_stage="edge",
+                                          reason="the process running it stopped",
+                                          event_id=event_id)
+                    self._interrupted(outcome)
+                return len(rows)
+        except TestBusy:
+            return 0  # one is running now: a "running" row is that one
     # -- the stages ------------------------------------------------------------------
 
     def _exercise(self, outcome: TestOutcome) -> None:
@@ -284,6 +308,33 @@ class AlarmTestRunner:
         return event.id
 
     # -- the record ------------------------------------------------------------------
+
+    def _interrupted(self, outcome: TestOutcome) -> None:
+        """A test that did not run to its end: a person's is cancelled (they stopped it);
+        the schedule's and the platform's run again, up to MAX_INTERRUPTIONS times."""
+        if outcome.trigger == "manual":
+            with self.outbox.transaction() as conn:
+                conn.execute("UPDATE alarm_tests SET state = 'cancelled', finished_at = ?,"
+                             " reason = 'stopped before its end' WHERE id = ?",
+                             (utc_iso(utc_now()), outcome.test_id))
+            log.info("alarm test %s cancelled before its end", outcome.test_id)
+            return
+        with self.outbox.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET interruptions = interruptions + 1"
+                         " WHERE id = ?", (outcome.test_id,))
+            count = conn.execute("SELECT interruptions FROM alarm_tests WHERE id = ?",
+                                 (outcome.test_id,)).fetchone()[0]
+            if count < MAX_INTERRUPTIONS:
+                conn.execute("UPDATE alarm_tests SET state = 'requested', started_at = NULL"
+                             " WHERE id = ?", (outcome.test_id,))
+        if count < MAX_INTERRUPTIONS:
+            log.warning("alarm test %s was cut short (%d time(s)): it will run again",
+                        outcome.test_id, count)
+            return
+        outcome.failed_stage = outcome.failed_stage or "edge"
+        outcome.reason = (f"cut short {count} times ({outcome.reason}): the device stops "
+                          "whenever it tests")
+        self._finish(outcome)
 
     def _finish(self, outcome: TestOutcome) -> None:
         """Store the result, publish it, and raise or restore the alarm-test fault."""

@@ -274,9 +274,10 @@ def cmd_test_alarm(args) -> int:
             outcome = AlarmTestRunner(config, outbox, progress=show, stop=stop).run(test_id)
         except TestBusy as err:
             with outbox.transaction() as conn:
-                conn.execute("UPDATE alarm_tests SET state = 'failed', finished_at = ?,"
-                             " failed_stage = 'edge', reason = ? WHERE id = ?",
-                             (_now_iso(), str(err), test_id))
+                # Refused, not failed: the path was not tried, and the fault of the
+                # alarm test follows tests that ran.
+                conn.execute("UPDATE alarm_tests SET state = 'refused', finished_at = ?,"
+                             " reason = ? WHERE id = ?", (_now_iso(), str(err), test_id))
             print(f"not run: {err}", file=sys.stderr)
             return EX_TEMPFAIL
     if outcome.passed:

@@ -31,6 +31,7 @@ SNAPSHOT_SCHEMA = "guardpost/snapshot@1"
 TEST_COMMAND_SCHEMA = "guardpost/cmd-test@1"
 REPLY_SCHEMA = "guardpost/reply@1"
 MAX_WAITING_TESTS = 3  # platform test requests waiting to run; more are refused
+REQUEST_ID_MEMORY_H = 24  # a cmd/test with a request_id seen this recently is that request
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 

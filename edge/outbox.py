@@ -26,7 +26,7 @@ import sqlite_utils
 
 from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 10_000
 
 QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
@@ -133,7 +133,8 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
             "scheduled_for": str,    # the schedule's slot (UTC), so a slot runs once
             "started_at": str,
             "finished_at": str,
-            "state": str,            # requested -> running -> passed | failed
+            "state": str,            # requested -> running -> passed | failed (| refused:
+                                     # another test was running; | cancelled by its person)
             "failed_stage": str,     # edge | committed | sent | acknowledged
             "reason": str,
             "event_id": str,         # the test event (601/602) it produced
@@ -193,7 +194,14 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
                " WHERE state IN ('watching', 'due')")
 
 
-_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4}
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
+    # How often a test was cut short by its process stopping (a restart, a power cut):
+    # it is run again, a few times, before it counts as failed.
+    db.execute("ALTER TABLE alarm_tests ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
+
+
+_MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4,
+               5: _migrate_to_5}
 
 
 @dataclass(frozen=True)
@@ -560,6 +568,9 @@ class Outbox:
                  json.loads(payload).get("detail", {}) if payload else {})
                 for test_id, request, state, payload in rows if test_id not in skip]
 
-    def reply_sent(self, test_id: str) -> None:
+    def reply_sent(self, test_id: str, state: str = "sent") -> None:
+        """The result reply reached the broker (``sent``), or the broker refused it
+        (``refused``: sending it again would be refused again); ``pending`` sends it again."""
         with self.transaction() as conn:
-            conn.execute("UPDATE alarm_tests SET reply_state = 'sent' WHERE id = ?", (test_id,))
+            conn.execute("UPDATE alarm_tests SET reply_state = ? WHERE id = ?",
+                         (state, test_id))

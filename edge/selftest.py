@@ -58,10 +58,18 @@ class AlarmTestSchedule:
     def latest_slot(self, now: datetime) -> datetime:
         """The most recent slot at or before ``now``."""
         local = now.astimezone(self.zone) + timedelta(seconds=1)  # a slot at `now` counts
-        return croniter(self.expression, local).get_prev(datetime)
+        return _first_of_fold(croniter(self.expression, local).get_prev(datetime))
 
     def next_slot(self, now: datetime) -> datetime:
-        return croniter(self.expression, now.astimezone(self.zone)).get_next(datetime)
+        return _first_of_fold(croniter(self.expression, now.astimezone(self.zone))
+                              .get_next(datetime))
+
+
+def _first_of_fold(slot: datetime) -> datetime:
+    """Where summer time ends, 01:30 happens twice and croniter yields both; the slot is
+    the wall-clock time, so both mean the first (one test, not two). China has no summer
+    time; a device sold elsewhere may."""
+    return slot.replace(fold=0)
 
 
 class SelfTestDaemon:
@@ -114,6 +122,8 @@ class SelfTestDaemon:
                     self._run_checks(outbox, checks, tracker, now)
                     next_checks = now + timedelta(seconds=cfg.health.interval_s)
                 self._request_due_test(outbox, now)
+                if runner.recover_interrupted():
+                    self._save_state(outbox, checks, tracker, now)
                 for test_id in requested_tests(outbox):
                     if stop.is_set():
                         break

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -41,6 +42,7 @@ from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
 from edge.contract import (
     MAX_WAITING_TESTS,
+    REQUEST_ID_MEMORY_H,
     RejectedInput,
     Topics,
     health_payload,
@@ -589,7 +591,11 @@ class UplinkDaemon:
                     self._rtt_at = utc_iso(utc_now())
                     self._save_state()
                 if mid in self._reply_mids:
-                    outbox.reply_sent(self._reply_mids.pop(mid))
+                    test_id = self._reply_mids.pop(mid)
+                    if not ok:
+                        log.warning("the broker refused the result reply of test %s (%s)",
+                                    test_id, reason)
+                    outbox.reply_sent(test_id, "sent" if ok else "refused")
                 if flight is None:
                     continue  # birth, heartbeat, rejection replies: not outbox rows
                 if ok:
@@ -657,6 +663,24 @@ class UplinkDaemon:
         request = {"request_id": command.request_id, "reply_topic": reply_topic,
                    "correlation": correlation, "by": command.by}
         props = self._reply_props(request)
+        same = outbox.db.execute(
+            "SELECT id, state FROM alarm_tests WHERE trigger = 'platform' AND requested_at >= ?"
+            " AND json_extract(request, '$.request_id') = ? ORDER BY requested_at DESC",
+            (utc_iso(utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H)),
+             command.request_id)).fetchone()
+        if same is not None:
+            # The broker sends a command again when our PUBACK was lost (a dropped link,
+            # a restart): the same request, the same test, answered again; never a second
+            # pulse. A finished test's result is sent again too.
+            test_id, state = same
+            log.info("platform test request %s again: it is test %s (%s)",
+                     command.request_id, test_id, state)
+            if state in ("passed", "failed"):
+                outbox.reply_sent(test_id, "pending")
+            client.publish(reply_topic, reply_payload(
+                self.identity, command="test", request_id=command.request_id,
+                status="accepted", test_id=test_id), qos=1, properties=props)
+            return
         waiting = outbox.db.execute("SELECT count(*) FROM alarm_tests"
                                     " WHERE state = 'requested'").fetchone()[0]
         if waiting >= MAX_WAITING_TESTS:

@@ -19,9 +19,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.alarmtest import AlarmTestRunner, request_test
+from edge.alarmtest import AlarmTestRunner, latest_test, request_test
 from edge.button import ButtonDaemon
 from edge.contract import TEST_COMMAND_SCHEMA
+from edge.events import utc_iso
 from edge.health import CheckResult, CheckTracker, HealthChecks
 from edge.outbox import Outbox
 from edge.selftest import AlarmTestSchedule, SelfTestDaemon
@@ -95,6 +96,15 @@ def test_schedule_slots_are_local_time_and_twice_a_week_works():
     week = [twice.next_slot(datetime(2026, 11, 23, tzinfo=SHANGHAI))]
     week.append(twice.next_slot(week[0]))
     assert [d.strftime("%a %H:%M") for d in week] == ["Mon 10:00", "Thu 10:00"]
+
+
+def test_a_wall_clock_hour_that_happens_twice_is_one_slot():
+    # New York, 3 November 2024: 01:30 comes at 05:30 UTC (summer time) and again at
+    # 06:30 UTC. Both are the one slot, so one test.
+    nightly = AlarmTestSchedule("30 1 * * *", ZoneInfo("America/New_York"))
+    slots = {utc_iso(nightly.latest_slot(datetime(2024, 11, 3, h, m, tzinfo=UTC)))
+             for h, m in ((5, 45), (6, 30), (6, 45), (7, 45), (23, 0))}
+    assert slots == {"2024-11-03T05:30:00.000000Z"}
 
 
 def test_scheduled_test_fires_at_its_time_through_the_relay_and_passes(make_config, daemons,
@@ -325,6 +335,13 @@ def test_platform_cmd_test_is_answered_with_the_result(make_config, daemons, pla
                 qos=1, properties=props).wait_for_publish(5)
             with got:
                 assert got.wait_for(lambda: len(replies) >= 2, timeout=30), replies
+            # The same command again, as a broker redelivers it when a PUBACK was lost:
+            # the same test answered again, never a second pulse.
+            requester.publish(f"{prefix}/cmd/test", json.dumps(
+                {"schema": TEST_COMMAND_SCHEMA, "request_id": "req-42", "by": "110 desk 7"}),
+                qos=1, properties=props).wait_for_publish(5)
+            with got:
+                assert got.wait_for(lambda: len(replies) >= 4, timeout=30), replies
             requester.publish(f"{prefix}/cmd/test", b"{not json", qos=1).wait_for_publish(5)
             [rejected] = police.wait_for(lambda p: p.on("rejected"), what="the rejection")
             assert rejected["topic"] == f"{prefix}/cmd/test"
@@ -338,6 +355,8 @@ def test_platform_cmd_test_is_answered_with_the_result(make_config, daemons, pla
     assert result["status"] == "passed" and result["test_id"] == accepted["test_id"]
     assert result["result"]["method"] == "relay" and result["result"]["stages_ms"]["total"] > 0
     assert corr1 == corr2 == b"\x01\x02case-42"
+    again = sorted((r["status"], r["test_id"]) for _, r, _ in replies[2:])
+    assert again == [("accepted", result["test_id"]), ("passed", result["test_id"])]
     [test] = police.events("test")
     assert test["code"] == 601 and test["detail"]["trigger"] == "platform"
 
@@ -463,3 +482,62 @@ def test_power_check_reads_the_boards_tool_under_its_own_root_never_the_hosts(ma
     assert power.ok is False and "under-voltage and throttled now" in power.summary
     assert power.value["under_voltage_since_boot"] is True
     assert unknown.ok is None  # no source at all under this root: not applicable
+
+
+def test_a_test_cut_short_runs_again_a_persons_is_cancelled_and_too_many_cuts_fail(
+        make_config):
+    # No uplink here: a test can only be cut short, which is what this is about.
+    _, config = make_config()  # no relay: the software test
+    with Outbox(config.storage.database, config.identity) as outbox:
+        slot = datetime(2026, 12, 1, 10, 0, tzinfo=SHANGHAI)
+        scheduled = request_test(outbox, "schedule", scheduled_for=slot)
+        manual = request_test(outbox, "manual")
+
+        # A daemon stopping mid-test (an upgrade): the schedule's test waits to run again.
+        stop = threading.Event()
+        runner = AlarmTestRunner(config, outbox, stop=stop,
+                                 progress=lambda stage, info: stage == "edge" and stop.set())
+        outcome = runner.run(scheduled)
+        assert not outcome.passed
+        states = dict(outbox.db.execute("SELECT id, state FROM alarm_tests"))
+        assert states[scheduled] == "requested"
+
+        # A power cut mid-test leaves rows "running": found at the next start.
+        with outbox.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET state = 'running'")
+        assert AlarmTestRunner(config, outbox).recover_interrupted() == 2
+        states = dict(outbox.db.execute("SELECT id, state FROM alarm_tests"))
+        assert states == {scheduled: "requested", manual: "cancelled"}
+
+        # Cut short a third time: failed, with the alarm-test fault, not run for ever.
+        with outbox.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET state = 'running' WHERE id = ?", (scheduled,))
+        AlarmTestRunner(config, outbox).recover_interrupted()
+        row = outbox.db.execute("SELECT state, reason, interruptions FROM alarm_tests"
+                                " WHERE id = ?", (scheduled,)).fetchone()
+        assert row[0] == "failed" and "cut short 3 times" in row[1] and row[2] == 3
+        faults = [json.loads(p)["detail"] for k, p in outbox.db.execute(
+            "SELECT kind, payload FROM events WHERE kind = 'fault'")]
+        assert [f["check"] for f in faults] == ["alarm-test"]
+        assert [k for k, _ in kinds(outbox) if k == "test-result"] == ["test-result"]
+
+
+def test_a_test_asked_for_while_another_runs_is_refused_not_failed(make_config):
+    # Another test holds the device (as the self-test daemon's would): a person's test is
+    # refused, and neither counts as a failed test nor moves the alarm-test fault.
+    import fcntl
+    import os
+
+    path, config = make_config()
+    config.storage.runtime_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.storage.runtime_dir / "alarm-test.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refused = guardpost("test-alarm", "-c", str(path))
+    finally:
+        os.close(fd)
+    assert refused.returncode == 75 and "not run: another alarm test" in refused.stderr
+    with Outbox(config.storage.database, config.identity) as outbox:
+        assert [r[0] for r in outbox.db.execute("SELECT state FROM alarm_tests")] == ["refused"]
+        assert latest_test(outbox) is None
+        assert [k for k, _ in kinds(outbox) if k in ("fault", "test-result")] == []
