@@ -163,6 +163,7 @@ class ButtonDaemon:
         # The recorder's "recorded" feedback and the main loop's refresh from the outbox
         # take turns, so the guard never hears the chirp after the LED has moved on.
         self._feedback_lock = threading.Lock()
+        self.outcome_wait_s = OUTCOME_WAIT_S
         self.supervision: dict[str, DigitalInputDevice] = {}
         self._announced_acks: set[str] | None = None  # None until the first refresh
         self._stop = threading.Event()
@@ -564,9 +565,12 @@ class ButtonDaemon:
             # so a slow commit of the test cannot keep it from the recorder.
             alarm = _AcceptedPress(report, window.occurred_at, waiter=_new_waiter())
             self._accepted.put(alarm)
-        deadline = time.monotonic() + OUTCOME_WAIT_S
+        deadline = time.monotonic() + self.outcome_wait_s
         outcome = _wait(window.outcome, deadline)
         if outcome is None:
+            log.error("alarm test: the test press was not recorded within %g s (the outbox "
+                      "is not taking writes)%s", self.outcome_wait_s,
+                      "; the held button's ALARM is queued behind it" if alarm else "")
             answer = {"ok": False, "stage": "committed",
                       "error": "the test press was not recorded in time (see the daemon log)"}
         else:

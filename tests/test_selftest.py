@@ -274,6 +274,59 @@ def test_a_tap_as_the_pulse_ends_is_an_alarm_though_the_filter_takes_it_for_boun
         assert alarm["code"] == 120
 
 
+def test_a_held_button_is_recorded_even_when_the_test_press_cannot_be_recorded_in_time(
+        make_config):
+    # The outbox takes no writes while the test runs (a writer holding it, a stalling SD
+    # card) and a guard holds the button past the pulse. The daemon cannot tell the runner
+    # the test's outcome in time, but the guard's alarm is queued, and recorded once the
+    # outbox takes writes again.
+    import fcntl
+    import logging
+
+    _, config = make_config(outputs=RELAY)
+    gave_up = threading.Event()
+
+    class GaveUp(logging.Handler):
+        def emit(self, record):
+            if "not recorded within" in record.getMessage():
+                gave_up.set()
+
+    handler = GaveUp()
+    logging.getLogger("edge.button").addHandler(handler)
+    try:
+        with in_process(ButtonDaemon(config)) as button, \
+                Outbox(config.storage.database, config.identity) as outbox, \
+                open(f"{config.storage.database}.writelock", "rb") as writer:
+            button.outcome_wait_s = 0.5
+            relay_pin = button.indicators.test_relay.pin
+            wiring = relay_pin.on_change
+
+            def stall_and_hold(level: bool) -> None:
+                if level:
+                    fcntl.flock(writer, fcntl.LOCK_EX)  # from now on, no write goes in
+                    button.contacts["gate"].press(by="guard")
+                wiring(level)
+
+            relay_pin.on_change = stall_and_hold
+            test_id = request_test(outbox, "manual")
+
+            def run_test() -> None:  # its own connection, as `guardpost test-alarm` has
+                with Outbox(config.storage.database, config.identity) as own:
+                    AlarmTestRunner(config, own).run(test_id)
+
+            runner = threading.Thread(target=run_test)
+            runner.start()
+            assert gave_up.wait(30)
+            fcntl.flock(writer, fcntl.LOCK_UN)
+            runner.join(30)
+            poll_until(lambda: ("alarm", 120) in kinds(outbox), what="the guard's alarm")
+            button.contacts["gate"].release(by="guard")
+            row = outbox.db.execute("SELECT state, failed_stage FROM alarm_tests").fetchone()
+            assert row == ("failed", "edge")  # a person pressed: never a passing test
+    finally:
+        logging.getLogger("edge.button").removeHandler(handler)
+
+
 def test_a_press_held_before_the_test_stays_an_alarm_and_the_test_does_not_pulse(
         make_config, daemons, platform):
     path, config = make_config(outputs=RELAY)
