@@ -67,6 +67,7 @@ class TestOutcome:
     event_id: str | None = None
     times: dict[str, str | None] = field(default_factory=dict)   # stage -> UTC time
     stages_ms: dict[str, float | None] = field(default_factory=dict)
+    cut_short: bool = False  # stopped while waiting for a stage, not failed by it
 
     def as_dict(self) -> dict:
         return {"test_id": self.test_id, "result": "passed" if self.passed else "failed",
@@ -100,10 +101,12 @@ def request_test(outbox: Outbox, trigger: str, *, scheduled_for: datetime | None
     return test_id if inserted else None
 
 
-def requested_tests(outbox: Outbox) -> list[str]:
-    """Tests waiting to run, oldest first."""
+def requested_tests(outbox: Outbox, triggers: tuple[str, ...] = TRIGGERS) -> list[str]:
+    """Tests waiting to run, oldest first, of these triggers."""
+    marks = ", ".join("?" * len(triggers))
     return [row[0] for row in outbox.db.execute(
-        "SELECT id FROM alarm_tests WHERE state = 'requested' ORDER BY requested_at")]
+        f"SELECT id FROM alarm_tests WHERE state = 'requested' AND trigger IN ({marks})"
+        " ORDER BY requested_at", triggers)]
 
 
 def latest_test(outbox: Outbox) -> dict | None:
@@ -221,7 +224,7 @@ class AlarmTestRunner:
                 log.exception("alarm test %s", test_id)
                 outcome.failed_stage = outcome.failed_stage or "edge"
                 outcome.reason = f"internal error: {err}"
-            if self.stop.is_set() and not outcome.passed:
+            if outcome.cut_short:
                 # Cut short by a stop, not failed: the path was not seen to fail.
                 self._interrupted(outcome)
             else:
@@ -270,6 +273,10 @@ class AlarmTestRunner:
         missing = next((s for s in STAGES if not outcome.times[s]), None)
         if missing is None:
             outcome.passed = True
+        elif self.stop.is_set():
+            outcome.cut_short = True
+            outcome.failed_stage = missing
+            outcome.reason = f"stopped while waiting for the event to be {missing}"
         else:
             outcome.failed_stage = missing
             outcome.reason = {

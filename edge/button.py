@@ -39,6 +39,7 @@ from edge.instance import only_instance
 from edge.latch import AlarmLatch
 from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
 from edge.sdnotify import Watchdog, notify
+from edge.testpulse import RelayWindow, finger_after_pulse
 from edge.wake import Waker, wake
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,8 @@ MAX_SIM_HOLD_S = 60.0
 MAX_TEST_PRESS_WAIT_S = 120
 # From energising the test relay to the input's edge: a relay operates in 5-15 ms; an
 # edge later than this is not the relay's (and is judged as a press of its own).
-RELAY_OPERATE_S = 0.1
-# A signal relay's contact opens within a few milliseconds of its coil being released
-# (2-10 ms, its own bounce included): activity on the input later than this after the
-# pulse is a finger, not the relay.
-RELAY_RELEASE_S = 0.015
-RELAY_RELEASE_MARGIN_S = 0.003  # sampling slack on top of the input's bounce time
-HELD_SAMPLE_S = 0.001
+JUDGE_EVERY_S = 0.001  # how often the input's edges after a test pulse are looked at
+JUDGE_FOR_AT_MOST_S = 2.0  # then the input's level decides (a contact chattering on)
 
 
 @dataclass(frozen=True)
@@ -81,22 +77,6 @@ class _AcceptedPress:
     occurred_at: datetime
     test: TestSpec | None = None  # a test press, not an alarm
     waiter: Waiter | None = None  # told the outcome of this press alone (not by input)
-
-
-class _RelayWindow:
-    """An armed alarm test: the press whose edge coincides with the relay pulse."""
-
-    def __init__(self, input_name: str, started: float, test: TestSpec):
-        self.input = input_name
-        self.started = started                  # monotonic: the relay was energised
-        self.test = test
-        self.report: PressReport | None = None  # the press the pulse produced
-        self.occurred_at: datetime | None = None
-        self.outcome: Waiter = _new_waiter()    # its recording, and nothing else's
-
-    def claims(self, report: PressReport) -> bool:
-        return (report.accepted and report.input == self.input and self.report is None
-                and self.started - 0.005 <= report.edge_ticks <= self.started + RELAY_OPERATE_S)
 
 
 class _OutcomeWaiters:
@@ -158,7 +138,7 @@ class ButtonDaemon:
         # Set by `guardpost doctor` (time.monotonic(), the clock of the local pin
         # factories' edge timestamps): the next press that begins after it is a test.
         self._test_press_asked_at: float | None = None
-        self._relay_window: _RelayWindow | None = None
+        self._relay_window: RelayWindow | None = None
         self._relay_lock = threading.Lock()  # one alarm test at a time
         # The recorder's "recorded" feedback and the main loop's refresh from the outbox
         # take turns, so the guard never hears the chirp after the LED has moved on.
@@ -204,7 +184,8 @@ class ButtonDaemon:
             # whatever presses they had already accepted.
             recorder.start()
             stack.callback(self._stop_recorder, recorder)
-            self.inputs = PanicInputs(factory, cfg.inputs, on_report=self._on_report)
+            self.inputs = PanicInputs(factory, cfg.inputs, on_report=self._on_report,
+                                      on_edge=self._on_edge)
             stack.callback(self.inputs.close)
             if cfg.simulated:
                 self.contacts = {name: SimulatedContact(self.inputs.pin(name), spec.contact,
@@ -536,7 +517,6 @@ class ButtonDaemon:
             self._relay_lock.release()
 
     def _pulse_and_judge(self, relay, name: str, test: TestSpec) -> dict:
-        spec = self.config.inputs[name]
         if self.inputs.is_active(name):
             return {"ok": False, "stage": "edge",
                     "error": f"input {name} is active (a press under way): not tested"}
@@ -545,13 +525,14 @@ class ButtonDaemon:
                 return {"ok": False, "stage": "edge",
                         "error": f"input {name} is latched by an alarm: reset it first"}
         pulse_s = self.config.outputs.test_relay.pulse_ms / 1000
-        window = self._relay_window = _RelayWindow(name, time.monotonic(), test)
+        window = self._relay_window = RelayWindow(name, time.monotonic(), test)
         try:
             relay.on()
             self._stop.wait(pulse_s)
         finally:
+            released = time.monotonic()  # before off(): its edge must not predate it
             relay.off()
-        held = self._held_past_pulse(name, time.monotonic(), spec.bounce_ms / 1000)
+        held = self._finger_after_pulse(window, released)
         self._relay_window = None
         report = window.report
         if report is None:
@@ -583,30 +564,28 @@ class ButtonDaemon:
                                 "pressed the button; recorded as an ALARM")
         return answer
 
-    def _held_past_pulse(self, name: str, released: float, bounce: float) -> bool:
-        """Is a finger on the button once the relay has let go (at ``released``)?
+    def _finger_after_pulse(self, window: RelayWindow, released: float) -> bool:
+        """Judge the input's edges after the pulse (see :mod:`edge.testpulse`) until
+        they tell: a person's finger, or the relay alone."""
+        spec = self.config.inputs[window.input]
+        relay = self.config.outputs.test_relay
+        give_up = released + relay.release_ms / 1000 + JUDGE_FOR_AT_MOST_S
+        while True:
+            now = time.monotonic()
+            finger = finger_after_pulse(
+                window.edges, released, release=relay.release_ms / 1000,
+                bounce=spec.bounce_ms / 1000, need=spec.min_press_ms / 1000, now=now)
+            if finger is not None:
+                return finger
+            if now > give_up:
+                return self.inputs.is_active(window.input)
+            time.sleep(JUDGE_EVERY_S)
 
-        The input is read every millisecond. Active at any time from ``RELAY_RELEASE_S``
-        on, before it has been open for the input's bounce time, means the press goes
-        on past the pulse: a person's, even a tap that began as the relay let go (the
-        press filter takes it as bounce of the test press, so it would not report it on
-        its own). Once open for longer than the bounce time, the press filter has seen
-        the release, and a later press is reported, and recorded, on its own.
-        """
-        open_since: float | None = None
-        while not self._stop.is_set():  # stopping: an input active at the next start is
-            now = time.monotonic()      # an alarm then, so nothing is lost by not judging
-            if self.inputs.is_active(name):
-                open_since = None
-                if now - released >= RELAY_RELEASE_S:
-                    return True
-            else:
-                open_since = open_since if open_since is not None else now
-                if now - open_since >= bounce + RELAY_RELEASE_MARGIN_S and \
-                        now - released >= RELAY_RELEASE_S:
-                    return False
-            time.sleep(HELD_SAMPLE_S)
-        return False
+    def _on_edge(self, name: str, ticks: float, active: bool) -> None:
+        """Pin driver's thread: raw edges, for an alarm test under way."""
+        window = self._relay_window
+        if window is not None:
+            window.saw_edge(name, ticks, active)
 
     def _sim_press(self, request: dict) -> dict:
         if not self.config.simulated:

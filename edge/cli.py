@@ -277,9 +277,16 @@ def cmd_test_alarm(args) -> int:
                 # Refused, not failed: the path was not tried, and the fault of the
                 # alarm test follows tests that ran.
                 conn.execute("UPDATE alarm_tests SET state = 'refused', finished_at = ?,"
-                             " reason = ? WHERE id = ?", (_now_iso(), str(err), test_id))
+                             " reason = ? WHERE id = ? AND state = 'requested'",
+                             (_now_iso(), str(err), test_id))
             print(f"not run: {err}", file=sys.stderr)
             return EX_TEMPFAIL
+    if outcome is None:  # not waiting to run any more: taken by someone else
+        print(f"not run: test {test_id} was no longer waiting", file=sys.stderr)
+        return EX_TEMPFAIL
+    if outcome.cut_short:
+        print(f"CANCELLED before its end ({outcome.reason})")
+        return 1
     if outcome.passed:
         ms = outcome.stages_ms
         print(f"PASSED in {ms['total']:.1f} ms (edge->commit {ms['edge_to_commit']:.1f}, "

@@ -240,6 +240,12 @@ class TestRelayConfig(OutputConfig):
         description="How long the relay is energised; a press seen longer than this (plus "
                     "bounce) is a person holding the button: an alarm, not the test",
     )
+    release_ms: int = Field(
+        30, ge=5, le=200,
+        description="How long the relay's contact may take to open (and stop bouncing) "
+                    "after the pulse; activity on the input after that is a person's. Too "
+                    "short: every test is an ALARM; a module with a flyback diode may need 50",
+    )
 
 
 class SirenConfig(OutputConfig):

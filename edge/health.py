@@ -32,6 +32,12 @@ from edge.outbox import Outbox
 log = logging.getLogger(__name__)
 
 BUTTON_TIMEOUT_S = 3.0  # a daemon's control socket answers at once, or is stuck
+# The Contact ID of each check's fault where it is not 307 (self-test failure).
+CHECK_CODES = {"wiring": ContactId.PANIC_ZONE_TROUBLE,
+               "broker": ContactId.COMMUNICATION_TROUBLE,
+               "outbox": ContactId.FAILURE_TO_COMMUNICATE,
+               "camera": ContactId.PERIPHERAL_TROUBLE,
+               "modem": ContactId.COMMUNICATION_TROUBLE}
 
 
 @dataclass
@@ -41,6 +47,16 @@ class CheckResult:
     summary: str
     code: int = ContactId.SELF_TEST_FAILURE  # the Contact ID of its fault
     value: dict[str, Any] = field(default_factory=dict)
+
+
+def _parsed(state: str) -> dict | None:
+    """A daemon's saved state; None if unreadable, so that only the checks reading that
+    daemon's state fail (with "could not run"), not every check reading any state."""
+    try:
+        value = json.loads(state)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _age_s(stamp: str | None, now: datetime) -> float | None:
@@ -72,7 +88,7 @@ class HealthChecks:
         def daemon_states() -> dict:
             nonlocal states
             if states is None:
-                states = {name: (json.loads(state), updated)
+                states = {name: (_parsed(state), updated)
                           for name, (state, updated) in self.outbox.daemon_states().items()}
             return states
 
@@ -95,7 +111,9 @@ class HealthChecks:
                 results.append(check())
             except Exception as err:
                 log.exception("health check %s could not run", name)
-                results.append(CheckResult(name, False, f"the check could not run: {err!r}"))
+                # With its own Contact ID: its restore, later, must match this fault.
+                results.append(CheckResult(name, False, f"the check could not run: {err!r}",
+                                           CHECK_CODES.get(name, ContactId.SELF_TEST_FAILURE)))
         return results
 
     # -- the alarm path ----------------------------------------------------------------
@@ -298,9 +316,11 @@ class CheckTracker:
         del history[:-self.window]
         recent = history[-self.restore_after:]
         if entry["fault"]:
+            # Passes in a row, an unreadable reading now and then not breaking the row.
+            passes = [ok for ok in history if ok is not None][-self.restore_after:]
             settled = len(recent) == self.restore_after
-            if settled and (all(ok is True for ok in recent)
-                            or all(ok is None for ok in recent)):
+            if (len(passes) == self.restore_after and all(passes)) or \
+                    (settled and all(ok is None for ok in recent)):
                 entry["fault"] = False
                 history.clear()
                 return "restore"

@@ -105,6 +105,12 @@ def test_a_wall_clock_hour_that_happens_twice_is_one_slot():
     slots = {utc_iso(nightly.latest_slot(datetime(2024, 11, 3, h, m, tzinfo=UTC)))
              for h, m in ((5, 45), (6, 30), (6, 45), (7, 45), (23, 0))}
     assert slots == {"2024-11-03T05:30:00.000000Z"}
+    # ... and the next slot is always ahead: never the passed one (the daemon would spin).
+    for minute in range(0, 120, 7):
+        now = datetime(2024, 11, 3, 5, 31, tzinfo=UTC) + timedelta(minutes=minute)
+        assert nightly.next_slot(now) > now
+    assert utc_iso(nightly.next_slot(datetime(2024, 11, 3, 6, 0, tzinfo=UTC))) == \
+        "2024-11-04T06:30:00.000000Z"
 
 
 def test_scheduled_test_fires_at_its_time_through_the_relay_and_passes(make_config, daemons,
@@ -246,8 +252,12 @@ def test_a_real_press_during_the_test_is_delivered_as_an_alarm(make_config, daem
 def test_a_tap_as_the_pulse_ends_is_an_alarm_though_the_filter_takes_it_for_bounce(
         make_config, daemons, platform):
     # A guard taps the button just as the relay lets go, for 36 ms: to the press filter
-    # that is bounce of the test press (no press of its own); it is still a person.
-    path, config = make_config(outputs=RELAY, inputs={"gate": {"pin": 17, "bounce_ms": 10}})
+    # that is bounce of the test press (no press of its own); it is still a person, as
+    # its edges say: the input active for more than min_press_ms (10) after the relay's
+    # release time (15 ms here) is a finger, however late the judging thread looks.
+    path, config = make_config(outputs={"test_relay": {"pin": 24, "pulse_ms": 200,
+                                                       "release_ms": 15}},
+                               inputs={"gate": {"pin": 17, "bounce_ms": 10}})
     police = platform(config, ack=True)
     daemons("uplink", path)
     with in_process(ButtonDaemon(config)) as button, \
@@ -429,6 +439,8 @@ def test_hysteresis_one_fault_one_restore_and_flapping_is_damped():
     assert feed(None, None) == [None, None]  # an unreadable sensor does not clear a fault
     assert feed(None) == ["restore"]         # three runs of not applying: it is gone
     assert feed(None, False, None, False) == [None, None, None, "fault"]  # n/a is neutral
+    assert feed(True, None, True, None, True) == [None] * 4 + ["restore"]  # a flaky sensor
+    assert feed(False, False) == [None, "fault"]
     saved = json.loads(json.dumps(tracker.state))
     again = CheckTracker(2, 3, saved)  # survives a restart: still the one fault
     assert [again.update(CheckResult("disk", ok, "")) for ok in (False, True, True, True)] \
@@ -447,8 +459,9 @@ def test_a_check_that_raises_is_a_failed_check_and_the_others_still_run(make_con
                               clock_synced=lambda: True)
         outbox.set_daemon_state("uplink", json.dumps(["not", "a", "state"]))
         results = {r.name: r for r in checks.run(integrity_due=True)}
-    assert results["broker"].ok is False
+    assert results["broker"].ok is False and results["broker"].code == 350  # as its restore
     assert "could not run" in results["broker"].summary
+    assert results["modem"].ok is None  # reads another daemon's state: unaffected
     assert results["database"].ok is True and results["clock"].ok is True
     assert results["disk"].ok is True and results["button"].ok is False  # daemon not up
     assert len(results) == 11

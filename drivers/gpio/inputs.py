@@ -57,8 +57,10 @@ def active_level(contact: str, pull: str) -> bool:
 class _Channel:
     """One input pin: hands its edges to the worker's queue."""
 
-    def __init__(self, name: str, spec: InputConfig, factory: Factory, edges: queue.SimpleQueue):
+    def __init__(self, name: str, spec: InputConfig, factory: Factory, edges: queue.SimpleQueue,
+                 on_edge: Callable[[str, float, bool], None] | None = None):
         self.name = name
+        self.on_edge = on_edge
         self._factory = factory
         self._clock_warned = False
         self.spec = spec
@@ -88,7 +90,10 @@ class _Channel:
                             " timing edges on arrival", self.name)
                 self._clock_warned = True
             ticks = now
-        self._edges.put((self, ticks, bool(state) == self.active_level))
+        active = bool(state) == self.active_level
+        self._edges.put((self, ticks, active))
+        if self.on_edge is not None:
+            self.on_edge(self.name, ticks, active)
 
     def is_active(self) -> bool:
         return bool(self.pin.state) == self.active_level
@@ -104,19 +109,23 @@ _STOP = object()
 class PanicInputs:
     """All panic inputs of the device; reports each decision to ``on_report``.
 
+    ``on_edge(name, ticks, active)``, if given, sees every raw edge as it arrives, on
+    the pin driver's thread (the alarm test watches the input after its relay pulse).
+
     ``on_report`` runs on the worker thread, one decision at a time, in the order the
     activations were decided.
     """
 
     def __init__(self, factory: Factory, inputs: Mapping[str, InputConfig],
-                 on_report: Callable[[PressReport], None]):
+                 on_report: Callable[[PressReport], None],
+                 on_edge: Callable[[str, float, bool], None] | None = None):
         self._factory = factory
         self._on_report = on_report
         self._edges: queue.SimpleQueue = queue.SimpleQueue()
         self._channels: dict[str, _Channel] = {}
         try:
             for name, spec in inputs.items():
-                self._channels[name] = _Channel(name, spec, factory, self._edges)
+                self._channels[name] = _Channel(name, spec, factory, self._edges, on_edge)
         except Exception:
             self._close_channels()
             raise
