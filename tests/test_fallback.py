@@ -219,3 +219,19 @@ def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
     step = Step("4G modem")
     doctor.check_modem(step)
     assert (step.status, step.detail) == (FAIL, "SIM not inserted")
+
+
+def test_an_unplugged_modem_is_reported_and_the_daemon_keeps_running(make_config, modem):
+    _, config = make_config(modem={"port": modem.port, "status_interval_s": 5},
+                            fallback={"duty_numbers": DUTY[:1]})
+    clock = OffsetClock()
+    with in_process(FallbackDaemon(config, clock=clock)) as daemon:
+        poll_until(lambda: daemon.status_reads >= 1 and daemon.modem_status["present"],
+                   what="the modem's first reading")
+        modem.hang_up()  # the USB modem is pulled out: its port now fails with EIO
+        for reads in (2, 3):  # the read that meets the dead port, then one without a port
+            clock.offset += timedelta(seconds=config.modem.status_interval_s)
+            daemon.wake()
+            poll_until(lambda n=reads: daemon.status_reads >= n, what="the next reading")
+            assert daemon.modem_status["present"] is False
+        assert "No such file" in daemon.modem_status["error"]

@@ -184,3 +184,16 @@ def test_an_absent_port_is_a_clear_error(tmp_path):
 def test_simulator_state_defaults_are_a_working_module():
     state = SimulatedModemState()
     assert (state.sim, state.registration, state.csq) == ("READY", 1, 20)
+
+
+def test_a_modem_unplugged_mid_command_is_a_modem_error_then_and_after(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(hang_up_on="AT+CSQ")  # the USB modem vanishes while it is asked for signal
+        with pytest.raises(ModemError) as during:
+            modem.signal()
+        assert "serial port" in str(during.value)
+        # The next command meets the dead port at once (termios.error from the flush).
+        with pytest.raises(ModemError):
+            modem.sim_state()
+        with pytest.raises(ModemError):
+            modem.send_sms("+8613800138000", "x")

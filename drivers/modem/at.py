@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ CMS_MEANINGS = {
     330: "SMSC address unknown", 331: "no network service", 332: "network timeout",
     500: "unknown error",
 }
+
+# A USB modem that vanishes fails every call on its port: reads and ioctls with OSError
+# (pyserial's SerialException is one), the input flush (tcflush) with termios.error,
+# which is no OSError.
+PORT_ERRORS = (OSError, termios.error)
 
 
 class ModemError(Exception):
@@ -86,19 +92,31 @@ class AtChannel:
         self.timeout = timeout
         self.unsolicited: list[str] = []
         self._buffer = b""
+        self._command = ""  # the command in progress, for the errors of the port
 
     # -- the low level ----------------------------------------------------------------
+
+    def _io(self, command: str, call, *args):
+        """``call(*args)`` on the port; a port that fails is a :class:`ModemError`, so that
+        an unplugged modem is one more modem problem for the caller, not a crash."""
+        try:
+            return call(*args)
+        except PORT_ERRORS as err:
+            raise ModemError(command, f"the serial port failed: {err}") from err
 
     def _fill(self, deadline: float) -> bool:
         """Read what has arrived (waiting at most until ``deadline``); False: nothing."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        self.port.timeout = min(remaining, 0.5)
-        chunk = self.port.read(max(1, self.port.in_waiting))
+        chunk = self._io(self._command, self._read, min(remaining, 0.5))
         if chunk:
             self._buffer += chunk
         return bool(chunk)
+
+    def _read(self, timeout: float) -> bytes:
+        self.port.timeout = timeout  # pyserial reconfigures the port: it can fail too
+        return self.port.read(max(1, self.port.in_waiting))
 
     def _next_line(self, deadline: float) -> str | None:
         while True:
@@ -128,17 +146,19 @@ class AtChannel:
         wait for the ``>`` prompt and send it followed by Ctrl-Z."""
         seconds = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + seconds
+        self._command = command
         self._buffer = b""
-        self.port.reset_input_buffer()
-        self.port.write(command.encode("ascii") + b"\r")
+        self._io(command, self.port.reset_input_buffer)
+        self._io(command, self.port.write, command.encode("ascii") + b"\r")
         answer = Answer()
         if data is not None:
             if not self._await_prompt(deadline):
                 line = self._next_line(min(deadline, time.monotonic() + 1)) or ""
                 self._raise_for(command, line, answer, seconds)
-                self.port.write(ESC)  # whatever state it is in: abandon the message
+                # Whatever state it is in: abandon the message.
+                self._io(command, self.port.write, ESC)
                 raise ModemError(command, f"no '>' prompt ({line or 'no answer'})")
-            self.port.write(data + CTRL_Z)
+            self._io(command, self.port.write, data + CTRL_Z)
         while True:
             line = self._next_line(deadline)
             if line is None:

@@ -36,6 +36,7 @@ class SimulatedModemState:
     send_error: int = 38            # network out of order
     wrong_pins: int = 0
     urc_before_reply: str | None = None  # emitted once, just before the next answer
+    hang_up_on: str | None = None   # this command unplugs the module instead of an answer
     echo: bool = True
     cmee: int = 0
 
@@ -60,6 +61,7 @@ class ModemSimulator:
         self._stop = threading.Event()
         self._mr = 0
         self.master, self._slave = os.openpty()
+        self._master_open = True
         tty.setraw(self._slave)  # no line discipline: bytes pass as a UART's would
         self.port = os.ttyname(self._slave)
         self._thread = threading.Thread(target=self._serve, name="modem-sim", daemon=True)
@@ -71,9 +73,9 @@ class ModemSimulator:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(5)
-        for fd in (self.master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_master()
+        with contextlib.suppress(OSError):
+            os.close(self._slave)
 
     # -- what the test sees --------------------------------------------------------------
 
@@ -111,6 +113,22 @@ class ModemSimulator:
                 groups.setdefault((p.number, p.reference, p.total), set()).add(p.sequence)
         return [None] * (singles + sum(1 for (_, _, t), s in groups.items() if len(s) == t))
 
+    def hang_up(self) -> None:
+        """Unplug the module: the port's reads and writes fail with EIO, as a USB modem's
+        do when it vanishes, and the device node goes away."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        self._close_master()
+
+    def _close_master(self) -> None:
+        # Once only: a second close could hit a descriptor number reused by someone else.
+        with self._cond:
+            fd, self._master_open = (self.master if self._master_open else None), False
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def unsolicited(self, line: str) -> None:
         """Emit an unsolicited result code now."""
         self._write(f"\r\n{line}\r\n".encode())
@@ -118,8 +136,9 @@ class ModemSimulator:
     # -- the module ----------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self.master, data)
+        with self._cond, contextlib.suppress(OSError):
+            if self._master_open:
+                os.write(self.master, data)
 
     def _serve(self) -> None:
         buffer = b""
@@ -133,7 +152,7 @@ class ModemSimulator:
             except OSError:
                 return
             buffer += chunk
-            while True:
+            while not self._stop.is_set():
                 if pending_cmgs is not None:
                     end = min((i for i in (buffer.find(bytes([CTRL_Z])), buffer.find(bytes([ESC])))
                                if i >= 0), default=-1)
@@ -176,6 +195,11 @@ class ModemSimulator:
         with self._cond:
             self.commands.append(line)
             s = self.state
+            unplug = s.hang_up_on is not None and line.upper() == s.hang_up_on.upper()
+        if unplug:
+            self.hang_up()
+            return None
+        with self._cond:
             if s.echo and not s.dead:
                 self._write(line.encode() + b"\r")
         upper = line.upper()
