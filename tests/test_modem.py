@@ -197,3 +197,20 @@ def test_a_modem_unplugged_mid_command_is_a_modem_error_then_and_after(sim):
             modem.sim_state()
         with pytest.raises(ModemError):
             modem.send_sms("+8613800138000", "x")
+
+
+def test_the_send_prompt_is_awaited_past_unsolicited_codes_and_an_error_keeps_its_code(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(urc_before_reply='+CMTI: "SM",3')  # a message arrives as we send ours
+        assert modem.send_sms("+8613800138000", "first").parts == 1
+        sim.set(urc_before_reply="+CREG: 1")
+        modem.channel.command("ATE1")  # a module that echoes (it was reset behind our back)
+        assert modem.send_sms("+8613800138000", "second").parts == 1
+        assert modem.channel.unsolicited == ['+CMTI: "SM",3', "+CREG: 1"]
+        assert sim.wait_for_messages(2) == [("+8613800138000", "first"),
+                                            ("+8613800138000", "second")]
+        sim.set(sim="absent")  # the SIM falls out: an error comes instead of the prompt
+        with pytest.raises(ModemError) as no_sim:
+            modem.send_sms("+8613800138000", "third")
+        assert (no_sim.value.kind, no_sim.value.code) == ("CMS", 310)
+        assert "SIM not inserted" in str(no_sim.value)

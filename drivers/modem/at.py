@@ -65,8 +65,9 @@ class ModemError(Exception):
 class ModemTimeout(ModemError):
     """No final answer within the command's time."""
 
-    def __init__(self, command: str, seconds: float, partial: list[str]):
-        super().__init__(command, f"no answer within {seconds:g} s"
+    def __init__(self, command: str, seconds: float, partial: list[str], *,
+                 waiting_for: str = "answer"):
+        super().__init__(command, f"no {waiting_for} within {seconds:g} s"
                          + (f" (got {partial!r})" if partial else ""))
 
 
@@ -126,16 +127,29 @@ class AtChannel:
             if not self._fill(deadline) and time.monotonic() >= deadline:
                 return None
 
-    def _await_prompt(self, deadline: float) -> bool:
+    def _await_prompt(self, command: str, deadline: float, seconds: float) -> None:
+        """Wait for AT+CMGS's ``"> "`` (no line end). Whole lines may come first: our echo,
+        blank separators, unsolicited codes (set aside, as during any command), or the
+        error that replaces the prompt (raised with its code)."""
         while True:
             text = self._buffer.lstrip(b"\r\n")
             if text.startswith(b">"):
                 self._buffer = text[1:].lstrip(b" ")
-                return True
-            if b"\n" in text:  # a whole line came first: an error instead of the prompt
-                return False
+                return
+            if b"\n" in text:
+                line, _, self._buffer = text.partition(b"\n")
+                line = line.decode("ascii", "replace").strip()
+                if not line or line == command:
+                    continue
+                self._raise_for(command, line)
+                if not line.startswith(URC_PREFIXES):
+                    log.warning("%s: %r before the '>' prompt, ignored", command, line)
+                self._set_aside(line)
+                continue
             if not self._fill(deadline) and time.monotonic() >= deadline:
-                return False
+                # Whatever state it is in (a prompt may still come): abandon the message.
+                self._io(command, self.port.write, ESC)
+                raise ModemTimeout(command, seconds, [], waiting_for="'>' prompt")
 
     # -- commands ---------------------------------------------------------------------
 
@@ -152,12 +166,7 @@ class AtChannel:
         self._io(command, self.port.write, command.encode("ascii") + b"\r")
         answer = Answer()
         if data is not None:
-            if not self._await_prompt(deadline):
-                line = self._next_line(min(deadline, time.monotonic() + 1)) or ""
-                self._raise_for(command, line, answer, seconds)
-                # Whatever state it is in: abandon the message.
-                self._io(command, self.port.write, ESC)
-                raise ModemError(command, f"no '>' prompt ({line or 'no answer'})")
+            self._await_prompt(command, deadline, seconds)
             self._io(command, self.port.write, data + CTRL_Z)
         while True:
             line = self._next_line(deadline)
@@ -167,12 +176,15 @@ class AtChannel:
                 continue  # blank separators, our own echo, a late prompt
             if line in FINAL_OK:
                 return answer
-            self._raise_for(command, line, answer, seconds)
+            self._raise_for(command, line)
             if line.startswith(URC_PREFIXES) and not self._answers(command, line):
-                self.unsolicited.append(line)
-                log.debug("unsolicited: %s", line)
+                self._set_aside(line)
                 continue
             answer.lines.append(line)
+
+    def _set_aside(self, line: str) -> None:
+        self.unsolicited.append(line)
+        log.debug("unsolicited: %s", line)
 
     @staticmethod
     def _answers(command: str, line: str) -> bool:
@@ -181,7 +193,7 @@ class AtChannel:
         return command.upper().startswith(f"AT{name}")
 
     @staticmethod
-    def _raise_for(command: str, line: str, answer: Answer, seconds: float) -> None:
+    def _raise_for(command: str, line: str) -> None:
         if line in FINAL_ERROR:
             raise ModemError(command, line)
         match = _CME.match(line)

@@ -265,8 +265,11 @@ class ModemSimulator:
             if s.dead:
                 return None
             if s.sim != "READY":
-                self._error("CMS", 310)
+                self._error("CMS", 310)  # instead of the prompt
                 return None
+            urc, s.urc_before_reply = s.urc_before_reply, None
+        if urc:  # a code the module had to say may come before the prompt, too
+            self._write(f"\r\n{urc}\r\n".encode())
         self._write(b"\r\n> ")
         return length
 
