@@ -219,6 +219,10 @@ def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
     step = Step("4G modem")
     doctor.check_modem(step)
     assert (step.status, step.detail) == (FAIL, "SIM not inserted")
+    modem.set(sim="READY", garbled={"AT+CSQ": "+CSQ: --,99"})
+    step = Step("4G modem")
+    doctor.check_modem(step)
+    assert (step.status, step.detail) == (FAIL, "AT+CSQ: unreadable answer '--,99'")
 
 
 def test_an_unplugged_modem_is_reported_and_the_daemon_keeps_running(make_config, modem):
@@ -235,3 +239,11 @@ def test_an_unplugged_modem_is_reported_and_the_daemon_keeps_running(make_config
             poll_until(lambda n=reads: daemon.status_reads >= n, what="the next reading")
             assert daemon.modem_status["present"] is False
         assert "No such file" in daemon.modem_status["error"]
+
+
+def test_a_garbled_signal_answer_at_start_is_reported_not_a_crash(make_config, modem):
+    modem.set(garbled={"AT+CSQ": "+CSQ: --,99"})
+    _, config = make_config(modem={"port": modem.port}, fallback={"duty_numbers": DUTY[:1]})
+    with in_process(FallbackDaemon(config)) as daemon:
+        poll_until(lambda: daemon.status_reads >= 1, what="the modem's first reading")
+        assert "AT+CSQ" in daemon.modem_status["error"]

@@ -214,3 +214,36 @@ def test_the_send_prompt_is_awaited_past_unsolicited_codes_and_an_error_keeps_it
             modem.send_sms("+8613800138000", "third")
         assert (no_sim.value.kind, no_sim.value.code) == ("CMS", 310)
         assert "SIM not inserted" in str(no_sim.value)
+
+
+def test_a_garbled_answer_is_a_modem_error_not_a_crash(sim):
+    with Modem.open_port(sim.port) as modem:
+        for command, line in (("AT+CSQ", "+CSQ: --,99"), ("AT+CEREG?", "+CEREG: 0,x")):
+            sim.set(garbled={command: line})
+            with pytest.raises(ModemError) as garbled:
+                modem.status()
+            assert str(garbled.value).startswith(f"{command}: unreadable answer")
+        sim.set(garbled={})
+        assert modem.status().problems == []
+
+
+def test_a_late_answer_is_not_taken_for_the_next_commands(sim):
+    with Modem.open_port(sim.port, command_timeout=0.3) as modem:
+        # A module that stops answering is not "unregistered" nor "of unknown model".
+        sim.set(dead=True)
+        with pytest.raises(ModemTimeout):
+            modem.registration()
+        with pytest.raises(ModemTimeout):
+            modem.model()
+        sim.set(dead=False)
+    port = serial.Serial(sim.port, 115200, timeout=0.5)
+    channel = AtChannel(port, timeout=5)
+    try:
+        sim.set(reply_delay=1)  # it answers, but after the command's time
+        with pytest.raises(ModemTimeout):
+            channel.command("AT+CEREG?", timeout=0.3)
+        sim.set(reply_delay=0)
+        assert channel.command("AT+CGMM").lines == ["EC25"]
+        assert channel.command("AT+CSQ").value("+CSQ:") == "20,99"
+    finally:
+        port.close()

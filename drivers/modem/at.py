@@ -71,6 +71,13 @@ class ModemTimeout(ModemError):
                          + (f" (got {partial!r})" if partial else ""))
 
 
+class UnreadableAnswer(ModemError):
+    """The module answered something that cannot be read (a garbled line)."""
+
+    def __init__(self, command: str, line: str):
+        super().__init__(command, f"unreadable answer {line!r}")
+
+
 @dataclass
 class Answer:
     lines: list[str] = field(default_factory=list)  # information lines, echo removed
@@ -94,6 +101,7 @@ class AtChannel:
         self.unsolicited: list[str] = []
         self._buffer = b""
         self._command = ""  # the command in progress, for the errors of the port
+        self._owed = False  # a command timed out: the module may still answer it
 
     # -- the low level ----------------------------------------------------------------
 
@@ -149,6 +157,7 @@ class AtChannel:
             if not self._fill(deadline) and time.monotonic() >= deadline:
                 # Whatever state it is in (a prompt may still come): abandon the message.
                 self._io(command, self.port.write, ESC)
+                self._owed = True
                 raise ModemTimeout(command, seconds, [], waiting_for="'>' prompt")
 
     # -- commands ---------------------------------------------------------------------
@@ -159,6 +168,8 @@ class AtChannel:
         error result and :class:`ModemTimeout` if none comes. With ``data`` (AT+CMGS),
         wait for the ``>`` prompt and send it followed by Ctrl-Z."""
         seconds = self.timeout if timeout is None else timeout
+        if self._owed:
+            self._await_late_answer()
         deadline = time.monotonic() + seconds
         self._command = command
         self._buffer = b""
@@ -171,6 +182,7 @@ class AtChannel:
         while True:
             line = self._next_line(deadline)
             if line is None:
+                self._owed = True
                 raise ModemTimeout(command, seconds, answer.lines)
             if not line or line == command or line.startswith(">"):
                 continue  # blank separators, our own echo, a late prompt
@@ -181,6 +193,21 @@ class AtChannel:
                 self._set_aside(line)
                 continue
             answer.lines.append(line)
+
+    def _await_late_answer(self) -> None:
+        """The module answers in order: an answer that comes after its command timed out
+        would be read as the answer to the next one (an empty ``OK`` for ``AT+CGMM``, and
+        so on down the line). Wait for that final result, for at most one command's time,
+        and drop it."""
+        self._owed = False
+        deadline = time.monotonic() + self.timeout
+        while (line := self._next_line(deadline)) is not None:
+            if line in FINAL_OK or line in FINAL_ERROR or _CME.match(line):
+                log.debug("%s: late final answer %r dropped", self._command, line)
+                return
+            if line.startswith(URC_PREFIXES):
+                self._set_aside(line)
+        log.debug("%s: no late answer", self._command)
 
     def _set_aside(self, line: str) -> None:
         self.unsolicited.append(line)

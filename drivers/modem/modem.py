@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import serial
 
-from drivers.modem.at import AtChannel, ModemError
+from drivers.modem.at import AtChannel, ModemError, ModemTimeout, UnreadableAnswer
 from drivers.modem.pdu import encode_submit
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 REGISTRATION = {0: "not registered", 1: "home", 2: "searching", 3: "denied", 4: "unknown",
                 5: "roaming"}
 REGISTERED = ("home", "roaming")
+
+
+def _integer(command: str, value: str, field: str) -> int:
+    try:
+        return int(field)
+    except ValueError:
+        raise UnreadableAnswer(command, value) from None
 
 
 @dataclass(frozen=True)
@@ -140,11 +147,13 @@ class Modem:
         for command, prefix in (("AT+CEREG?", "+CEREG:"), ("AT+CREG?", "+CREG:")):
             try:
                 value = self.channel.command(command).value(prefix)
+            except (ModemTimeout, UnreadableAnswer):
+                raise  # a module that is silent or garbled is not "not registered"
             except ModemError:
-                continue
+                continue  # a module without this command (AT+CEREG on a 3G module)
             if value:
                 fields = value.split(",")
-                stat = int(fields[1]) if len(fields) > 1 else int(fields[0])
+                stat = _integer(command, value, fields[1] if len(fields) > 1 else fields[0])
                 states.append(REGISTRATION.get(stat, "unknown"))
         registered = [s for s in states if s in REGISTERED]
         return registered[0] if registered else (states[0] if states else "unknown")
@@ -152,7 +161,7 @@ class Modem:
     def signal(self) -> Signal:
         value = self.channel.command("AT+CSQ").value("+CSQ:") or "99,99"
         rssi, _, ber = value.partition(",")
-        csq = int(rssi)
+        csq = _integer("AT+CSQ", value, rssi)
         known = csq != 99 and 0 <= csq <= 31
         return Signal(csq if known else None, -113 + 2 * csq if known else None,
                       int(ber) if ber.strip().isdigit() and int(ber) != 99 else None)
@@ -166,6 +175,8 @@ class Modem:
     def model(self) -> str | None:
         try:
             lines = self.channel.command("AT+CGMM").lines
+        except ModemTimeout:
+            raise  # silent: not a module without the command
         except ModemError:
             return None
         return lines[0] if lines else None

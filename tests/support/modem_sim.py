@@ -37,6 +37,7 @@ class SimulatedModemState:
     wrong_pins: int = 0
     urc_before_reply: str | None = None  # emitted once, just before the next answer
     hang_up_on: str | None = None   # this command unplugs the module instead of an answer
+    garbled: dict[str, str] = field(default_factory=dict)  # command -> the line it answers
     echo: bool = True
     cmee: int = 0
 
@@ -203,7 +204,9 @@ class ModemSimulator:
             if s.echo and not s.dead:
                 self._write(line.encode() + b"\r")
         upper = line.upper()
-        if upper == "AT":
+        if upper in s.garbled:
+            self._reply(s.garbled[upper])
+        elif upper == "AT":
             self._reply()
         elif upper in ("ATE0", "ATE1"):
             self.set(echo=upper == "ATE1")
