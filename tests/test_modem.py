@@ -247,3 +247,17 @@ def test_a_late_answer_is_not_taken_for_the_next_commands(sim):
         assert channel.command("AT+CSQ").value("+CSQ:") == "20,99"
     finally:
         port.close()
+
+
+def test_a_module_left_waiting_for_message_text_is_brought_back_at_the_next_open(sim):
+    # A daemon killed between AT+CMGS and its Ctrl-Z: the module takes whatever comes
+    # next as the message's text, "AT" included, and answers nothing.
+    port = serial.Serial(sim.port, 115200, timeout=10)
+    try:
+        port.write(b"AT+CMGS=19\r")
+        assert port.read_until(b"> ").endswith(b"> ")
+    finally:
+        port.close()
+    with Modem.open_port(sim.port, command_timeout=1) as modem:
+        assert modem.send_sms("+8613800138000", "after the restart").parts == 1
+    assert sim.wait_for_messages(1) == [("+8613800138000", "after the restart")]

@@ -44,6 +44,9 @@ CMS_MEANINGS = {
     500: "unknown error",
 }
 
+QUIET_S = 0.2     # after ESC: this long without a byte, the module has finished talking
+MAX_DRAIN_S = 2.0  # ... and it may talk no longer than this
+
 # A USB modem that vanishes fails every call on its port: reads and ioctls with OSError
 # (pyserial's SerialException is one), the input flush (tcflush) with termios.error,
 # which is no OSError.
@@ -193,6 +196,21 @@ class AtChannel:
                 self._set_aside(line)
                 continue
             answer.lines.append(line)
+
+    def abandon_message(self) -> None:
+        """End a message text the module may still be waiting for (an AT+CMGS whose
+        Ctrl-Z never came: the daemon was killed): ESC cancels it, and a module that is
+        not waiting for text ignores it. What the module says to it is read and dropped
+        until the line falls quiet."""
+        self._command = "ESC"
+        self._io("ESC", self.port.write, ESC)
+        deadline = time.monotonic() + min(self.timeout, MAX_DRAIN_S)
+        while time.monotonic() < deadline:
+            # A module answers the cancel at once, over a local UART: a short silence
+            # means it has said what it had to.
+            if not self._io("ESC", self._read, QUIET_S):
+                break
+        self._buffer = b""
 
     def _await_late_answer(self) -> None:
         """The module answers in order: an answer that comes after its command timed out

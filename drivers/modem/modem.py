@@ -106,8 +106,10 @@ class Modem:
         self.close()
 
     def initialise(self) -> None:
-        """Echo off, numeric errors, PDU mode. The first ``AT`` may meet a module still
-        echoing or mid-boot: it is tried a few times."""
+        """Echo off, numeric errors, PDU mode. The module may still be waiting for the
+        text of a message we never finished: that is abandoned first. The first ``AT``
+        may meet a module still echoing or mid-boot: it is tried a few times."""
+        self.channel.abandon_message()
         last: ModemError | None = None
         for _ in range(3):
             try:

@@ -169,6 +169,7 @@ class ModemSimulator:
                     break
                 line, _, buffer = buffer.partition(b"\r")
                 buffer = buffer.lstrip(b"\n")
+                line = line.replace(bytes([ESC]), b"")  # ignored outside a message's text
                 pending_cmgs = self._command(line.decode("ascii", "replace").strip())
 
     def _reply(self, *lines: str, final: str = "OK") -> None:
