@@ -338,7 +338,12 @@ class ModemConfig(Strict):
                     "third wrong PIN locks the SIM)",
     )
     command_timeout_s: float = Field(5, ge=0.5, le=60)
-    sms_timeout_s: float = Field(60, ge=5, le=300, description="One SMS part to be accepted")
+    # The fallback daemon pings systemd's watchdog after every exchange with the module;
+    # the longest is one SMS part. Its unit has WatchdogSec=150: this cap keeps the
+    # longest silence under half of that, with room to spare.
+    sms_timeout_s: float = Field(
+        60, ge=5, le=60,
+        description="One SMS part to be accepted (at most 60 s: the daemon's watchdog)")
     status_interval_s: float = Field(
         60, ge=5, le=3600, description="How often SIM, registration and signal are read",
     )

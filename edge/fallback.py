@@ -47,6 +47,8 @@ from edge.wake import Waker, wake
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 5.0  # the loop looks again at least this often (uplink state, modem status)
+# A number's result as the `fallback` event tells it (docs/schemas/event.schema.json).
+NOTICE_FIELDS = ("state", "references", "parts", "error", "at")
 WHAT = {ContactId.PANIC: "紧急报警", ContactId.SILENT_PANIC: "无声报警",
         ContactId.AUDIBLE_PANIC: "紧急报警"}
 
@@ -69,6 +71,7 @@ class FallbackDaemon:
         self.status_reads = 0
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
+        self._watchdog: Watchdog | None = None
         self.ready = threading.Event()
 
     def wake(self) -> None:
@@ -98,7 +101,7 @@ class FallbackDaemon:
             if saved:
                 self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
             self._start_watching(outbox)
-            watchdog = Watchdog()
+            watchdog = self._watchdog = Watchdog()
             self.ready.set()
             notify("READY=1", f"STATUS=SMS to {len(cfg.fallback.duty_numbers)} duty number(s)")
             log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
@@ -174,6 +177,7 @@ class FallbackDaemon:
         wait = MAX_WAIT_S
         if not rows:
             return wait
+        told_uplink = False
         with outbox.transaction() as conn:
             for event_id, state, due_at, next_attempt, event_state in rows:
                 if event_state == "acknowledged":
@@ -181,9 +185,11 @@ class FallbackDaemon:
                         conn.execute("UPDATE sms_notifications SET state = 'acknowledged'"
                                      " WHERE event_id = ?", (event_id,))
                     else:  # the police have it now: the retries can stop
+                        noticed = self._report(outbox, conn, [event_id])
                         conn.execute("UPDATE sms_notifications SET state = 'sent', reason ="
                                      " coalesce(reason, '') || '; acknowledged before every"
                                      " number was reached' WHERE event_id = ?", (event_id,))
+                        told_uplink = told_uplink or noticed
                     continue
                 if state == "watching":
                     left = (_parse(due_at) - now).total_seconds()
@@ -198,6 +204,8 @@ class FallbackDaemon:
                     wait = min(wait, (_parse(next_attempt) - now).total_seconds())
                     continue
                 due.append(event_id)
+        if told_uplink:
+            wake(self.config.storage.runtime_dir, "uplink")
         if due:
             watchdog.ping()
             wait = min(wait, self._send(outbox, due, now))
@@ -208,6 +216,7 @@ class FallbackDaemon:
         several alarms is recorded in each of their rows, and counted once)."""
         since = now - timedelta(hours=1)
         sent: set[tuple[str, str]] = set()
+        # sent_at is a row's latest SMS, so no row with a send in the hour is skipped.
         for (recipients,) in outbox.db.execute(
                 "SELECT recipients FROM sms_notifications WHERE sent_at >= ?", (utc_iso(since),)):
             for number, entry in json.loads(recipients).items():
@@ -215,66 +224,121 @@ class FallbackDaemon:
         return len(sent)
 
     def _send(self, outbox: Outbox, event_ids: list[str], now: datetime) -> float:
-        """One SMS, covering every due alarm, to every number that has not had it."""
+        """One SMS, covering every due alarm, to every number that has not had it.
+
+        Each number's result is on disk before the next number is tried: a daemon killed
+        mid-batch (the watchdog, a SIGKILL at stop) neither sends to a number twice nor
+        forgets the others, and its hourly count and attempts stand."""
         fb = self.config.fallback
+        records = self._recipients(outbox, event_ids)
+        numbers = [n for n in fb.duty_numbers
+                   if any(records[e].get(n, {}).get("state") != "sent" for e in event_ids)]
         budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
-        if budget <= 0:
+        if numbers and budget <= 0:
             if self._held_back != len(event_ids):  # said once per change, not every pass
                 log.warning("SMS rate limit (%d per hour) reached: %d alarm(s) wait",
                             fb.max_sms_per_hour, len(event_ids))
             self._held_back = len(event_ids)
+            if any(e.get("reported") is False for r in records.values() for e in r.values()):
+                self._finish(outbox, event_ids, tried=False)  # a batch cut short is told
             return 60.0
         self._held_back = 0
-        records = {eid: json.loads(outbox.db.execute(
+        text = self._text(outbox, event_ids)
+        for index, number in enumerate(numbers[:budget]):
+            result = self._send_one(number, text)
+            self._record(outbox, event_ids, number, result, text, new_round=index == 0)
+            self._ping()
+        self._finish(outbox, event_ids, tried=bool(numbers))
+        return fb.retry_s
+
+    @staticmethod
+    def _recipients(outbox: Outbox, event_ids: list[str]) -> dict[str, dict]:
+        return {eid: json.loads(outbox.db.execute(
             "SELECT recipients FROM sms_notifications WHERE event_id = ?", (eid,)
         ).fetchone()[0]) for eid in event_ids}
-        text = self._text(outbox, event_ids)
-        numbers = [n for n in fb.duty_numbers
-                   if any(records[e].get(n, {}).get("state") != "sent" for e in event_ids)]
-        outcome: dict[str, dict] = {}
-        for number in numbers[:budget]:
-            outcome[number] = self._send_one(number, text)
-        stamp = utc_iso(self.clock())
+
+    def _record(self, outbox: Outbox, event_ids: list[str], number: str, result: dict,
+                text: str, *, new_round: bool) -> None:
+        """One number's result, in every alarm's row that had not reached it, durably."""
+        sent = result["state"] == "sent"
+        with outbox.transaction() as conn:
+            for eid, recipients in self._recipients(outbox, event_ids).items():
+                entry = recipients.get(number, {})
+                if entry.get("state") == "sent":
+                    continue  # it had this alarm from an earlier SMS
+                # The latest result replaces the last one's details; "reported": not yet
+                # told to the platform by a `fallback` event.
+                recipients[number] = {"sent": entry.get("sent", []), **result,
+                                      "reported": False}
+                if sent:
+                    recipients[number]["sent"] = [*entry.get("sent", []), result["at"]]
+                conn.execute(
+                    "UPDATE sms_notifications SET recipients = ?, text = ?,"
+                    " sent_at = coalesce(?, sent_at) WHERE event_id = ?",
+                    (json.dumps(recipients, ensure_ascii=False), text,
+                     result["at"] if sent else None, eid))
+            if new_round:
+                conn.execute(f"UPDATE sms_notifications SET attempts = attempts + 1 WHERE"
+                             f" event_id IN ({','.join('?' * len(event_ids))})", event_ids)
+
+    def _finish(self, outbox: Outbox, event_ids: list[str], *, tried: bool) -> None:
+        """The end of a sending: the platform is told, and each alarm is decided."""
+        fb = self.config.fallback
         finished: list[str] = []
         with outbox.transaction() as conn:
-            for eid in event_ids:
-                recipients = records[eid]
-                for number, result in outcome.items():
-                    entry = recipients.setdefault(number, {"state": "pending", "sent": []})
-                    if entry.get("state") == "sent":
-                        continue
-                    entry.update(result)
-                    if result["state"] == "sent":
-                        entry["sent"] = [*entry.get("sent", []), stamp]
+            noticed = self._report(outbox, conn, event_ids)
+            for eid, recipients in self._recipients(outbox, event_ids).items():
                 attempts = conn.execute("SELECT attempts FROM sms_notifications WHERE"
-                                        " event_id = ?", (eid,)).fetchone()[0] + 1
+                                        " event_id = ?", (eid,)).fetchone()[0]
                 done = all(recipients.get(n, {}).get("state") == "sent" for n in fb.duty_numbers)
                 state = "sent" if done else ("failed" if attempts >= fb.max_attempts else "due")
-                conn.execute(
-                    "UPDATE sms_notifications SET state = ?, attempts = ?, recipients = ?,"
-                    " text = ?, sent_at = coalesce(sent_at, ?), next_attempt_at = ?"
-                    " WHERE event_id = ?",
-                    (state, attempts, json.dumps(recipients, ensure_ascii=False), text,
-                     stamp if any(r["state"] == "sent" for r in outcome.values()) else None,
-                     utc_iso(self.clock() + timedelta(seconds=fb.retry_s)), eid))
+                if tried or state != "due":
+                    conn.execute(
+                        "UPDATE sms_notifications SET state = ?, next_attempt_at = ?"
+                        " WHERE event_id = ?",
+                        (state, utc_iso(self.clock() + timedelta(seconds=fb.retry_s)), eid))
                 if state != "due":
                     finished.append(eid)
-            if any(r["state"] == "sent" for r in outcome.values()):
-                notice = outbox.append(EventDraft(
-                    kind=EventKind.FALLBACK, code=ContactId.FAILURE_TO_COMMUNICATE,
-                    occurred_at=self.clock(), clock_synced=clock_synchronised(),
-                    boot_id=boot_id(), detail={
-                        "path": "sms", "event_ids": event_ids,
-                        "recipients": {n: {k: v for k, v in r.items() if k != "sent"}
-                                       for n, r in outcome.items()},
-                        "text": text}))
-                conn.execute(
-                    f"UPDATE sms_notifications SET notice_event_id = ? WHERE event_id IN"
-                    f" ({','.join('?' * len(event_ids))})", (notice.id, *event_ids))
-                wake(self.config.storage.runtime_dir, "uplink")
+        if noticed:
+            wake(self.config.storage.runtime_dir, "uplink")
         for eid in finished:
             log.info("SMS path for alarm %s finished", eid)
-        return fb.retry_s
+
+    def _report(self, outbox: Outbox, conn, event_ids: list[str]) -> bool:
+        """Inside a transaction: if an SMS went, a `fallback` event with every result for
+        these alarms not yet told to the platform (this sending's, or those of one cut
+        short by a kill). True if one was written."""
+        untold: dict[str, dict] = {}
+        covered: list[str] = []
+        text = None
+        for eid in event_ids:
+            row_text, raw = conn.execute("SELECT text, recipients FROM sms_notifications"
+                                         " WHERE event_id = ?", (eid,)).fetchone()
+            recipients = json.loads(raw)
+            fresh = {n: e for n, e in recipients.items() if e.get("reported") is False}
+            if fresh:
+                covered.append(eid)
+                untold.update(fresh)
+                text = text or row_text
+        if not any(e["state"] == "sent" for e in untold.values()):
+            return False
+        notice = outbox.append(EventDraft(
+            kind=EventKind.FALLBACK, code=ContactId.FAILURE_TO_COMMUNICATE,
+            occurred_at=self.clock(), clock_synced=clock_synchronised(),
+            boot_id=boot_id(), detail={
+                "path": "sms", "event_ids": covered,
+                "recipients": {n: {k: v for k, v in e.items() if k in NOTICE_FIELDS}
+                               for n, e in untold.items()},
+                "text": text}))
+        for eid in covered:
+            recipients = json.loads(conn.execute("SELECT recipients FROM sms_notifications"
+                                                 " WHERE event_id = ?", (eid,)).fetchone()[0])
+            for entry in recipients.values():
+                entry.pop("reported", None)
+            conn.execute("UPDATE sms_notifications SET recipients = ?, notice_event_id = ?"
+                         " WHERE event_id = ?",
+                         (json.dumps(recipients, ensure_ascii=False), notice.id, eid))
+        return True
 
     def _send_one(self, number: str, text: str) -> dict:
         at = utc_iso(self.clock())
@@ -289,6 +353,12 @@ class FallbackDaemon:
                     len(result.references), result.references)
         return {"state": "sent", "references": list(result.references), "parts":
                 len(result.references), "at": at}
+
+    def _ping(self) -> None:
+        """After each exchange with the modem and each number: a batch of SMS, each
+        part taking up to modem.sms_timeout_s, must not look like a hung daemon."""
+        if self._watchdog is not None:
+            self._watchdog.ping(force=True)
 
     def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
         first = outbox.get_event_row(event_ids[0])
@@ -312,7 +382,8 @@ class FallbackDaemon:
     def _open_serial_modem(self) -> Modem:
         m = self.config.modem
         return Modem.open_port(str(m.port), baudrate=m.baudrate,
-                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s)
+                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s,
+                               heartbeat=self._ping)
 
     def _modem(self) -> Modem:
         if self.modem is None:

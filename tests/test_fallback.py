@@ -247,3 +247,37 @@ def test_a_garbled_signal_answer_at_start_is_reported_not_a_crash(make_config, m
     with in_process(FallbackDaemon(config)) as daemon:
         poll_until(lambda: daemon.status_reads >= 1, what="the modem's first reading")
         assert "AT+CSQ" in daemon.modem_status["error"]
+
+
+def test_a_daemon_killed_after_the_first_of_two_numbers_sends_only_to_the_second_after_restart(
+        make_config, daemons, listener, modem):
+    path, config = sms_config(make_config, modem)
+    daemons("button", path)  # no uplink: the SMS goes at once
+    # systemd's watchdog is on; half its timeout (the ordinary pings) is far away.
+    fallback = daemons("fallback", path, extra_env={"WATCHDOG_USEC": str(3600 * 10**6)})
+    modem.set(dead_after_messages=1)  # the module hangs after the first SMS: so does the daemon
+    alarm = press(config)
+
+    def stuck_on_the_second_number() -> bool:
+        listener.receive()  # read the notify socket as systemd does, or the pings block
+        return len(modem.messages()) == 1 and modem.parts_begun() == len(modem.sent) + 1
+
+    poll_until(stuck_on_the_second_number, what="the daemon to start on the second number")
+    assert [number for number, _ in modem.messages()] == DUTY[:1]
+    # Long waits on the modem are not silence: the daemon pinged after each exchange.
+    listener.receive()
+    assert listener.seen[fallback.pid].count("WATCHDOG=1") > 1
+    fallback.kill()  # the watchdog's SIGKILL (or systemd's, at stop)
+
+    modem.set(dead=False)
+    daemons("fallback", path)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n, what="the SMS path to finish")
+        assert sorted(number for number, _ in modem.messages()) == sorted(DUTY)  # once each
+        assert row["attempts"] == 2
+        [notice] = [json.loads(p)["detail"] for (p,) in outbox.db.execute(
+            "SELECT payload FROM events WHERE kind = 'fallback'")]
+        assert notice["event_ids"] == [alarm["id"]]  # the platform hears of both SMS
+        assert {n: r["state"] for n, r in notice["recipients"].items()} == dict.fromkeys(
+            DUTY, "sent")

@@ -261,3 +261,11 @@ def test_a_module_left_waiting_for_message_text_is_brought_back_at_the_next_open
     with Modem.open_port(sim.port, command_timeout=1) as modem:
         assert modem.send_sms("+8613800138000", "after the restart").parts == 1
     assert sim.wait_for_messages(1) == [("+8613800138000", "after the restart")]
+
+
+def test_the_owner_hears_from_the_driver_after_every_part_of_a_long_sms(sim):
+    beats: list[int] = []  # how many parts the module had accepted at each heartbeat
+    with Modem.open_port(sim.port, heartbeat=lambda: beats.append(len(sim.sent))) as modem:
+        assert modem.send_sms("13900139000", "紧急报警" * 40).parts == 3
+    # Each part's wait (up to modem.sms_timeout_s) ends in a beat before the next part.
+    assert {1, 2, 3} <= set(beats)

@@ -13,6 +13,7 @@ import logging
 import re
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,16 @@ class Answer:
 
 class AtChannel:
     """Commands and answers over an open pyserial port (or anything with its interface:
-    ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``)."""
+    ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``).
 
-    def __init__(self, port, *, timeout: float = 5.0):
+    ``heartbeat``, if given, is called after every exchange with the module, answered or
+    not: its owner's proof of life while it waits on the module (the fallback daemon
+    pings systemd's watchdog with it)."""
+
+    def __init__(self, port, *, timeout: float = 5.0, heartbeat: Callable[[], None] | None = None):
         self.port = port
         self.timeout = timeout
+        self.heartbeat = heartbeat
         self.unsolicited: list[str] = []
         self._buffer = b""
         self._command = ""  # the command in progress, for the errors of the port
@@ -170,9 +176,15 @@ class AtChannel:
         """Send ``command``; return its answer on ``OK``, raise :class:`ModemError` on an
         error result and :class:`ModemTimeout` if none comes. With ``data`` (AT+CMGS),
         wait for the ``>`` prompt and send it followed by Ctrl-Z."""
-        seconds = self.timeout if timeout is None else timeout
         if self._owed:
             self._await_late_answer()
+            self._beat()
+        try:
+            return self._exchange(command, self.timeout if timeout is None else timeout, data)
+        finally:
+            self._beat()
+
+    def _exchange(self, command: str, seconds: float, data: bytes | None) -> Answer:
         deadline = time.monotonic() + seconds
         self._command = command
         self._buffer = b""
@@ -211,6 +223,7 @@ class AtChannel:
             if not self._io("ESC", self._read, QUIET_S):
                 break
         self._buffer = b""
+        self._beat()
 
     def _await_late_answer(self) -> None:
         """The module answers in order: an answer that comes after its command timed out
@@ -226,6 +239,10 @@ class AtChannel:
             if line.startswith(URC_PREFIXES):
                 self._set_aside(line)
         log.debug("%s: no late answer", self._command)
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
 
     def _set_aside(self, line: str) -> None:
         self.unsolicited.append(line)

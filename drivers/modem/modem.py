@@ -10,6 +10,7 @@ pseudo-terminal, not against a module.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import serial
@@ -74,21 +75,25 @@ class ModemStatus:
 class Modem:
     """One module on one serial port; not thread-safe (its owner is one daemon thread)."""
 
-    def __init__(self, port, *, command_timeout: float = 5.0, sms_timeout: float = 60.0):
-        self.channel = AtChannel(port, timeout=command_timeout)
+    def __init__(self, port, *, command_timeout: float = 5.0, sms_timeout: float = 60.0,
+                 heartbeat: Callable[[], None] | None = None):
+        self.channel = AtChannel(port, timeout=command_timeout, heartbeat=heartbeat)
         self.sms_timeout = sms_timeout
         self._port = port
         self._initialised = False
 
     @classmethod
     def open_port(cls, path: str, *, baudrate: int = 115200, command_timeout: float = 5.0,
-                  sms_timeout: float = 60.0) -> Modem:
-        """Open the serial port and initialise the module; raises :class:`ModemError`."""
+                  sms_timeout: float = 60.0,
+                  heartbeat: Callable[[], None] | None = None) -> Modem:
+        """Open the serial port and initialise the module; raises :class:`ModemError`.
+        ``heartbeat`` is called after every exchange with the module (see AtChannel)."""
         try:
             port = serial.Serial(path, baudrate=baudrate, timeout=0.5, write_timeout=5)
         except (serial.SerialException, OSError) as err:
             raise ModemError("open", f"cannot open {path}: {err}") from None
-        modem = cls(port, command_timeout=command_timeout, sms_timeout=sms_timeout)
+        modem = cls(port, command_timeout=command_timeout, sms_timeout=sms_timeout,
+                    heartbeat=heartbeat)
         try:
             modem.initialise()
         except BaseException:

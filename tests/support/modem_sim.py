@@ -33,6 +33,7 @@ class SimulatedModemState:
     reply_delay: float = 0.0        # seconds before every answer
     dead: bool = False              # never answers
     fail_sends: int = 0             # the next N AT+CMGS answer +CMS ERROR: send_error
+    dead_after_messages: int | None = None  # this many whole messages accepted: dead (hung)
     send_error: int = 38            # network out of order
     wrong_pins: int = 0
     urc_before_reply: str | None = None  # emitted once, just before the next answer
@@ -113,6 +114,11 @@ class ModemSimulator:
             if p.reference is not None:
                 groups.setdefault((p.number, p.reference, p.total), set()).add(p.sequence)
         return [None] * (singles + sum(1 for (_, _, t), s in groups.items() if len(s) == t))
+
+    def parts_begun(self) -> int:
+        """AT+CMGS commands received: the parts begun, accepted or not."""
+        with self._cond:
+            return sum(c.upper().startswith("AT+CMGS=") for c in self.commands)
 
     def hang_up(self) -> None:
         """Unplug the module: the port's reads and writes fail with EIO, as a USB modem's
@@ -301,8 +307,15 @@ class ModemSimulator:
                 self._mr = (self._mr + 1) % 256
                 self.sent.append(SentPart(length, pdu))
                 reference = self._mr
+                if (s.dead_after_messages is not None
+                        and len(self._messages_locked()) >= s.dead_after_messages):
+                    s.dead_after_messages, hang = None, True
+                else:
+                    hang = False
                 self._cond.notify_all()
         if failure is not None:
             self._error("CMS", failure)
         else:
             self._reply(f"+CMGS: {reference}")
+            if hang:  # it answered this part, and nothing after it
+                self.set(dead=True)
