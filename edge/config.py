@@ -384,8 +384,14 @@ class FallbackConfig(Strict):
         30, ge=1, le=1000,
         description="Beyond this, alarms wait and go together in the next allowed SMS",
     )
-    retry_s: float = Field(30, ge=1, le=3600, description="A failed send is tried again")
-    max_attempts: int = Field(10, ge=1, le=100)
+    retry_s: float = Field(
+        30, ge=1, le=3600,
+        description="A refused SMS is tried again after this; while the modem cannot send "
+                    "at all, the pause doubles from it up to 5 minutes")
+    max_attempts: int = Field(
+        10, ge=1, le=100,
+        description="Refusals of one number's SMS before that number is given up (a modem "
+                    "that cannot send at all is not counted)")
 
 
 class Config(Strict):

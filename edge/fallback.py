@@ -7,11 +7,16 @@ daemon wakes it; if the police platform has not acknowledged the alarm within
 an SMS to the duty numbers:
 
     watching --(platform acknowledged in time)--> acknowledged   (no SMS)
-        \\--(timeout, or uplink down)--> due --(sent to every number)--> sent
-                                          \\--(max_attempts failures)--> failed
+        \\--(timeout, or uplink down)--> due --(every number sent or given up)--> sent
+                                          \\--(every number given up)--> failed
 
-- Once per alarm, not once per retry of the uplink; a failed send is retried every
-  ``retry_s`` for the numbers that did not get it, until ``max_attempts``.
+- Once per alarm and number, not once per retry of the uplink. Each number's result is
+  on disk before the next number is tried: a daemon killed mid-batch goes on where it was.
+- A number the network refuses is tried again every ``retry_s``; after ``max_attempts``
+  refusals it is given up (logged, and recorded in the alarm's row). A modem that cannot
+  send at all (no SIM, no network, unplugged) counts for nothing: the alarm is tried
+  again, after pauses doubling from ``retry_s`` to 5 minutes, for as long as the platform
+  has not acknowledged it.
 - Rate-limited (``max_sms_per_hour``): alarms due beyond the limit wait and go together in
   the next SMS, never dropped.
 - When an SMS has gone, a ``fallback`` event (Contact ID 354, failure to communicate)
@@ -34,7 +39,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from drivers.modem import Modem, ModemError
+from drivers.modem import Modem, ModemError, SmsRefused
 from edge import __version__
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
@@ -47,6 +52,7 @@ from edge.wake import Waker, wake
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 5.0  # the loop looks again at least this often (uplink state, modem status)
+MAX_PAUSE_S = 300.0  # the longest pause between tries while the modem cannot send at all
 # A number's result as the `fallback` event tells it (docs/schemas/event.schema.json).
 NOTICE_FIELDS = ("state", "references", "parts", "error", "at")
 WHAT = {ContactId.PANIC: "紧急报警", ContactId.SILENT_PANIC: "无声报警",
@@ -231,8 +237,8 @@ class FallbackDaemon:
         forgets the others, and its hourly count and attempts stand."""
         fb = self.config.fallback
         records = self._recipients(outbox, event_ids)
-        numbers = [n for n in fb.duty_numbers
-                   if any(records[e].get(n, {}).get("state") != "sent" for e in event_ids)]
+        numbers = [n for n in fb.duty_numbers if any(
+            records[e].get(n, {}).get("state") not in ("sent", "stopped") for e in event_ids)]
         budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
         if numbers and budget <= 0:
             if self._held_back != len(event_ids):  # said once per change, not every pass
@@ -240,16 +246,21 @@ class FallbackDaemon:
                             fb.max_sms_per_hour, len(event_ids))
             self._held_back = len(event_ids)
             if any(e.get("reported") is False for r in records.values() for e in r.values()):
-                self._finish(outbox, event_ids, tried=False)  # a batch cut short is told
+                self._finish(outbox, event_ids, None)  # a batch cut short is told
             return 60.0
         self._held_back = 0
         text = self._text(outbox, event_ids)
-        for index, number in enumerate(numbers[:budget]):
+        outcome = None  # what this sending came to: "tried", or "unable" to send at all
+        for number in numbers[:budget]:
             result = self._send_one(number, text)
-            self._record(outbox, event_ids, number, result, text, new_round=index == 0)
+            self._record(outbox, event_ids, number, result, text,
+                         new_round=outcome is None and result["state"] != "unable")
             self._ping()
-        self._finish(outbox, event_ids, tried=bool(numbers))
-        return fb.retry_s
+            if result["state"] == "unable":
+                outcome = "unable"  # the others would meet the same modem: wait for it
+                break
+            outcome = "tried"
+        return self._finish(outbox, event_ids, outcome)
 
     @staticmethod
     def _recipients(outbox: Outbox, event_ids: list[str]) -> dict[str, dict]:
@@ -259,50 +270,79 @@ class FallbackDaemon:
 
     def _record(self, outbox: Outbox, event_ids: list[str], number: str, result: dict,
                 text: str, *, new_round: bool) -> None:
-        """One number's result, in every alarm's row that had not reached it, durably."""
-        sent = result["state"] == "sent"
+        """One number's result, in every alarm's row that had not reached it, durably.
+
+        Only a refusal of the message counts towards ``max_attempts`` (then the number
+        is given up); a modem that cannot send at all counts only towards the pause
+        before the next try."""
+        fb = self.config.fallback
+        state = result["state"]
+        details = {k: v for k, v in result.items() if k != "state"}
         with outbox.transaction() as conn:
             for eid, recipients in self._recipients(outbox, event_ids).items():
                 entry = recipients.get(number, {})
-                if entry.get("state") == "sent":
-                    continue  # it had this alarm from an earlier SMS
+                if entry.get("state") in ("sent", "stopped"):
+                    continue  # it had this alarm from an earlier SMS, or was given up
+                counts = {"sent": entry.get("sent", []), "refusals": entry.get("refusals", 0),
+                          "unable": 0 if state != "unable" else entry.get("unable", 0) + 1}
+                if state == "sent":
+                    counts["sent"] = [*counts["sent"], result["at"]]
+                elif state == "refused":
+                    counts["refusals"] += 1
+                given_up = state == "refused" and counts["refusals"] >= fb.max_attempts
                 # The latest result replaces the last one's details; "reported": not yet
                 # told to the platform by a `fallback` event.
-                recipients[number] = {"sent": entry.get("sent", []), **result,
-                                      "reported": False}
-                if sent:
-                    recipients[number]["sent"] = [*entry.get("sent", []), result["at"]]
+                recipients[number] = {
+                    "state": "sent" if state == "sent" else "stopped" if given_up else "failed",
+                    **counts, **details, "reported": False}
                 conn.execute(
                     "UPDATE sms_notifications SET recipients = ?, text = ?,"
                     " sent_at = coalesce(?, sent_at) WHERE event_id = ?",
                     (json.dumps(recipients, ensure_ascii=False), text,
-                     result["at"] if sent else None, eid))
+                     result["at"] if state == "sent" else None, eid))
+                if given_up:
+                    log.error("alarm %s: giving up on %s after %d refusals (last: %s)", eid,
+                              number, counts["refusals"], result.get("error"))
+                    conn.execute("UPDATE sms_notifications SET reason = coalesce(reason, '')"
+                                 " || ? WHERE event_id = ?",
+                                 (f"; gave up on {number} after {counts['refusals']} refusals",
+                                  eid))
             if new_round:
                 conn.execute(f"UPDATE sms_notifications SET attempts = attempts + 1 WHERE"
                              f" event_id IN ({','.join('?' * len(event_ids))})", event_ids)
 
-    def _finish(self, outbox: Outbox, event_ids: list[str], *, tried: bool) -> None:
-        """The end of a sending: the platform is told, and each alarm is decided."""
+    def _finish(self, outbox: Outbox, event_ids: list[str], outcome: str | None) -> float:
+        """The end of a sending: the platform is told, and each alarm is decided: done
+        when every number has it or was given up, else tried again after ``retry_s``,
+        or, while the modem cannot send at all, after ever longer pauses. Returns the
+        seconds until the next try."""
         fb = self.config.fallback
         finished: list[str] = []
+        wait = fb.retry_s
         with outbox.transaction() as conn:
             noticed = self._report(outbox, conn, event_ids)
             for eid, recipients in self._recipients(outbox, event_ids).items():
-                attempts = conn.execute("SELECT attempts FROM sms_notifications WHERE"
-                                        " event_id = ?", (eid,)).fetchone()[0]
-                done = all(recipients.get(n, {}).get("state") == "sent" for n in fb.duty_numbers)
-                state = "sent" if done else ("failed" if attempts >= fb.max_attempts else "due")
-                if tried or state != "due":
-                    conn.execute(
-                        "UPDATE sms_notifications SET state = ?, next_attempt_at = ?"
-                        " WHERE event_id = ?",
-                        (state, utc_iso(self.clock() + timedelta(seconds=fb.retry_s)), eid))
-                if state != "due":
+                states = [recipients.get(n, {}).get("state") for n in fb.duty_numbers]
+                if all(state in ("sent", "stopped") for state in states):
+                    state = "sent" if "sent" in states else "failed"
+                    conn.execute("UPDATE sms_notifications SET state = ? WHERE event_id = ?",
+                                 (state, eid))
                     finished.append(eid)
+                    continue
+                if outcome is None:
+                    continue  # nothing was tried (the hourly limit): the plan stands
+                if outcome == "unable":
+                    streak = max(1, *(recipients.get(n, {}).get("unable", 0)
+                                       for n in fb.duty_numbers))
+                    wait = min(fb.retry_s * 2 ** (streak - 1), max(fb.retry_s, MAX_PAUSE_S))
+                conn.execute("UPDATE sms_notifications SET next_attempt_at = ? WHERE"
+                             " event_id = ?",
+                             (utc_iso(self.clock() + timedelta(seconds=wait)), eid))
         if noticed:
             wake(self.config.storage.runtime_dir, "uplink")
         for eid in finished:
             log.info("SMS path for alarm %s finished", eid)
+        return wait
 
     def _report(self, outbox: Outbox, conn, event_ids: list[str]) -> bool:
         """Inside a transaction: if an SMS went, a `fallback` event with every result for
@@ -328,6 +368,7 @@ class FallbackDaemon:
             boot_id=boot_id(), detail={
                 "path": "sms", "event_ids": covered,
                 "recipients": {n: {k: v for k, v in e.items() if k in NOTICE_FIELDS}
+                               | {"state": "sent" if e["state"] == "sent" else "failed"}
                                for n, e in untold.items()},
                 "text": text}))
         for eid in covered:
@@ -345,10 +386,13 @@ class FallbackDaemon:
         try:
             modem = self._modem()
             result = modem.send_sms(number, text)
+        except SmsRefused as err:
+            log.error("SMS to %s refused: %s", number, err)
+            return {"state": "refused", "error": str(err), "at": at}
         except (ModemError, OSError) as err:
-            log.error("SMS to %s failed: %s", number, err)
+            log.error("SMS to %s not sent, the modem cannot send: %s", number, err)
             self._close_modem()  # reopened (and re-initialised) for the next attempt
-            return {"state": "failed", "error": str(err), "at": at}
+            return {"state": "unable", "error": str(err), "at": at}
         log.warning("alarm SMS sent to %s (%d part(s), references %s)", number,
                     len(result.references), result.references)
         return {"state": "sent", "references": list(result.references), "parts":

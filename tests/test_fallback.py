@@ -4,7 +4,7 @@ and the modem simulator on a real pseudo-terminal."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -159,6 +159,81 @@ def test_a_failed_send_is_retried_and_alarms_over_the_hourly_limit_go_together(
                                                               " kind = 'fallback' ORDER BY seq")])
                              and len(n) == 2 and n, what="the second fallback event")
         assert notices == [[first["id"]], later]
+
+
+class StoppedClock:
+    """Time that moves only when the test moves it: the pauses between retries."""
+
+    def __init__(self):
+        self.now = utc_now()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def test_an_alarm_the_modem_cannot_send_is_retried_ever_more_slowly_and_never_given_up(
+        make_config, daemons, modem):
+    path, config = make_config(modem={"port": modem.port},
+                               fallback={"duty_numbers": DUTY[:1], "retry_s": 10,
+                                         "max_attempts": 1})
+    daemons("button", path)  # no uplink: nothing is ever acknowledged
+    clock = StoppedClock()
+    modem.set(registration=0)  # no network: the module cannot send at all
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        fallback.wake()
+        pauses = []
+        for _ in range(7):
+            row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                             and n["next_attempt_at"] and
+                             datetime.fromisoformat(n["next_attempt_at"]) > clock.now and n,
+                             what="the next retry to be planned")
+            # Attempts count refusals of the message, not a module that cannot send.
+            assert row["state"] == "due" and row["attempts"] == 0
+            pauses.append((datetime.fromisoformat(row["next_attempt_at"])
+                           - clock.now).total_seconds())
+            clock.advance(pauses[-1])
+            fallback.wake()
+        assert pauses == [10, 20, 40, 80, 160, 300, 300]  # longer each time, up to 5 min
+        assert json.loads(row["recipients"])[DUTY[0]]["unable"] == 7
+
+        modem.set(registration=1)  # the network is back: the alarm goes, once
+        assert modem.wait_for_messages(1)[0][0] == DUTY[0]
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n, what="the SMS path to finish")
+        assert row["attempts"] == 1 and len(modem.messages()) == 1
+
+
+def test_a_number_refused_max_attempts_times_is_given_up_the_others_still_get_it(
+        make_config, daemons, modem):
+    path, config = make_config(modem={"port": modem.port},
+                               fallback={"duty_numbers": DUTY, "retry_s": 10,
+                                         "max_attempts": 2})
+    daemons("button", path)
+    clock = StoppedClock()
+    modem.set(refused_numbers=(DUTY[1],), send_error=500)
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        fallback.wake()
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["attempts"] == 1 and n["next_attempt_at"] and n,
+                         what="the first sending")
+        clock.advance((datetime.fromisoformat(row["next_attempt_at"])
+                       - clock.now).total_seconds())
+        fallback.wake()
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] != "due" and n, what="the SMS path to finish")
+        recipients = json.loads(row["recipients"])
+        assert row["state"] == "sent" and row["attempts"] == 2
+        assert recipients[DUTY[0]]["state"] == "sent"  # one SMS, not one per retry
+        assert (recipients[DUTY[1]]["state"], recipients[DUTY[1]]["refusals"]) == ("stopped", 2)
+        assert f"gave up on {DUTY[1]} after 2 refusals" in row["reason"]
+        assert [number for number, _ in modem.messages()] == DUTY[:1]
 
 
 def test_modem_state_is_shown_and_a_missing_sim_is_a_fault(make_config, daemons, modem):

@@ -8,7 +8,7 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.modem import Modem, ModemError, ModemTimeout, decode_submit, encode_submit
+from drivers.modem import Modem, ModemError, ModemTimeout, SmsRefused, decode_submit, encode_submit
 from drivers.modem.at import AtChannel
 from drivers.modem.pdu import gsm7_septets, pack_septets, reassemble
 from tests.support.modem_sim import ModemSimulator, SimulatedModemState
@@ -269,3 +269,19 @@ def test_the_owner_hears_from_the_driver_after_every_part_of_a_long_sms(sim):
         assert modem.send_sms("13900139000", "紧急报警" * 40).parts == 3
     # Each part's wait (up to modem.sms_timeout_s) ends in a beat before the next part.
     assert {1, 2, 3} <= set(beats)
+
+
+def test_a_refused_message_is_told_apart_from_a_module_that_cannot_send(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(fail_sends=1, send_error=42)  # congestion: the network turned this one down
+        with pytest.raises(SmsRefused) as refused:
+            modem.send_sms("+8613800138000", "x")
+        assert refused.value.code == 42
+        sim.set(registration=0)  # no network: nothing was offered to it
+        with pytest.raises(ModemError) as no_network:
+            modem.send_sms("+8613800138000", "x")
+        assert no_network.value.code == 331 and not isinstance(no_network.value, SmsRefused)
+        sim.set(registration=1, sim="absent")  # no SIM: an error instead of the prompt
+        with pytest.raises(ModemError) as no_sim:
+            modem.send_sms("+8613800138000", "x")
+        assert no_sim.value.code == 310 and not isinstance(no_sim.value, SmsRefused)

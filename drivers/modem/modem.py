@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import serial
 
-from drivers.modem.at import AtChannel, ModemError, ModemTimeout, UnreadableAnswer
+from drivers.modem.at import FINAL_ERROR, AtChannel, ModemError, ModemTimeout, UnreadableAnswer
 from drivers.modem.pdu import encode_submit
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,26 @@ log = logging.getLogger(__name__)
 REGISTRATION = {0: "not registered", 1: "home", 2: "searching", 3: "denied", 4: "unknown",
                 5: "roaming"}
 REGISTERED = ("home", "roaming")
+
+# Error codes after which nothing was offered to the network: the module cannot send at
+# all (no SIM or a locked one, no network, no service centre), whatever the message.
+CANNOT_SEND = ({("CMS", c) for c in (300, 301, 302, 310, 311, 312, 313, 314, 315, 316, 317,
+                                     318, 320, 321, 322, 330, 331)}
+               | {("CME", c) for c in (3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30)})
+
+
+class SmsRefused(ModemError):
+    """The module tried this message and the network (or the module) refused it: unlike
+    a module that cannot send at all (no SIM, no network, unplugged, silent), which
+    raises a plain :class:`ModemError`."""
+
+
+def _refused(err: ModemError) -> bool:
+    """An error answer (not a timeout, not a failed port) that is not one of the module
+    being unable to send."""
+    answered = err.kind is not None or err.answer in FINAL_ERROR
+    return (answered and not isinstance(err, ModemTimeout)
+            and (err.kind, err.code) not in CANNOT_SEND)
 
 
 def _integer(command: str, value: str, field: str) -> int:
@@ -216,9 +236,13 @@ class Modem:
                 answer = self.channel.command(f"AT+CMGS={part.tpdu_length}", self.sms_timeout,
                                               data=part.hex.encode("ascii"))
             except ModemError as err:
+                failure = (SmsRefused(err.command, err.answer, err.code, err.kind)
+                           if _refused(err) else err)
                 if len(parts) > 1:
-                    err.args = (f"part {index} of {len(parts)}: {err}",)
-                raise
+                    failure.args = (f"part {index} of {len(parts)}: {failure}",)
+                if failure is err:
+                    raise
+                raise failure from err
             reference = answer.value("+CMGS:")
             references.append(int(reference) if reference and reference.isdigit() else -1)
         return SmsResult(number, references, len(parts))

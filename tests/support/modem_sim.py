@@ -35,6 +35,7 @@ class SimulatedModemState:
     fail_sends: int = 0             # the next N AT+CMGS answer +CMS ERROR: send_error
     dead_after_messages: int | None = None  # this many whole messages accepted: dead (hung)
     send_error: int = 38            # network out of order
+    refused_numbers: tuple[str, ...] = ()  # every message to these: +CMS ERROR: send_error
     wrong_pins: int = 0
     urc_before_reply: str | None = None  # emitted once, just before the next answer
     hang_up_on: str | None = None   # this command unplugs the module instead of an answer
@@ -301,6 +302,8 @@ class ModemSimulator:
                 failure = 331  # no network service
             elif s.fail_sends > 0:
                 s.fail_sends -= 1
+                failure = s.send_error
+            elif pdu.number in s.refused_numbers:
                 failure = s.send_error
             else:
                 failure = None
