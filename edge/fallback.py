@@ -78,6 +78,8 @@ class FallbackDaemon:
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
         self._watchdog: Watchdog | None = None
+        self._outbox: Outbox | None = None
+        self._checked_at: str | None = None  # the modem's last status reading
         self.ready = threading.Event()
 
     def wake(self) -> None:
@@ -99,7 +101,8 @@ class FallbackDaemon:
             return 0
         with contextlib.ExitStack() as stack:
             stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
-            outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+            outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
+                                                               cfg.identity))
             self._waker = stack.enter_context(contextlib.closing(
                 Waker(cfg.storage.runtime_dir, self.name)))
             stack.callback(self._close_modem)
@@ -118,7 +121,7 @@ class FallbackDaemon:
                 watchdog.ping()
                 now = self.clock()
                 if now >= next_status:
-                    self._read_modem_status(outbox)
+                    self._read_modem_status()
                     next_status = now + timedelta(seconds=cfg.modem.status_interval_s)
                 self._start_watching(outbox)
                 wait = self._settle(outbox, watchdog)
@@ -452,7 +455,10 @@ class FallbackDaemon:
         try:
             modem.enter_pin(pin)
         except ModemError:
+            # On disk now, wherever the PIN went in (a status read or a send): a restart
+            # before the next status read must not offer it again.
             self._pin_rejected = digest
+            self._publish_state()
             raise
 
     def _close_modem(self) -> None:
@@ -461,7 +467,7 @@ class FallbackDaemon:
                 self.modem.close()
             self.modem = None
 
-    def _read_modem_status(self, outbox: Outbox) -> None:
+    def _read_modem_status(self) -> None:
         try:
             status = self._modem().status()
             self.modem_status = status.as_dict()
@@ -469,10 +475,16 @@ class FallbackDaemon:
             self._close_modem()
             self.modem_status = {"present": False, "error": str(err)}
         self.status_reads += 1
+        self._checked_at = utc_iso(self.clock())
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """The modem's last reading and the refused PIN, for ``guardpost status``, the
+        self-test and the next start."""
         state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
                  "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
-                 "checked_at": utc_iso(self.clock())}
+                 "checked_at": self._checked_at}
         try:
-            outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
+            self._outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
         except Exception:
             log.exception("could not record the daemon state")

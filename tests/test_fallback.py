@@ -281,6 +281,39 @@ def test_a_rejected_pin_is_never_offered_again(make_config, modem):
     assert "already rejected once: not retrying" in daemon.modem_status["error"]
 
 
+def test_a_pin_refused_while_sending_is_not_offered_again_after_a_restart(make_config, daemons,
+                                                                         modem):
+    path, config = make_config(modem={"port": modem.port, "pin": "1111"},
+                               fallback={"duty_numbers": DUTY[:1], "retry_s": 1})
+    daemons("button", path)
+    clock = StoppedClock()  # no second status read: the PIN goes in on the send path
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: fallback.status_reads >= 1, what="the modem's first reading")
+        modem.set(sim="SIM PIN", pin="4321")  # the module restarted: its SIM wants the PIN
+
+        def unable(times: int):
+            return poll_until(lambda: (n := notification(outbox, alarm["id"])) and json.loads(
+                n["recipients"]).get(DUTY[0], {}).get("unable") == times and n["next_attempt_at"]
+                and datetime.fromisoformat(n["next_attempt_at"]) > clock.now and n,
+                what=f"failed try {times}")
+
+        alarm = press(config)
+        fallback.wake()
+        row = unable(1)  # +CMS ERROR: 310, the SIM is not ready; the port is reopened ...
+        clock.advance((datetime.fromisoformat(row["next_attempt_at"])
+                       - clock.now).total_seconds())
+        fallback.wake()
+        unable(2)  # ... where the PIN is entered, and refused
+    assert modem.commands.count("AT+CPIN=1111") == 1
+    # Killed (or stopped) now, before any status read: the next start remembers.
+    daemon = FallbackDaemon(config)
+    with in_process(daemon):
+        poll_until(lambda: daemon.status_reads >= 1, what="the modem status")
+    assert modem.commands.count("AT+CPIN=1111") == 1 and modem.state.wrong_pins == 1
+    assert "already rejected once" in daemon.modem_status["error"]
+
+
 def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
     from edge.doctor import FAIL, PASS, Doctor, Step
 
