@@ -345,7 +345,12 @@ class ModemConfig(Strict):
                     "third wrong PIN locks the SIM)",
     )
     command_timeout_s: float = Field(5, ge=0.5, le=60)
-    sms_timeout_s: float = Field(60, ge=5, le=300, description="One SMS part to be accepted")
+    # The fallback daemon pings systemd's watchdog after every exchange with the module;
+    # the longest is one SMS part. Its unit has WatchdogSec=150: this cap keeps the
+    # longest silence under half of that, with room to spare.
+    sms_timeout_s: float = Field(
+        60, ge=5, le=60,
+        description="One SMS part to be accepted (at most 60 s: the daemon's watchdog)")
     status_interval_s: float = Field(
         60, ge=5, le=3600, description="How often SIM, registration and signal are read",
     )
@@ -386,8 +391,14 @@ class FallbackConfig(Strict):
         30, ge=1, le=1000,
         description="Beyond this, alarms wait and go together in the next allowed SMS",
     )
-    retry_s: float = Field(30, ge=1, le=3600, description="A failed send is tried again")
-    max_attempts: int = Field(10, ge=1, le=100)
+    retry_s: float = Field(
+        30, ge=1, le=3600,
+        description="A refused SMS is tried again after this; while the modem cannot send "
+                    "at all, the pause doubles from it up to 5 minutes")
+    max_attempts: int = Field(
+        10, ge=1, le=100,
+        description="Refusals of one number's SMS before that number is given up (a modem "
+                    "that cannot send at all is not counted)")
 
 
 class Config(Strict):

@@ -288,13 +288,13 @@ class Doctor:
             try:
                 modem = Modem.open_port(str(cfg.modem.port), baudrate=cfg.modem.baudrate,
                                         command_timeout=cfg.modem.command_timeout_s)
-            except ModemError as err:
+                try:
+                    status = modem.status().as_dict()
+                finally:
+                    modem.close()
+            except ModemError as err:  # absent, silent, unplugged or garbled: that is the check
                 step.status, step.detail = FAIL, str(err)
                 return
-            try:
-                status = modem.status().as_dict()
-            finally:
-                modem.close()
             source = f"read on {cfg.modem.port}"
         step.data = status
         if not status.get("present"):

@@ -7,11 +7,16 @@ daemon wakes it; if the police platform has not acknowledged the alarm within
 an SMS to the duty numbers:
 
     watching --(platform acknowledged in time)--> acknowledged   (no SMS)
-        \\--(timeout, or uplink down)--> due --(sent to every number)--> sent
-                                          \\--(max_attempts failures)--> failed
+        \\--(timeout, or uplink down)--> due --(every number sent or given up)--> sent
+                                          \\--(every number given up)--> failed
 
-- Once per alarm, not once per retry of the uplink; a failed send is retried every
-  ``retry_s`` for the numbers that did not get it, until ``max_attempts``.
+- Once per alarm and number, not once per retry of the uplink. Each number's result is
+  on disk before the next number is tried: a daemon killed mid-batch goes on where it was.
+- A number the network refuses is tried again every ``retry_s``; after ``max_attempts``
+  refusals it is given up (logged, and recorded in the alarm's row). A modem that cannot
+  send at all (no SIM, no network, unplugged) counts for nothing: the alarm is tried
+  again, after pauses doubling from ``retry_s`` to 5 minutes, for as long as the platform
+  has not acknowledged it.
 - Rate-limited (``max_sms_per_hour``): alarms due beyond the limit wait and go together in
   the next SMS, never dropped.
 - When an SMS has gone, a ``fallback`` event (Contact ID 354, failure to communicate)
@@ -34,7 +39,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from drivers.modem import Modem, ModemError
+from drivers.modem import Modem, ModemError, SmsRefused
 from edge import __version__
 from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
@@ -47,6 +52,9 @@ from edge.wake import Waker, wake
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 5.0  # the loop looks again at least this often (uplink state, modem status)
+MAX_PAUSE_S = 300.0  # the longest pause between tries while the modem cannot send at all
+# A number's result as the `fallback` event tells it (docs/schemas/event.schema.json).
+NOTICE_FIELDS = ("state", "references", "parts", "error", "at")
 WHAT = {ContactId.PANIC: "紧急报警", ContactId.SILENT_PANIC: "无声报警",
         ContactId.AUDIBLE_PANIC: "紧急报警"}
 
@@ -69,6 +77,9 @@ class FallbackDaemon:
         self.status_reads = 0
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
+        self._watchdog: Watchdog | None = None
+        self._outbox: Outbox | None = None
+        self._checked_at: str | None = None  # the modem's last status reading
         self.ready = threading.Event()
 
     def wake(self) -> None:
@@ -90,7 +101,8 @@ class FallbackDaemon:
             return 0
         with contextlib.ExitStack() as stack:
             stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
-            outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+            outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
+                                                               cfg.identity))
             self._waker = stack.enter_context(contextlib.closing(
                 Waker(cfg.storage.runtime_dir, self.name)))
             stack.callback(self._close_modem)
@@ -98,7 +110,7 @@ class FallbackDaemon:
             if saved:
                 self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
             self._start_watching(outbox)
-            watchdog = Watchdog()
+            watchdog = self._watchdog = Watchdog()
             self.ready.set()
             notify("READY=1", f"STATUS=SMS to {len(cfg.fallback.duty_numbers)} duty number(s)")
             log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
@@ -109,7 +121,7 @@ class FallbackDaemon:
                 watchdog.ping()
                 now = self.clock()
                 if now >= next_status:
-                    self._read_modem_status(outbox)
+                    self._read_modem_status()
                     next_status = now + timedelta(seconds=cfg.modem.status_interval_s)
                 self._start_watching(outbox)
                 wait = self._settle(outbox, watchdog)
@@ -174,6 +186,7 @@ class FallbackDaemon:
         wait = MAX_WAIT_S
         if not rows:
             return wait
+        told_uplink = False
         with outbox.transaction() as conn:
             for event_id, state, due_at, next_attempt, event_state in rows:
                 if event_state == "acknowledged":
@@ -181,9 +194,11 @@ class FallbackDaemon:
                         conn.execute("UPDATE sms_notifications SET state = 'acknowledged'"
                                      " WHERE event_id = ?", (event_id,))
                     else:  # the police have it now: the retries can stop
+                        noticed = self._report(outbox, conn, [event_id])
                         conn.execute("UPDATE sms_notifications SET state = 'sent', reason ="
                                      " coalesce(reason, '') || '; acknowledged before every"
                                      " number was reached' WHERE event_id = ?", (event_id,))
+                        told_uplink = told_uplink or noticed
                     continue
                 if state == "watching":
                     left = (_parse(due_at) - now).total_seconds()
@@ -198,6 +213,8 @@ class FallbackDaemon:
                     wait = min(wait, (_parse(next_attempt) - now).total_seconds())
                     continue
                 due.append(event_id)
+        if told_uplink:
+            wake(self.config.storage.runtime_dir, "uplink")
         if due:
             watchdog.ping()
             wait = min(wait, self._send(outbox, due, now))
@@ -208,6 +225,7 @@ class FallbackDaemon:
         several alarms is recorded in each of their rows, and counted once)."""
         since = now - timedelta(hours=1)
         sent: set[tuple[str, str]] = set()
+        # sent_at is a row's latest SMS, so no row with a send in the hour is skipped.
         for (recipients,) in outbox.db.execute(
                 "SELECT recipients FROM sms_notifications WHERE sent_at >= ?", (utc_iso(since),)):
             for number, entry in json.loads(recipients).items():
@@ -215,80 +233,179 @@ class FallbackDaemon:
         return len(sent)
 
     def _send(self, outbox: Outbox, event_ids: list[str], now: datetime) -> float:
-        """One SMS, covering every due alarm, to every number that has not had it."""
+        """One SMS, covering every due alarm, to every number that has not had it.
+
+        Each number's result is on disk before the next number is tried: a daemon killed
+        mid-batch (the watchdog, a SIGKILL at stop) neither sends to a number twice nor
+        forgets the others, and its hourly count and attempts stand."""
         fb = self.config.fallback
+        records = self._recipients(outbox, event_ids)
+        numbers = [n for n in fb.duty_numbers if any(
+            records[e].get(n, {}).get("state") not in ("sent", "stopped") for e in event_ids)]
         budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
-        if budget <= 0:
+        if numbers and budget <= 0:
             if self._held_back != len(event_ids):  # said once per change, not every pass
                 log.warning("SMS rate limit (%d per hour) reached: %d alarm(s) wait",
                             fb.max_sms_per_hour, len(event_ids))
             self._held_back = len(event_ids)
+            if any(e.get("reported") is False for r in records.values() for e in r.values()):
+                self._finish(outbox, event_ids, None)  # a batch cut short is told
             return 60.0
         self._held_back = 0
-        records = {eid: json.loads(outbox.db.execute(
+        text = self._text(outbox, event_ids)
+        outcome = None  # what this sending came to: "tried", or "unable" to send at all
+        for number in numbers[:budget]:
+            result = self._send_one(number, text)
+            self._record(outbox, event_ids, number, result, text,
+                         new_round=outcome is None and result["state"] != "unable")
+            self._ping()
+            if result["state"] == "unable":
+                outcome = "unable"  # the others would meet the same modem: wait for it
+                break
+            outcome = "tried"
+        return self._finish(outbox, event_ids, outcome)
+
+    @staticmethod
+    def _recipients(outbox: Outbox, event_ids: list[str]) -> dict[str, dict]:
+        return {eid: json.loads(outbox.db.execute(
             "SELECT recipients FROM sms_notifications WHERE event_id = ?", (eid,)
         ).fetchone()[0]) for eid in event_ids}
-        text = self._text(outbox, event_ids)
-        numbers = [n for n in fb.duty_numbers
-                   if any(records[e].get(n, {}).get("state") != "sent" for e in event_ids)]
-        outcome: dict[str, dict] = {}
-        for number in numbers[:budget]:
-            outcome[number] = self._send_one(number, text)
-        stamp = utc_iso(self.clock())
-        finished: list[str] = []
+
+    def _record(self, outbox: Outbox, event_ids: list[str], number: str, result: dict,
+                text: str, *, new_round: bool) -> None:
+        """One number's result, in every alarm's row that had not reached it, durably.
+
+        Only a refusal of the message counts towards ``max_attempts`` (then the number
+        is given up); a modem that cannot send at all counts only towards the pause
+        before the next try."""
+        fb = self.config.fallback
+        state = result["state"]
+        details = {k: v for k, v in result.items() if k != "state"}
         with outbox.transaction() as conn:
-            for eid in event_ids:
-                recipients = records[eid]
-                for number, result in outcome.items():
-                    entry = recipients.setdefault(number, {"state": "pending", "sent": []})
-                    if entry.get("state") == "sent":
-                        continue
-                    entry.update(result)
-                    if result["state"] == "sent":
-                        entry["sent"] = [*entry.get("sent", []), stamp]
-                attempts = conn.execute("SELECT attempts FROM sms_notifications WHERE"
-                                        " event_id = ?", (eid,)).fetchone()[0] + 1
-                done = all(recipients.get(n, {}).get("state") == "sent" for n in fb.duty_numbers)
-                state = "sent" if done else ("failed" if attempts >= fb.max_attempts else "due")
+            for eid, recipients in self._recipients(outbox, event_ids).items():
+                entry = recipients.get(number, {})
+                if entry.get("state") in ("sent", "stopped"):
+                    continue  # it had this alarm from an earlier SMS, or was given up
+                counts = {"sent": entry.get("sent", []), "refusals": entry.get("refusals", 0),
+                          "unable": 0 if state != "unable" else entry.get("unable", 0) + 1}
+                if state == "sent":
+                    counts["sent"] = [*counts["sent"], result["at"]]
+                elif state == "refused":
+                    counts["refusals"] += 1
+                given_up = state == "refused" and counts["refusals"] >= fb.max_attempts
+                # The latest result replaces the last one's details; "reported": not yet
+                # told to the platform by a `fallback` event.
+                recipients[number] = {
+                    "state": "sent" if state == "sent" else "stopped" if given_up else "failed",
+                    **counts, **details, "reported": False}
                 conn.execute(
-                    "UPDATE sms_notifications SET state = ?, attempts = ?, recipients = ?,"
-                    " text = ?, sent_at = coalesce(sent_at, ?), next_attempt_at = ?"
-                    " WHERE event_id = ?",
-                    (state, attempts, json.dumps(recipients, ensure_ascii=False), text,
-                     stamp if any(r["state"] == "sent" for r in outcome.values()) else None,
-                     utc_iso(self.clock() + timedelta(seconds=fb.retry_s)), eid))
-                if state != "due":
+                    "UPDATE sms_notifications SET recipients = ?, text = ?,"
+                    " sent_at = coalesce(?, sent_at) WHERE event_id = ?",
+                    (json.dumps(recipients, ensure_ascii=False), text,
+                     result["at"] if state == "sent" else None, eid))
+                if given_up:
+                    log.error("alarm %s: giving up on %s after %d refusals (last: %s)", eid,
+                              number, counts["refusals"], result.get("error"))
+                    conn.execute("UPDATE sms_notifications SET reason = coalesce(reason, '')"
+                                 " || ? WHERE event_id = ?",
+                                 (f"; gave up on {number} after {counts['refusals']} refusals",
+                                  eid))
+            if new_round:
+                conn.execute(f"UPDATE sms_notifications SET attempts = attempts + 1 WHERE"
+                             f" event_id IN ({','.join('?' * len(event_ids))})", event_ids)
+
+    def _finish(self, outbox: Outbox, event_ids: list[str], outcome: str | None) -> float:
+        """The end of a sending: the platform is told, and each alarm is decided: done
+        when every number has it or was given up, else tried again after ``retry_s``,
+        or, while the modem cannot send at all, after ever longer pauses. Returns the
+        seconds until the next try."""
+        fb = self.config.fallback
+        finished: list[str] = []
+        wait = fb.retry_s
+        with outbox.transaction() as conn:
+            noticed = self._report(outbox, conn, event_ids)
+            for eid, recipients in self._recipients(outbox, event_ids).items():
+                states = [recipients.get(n, {}).get("state") for n in fb.duty_numbers]
+                if all(state in ("sent", "stopped") for state in states):
+                    state = "sent" if "sent" in states else "failed"
+                    conn.execute("UPDATE sms_notifications SET state = ? WHERE event_id = ?",
+                                 (state, eid))
                     finished.append(eid)
-            if any(r["state"] == "sent" for r in outcome.values()):
-                notice = outbox.append(EventDraft(
-                    kind=EventKind.FALLBACK, code=ContactId.FAILURE_TO_COMMUNICATE,
-                    occurred_at=self.clock(), clock_synced=clock_synchronised(),
-                    boot_id=boot_id(), detail={
-                        "path": "sms", "event_ids": event_ids,
-                        "recipients": {n: {k: v for k, v in r.items() if k != "sent"}
-                                       for n, r in outcome.items()},
-                        "text": text}))
-                conn.execute(
-                    f"UPDATE sms_notifications SET notice_event_id = ? WHERE event_id IN"
-                    f" ({','.join('?' * len(event_ids))})", (notice.id, *event_ids))
-                wake(self.config.storage.runtime_dir, "uplink")
+                    continue
+                if outcome is None:
+                    continue  # nothing was tried (the hourly limit): the plan stands
+                if outcome == "unable":
+                    streak = max(1, *(recipients.get(n, {}).get("unable", 0)
+                                       for n in fb.duty_numbers))
+                    wait = min(fb.retry_s * 2 ** (streak - 1), max(fb.retry_s, MAX_PAUSE_S))
+                conn.execute("UPDATE sms_notifications SET next_attempt_at = ? WHERE"
+                             " event_id = ?",
+                             (utc_iso(self.clock() + timedelta(seconds=wait)), eid))
+        if noticed:
+            wake(self.config.storage.runtime_dir, "uplink")
         for eid in finished:
             log.info("SMS path for alarm %s finished", eid)
-        return fb.retry_s
+        return wait
+
+    def _report(self, outbox: Outbox, conn, event_ids: list[str]) -> bool:
+        """Inside a transaction: if an SMS went, a `fallback` event with every result for
+        these alarms not yet told to the platform (this sending's, or those of one cut
+        short by a kill). True if one was written."""
+        untold: dict[str, dict] = {}
+        covered: list[str] = []
+        text = None
+        for eid in event_ids:
+            row_text, raw = conn.execute("SELECT text, recipients FROM sms_notifications"
+                                         " WHERE event_id = ?", (eid,)).fetchone()
+            recipients = json.loads(raw)
+            fresh = {n: e for n, e in recipients.items() if e.get("reported") is False}
+            if fresh:
+                covered.append(eid)
+                untold.update(fresh)
+                text = text or row_text
+        if not any(e["state"] == "sent" for e in untold.values()):
+            return False
+        notice = outbox.append(EventDraft(
+            kind=EventKind.FALLBACK, code=ContactId.FAILURE_TO_COMMUNICATE,
+            occurred_at=self.clock(), clock_synced=clock_synchronised(),
+            boot_id=boot_id(), detail={
+                "path": "sms", "event_ids": covered,
+                "recipients": {n: {k: v for k, v in e.items() if k in NOTICE_FIELDS}
+                               | {"state": "sent" if e["state"] == "sent" else "failed"}
+                               for n, e in untold.items()},
+                "text": text}))
+        for eid in covered:
+            recipients = json.loads(conn.execute("SELECT recipients FROM sms_notifications"
+                                                 " WHERE event_id = ?", (eid,)).fetchone()[0])
+            for entry in recipients.values():
+                entry.pop("reported", None)
+            conn.execute("UPDATE sms_notifications SET recipients = ?, notice_event_id = ?"
+                         " WHERE event_id = ?",
+                         (json.dumps(recipients, ensure_ascii=False), notice.id, eid))
+        return True
 
     def _send_one(self, number: str, text: str) -> dict:
         at = utc_iso(self.clock())
         try:
             modem = self._modem()
             result = modem.send_sms(number, text)
+        except SmsRefused as err:
+            log.error("SMS to %s refused: %s", number, err)
+            return {"state": "refused", "error": str(err), "at": at}
         except (ModemError, OSError) as err:
-            log.error("SMS to %s failed: %s", number, err)
+            log.error("SMS to %s not sent, the modem cannot send: %s", number, err)
             self._close_modem()  # reopened (and re-initialised) for the next attempt
-            return {"state": "failed", "error": str(err), "at": at}
+            return {"state": "unable", "error": str(err), "at": at}
         log.warning("alarm SMS sent to %s (%d part(s), references %s)", number,
                     len(result.references), result.references)
         return {"state": "sent", "references": list(result.references), "parts":
                 len(result.references), "at": at}
+
+    def _ping(self) -> None:
+        """After each exchange with the modem and each number: a batch of SMS, each
+        part taking up to modem.sms_timeout_s, must not look like a hung daemon."""
+        if self._watchdog is not None:
+            self._watchdog.ping(force=True)
 
     def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
         first = outbox.get_event_row(event_ids[0])
@@ -312,7 +429,8 @@ class FallbackDaemon:
     def _open_serial_modem(self) -> Modem:
         m = self.config.modem
         return Modem.open_port(str(m.port), baudrate=m.baudrate,
-                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s)
+                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s,
+                               heartbeat=self._ping)
 
     def _modem(self) -> Modem:
         if self.modem is None:
@@ -337,7 +455,10 @@ class FallbackDaemon:
         try:
             modem.enter_pin(pin)
         except ModemError:
+            # On disk now, wherever the PIN went in (a status read or a send): a restart
+            # before the next status read must not offer it again.
             self._pin_rejected = digest
+            self._publish_state()
             raise
 
     def _close_modem(self) -> None:
@@ -346,7 +467,7 @@ class FallbackDaemon:
                 self.modem.close()
             self.modem = None
 
-    def _read_modem_status(self, outbox: Outbox) -> None:
+    def _read_modem_status(self) -> None:
         try:
             status = self._modem().status()
             self.modem_status = status.as_dict()
@@ -354,10 +475,16 @@ class FallbackDaemon:
             self._close_modem()
             self.modem_status = {"present": False, "error": str(err)}
         self.status_reads += 1
+        self._checked_at = utc_iso(self.clock())
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """The modem's last reading and the refused PIN, for ``guardpost status``, the
+        self-test and the next start."""
         state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
                  "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
-                 "checked_at": utc_iso(self.clock())}
+                 "checked_at": self._checked_at}
         try:
-            outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
+            self._outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
         except Exception:
             log.exception("could not record the daemon state")

@@ -136,11 +136,13 @@ class Watchdog:
     def enabled(self) -> bool:
         return self.interval is not None
 
-    def ping(self) -> None:
-        """Ping now if half the timeout has passed since the last ping."""
+    def ping(self, *, force: bool = False) -> None:
+        """Ping now if half the timeout has passed since the last ping, or if ``force``d:
+        work that blocks for long stretches (an SMS part may take a minute) pings after
+        each of them, so that no two pings are further apart than one stretch."""
         if self.interval is None:
             return
         now = time.monotonic()
-        if now >= self._next:
+        if force or now >= self._next:
             notify("WATCHDOG=1")
             self._next = now + self.interval

@@ -60,6 +60,8 @@ def test_a_simulation_configuration_is_valid(tmp_path):
     ({"broker": {"password_file": "/etc/hostname"}}, "broker: password_file needs a username"),
     ({"storage": {"runtime_dir": "/tmp/" + "x" * 120}}, "storage: runtime_dir is too long"),
     ({"device": None}, "device: required key is missing"),
+    ({"modem": {"port": "/dev/ttyUSB2", "sms_timeout_s": 120}},  # the watchdog's 150 s
+     "modem.sms_timeout_s: Input should be less than or equal to 60"),
 ])
 def test_each_mistake_is_reported_with_its_key(tmp_path, sections, expected):
     found = problems_of(tmp_path, **sections)

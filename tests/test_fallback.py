@@ -4,7 +4,7 @@ and the modem simulator on a real pseudo-terminal."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -161,6 +161,81 @@ def test_a_failed_send_is_retried_and_alarms_over_the_hourly_limit_go_together(
         assert notices == [[first["id"]], later]
 
 
+class StoppedClock:
+    """Time that moves only when the test moves it: the pauses between retries."""
+
+    def __init__(self):
+        self.now = utc_now()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def test_an_alarm_the_modem_cannot_send_is_retried_ever_more_slowly_and_never_given_up(
+        make_config, daemons, modem):
+    path, config = make_config(modem={"port": modem.port},
+                               fallback={"duty_numbers": DUTY[:1], "retry_s": 10,
+                                         "max_attempts": 1})
+    daemons("button", path)  # no uplink: nothing is ever acknowledged
+    clock = StoppedClock()
+    modem.set(registration=0)  # no network: the module cannot send at all
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        fallback.wake()
+        pauses = []
+        for _ in range(7):
+            row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                             and n["next_attempt_at"] and
+                             datetime.fromisoformat(n["next_attempt_at"]) > clock.now and n,
+                             what="the next retry to be planned")
+            # Attempts count refusals of the message, not a module that cannot send.
+            assert row["state"] == "due" and row["attempts"] == 0
+            pauses.append((datetime.fromisoformat(row["next_attempt_at"])
+                           - clock.now).total_seconds())
+            clock.advance(pauses[-1])
+            fallback.wake()
+        assert pauses == [10, 20, 40, 80, 160, 300, 300]  # longer each time, up to 5 min
+        assert json.loads(row["recipients"])[DUTY[0]]["unable"] == 7
+
+        modem.set(registration=1)  # the network is back: the alarm goes, once
+        assert modem.wait_for_messages(1)[0][0] == DUTY[0]
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n, what="the SMS path to finish")
+        assert row["attempts"] == 1 and len(modem.messages()) == 1
+
+
+def test_a_number_refused_max_attempts_times_is_given_up_the_others_still_get_it(
+        make_config, daemons, modem):
+    path, config = make_config(modem={"port": modem.port},
+                               fallback={"duty_numbers": DUTY, "retry_s": 10,
+                                         "max_attempts": 2})
+    daemons("button", path)
+    clock = StoppedClock()
+    modem.set(refused_numbers=(DUTY[1],), send_error=500)
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        alarm = press(config)
+        fallback.wake()
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["attempts"] == 1 and n["next_attempt_at"] and n,
+                         what="the first sending")
+        clock.advance((datetime.fromisoformat(row["next_attempt_at"])
+                       - clock.now).total_seconds())
+        fallback.wake()
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] != "due" and n, what="the SMS path to finish")
+        recipients = json.loads(row["recipients"])
+        assert row["state"] == "sent" and row["attempts"] == 2
+        assert recipients[DUTY[0]]["state"] == "sent"  # one SMS, not one per retry
+        assert (recipients[DUTY[1]]["state"], recipients[DUTY[1]]["refusals"]) == ("stopped", 2)
+        assert f"gave up on {DUTY[1]} after 2 refusals" in row["reason"]
+        assert [number for number, _ in modem.messages()] == DUTY[:1]
+
+
 def test_modem_state_is_shown_and_a_missing_sim_is_a_fault(make_config, daemons, modem):
     path, config = make_config(modem={"port": modem.port, "status_interval_s": 5},
                                fallback={"duty_numbers": DUTY[:1]},
@@ -206,6 +281,39 @@ def test_a_rejected_pin_is_never_offered_again(make_config, modem):
     assert "already rejected once: not retrying" in daemon.modem_status["error"]
 
 
+def test_a_pin_refused_while_sending_is_not_offered_again_after_a_restart(make_config, daemons,
+                                                                         modem):
+    path, config = make_config(modem={"port": modem.port, "pin": "1111"},
+                               fallback={"duty_numbers": DUTY[:1], "retry_s": 1})
+    daemons("button", path)
+    clock = StoppedClock()  # no second status read: the PIN goes in on the send path
+    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+        poll_until(lambda: fallback.status_reads >= 1, what="the modem's first reading")
+        modem.set(sim="SIM PIN", pin="4321")  # the module restarted: its SIM wants the PIN
+
+        def unable(times: int):
+            return poll_until(lambda: (n := notification(outbox, alarm["id"])) and json.loads(
+                n["recipients"]).get(DUTY[0], {}).get("unable") == times and n["next_attempt_at"]
+                and datetime.fromisoformat(n["next_attempt_at"]) > clock.now and n,
+                what=f"failed try {times}")
+
+        alarm = press(config)
+        fallback.wake()
+        row = unable(1)  # +CMS ERROR: 310, the SIM is not ready; the port is reopened ...
+        clock.advance((datetime.fromisoformat(row["next_attempt_at"])
+                       - clock.now).total_seconds())
+        fallback.wake()
+        unable(2)  # ... where the PIN is entered, and refused
+    assert modem.commands.count("AT+CPIN=1111") == 1
+    # Killed (or stopped) now, before any status read: the next start remembers.
+    daemon = FallbackDaemon(config)
+    with in_process(daemon):
+        poll_until(lambda: daemon.status_reads >= 1, what="the modem status")
+    assert modem.commands.count("AT+CPIN=1111") == 1 and modem.state.wrong_pins == 1
+    assert "already rejected once" in daemon.modem_status["error"]
+
+
 def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
     from edge.doctor import FAIL, PASS, Doctor, Step
 
@@ -219,3 +327,65 @@ def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
     step = Step("4G modem")
     doctor.check_modem(step)
     assert (step.status, step.detail) == (FAIL, "SIM not inserted")
+    modem.set(sim="READY", garbled={"AT+CSQ": "+CSQ: --,99"})
+    step = Step("4G modem")
+    doctor.check_modem(step)
+    assert (step.status, step.detail) == (FAIL, "AT+CSQ: unreadable answer '--,99'")
+
+
+def test_an_unplugged_modem_is_reported_and_the_daemon_keeps_running(make_config, modem):
+    _, config = make_config(modem={"port": modem.port, "status_interval_s": 5},
+                            fallback={"duty_numbers": DUTY[:1]})
+    clock = OffsetClock()
+    with in_process(FallbackDaemon(config, clock=clock)) as daemon:
+        poll_until(lambda: daemon.status_reads >= 1 and daemon.modem_status["present"],
+                   what="the modem's first reading")
+        modem.hang_up()  # the USB modem is pulled out: its port now fails with EIO
+        for reads in (2, 3):  # the read that meets the dead port, then one without a port
+            clock.offset += timedelta(seconds=config.modem.status_interval_s)
+            daemon.wake()
+            poll_until(lambda n=reads: daemon.status_reads >= n, what="the next reading")
+            assert daemon.modem_status["present"] is False
+        assert "No such file" in daemon.modem_status["error"]
+
+
+def test_a_garbled_signal_answer_at_start_is_reported_not_a_crash(make_config, modem):
+    modem.set(garbled={"AT+CSQ": "+CSQ: --,99"})
+    _, config = make_config(modem={"port": modem.port}, fallback={"duty_numbers": DUTY[:1]})
+    with in_process(FallbackDaemon(config)) as daemon:
+        poll_until(lambda: daemon.status_reads >= 1, what="the modem's first reading")
+        assert "AT+CSQ" in daemon.modem_status["error"]
+
+
+def test_a_daemon_killed_after_the_first_of_two_numbers_sends_only_to_the_second_after_restart(
+        make_config, daemons, listener, modem):
+    path, config = sms_config(make_config, modem)
+    daemons("button", path)  # no uplink: the SMS goes at once
+    # systemd's watchdog is on; half its timeout (the ordinary pings) is far away.
+    fallback = daemons("fallback", path, extra_env={"WATCHDOG_USEC": str(3600 * 10**6)})
+    modem.set(dead_after_messages=1)  # the module hangs after the first SMS: so does the daemon
+    alarm = press(config)
+
+    def stuck_on_the_second_number() -> bool:
+        listener.receive()  # read the notify socket as systemd does, or the pings block
+        return len(modem.messages()) == 1 and modem.parts_begun() == len(modem.sent) + 1
+
+    poll_until(stuck_on_the_second_number, what="the daemon to start on the second number")
+    assert [number for number, _ in modem.messages()] == DUTY[:1]
+    # Long waits on the modem are not silence: the daemon pinged after each exchange.
+    listener.receive()
+    assert listener.seen[fallback.pid].count("WATCHDOG=1") > 1
+    fallback.kill()  # the watchdog's SIGKILL (or systemd's, at stop)
+
+    modem.set(dead=False)
+    daemons("fallback", path)
+    with Outbox(config.storage.database, config.identity) as outbox:
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n, what="the SMS path to finish")
+        assert sorted(number for number, _ in modem.messages()) == sorted(DUTY)  # once each
+        assert row["attempts"] == 2
+        [notice] = [json.loads(p)["detail"] for (p,) in outbox.db.execute(
+            "SELECT payload FROM events WHERE kind = 'fallback'")]
+        assert notice["event_ids"] == [alarm["id"]]  # the platform hears of both SMS
+        assert {n: r["state"] for n, r in notice["recipients"].items()} == dict.fromkeys(
+            DUTY, "sent")

@@ -8,7 +8,7 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.modem import Modem, ModemError, ModemTimeout, decode_submit, encode_submit
+from drivers.modem import Modem, ModemError, ModemTimeout, SmsRefused, decode_submit, encode_submit
 from drivers.modem.at import AtChannel
 from drivers.modem.pdu import gsm7_septets, pack_septets, reassemble
 from tests.support.modem_sim import ModemSimulator, SimulatedModemState
@@ -184,3 +184,104 @@ def test_an_absent_port_is_a_clear_error(tmp_path):
 def test_simulator_state_defaults_are_a_working_module():
     state = SimulatedModemState()
     assert (state.sim, state.registration, state.csq) == ("READY", 1, 20)
+
+
+def test_a_modem_unplugged_mid_command_is_a_modem_error_then_and_after(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(hang_up_on="AT+CSQ")  # the USB modem vanishes while it is asked for signal
+        with pytest.raises(ModemError) as during:
+            modem.signal()
+        assert "serial port" in str(during.value)
+        # The next command meets the dead port at once (termios.error from the flush).
+        with pytest.raises(ModemError):
+            modem.sim_state()
+        with pytest.raises(ModemError):
+            modem.send_sms("+8613800138000", "x")
+
+
+def test_the_send_prompt_is_awaited_past_unsolicited_codes_and_an_error_keeps_its_code(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(urc_before_reply='+CMTI: "SM",3')  # a message arrives as we send ours
+        assert modem.send_sms("+8613800138000", "first").parts == 1
+        sim.set(urc_before_reply="+CREG: 1")
+        modem.channel.command("ATE1")  # a module that echoes (it was reset behind our back)
+        assert modem.send_sms("+8613800138000", "second").parts == 1
+        assert modem.channel.unsolicited == ['+CMTI: "SM",3', "+CREG: 1"]
+        assert sim.wait_for_messages(2) == [("+8613800138000", "first"),
+                                            ("+8613800138000", "second")]
+        sim.set(sim="absent")  # the SIM falls out: an error comes instead of the prompt
+        with pytest.raises(ModemError) as no_sim:
+            modem.send_sms("+8613800138000", "third")
+        assert (no_sim.value.kind, no_sim.value.code) == ("CMS", 310)
+        assert "SIM not inserted" in str(no_sim.value)
+
+
+def test_a_garbled_answer_is_a_modem_error_not_a_crash(sim):
+    with Modem.open_port(sim.port) as modem:
+        for command, line in (("AT+CSQ", "+CSQ: --,99"), ("AT+CEREG?", "+CEREG: 0,x")):
+            sim.set(garbled={command: line})
+            with pytest.raises(ModemError) as garbled:
+                modem.status()
+            assert str(garbled.value).startswith(f"{command}: unreadable answer")
+        sim.set(garbled={})
+        assert modem.status().problems == []
+
+
+def test_a_late_answer_is_not_taken_for_the_next_commands(sim):
+    with Modem.open_port(sim.port, command_timeout=0.3) as modem:
+        # A module that stops answering is not "unregistered" nor "of unknown model".
+        sim.set(dead=True)
+        with pytest.raises(ModemTimeout):
+            modem.registration()
+        with pytest.raises(ModemTimeout):
+            modem.model()
+        sim.set(dead=False)
+    port = serial.Serial(sim.port, 115200, timeout=0.5)
+    channel = AtChannel(port, timeout=5)
+    try:
+        sim.set(reply_delay=1)  # it answers, but after the command's time
+        with pytest.raises(ModemTimeout):
+            channel.command("AT+CEREG?", timeout=0.3)
+        sim.set(reply_delay=0)
+        assert channel.command("AT+CGMM").lines == ["EC25"]
+        assert channel.command("AT+CSQ").value("+CSQ:") == "20,99"
+    finally:
+        port.close()
+
+
+def test_a_module_left_waiting_for_message_text_is_brought_back_at_the_next_open(sim):
+    # A daemon killed between AT+CMGS and its Ctrl-Z: the module takes whatever comes
+    # next as the message's text, "AT" included, and answers nothing.
+    port = serial.Serial(sim.port, 115200, timeout=10)
+    try:
+        port.write(b"AT+CMGS=19\r")
+        assert port.read_until(b"> ").endswith(b"> ")
+    finally:
+        port.close()
+    with Modem.open_port(sim.port, command_timeout=1) as modem:
+        assert modem.send_sms("+8613800138000", "after the restart").parts == 1
+    assert sim.wait_for_messages(1) == [("+8613800138000", "after the restart")]
+
+
+def test_the_owner_hears_from_the_driver_after_every_part_of_a_long_sms(sim):
+    beats: list[int] = []  # how many parts the module had accepted at each heartbeat
+    with Modem.open_port(sim.port, heartbeat=lambda: beats.append(len(sim.sent))) as modem:
+        assert modem.send_sms("13900139000", "紧急报警" * 40).parts == 3
+    # Each part's wait (up to modem.sms_timeout_s) ends in a beat before the next part.
+    assert {1, 2, 3} <= set(beats)
+
+
+def test_a_refused_message_is_told_apart_from_a_module_that_cannot_send(sim):
+    with Modem.open_port(sim.port) as modem:
+        sim.set(fail_sends=1, send_error=42)  # congestion: the network turned this one down
+        with pytest.raises(SmsRefused) as refused:
+            modem.send_sms("+8613800138000", "x")
+        assert refused.value.code == 42
+        sim.set(registration=0)  # no network: nothing was offered to it
+        with pytest.raises(ModemError) as no_network:
+            modem.send_sms("+8613800138000", "x")
+        assert no_network.value.code == 331 and not isinstance(no_network.value, SmsRefused)
+        sim.set(registration=1, sim="absent")  # no SIM: an error instead of the prompt
+        with pytest.raises(ModemError) as no_sim:
+            modem.send_sms("+8613800138000", "x")
+        assert no_sim.value.code == 310 and not isinstance(no_sim.value, SmsRefused)

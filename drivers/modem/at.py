@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ CMS_MEANINGS = {
     500: "unknown error",
 }
 
+QUIET_S = 0.2     # after ESC: this long without a byte, the module has finished talking
+MAX_DRAIN_S = 2.0  # ... and it may talk no longer than this
+
+# A USB modem that vanishes fails every call on its port: reads and ioctls with OSError
+# (pyserial's SerialException is one), the input flush (tcflush) with termios.error,
+# which is no OSError.
+PORT_ERRORS = (OSError, termios.error)
+
 
 class ModemError(Exception):
     """The module answered with an error (or cannot be talked to)."""
@@ -59,9 +69,17 @@ class ModemError(Exception):
 class ModemTimeout(ModemError):
     """No final answer within the command's time."""
 
-    def __init__(self, command: str, seconds: float, partial: list[str]):
-        super().__init__(command, f"no answer within {seconds:g} s"
+    def __init__(self, command: str, seconds: float, partial: list[str], *,
+                 waiting_for: str = "answer"):
+        super().__init__(command, f"no {waiting_for} within {seconds:g} s"
                          + (f" (got {partial!r})" if partial else ""))
+
+
+class UnreadableAnswer(ModemError):
+    """The module answered something that cannot be read (a garbled line)."""
+
+    def __init__(self, command: str, line: str):
+        super().__init__(command, f"unreadable answer {line!r}")
 
 
 @dataclass
@@ -79,26 +97,44 @@ class Answer:
 
 class AtChannel:
     """Commands and answers over an open pyserial port (or anything with its interface:
-    ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``)."""
+    ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``).
 
-    def __init__(self, port, *, timeout: float = 5.0):
+    ``heartbeat``, if given, is called after every exchange with the module, answered or
+    not: its owner's proof of life while it waits on the module (the fallback daemon
+    pings systemd's watchdog with it)."""
+
+    def __init__(self, port, *, timeout: float = 5.0, heartbeat: Callable[[], None] | None = None):
         self.port = port
         self.timeout = timeout
+        self.heartbeat = heartbeat
         self.unsolicited: list[str] = []
         self._buffer = b""
+        self._command = ""  # the command in progress, for the errors of the port
+        self._owed = False  # a command timed out: the module may still answer it
 
     # -- the low level ----------------------------------------------------------------
+
+    def _io(self, command: str, call, *args):
+        """``call(*args)`` on the port; a port that fails is a :class:`ModemError`, so that
+        an unplugged modem is one more modem problem for the caller, not a crash."""
+        try:
+            return call(*args)
+        except PORT_ERRORS as err:
+            raise ModemError(command, f"the serial port failed: {err}") from err
 
     def _fill(self, deadline: float) -> bool:
         """Read what has arrived (waiting at most until ``deadline``); False: nothing."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        self.port.timeout = min(remaining, 0.5)
-        chunk = self.port.read(max(1, self.port.in_waiting))
+        chunk = self._io(self._command, self._read, min(remaining, 0.5))
         if chunk:
             self._buffer += chunk
         return bool(chunk)
+
+    def _read(self, timeout: float) -> bytes:
+        self.port.timeout = timeout  # pyserial reconfigures the port: it can fail too
+        return self.port.read(max(1, self.port.in_waiting))
 
     def _next_line(self, deadline: float) -> str | None:
         while True:
@@ -108,16 +144,30 @@ class AtChannel:
             if not self._fill(deadline) and time.monotonic() >= deadline:
                 return None
 
-    def _await_prompt(self, deadline: float) -> bool:
+    def _await_prompt(self, command: str, deadline: float, seconds: float) -> None:
+        """Wait for AT+CMGS's ``"> "`` (no line end). Whole lines may come first: our echo,
+        blank separators, unsolicited codes (set aside, as during any command), or the
+        error that replaces the prompt (raised with its code)."""
         while True:
             text = self._buffer.lstrip(b"\r\n")
             if text.startswith(b">"):
                 self._buffer = text[1:].lstrip(b" ")
-                return True
-            if b"\n" in text:  # a whole line came first: an error instead of the prompt
-                return False
+                return
+            if b"\n" in text:
+                line, _, self._buffer = text.partition(b"\n")
+                line = line.decode("ascii", "replace").strip()
+                if not line or line == command:
+                    continue
+                self._raise_for(command, line)
+                if not line.startswith(URC_PREFIXES):
+                    log.warning("%s: %r before the '>' prompt, ignored", command, line)
+                self._set_aside(line)
+                continue
             if not self._fill(deadline) and time.monotonic() >= deadline:
-                return False
+                # Whatever state it is in (a prompt may still come): abandon the message.
+                self._io(command, self.port.write, ESC)
+                self._owed = True
+                raise ModemTimeout(command, seconds, [], waiting_for="'>' prompt")
 
     # -- commands ---------------------------------------------------------------------
 
@@ -126,33 +176,77 @@ class AtChannel:
         """Send ``command``; return its answer on ``OK``, raise :class:`ModemError` on an
         error result and :class:`ModemTimeout` if none comes. With ``data`` (AT+CMGS),
         wait for the ``>`` prompt and send it followed by Ctrl-Z."""
-        seconds = self.timeout if timeout is None else timeout
+        if self._owed:
+            self._await_late_answer()
+            self._beat()
+        try:
+            return self._exchange(command, self.timeout if timeout is None else timeout, data)
+        finally:
+            self._beat()
+
+    def _exchange(self, command: str, seconds: float, data: bytes | None) -> Answer:
         deadline = time.monotonic() + seconds
+        self._command = command
         self._buffer = b""
-        self.port.reset_input_buffer()
-        self.port.write(command.encode("ascii") + b"\r")
+        self._io(command, self.port.reset_input_buffer)
+        self._io(command, self.port.write, command.encode("ascii") + b"\r")
         answer = Answer()
         if data is not None:
-            if not self._await_prompt(deadline):
-                line = self._next_line(min(deadline, time.monotonic() + 1)) or ""
-                self._raise_for(command, line, answer, seconds)
-                self.port.write(ESC)  # whatever state it is in: abandon the message
-                raise ModemError(command, f"no '>' prompt ({line or 'no answer'})")
-            self.port.write(data + CTRL_Z)
+            self._await_prompt(command, deadline, seconds)
+            self._io(command, self.port.write, data + CTRL_Z)
         while True:
             line = self._next_line(deadline)
             if line is None:
+                self._owed = True
                 raise ModemTimeout(command, seconds, answer.lines)
             if not line or line == command or line.startswith(">"):
                 continue  # blank separators, our own echo, a late prompt
             if line in FINAL_OK:
                 return answer
-            self._raise_for(command, line, answer, seconds)
+            self._raise_for(command, line)
             if line.startswith(URC_PREFIXES) and not self._answers(command, line):
-                self.unsolicited.append(line)
-                log.debug("unsolicited: %s", line)
+                self._set_aside(line)
                 continue
             answer.lines.append(line)
+
+    def abandon_message(self) -> None:
+        """End a message text the module may still be waiting for (an AT+CMGS whose
+        Ctrl-Z never came: the daemon was killed): ESC cancels it, and a module that is
+        not waiting for text ignores it. What the module says to it is read and dropped
+        until the line falls quiet."""
+        self._command = "ESC"
+        self._io("ESC", self.port.write, ESC)
+        deadline = time.monotonic() + min(self.timeout, MAX_DRAIN_S)
+        while time.monotonic() < deadline:
+            # A module answers the cancel at once, over a local UART: a short silence
+            # means it has said what it had to.
+            if not self._io("ESC", self._read, QUIET_S):
+                break
+        self._buffer = b""
+        self._beat()
+
+    def _await_late_answer(self) -> None:
+        """The module answers in order: an answer that comes after its command timed out
+        would be read as the answer to the next one (an empty ``OK`` for ``AT+CGMM``, and
+        so on down the line). Wait for that final result, for at most one command's time,
+        and drop it."""
+        self._owed = False
+        deadline = time.monotonic() + self.timeout
+        while (line := self._next_line(deadline)) is not None:
+            if line in FINAL_OK or line in FINAL_ERROR or _CME.match(line):
+                log.debug("%s: late final answer %r dropped", self._command, line)
+                return
+            if line.startswith(URC_PREFIXES):
+                self._set_aside(line)
+        log.debug("%s: no late answer", self._command)
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
+
+    def _set_aside(self, line: str) -> None:
+        self.unsolicited.append(line)
+        log.debug("unsolicited: %s", line)
 
     @staticmethod
     def _answers(command: str, line: str) -> bool:
@@ -161,7 +255,7 @@ class AtChannel:
         return command.upper().startswith(f"AT{name}")
 
     @staticmethod
-    def _raise_for(command: str, line: str, answer: Answer, seconds: float) -> None:
+    def _raise_for(command: str, line: str) -> None:
         if line in FINAL_ERROR:
             raise ModemError(command, line)
         match = _CME.match(line)

@@ -10,11 +10,12 @@ pseudo-terminal, not against a module.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import serial
 
-from drivers.modem.at import AtChannel, ModemError
+from drivers.modem.at import FINAL_ERROR, AtChannel, ModemError, ModemTimeout, UnreadableAnswer
 from drivers.modem.pdu import encode_submit
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,33 @@ log = logging.getLogger(__name__)
 REGISTRATION = {0: "not registered", 1: "home", 2: "searching", 3: "denied", 4: "unknown",
                 5: "roaming"}
 REGISTERED = ("home", "roaming")
+
+# Error codes after which nothing was offered to the network: the module cannot send at
+# all (no SIM or a locked one, no network, no service centre), whatever the message.
+CANNOT_SEND = ({("CMS", c) for c in (300, 301, 302, 310, 311, 312, 313, 314, 315, 316, 317,
+                                     318, 320, 321, 322, 330, 331)}
+               | {("CME", c) for c in (3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30)})
+
+
+class SmsRefused(ModemError):
+    """The module tried this message and the network (or the module) refused it: unlike
+    a module that cannot send at all (no SIM, no network, unplugged, silent), which
+    raises a plain :class:`ModemError`."""
+
+
+def _refused(err: ModemError) -> bool:
+    """An error answer (not a timeout, not a failed port) that is not one of the module
+    being unable to send."""
+    answered = err.kind is not None or err.answer in FINAL_ERROR
+    return (answered and not isinstance(err, ModemTimeout)
+            and (err.kind, err.code) not in CANNOT_SEND)
+
+
+def _integer(command: str, value: str, field: str) -> int:
+    try:
+        return int(field)
+    except ValueError:
+        raise UnreadableAnswer(command, value) from None
 
 
 @dataclass(frozen=True)
@@ -67,21 +95,25 @@ class ModemStatus:
 class Modem:
     """One module on one serial port; not thread-safe (its owner is one daemon thread)."""
 
-    def __init__(self, port, *, command_timeout: float = 5.0, sms_timeout: float = 60.0):
-        self.channel = AtChannel(port, timeout=command_timeout)
+    def __init__(self, port, *, command_timeout: float = 5.0, sms_timeout: float = 60.0,
+                 heartbeat: Callable[[], None] | None = None):
+        self.channel = AtChannel(port, timeout=command_timeout, heartbeat=heartbeat)
         self.sms_timeout = sms_timeout
         self._port = port
         self._initialised = False
 
     @classmethod
     def open_port(cls, path: str, *, baudrate: int = 115200, command_timeout: float = 5.0,
-                  sms_timeout: float = 60.0) -> Modem:
-        """Open the serial port and initialise the module; raises :class:`ModemError`."""
+                  sms_timeout: float = 60.0,
+                  heartbeat: Callable[[], None] | None = None) -> Modem:
+        """Open the serial port and initialise the module; raises :class:`ModemError`.
+        ``heartbeat`` is called after every exchange with the module (see AtChannel)."""
         try:
             port = serial.Serial(path, baudrate=baudrate, timeout=0.5, write_timeout=5)
         except (serial.SerialException, OSError) as err:
             raise ModemError("open", f"cannot open {path}: {err}") from None
-        modem = cls(port, command_timeout=command_timeout, sms_timeout=sms_timeout)
+        modem = cls(port, command_timeout=command_timeout, sms_timeout=sms_timeout,
+                    heartbeat=heartbeat)
         try:
             modem.initialise()
         except BaseException:
@@ -99,8 +131,10 @@ class Modem:
         self.close()
 
     def initialise(self) -> None:
-        """Echo off, numeric errors, PDU mode. The first ``AT`` may meet a module still
-        echoing or mid-boot: it is tried a few times."""
+        """Echo off, numeric errors, PDU mode. The module may still be waiting for the
+        text of a message we never finished: that is abandoned first. The first ``AT``
+        may meet a module still echoing or mid-boot: it is tried a few times."""
+        self.channel.abandon_message()
         last: ModemError | None = None
         for _ in range(3):
             try:
@@ -140,11 +174,13 @@ class Modem:
         for command, prefix in (("AT+CEREG?", "+CEREG:"), ("AT+CREG?", "+CREG:")):
             try:
                 value = self.channel.command(command).value(prefix)
+            except (ModemTimeout, UnreadableAnswer):
+                raise  # a module that is silent or garbled is not "not registered"
             except ModemError:
-                continue
+                continue  # a module without this command (AT+CEREG on a 3G module)
             if value:
                 fields = value.split(",")
-                stat = int(fields[1]) if len(fields) > 1 else int(fields[0])
+                stat = _integer(command, value, fields[1] if len(fields) > 1 else fields[0])
                 states.append(REGISTRATION.get(stat, "unknown"))
         registered = [s for s in states if s in REGISTERED]
         return registered[0] if registered else (states[0] if states else "unknown")
@@ -152,7 +188,7 @@ class Modem:
     def signal(self) -> Signal:
         value = self.channel.command("AT+CSQ").value("+CSQ:") or "99,99"
         rssi, _, ber = value.partition(",")
-        csq = int(rssi)
+        csq = _integer("AT+CSQ", value, rssi)
         known = csq != 99 and 0 <= csq <= 31
         return Signal(csq if known else None, -113 + 2 * csq if known else None,
                       int(ber) if ber.strip().isdigit() and int(ber) != 99 else None)
@@ -166,6 +202,8 @@ class Modem:
     def model(self) -> str | None:
         try:
             lines = self.channel.command("AT+CGMM").lines
+        except ModemTimeout:
+            raise  # silent: not a module without the command
         except ModemError:
             return None
         return lines[0] if lines else None
@@ -198,9 +236,13 @@ class Modem:
                 answer = self.channel.command(f"AT+CMGS={part.tpdu_length}", self.sms_timeout,
                                               data=part.hex.encode("ascii"))
             except ModemError as err:
+                failure = (SmsRefused(err.command, err.answer, err.code, err.kind)
+                           if _refused(err) else err)
                 if len(parts) > 1:
-                    err.args = (f"part {index} of {len(parts)}: {err}",)
-                raise
+                    failure.args = (f"part {index} of {len(parts)}: {failure}",)
+                if failure is err:
+                    raise
+                raise failure from err
             reference = answer.value("+CMGS:")
             references.append(int(reference) if reference and reference.isdigit() else -1)
         return SmsResult(number, references, len(parts))

@@ -33,9 +33,13 @@ class SimulatedModemState:
     reply_delay: float = 0.0        # seconds before every answer
     dead: bool = False              # never answers
     fail_sends: int = 0             # the next N AT+CMGS answer +CMS ERROR: send_error
+    dead_after_messages: int | None = None  # this many whole messages accepted: dead (hung)
     send_error: int = 38            # network out of order
+    refused_numbers: tuple[str, ...] = ()  # every message to these: +CMS ERROR: send_error
     wrong_pins: int = 0
     urc_before_reply: str | None = None  # emitted once, just before the next answer
+    hang_up_on: str | None = None   # this command unplugs the module instead of an answer
+    garbled: dict[str, str] = field(default_factory=dict)  # command -> the line it answers
     echo: bool = True
     cmee: int = 0
 
@@ -60,6 +64,7 @@ class ModemSimulator:
         self._stop = threading.Event()
         self._mr = 0
         self.master, self._slave = os.openpty()
+        self._master_open = True
         tty.setraw(self._slave)  # no line discipline: bytes pass as a UART's would
         self.port = os.ttyname(self._slave)
         self._thread = threading.Thread(target=self._serve, name="modem-sim", daemon=True)
@@ -71,9 +76,9 @@ class ModemSimulator:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(5)
-        for fd in (self.master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_master()
+        with contextlib.suppress(OSError):
+            os.close(self._slave)
 
     # -- what the test sees --------------------------------------------------------------
 
@@ -111,6 +116,27 @@ class ModemSimulator:
                 groups.setdefault((p.number, p.reference, p.total), set()).add(p.sequence)
         return [None] * (singles + sum(1 for (_, _, t), s in groups.items() if len(s) == t))
 
+    def parts_begun(self) -> int:
+        """AT+CMGS commands received: the parts begun, accepted or not."""
+        with self._cond:
+            return sum(c.upper().startswith("AT+CMGS=") for c in self.commands)
+
+    def hang_up(self) -> None:
+        """Unplug the module: the port's reads and writes fail with EIO, as a USB modem's
+        do when it vanishes, and the device node goes away."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        self._close_master()
+
+    def _close_master(self) -> None:
+        # Once only: a second close could hit a descriptor number reused by someone else.
+        with self._cond:
+            fd, self._master_open = (self.master if self._master_open else None), False
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def unsolicited(self, line: str) -> None:
         """Emit an unsolicited result code now."""
         self._write(f"\r\n{line}\r\n".encode())
@@ -118,8 +144,9 @@ class ModemSimulator:
     # -- the module ----------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self.master, data)
+        with self._cond, contextlib.suppress(OSError):
+            if self._master_open:
+                os.write(self.master, data)
 
     def _serve(self) -> None:
         buffer = b""
@@ -133,7 +160,7 @@ class ModemSimulator:
             except OSError:
                 return
             buffer += chunk
-            while True:
+            while not self._stop.is_set():
                 if pending_cmgs is not None:
                     end = min((i for i in (buffer.find(bytes([CTRL_Z])), buffer.find(bytes([ESC])))
                                if i >= 0), default=-1)
@@ -149,6 +176,7 @@ class ModemSimulator:
                     break
                 line, _, buffer = buffer.partition(b"\r")
                 buffer = buffer.lstrip(b"\n")
+                line = line.replace(bytes([ESC]), b"")  # ignored outside a message's text
                 pending_cmgs = self._command(line.decode("ascii", "replace").strip())
 
     def _reply(self, *lines: str, final: str = "OK") -> None:
@@ -176,10 +204,17 @@ class ModemSimulator:
         with self._cond:
             self.commands.append(line)
             s = self.state
+            unplug = s.hang_up_on is not None and line.upper() == s.hang_up_on.upper()
+        if unplug:
+            self.hang_up()
+            return None
+        with self._cond:
             if s.echo and not s.dead:
                 self._write(line.encode() + b"\r")
         upper = line.upper()
-        if upper == "AT":
+        if upper in s.garbled:
+            self._reply(s.garbled[upper])
+        elif upper == "AT":
             self._reply()
         elif upper in ("ATE0", "ATE1"):
             self.set(echo=upper == "ATE1")
@@ -241,8 +276,11 @@ class ModemSimulator:
             if s.dead:
                 return None
             if s.sim != "READY":
-                self._error("CMS", 310)
+                self._error("CMS", 310)  # instead of the prompt
                 return None
+            urc, s.urc_before_reply = s.urc_before_reply, None
+        if urc:  # a code the module had to say may come before the prompt, too
+            self._write(f"\r\n{urc}\r\n".encode())
         self._write(b"\r\n> ")
         return length
 
@@ -265,13 +303,22 @@ class ModemSimulator:
             elif s.fail_sends > 0:
                 s.fail_sends -= 1
                 failure = s.send_error
+            elif pdu.number in s.refused_numbers:
+                failure = s.send_error
             else:
                 failure = None
                 self._mr = (self._mr + 1) % 256
                 self.sent.append(SentPart(length, pdu))
                 reference = self._mr
+                if (s.dead_after_messages is not None
+                        and len(self._messages_locked()) >= s.dead_after_messages):
+                    s.dead_after_messages, hang = None, True
+                else:
+                    hang = False
                 self._cond.notify_all()
         if failure is not None:
             self._error("CMS", failure)
         else:
             self._reply(f"+CMGS: {reference}")
+            if hang:  # it answered this part, and nothing after it
+                self.set(dead=True)
