@@ -248,6 +248,7 @@ class AlarmTestRunner:
                 return len(rows)
         except TestBusy:
             return 0  # one is running now: a "running" row is that one
+
     # -- the stages ------------------------------------------------------------------
 
     def _exercise(self, outcome: TestOutcome) -> None:

@@ -50,8 +50,7 @@ RETRY_RECORD_S = 1.0
 COMMIT_STUCK_S = 2.0       # a commit taking longer than this shows the fault pattern
 MAX_SIM_HOLD_S = 60.0
 MAX_TEST_PRESS_WAIT_S = 120
-# From energising the test relay to the input's edge: a relay operates in 5-15 ms; an
-# edge later than this is not the relay's (and is judged as a press of its own).
+OUTCOME_WAIT_S = 10.0  # for the recorder to commit a press (it retries a failing disk)
 JUDGE_EVERY_S = 0.001  # how often the input's edges after a test pulse are looked at
 JUDGE_FOR_AT_MOST_S = 2.0  # then the input's level decides (a contact chattering on)
 
@@ -71,6 +70,17 @@ def _new_waiter() -> Waiter:
     return threading.Event(), []
 
 
+def _tell(waiter: Waiter, outcome: dict) -> None:
+    done, box = waiter
+    box.append(outcome)
+    done.set()
+
+
+def _wait(waiter: Waiter, deadline: float) -> dict | None:
+    done, box = waiter
+    return box[0] if done.wait(max(0.0, deadline - time.monotonic())) else None
+
+
 @dataclass(frozen=True)
 class _AcceptedPress:
     report: PressReport
@@ -84,10 +94,10 @@ class _OutcomeWaiters:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._waiting: dict[str, list[tuple[threading.Event, list]]] = collections.defaultdict(list)
+        self._waiting: dict[str, list[Waiter]] = collections.defaultdict(list)
 
-    def expect(self, input_name: str) -> tuple[threading.Event, list]:
-        waiter = (threading.Event(), [])
+    def expect(self, input_name: str) -> Waiter:
+        waiter = _new_waiter()
         with self._lock:
             self._waiting[input_name].append(waiter)
         return waiter
@@ -100,20 +110,11 @@ class _OutcomeWaiters:
         """Hand the outcome to those waiting for this input, and for any input ("*")."""
         with self._lock:
             waiters = self._waiting.pop(input_name, []) + self._waiting.pop(ANY_INPUT, [])
-        for done, box in waiters:
-            box.append(outcome)
-            done.set()
+        for waiter in waiters:
+            _tell(waiter, outcome)
 
 
 ANY_INPUT = "*"
-
-
-OUTCOME_WAIT_S = 10.0  # for the recorder to commit a press (it retries a failing disk)
-
-
-def _wait(waiter: Waiter, deadline: float) -> dict | None:
-    done, box = waiter
-    return box[0] if done.wait(max(0.0, deadline - time.monotonic())) else None
 
 
 def _event_summary(event: Event) -> dict:
@@ -363,9 +364,7 @@ class ButtonDaemon:
                    "duration_ms": round(press.report.duration * 1000, 3),
                    "event": _event_summary(event)}
         if press.waiter is not None:
-            done, box = press.waiter
-            box.append(outcome)
-            done.set()
+            _tell(press.waiter, outcome)
         else:
             self._waiters.resolve(press.report.input, outcome)
         self.wake()

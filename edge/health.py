@@ -32,7 +32,8 @@ from edge.outbox import Outbox
 log = logging.getLogger(__name__)
 
 BUTTON_TIMEOUT_S = 3.0  # a daemon's control socket answers at once, or is stuck
-# The Contact ID of each check's fault where it is not 307 (self-test failure).
+# The Contact ID of each check's fault where it is not 307 (self-test failure); the
+# checks take theirs from here too, so a crashed check's fault matches its restore.
 CHECK_CODES = {"wiring": ContactId.PANIC_ZONE_TROUBLE,
                "broker": ContactId.COMMUNICATION_TROUBLE,
                "outbox": ContactId.FAILURE_TO_COMMUNICATE,
@@ -140,7 +141,7 @@ class HealthChecks:
     def check_wiring(self, status: dict | None) -> CheckResult:
         supervised = [n for n, spec in self.config.inputs.items()
                       if spec.supervision_pin is not None]
-        code = ContactId.PANIC_ZONE_TROUBLE
+        code = CHECK_CODES["wiring"]
         if not supervised:
             return CheckResult("wiring", None, "no supervision loop is wired", code)
         if status is None:
@@ -154,7 +155,7 @@ class HealthChecks:
         return CheckResult("wiring", True, f"{len(supervised)} supervision loop(s) closed", code)
 
     def check_broker(self, states: dict, now: datetime) -> CheckResult:
-        code = ContactId.COMMUNICATION_TROUBLE
+        code = CHECK_CODES["broker"]
         if "uplink" not in states:
             return CheckResult("broker", False, "the uplink has never run", code)
         state, _ = states["uplink"]
@@ -178,7 +179,7 @@ class HealthChecks:
     def check_outbox(self, now: datetime) -> CheckResult:
         backlog = self.outbox.backlog(now)
         age, limit = backlog["oldest_unsent_age_s"], self.config.health.max_unsent_age_s
-        code = ContactId.FAILURE_TO_COMMUNICATE
+        code = CHECK_CODES["outbox"]
         if age is not None and age > limit:
             return CheckResult("outbox", False, f"{backlog['queued']} event(s) unsent, the "
                                f"oldest for {age:.0f} s (limit {limit:g} s)", code, backlog)
@@ -246,7 +247,7 @@ class HealthChecks:
 
     def check_cameras(self, states: dict, now: datetime) -> CheckResult:
         """The camera daemon answers; each camera's own faults (330) are raised by it."""
-        code = ContactId.PERIPHERAL_TROUBLE
+        code = CHECK_CODES["camera"]
         if not self.config.cameras:
             return CheckResult("camera", None, "no camera configured", code)
         try:
@@ -263,7 +264,7 @@ class HealthChecks:
 
     def check_modem(self, states: dict, now: datetime) -> CheckResult:
         """The SMS path: the modem answers, its SIM is ready, it is registered."""
-        code = ContactId.COMMUNICATION_TROUBLE
+        code = CHECK_CODES["modem"]
         if self.config.modem is None or self.config.fallback is None:
             return CheckResult("modem", None, "no modem configured", code)
         if "fallback" not in states:
