@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.config import load_config  # noqa: E402
-from edge.control import request  # noqa: E402
-from edge.events import ContactId, EventDraft, EventKind, utc_now  # noqa: E402
-from edge.localbroker import LocalBroker  # noqa: E402
-from edge.outbox import Outbox  # noqa: E402
-from edge.sdnotify import NotifyListener  # noqa: E402
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now  # noqa: E402
+from edge.runtime.control import request  # noqa: E402
+from edge.runtime.sdnotify import NotifyListener  # noqa: E402
+from edge.store.outbox import Outbox  # noqa: E402
+from edge.tools.localbroker import LocalBroker  # noqa: E402
 
 TARGETS = {"latency_p50_ms": 2.0, "latency_p99_ms": 10.0, "drain_ratio": 0.5,
            "live_p99_ms": 50.0}

@@ -35,9 +35,9 @@ from alarm_path import Device, pct  # noqa: E402
 
 from drivers.camera.source import encode_jpeg  # noqa: E402
 from drivers.camera.testcard import write_video  # noqa: E402
-from edge.latch import reset_alarms  # noqa: E402
-from edge.localbroker import LocalBroker  # noqa: E402
-from edge.outbox import Outbox  # noqa: E402
+from edge.daemons.button.latch import reset_alarms  # noqa: E402
+from edge.store.outbox import Outbox  # noqa: E402
+from edge.tools.localbroker import LocalBroker  # noqa: E402
 
 FPS = 25.0
 SIZE = (1280, 720)

@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from alarm_path import Device, Subscriber, pct, prefill  # noqa: E402
 
 from drivers.modem import Modem  # noqa: E402
-from edge.alarmtest import AlarmTestRunner, request_test  # noqa: E402
 from edge.config import load_config  # noqa: E402
-from edge.health import HealthChecks  # noqa: E402
-from edge.latch import reset_alarms  # noqa: E402
-from edge.localbroker import LocalBroker  # noqa: E402
-from edge.outbox import Outbox  # noqa: E402
-from edge.watch import Watcher  # noqa: E402
+from edge.daemons.button.latch import reset_alarms  # noqa: E402
+from edge.daemons.selftest.alarmtest import AlarmTestRunner, request_test  # noqa: E402
+from edge.daemons.selftest.health import HealthChecks  # noqa: E402
+from edge.store.outbox import Outbox  # noqa: E402
+from edge.tools.localbroker import LocalBroker  # noqa: E402
+from edge.tools.watch import Watcher  # noqa: E402
 from tests.support.modem_sim import ModemSimulator  # noqa: E402
 
 

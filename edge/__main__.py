@@ -2,6 +2,6 @@
 
 import sys
 
-from edge.cli import main
+from edge.tools.cli import main
 
 sys.exit(main())

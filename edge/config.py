@@ -22,7 +22,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
-from edge.events import Identity
+from edge.contract.events import Identity
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 

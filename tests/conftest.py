@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from edge.config import Config, load_config
-from edge.localbroker import BrokerTls, LocalBroker
-from edge.outbox import Outbox
-from edge.sdnotify import NotifyListener
+from edge.runtime.sdnotify import NotifyListener
+from edge.store.outbox import Outbox
+from edge.tools.localbroker import BrokerTls, LocalBroker
 from tests.support.daemons import DaemonProcess
 from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn

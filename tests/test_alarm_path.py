@@ -12,12 +12,12 @@ from collections import defaultdict
 
 import pytest
 
-from edge.button import ButtonDaemon
-from edge.control import request
-from edge.events import ContactId, EventDraft, EventKind, utc_now
-from edge.latch import AlarmLatch
-from edge.outbox import Outbox
-from edge.uplink import MARK_BATCH
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
+from edge.daemons.button.daemon import ButtonDaemon
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.uplink.daemon import MARK_BATCH
+from edge.runtime.control import request
+from edge.store.outbox import Outbox
 from tests.support.daemons import in_process, poll_until
 
 
@@ -252,7 +252,7 @@ def test_a_commit_that_hangs_shows_the_fault_instead_of_pretending(make_config, 
 def test_the_siren_sounds_for_audible_inputs_only_and_stops_at_the_reset(make_config):
     """Local alerting: an `audible` input (Contact ID 123) sounds the siren relay until the
     reset (sound_for_s = 0); a `silent` one (122) neither sounds it nor chirps."""
-    from edge.latch import reset_alarms
+    from edge.daemons.button.latch import reset_alarms
 
     inputs = {"gate": {"pin": 17, "mode": "audible"}, "desk": {"pin": 27, "mode": "silent"}}
     _, config = make_config(inputs=inputs,

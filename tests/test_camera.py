@@ -13,11 +13,11 @@ import pytest
 
 from drivers.camera import Snapshot
 from drivers.camera.testcard import frame_number, write_video
-from edge.control import request
-from edge.events import Identity, utc_iso, utc_now
-from edge.localbroker import free_port
-from edge.outbox import Outbox
-from edge.snapshots import SnapshotStore
+from edge.contract.events import Identity, utc_iso, utc_now
+from edge.runtime.control import request
+from edge.store.outbox import Outbox
+from edge.store.snapshots import SnapshotStore
+from edge.tools.localbroker import free_port
 from tests.support.daemons import poll_until
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online, press
@@ -293,8 +293,8 @@ def test_a_still_scene_with_sensor_noise_is_not_frozen_a_repeated_frame_is():
 def test_an_event_too_old_for_snapshots_is_passed_once_not_read_forever(make_config, tmp_path):
     from datetime import timedelta
 
-    from edge.camera import LATE_EVENT_S, CameraDaemon
-    from edge.events import ContactId, EventDraft, EventKind
+    from edge.contract.events import ContactId, EventDraft, EventKind
+    from edge.daemons.camera import LATE_EVENT_S, CameraDaemon
 
     _, config = make_config()
     daemon = CameraDaemon(config)
@@ -312,7 +312,7 @@ def test_an_event_too_old_for_snapshots_is_passed_once_not_read_forever(make_con
 def test_a_camera_fault_survives_a_restart_of_the_daemon(make_config):
     import json
 
-    from edge.camera import CameraDaemon, _Health
+    from edge.daemons.camera import CameraDaemon, _Health
 
     _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi"}})
     with Outbox(config.storage.database, config.identity) as outbox:
@@ -332,7 +332,7 @@ def test_a_camera_fault_survives_a_restart_of_the_daemon(make_config):
 def test_a_camera_still_dead_after_a_restart_is_not_restored_while_it_is_awaited(make_config):
     # Its fault is remembered; in the first seconds no frame has come yet. That is not a
     # good picture: no restore may go out before stale_after_s says "still stale".
-    from edge.camera import _Health
+    from edge.daemons.camera import _Health
 
     _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi",
                                               "stale_after_s": 20, "restore_after_s": 5}})
@@ -378,7 +378,7 @@ def test_the_reader_survives_an_exception_and_reads_on(tmp_path):
 def test_a_filling_disk_shrinks_the_spool_and_old_delivered_pictures_go(tmp_path):
     from datetime import timedelta
 
-    from edge.snapshots import DISK_RESERVE_BYTES
+    from edge.store.snapshots import DISK_RESERVE_BYTES
 
     class NearlyFullDisk(SnapshotStore):
         """The outbox's disk with only a little left above the reserve."""
@@ -411,7 +411,7 @@ def test_a_filling_disk_shrinks_the_spool_and_old_delivered_pictures_go(tmp_path
 def test_a_snapshot_the_disk_refuses_costs_that_picture_not_the_daemon(tmp_path):
     import errno
 
-    from edge.camera import CameraDaemon
+    from edge.daemons.camera import CameraDaemon
 
     class FullDisk(SnapshotStore):
         def write(self, snapshot, **where):
@@ -429,8 +429,8 @@ def test_the_pictures_before_the_press_are_found_across_a_clock_step(make_config
     # seconds carry the old wall time, the press the new one. The pre-window is kept on
     # the monotonic clock, so they are still the seconds before the press.
     from drivers.camera import CameraSource
-    from edge.camera import CameraDaemon
-    from edge.events import ContactId, EventDraft, EventKind
+    from edge.contract.events import ContactId, EventDraft, EventKind
+    from edge.daemons.camera import CameraDaemon
 
     _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi",
                                               "pre_seconds": 5, "post_count": 0}})
@@ -458,7 +458,7 @@ def test_the_same_frame_checked_again_is_not_a_frozen_picture_new_identical_fram
     # a slow stream, not a frozen one. Frames that keep arriving with the same pixels are.
     import numpy as np
 
-    from edge.camera import _Health
+    from edge.daemons.camera import _Health
 
     class SlowStream:
         """What the health check reads of a source: its latest frame and that frame's age."""

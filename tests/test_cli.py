@@ -9,9 +9,9 @@ import subprocess
 import sys
 from datetime import datetime
 
-from edge.events import utc_now
-from edge.outbox import Outbox
-from edge.sdnotify import NotifyListener
+from edge.contract.events import utc_now
+from edge.runtime.sdnotify import NotifyListener
+from edge.store.outbox import Outbox
 from tests.support.daemons import DaemonProcess, poll_until
 from tests.test_alarm_path import online, press
 from tests.test_config import guardpost

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from drivers.camera.testcard import frame_number, write_video
-from edge.clock import clock_synchronised
-from edge.control import request
+from edge.runtime.clock import clock_synchronised
+from edge.runtime.control import request
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
 from tests.test_alarm_path import online, press

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from edge.events import utc_now
-from edge.fallback import FallbackDaemon
-from edge.outbox import Outbox
-from edge.selftest import SelfTestDaemon
+from edge.contract.events import utc_now
+from edge.daemons.fallback import FallbackDaemon
+from edge.daemons.selftest.daemon import SelfTestDaemon
+from edge.store.outbox import Outbox
 from tests.support.daemons import in_process, poll_until
 from tests.support.modem_sim import ModemSimulator
 from tests.test_alarm_path import online, press
@@ -315,7 +315,7 @@ def test_a_pin_refused_while_sending_is_not_offered_again_after_a_restart(make_c
 
 
 def test_doctor_reads_the_modem_when_no_daemon_owns_it(make_config, modem):
-    from edge.doctor import FAIL, PASS, Doctor, Step
+    from edge.tools.doctor import FAIL, PASS, Doctor, Step
 
     path, config = make_config(modem={"port": modem.port})
     doctor = Doctor(path, say=lambda line: None)

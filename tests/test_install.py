@@ -180,7 +180,7 @@ def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
 
 
 def test_the_first_boot_file_calls_the_installer_and_provision_as_they_are():
-    from edge.cli import build_parser
+    from edge.tools.cli import build_parser
 
     text = (REPO / "config/first-boot.user-data.example").read_text()
     assert "[python3, /opt/guardpost-src/systemd/install.py]" in text

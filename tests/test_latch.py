@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from edge.config import InputConfig
-from edge.events import ContactId, EventKind, Identity
-from edge.latch import AlarmLatch, UnknownInput
-from edge.outbox import Outbox
+from edge.contract.events import ContactId, EventKind, Identity
+from edge.daemons.button.latch import AlarmLatch, UnknownInput
+from edge.store.outbox import Outbox
 
 IDENTITY = Identity("test-school", "gate-1", "South gate")
 INPUTS = {"gate": InputConfig(pin=17), "desk": InputConfig(pin=27, mode="silent")}

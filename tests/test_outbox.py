@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from edge.events import ContactId, EventDraft, EventKind, Identity, Priority, utc_now
-from edge.outbox import Outbox, OutboxError
+from edge.contract.events import ContactId, EventDraft, EventKind, Identity, Priority, utc_now
+from edge.store.outbox import Outbox, OutboxError
 from tests.support.contract import problems
 
 IDENTITY = Identity("test-school", "gate-1", "South gate")

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.events import ContactId, EventDraft, EventKind, Identity, Qualifier, utc_iso
-from edge.outbox import Outbox
-from edge.report import build_report, month_bounds, render_csv, render_json, render_markdown
+from edge.contract.events import ContactId, EventDraft, EventKind, Identity, Qualifier, utc_iso
+from edge.store.outbox import Outbox
+from edge.tools.report import build_report, month_bounds, render_csv, render_json, render_markdown
 from tests.test_config import guardpost
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

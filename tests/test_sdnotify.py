@@ -6,10 +6,10 @@ from __future__ import annotations
 import fcntl
 import itertools
 
-from edge.control import request
-from edge.events import EventDraft, EventKind, utc_now
-from edge.outbox import Outbox
-from edge.wake import wake, wake_path
+from edge.contract.events import EventDraft, EventKind, utc_now
+from edge.runtime.control import request
+from edge.runtime.wake import wake, wake_path
+from edge.store.outbox import Outbox
 from tests.support.daemons import DaemonProcess
 
 WATCHDOG_USEC = 2_000_000  # systemd would restart a daemon silent for 2 s

@@ -19,13 +19,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.alarmtest import AlarmTestRunner, latest_test, request_test
-from edge.button import ButtonDaemon
-from edge.contract import TEST_COMMAND_SCHEMA
-from edge.events import utc_iso
-from edge.health import CheckResult, CheckTracker, HealthChecks
-from edge.outbox import Outbox
-from edge.selftest import AlarmTestSchedule, SelfTestDaemon
+from edge.contract.events import utc_iso
+from edge.contract.messages import TEST_COMMAND_SCHEMA
+from edge.daemons.button.daemon import ButtonDaemon
+from edge.daemons.selftest.alarmtest import AlarmTestRunner, latest_test, request_test
+from edge.daemons.selftest.daemon import AlarmTestSchedule, SelfTestDaemon
+from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
+from edge.store.outbox import Outbox
 from tests.support.daemons import in_process, poll_until
 from tests.test_config import guardpost
 
@@ -302,7 +302,7 @@ def test_a_held_button_is_recorded_even_when_the_test_press_cannot_be_recorded_i
                 gave_up.set()
 
     handler = GaveUp()
-    logging.getLogger("edge.button").addHandler(handler)
+    logging.getLogger("edge.daemons.button.daemon").addHandler(handler)
     try:
         with in_process(ButtonDaemon(config)) as button, \
                 Outbox(config.storage.database, config.identity) as outbox, \
@@ -334,7 +334,7 @@ def test_a_held_button_is_recorded_even_when_the_test_press_cannot_be_recorded_i
             row = outbox.db.execute("SELECT state, failed_stage FROM alarm_tests").fetchone()
             assert row == ("failed", "edge")  # a person pressed: never a passing test
     finally:
-        logging.getLogger("edge.button").removeHandler(handler)
+        logging.getLogger("edge.daemons.button.daemon").removeHandler(handler)
 
 
 def test_a_press_held_before_the_test_stays_an_alarm_and_the_test_does_not_pulse(

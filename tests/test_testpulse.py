@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.testpulse import LATE_EDGE_S, finger_after_pulse
+from edge.daemons.button.testpulse import LATE_EDGE_S, finger_after_pulse
 
 RELEASED = 1000.0  # monotonic seconds at which the relay was let go
 RELEASE, BOUNCE, NEED = 0.015, 0.005, 0.010

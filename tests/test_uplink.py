@@ -10,13 +10,13 @@ import paho.mqtt.client as paho
 import pytest
 
 from edge.config import load_config
-from edge.contract import ack_payload
-from edge.events import ContactId, EventDraft, EventKind, utc_now
-from edge.latch import AlarmLatch
-from edge.localbroker import LocalBroker
-from edge.outbox import Outbox
-from edge.uplink import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
-from edge.wake import wake
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
+from edge.contract.messages import ack_payload
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.uplink.daemon import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
+from edge.runtime.wake import wake
+from edge.store.outbox import Outbox
+from edge.tools.localbroker import LocalBroker
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
 from tests.support.platform import PlatformStandIn
@@ -255,7 +255,7 @@ def test_the_loop_sleeps_while_nothing_can_be_published(make_config):
 def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, daemons):
     """An ACL without the snapshot topic: the alarm goes through, its picture is refused
     (MQTT 5 PUBACK 0x87) and dropped with its file, instead of being re-sent every 30 s."""
-    from edge.snapshots import SnapshotStore
+    from edge.store.snapshots import SnapshotStore
     from tests.test_camera import _snapshot
 
     (tmp_path / "device-password").write_text("device-secret\n")

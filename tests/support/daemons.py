@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from edge.sdnotify import NotifyListener
+from edge.runtime.sdnotify import NotifyListener
 
 
 class DaemonProcess:

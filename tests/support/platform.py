@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.contract import ack_payload
+from edge.contract.messages import ack_payload
 from tests.support.contract import problems, schema_for_topic
 
 

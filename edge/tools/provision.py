@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.config import ConfigError, parse_config
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "guardpost.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "guardpost.example.toml"
 
 
 class ProvisionError(Exception):

@@ -19,11 +19,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config, InputConfig
-from edge.events import PANIC_CODES, ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
-from edge.outbox import Outbox
-from edge.wake import wake
+from edge.contract.events import (
+    PANIC_CODES,
+    ContactId,
+    Event,
+    EventDraft,
+    EventKind,
+    utc_iso,
+    utc_now,
+)
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.wake import wake
+from edge.store.outbox import Outbox
 
 
 @dataclass(frozen=True)

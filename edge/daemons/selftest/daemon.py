@@ -1,11 +1,11 @@
 """The self-test daemon (``guardpost run selftest``): health checks and the alarm test.
 
-- Every ``health.interval_s`` it runs the checks of :mod:`edge.health`, records them
+- Every ``health.interval_s`` it runs the checks of :mod:`.health`, records them
   (``guardpost status``; the uplink publishes them in the retained ``health``) and raises
-  a fault, or a restore, through the hysteresis of :class:`edge.health.CheckTracker`.
+  a fault, or a restore, through the hysteresis of :class:`.health.CheckTracker`.
 - On the ``alarm_test.schedule`` (cron, in the site's time zone) it requests an
   end-to-end alarm test, and it runs every requested test (the schedule's, and the
-  platform's ``cmd/test``, which the uplink records) with :mod:`edge.alarmtest`.
+  platform's ``cmd/test``, which the uplink records) with :mod:`edge.daemons.selftest.alarmtest`.
 
 A schedule slot is requested once (the outbox keeps a unique row per slot), so a restart
 never runs it twice; a slot missed while the device was off, or while its clock was not
@@ -27,21 +27,21 @@ from pathlib import Path
 from croniter import croniter
 
 from edge import __version__
-from edge.alarmtest import (
+from edge.config import Config
+from edge.contract.events import EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.daemons.selftest.alarmtest import (
     AlarmTestRunner,
     TestBusy,
     latest_test,
     request_test,
     requested_tests,
 )
-from edge.clock import boot_id, clock_synchronised
-from edge.config import Config
-from edge.events import EventDraft, EventKind, Qualifier, utc_iso, utc_now
-from edge.health import CheckResult, CheckTracker, HealthChecks
-from edge.instance import only_instance
-from edge.outbox import Outbox
-from edge.sdnotify import Watchdog, notify
-from edge.wake import Waker, wake
+from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.instance import only_instance
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker, wake
+from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

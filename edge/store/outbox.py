@@ -24,7 +24,16 @@ from pathlib import Path
 
 import sqlite_utils
 
-from edge.events import ACK_REQUIRED, Event, EventDraft, Identity, Priority, utc_iso, utc_now, uuid7
+from edge.contract.events import (
+    ACK_REQUIRED,
+    Event,
+    EventDraft,
+    Identity,
+    Priority,
+    utc_iso,
+    utc_now,
+    uuid7,
+)
 
 SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 10_000
@@ -44,7 +53,7 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
             "id": str,               # UUIDv7, globally unique and time-ordered
             "kind": str,
             "code": int,             # Contact ID
-            "priority": int,         # edge.events.Priority; lower is published first
+            "priority": int,         # edge.contract.events.Priority; lower is published first
             "input": str,
             "occurred_at": str,      # UTC, RFC 3339, when the edge happened
             "committed_at": str,     # UTC, when the row became durable
@@ -120,8 +129,8 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     db.execute("DELETE FROM snapshots WHERE id NOT IN"
                " (SELECT min(id) FROM snapshots GROUP BY event_id, camera, idx)")
     db.execute("CREATE UNIQUE INDEX snapshots_unique ON snapshots(event_id, camera, idx)")
-    # End-to-end alarm tests (edge.alarmtest): one row per test, from the request to the
-    # platform's acknowledgement, kept for the monthly report.
+    # End-to-end alarm tests (edge.daemons.selftest.alarmtest): one row per test, from the
+    # request to the platform's acknowledgement, kept for the monthly report.
     db["alarm_tests"].create(
         {
             "id": str,               # UUIDv7
@@ -171,7 +180,7 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
     # own `acknowledged_at` may come from a clock a few ms, or minutes, apart): the alarm
     # test times its last stage with it.
     db.execute("ALTER TABLE events ADD COLUMN ack_received_at TEXT")
-    # The SMS second path (edge.fallback): one row per alarm it watches, from "watching"
+    # The SMS second path (edge.daemons.fallback): one row per alarm it watches, from "watching"
     # to "acknowledged" (no SMS needed) or "sent" (the duty numbers were told).
     db["sms_notifications"].create(
         {

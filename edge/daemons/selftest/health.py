@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from drivers import board
-from edge.clock import clock_synchronised
 from edge.config import Config
-from edge.control import ControlUnavailable
-from edge.control import request as control_request
-from edge.events import ContactId, utc_now
-from edge.outbox import Outbox
+from edge.contract.events import ContactId, utc_now
+from edge.runtime.clock import clock_synchronised
+from edge.runtime.control import ControlUnavailable
+from edge.runtime.control import request as control_request
+from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

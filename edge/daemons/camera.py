@@ -31,15 +31,15 @@ import numpy as np
 
 from drivers.camera import CameraSource, PictureCheck, assess
 from edge import __version__
-from edge.clock import boot_id, clock_synchronised
 from edge.config import CameraConfig, Config
-from edge.control import ControlServer
-from edge.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
-from edge.instance import only_instance
-from edge.outbox import Outbox
-from edge.sdnotify import Watchdog, notify
-from edge.snapshots import SnapshotStore
-from edge.wake import Waker, wake
+from edge.contract.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.control import ControlServer
+from edge.runtime.instance import only_instance
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker, wake
+from edge.store.outbox import Outbox
+from edge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 

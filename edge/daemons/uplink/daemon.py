@@ -37,10 +37,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge import __version__
-from edge.alarmtest import request_test
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
-from edge.contract import (
+from edge.contract.events import Priority, utc_iso, utc_now
+from edge.contract.messages import (
     MAX_WAITING_TESTS,
     REQUEST_ID_MEMORY_H,
     RejectedInput,
@@ -53,14 +52,15 @@ from edge.contract import (
     snapshot_description,
     status_payload,
 )
-from edge.events import Priority, utc_iso, utc_now
-from edge.instance import only_instance
-from edge.latch import AlarmLatch
-from edge.mqtt import connect, is_v5, make_client
-from edge.outbox import Outbox
-from edge.sdnotify import Watchdog, notify
-from edge.snapshots import QueuedSnapshot, SnapshotStore
-from edge.wake import Waker, wake
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.selftest.alarmtest import request_test
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.instance import only_instance
+from edge.runtime.mqtt import connect, is_v5, make_client
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker, wake
+from edge.store.outbox import Outbox
+from edge.store.snapshots import QueuedSnapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from pathlib import Path
 
 from drivers.camera.testcard import write_video
 from edge.config import Config, load_config
-from edge.control import request
-from edge.latch import reset_alarms
-from edge.localbroker import BrokerUnavailable, LocalBroker
-from edge.outbox import Outbox
-from edge.report import build_report, render_markdown
-from edge.sdnotify import NotifyListener
-from edge.status import collect_status, queue_text, status_text
-from edge.watch import Watcher
+from edge.daemons.button.latch import reset_alarms
+from edge.runtime.control import request
+from edge.runtime.sdnotify import NotifyListener
+from edge.store.outbox import Outbox
+from edge.tools.localbroker import BrokerUnavailable, LocalBroker
+from edge.tools.report import build_report, render_markdown
+from edge.tools.status import collect_status, queue_text, status_text
+from edge.tools.watch import Watcher
 
 DEMO_CONFIG = """\
 # Written by `guardpost demo`: a simulated device (mock GPIO) and a local broker.

@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
     # `run all` leaves the broker's files to the uplink child: the button must run anyway.
     config = _load(args.config, broker_files=args.daemon == "uplink")
     if args.daemon == "all":
-        from edge.supervisor import Supervisor
+        from edge.daemons.supervisor import Supervisor
 
         # The self-test last: its first checks find the others running.
         daemons = (["button", "uplink"] + (["camera"] if config.cameras else [])
@@ -78,16 +78,16 @@ def cmd_run(args) -> int:
         return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
                                                daemons=daemons, log_level=args.log_level))
     if args.daemon == "button":
-        from edge.button import ButtonDaemon as Daemon
+        from edge.daemons.button.daemon import ButtonDaemon as Daemon
     elif args.daemon == "camera":
-        from edge.camera import CameraDaemon as Daemon
+        from edge.daemons.camera import CameraDaemon as Daemon
     elif args.daemon == "selftest":
-        from edge.selftest import SelfTestDaemon as Daemon
+        from edge.daemons.selftest.daemon import SelfTestDaemon as Daemon
     elif args.daemon == "fallback":
-        from edge.fallback import FallbackDaemon as Daemon
+        from edge.daemons.fallback import FallbackDaemon as Daemon
     else:
-        from edge.uplink import UplinkDaemon as Daemon
-    from edge.instance import AlreadyRunning
+        from edge.daemons.uplink.daemon import UplinkDaemon as Daemon
+    from edge.runtime.instance import AlreadyRunning
 
     try:
         return _run_until_signalled(Daemon(config))
@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sim_press(args) -> int:
-    from edge.control import ControlUnavailable, request
+    from edge.runtime.control import ControlUnavailable, request
 
     config = _load(args.config)
     try:
@@ -128,7 +128,7 @@ def cmd_sim_press(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    from edge.latch import UnknownInput, reset_alarms
+    from edge.daemons.button.latch import UnknownInput, reset_alarms
 
     config = _load(args.config)
     by = args.by or f"{os.environ.get('SUDO_USER') or getpass.getuser()} (guardpost reset)"
@@ -147,8 +147,8 @@ def cmd_reset(args) -> int:
 
 
 def cmd_queue(args) -> int:
-    from edge.outbox import Outbox
-    from edge.status import queue_json, queue_text
+    from edge.store.outbox import Outbox
+    from edge.tools.status import queue_json, queue_text
 
     config = _load(args.config)
     with Outbox(config.storage.database, config.identity) as outbox:
@@ -160,8 +160,8 @@ def cmd_queue(args) -> int:
 def cmd_status(args) -> int:
     import json
 
-    from edge.outbox import Outbox
-    from edge.status import collect_status, healthy, status_text
+    from edge.store.outbox import Outbox
+    from edge.tools.status import collect_status, healthy, status_text
 
     config = _load(args.config)
     with Outbox(config.storage.database, config.identity) as outbox:
@@ -183,7 +183,7 @@ def cmd_config_check(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from edge.watch import Watcher
+    from edge.tools.watch import Watcher
 
     config = _load(args.config, broker_files=True)
     watcher = Watcher(config.broker, config.uplink.topic_root, args.site or config.device.site_id,
@@ -209,7 +209,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_provision(args) -> int:
-    from edge.provision import ProvisionError, apply, plan_provision
+    from edge.tools.provision import ProvisionError, apply, plan_provision
 
     try:
         plan = plan_provision(Path(args.config), site=args.site, device=args.device,
@@ -233,7 +233,7 @@ def cmd_provision(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from edge.doctor import run_doctor
+    from edge.tools.doctor import run_doctor
 
     return run_doctor(Path(args.config), as_json=args.json, press_timeout=args.press_timeout,
                       ack_timeout=args.ack_timeout)
@@ -241,8 +241,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_test_alarm(args) -> int:
     """Run the alarm test here and now, printing each stage as it passes."""
-    from edge.alarmtest import AlarmTestRunner, TestBusy, request_test
-    from edge.outbox import Outbox
+    from edge.daemons.selftest.alarmtest import AlarmTestRunner, TestBusy, request_test
+    from edge.store.outbox import Outbox
 
     config = _load(args.config)
     if args.ack_timeout is not None:
@@ -298,13 +298,13 @@ def cmd_test_alarm(args) -> int:
 
 
 def _now_iso() -> str:
-    from edge.events import utc_iso, utc_now
+    from edge.contract.events import utc_iso, utc_now
 
     return utc_iso(utc_now())
 
 
 def cmd_report(args) -> int:
-    from edge.report import build_report, render_csv, render_json, render_markdown
+    from edge.tools.report import build_report, render_csv, render_json, render_markdown
 
     config = _load(args.config)
     try:
@@ -324,7 +324,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from edge.demo import run_demo
+    from edge.tools.demo import run_demo
 
     return run_demo(auto=args.auto, workdir=args.workdir, log_level=args.log_level)
 

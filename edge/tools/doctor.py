@@ -27,14 +27,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from edge.alarmtest import follow_event
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config, ConfigError, load_config
-from edge.control import ControlUnavailable, request
-from edge.events import ContactId, EventDraft, EventKind, utc_now
-from edge.mqtt import connect, make_client
-from edge.outbox import Outbox
-from edge.wake import wake
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
+from edge.daemons.selftest.alarmtest import follow_event
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.control import ControlUnavailable, request
+from edge.runtime.mqtt import connect, make_client
+from edge.runtime.wake import wake
+from edge.store.outbox import Outbox
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 MIN_FREE_BYTES = 200 * 1024 * 1024

@@ -31,16 +31,16 @@ from drivers.gpio import Indicators, PanicInputs, PressReport, open_pin_factory
 from drivers.gpio.outputs import LedPattern
 from drivers.gpio.sim import SimulatedContact, wire_test_relay
 from edge import __version__
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
-from edge.control import ControlServer
-from edge.events import ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
-from edge.instance import only_instance
-from edge.latch import AlarmLatch
-from edge.outbox import ACKNOWLEDGED, QUEUED, Outbox
-from edge.sdnotify import Watchdog, notify
-from edge.testpulse import RelayWindow, finger_after_pulse
-from edge.wake import Waker, wake
+from edge.contract.events import ContactId, Event, EventDraft, EventKind, utc_iso, utc_now
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.button.testpulse import RelayWindow, finger_after_pulse
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.control import ControlServer
+from edge.runtime.instance import only_instance
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker, wake
+from edge.store.outbox import ACKNOWLEDGED, QUEUED, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -564,7 +564,7 @@ class ButtonDaemon:
         return answer
 
     def _finger_after_pulse(self, window: RelayWindow, released: float) -> bool:
-        """Judge the input's edges after the pulse (see :mod:`edge.testpulse`) until
+        """Judge the input's edges after the pulse (see :mod:`edge.daemons.button.testpulse`) until
         they tell: a person's finger, or the relay alone."""
         spec = self.config.inputs[window.input]
         relay = self.config.outputs.test_relay

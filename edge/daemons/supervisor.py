@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from edge.config import EX_CONFIG
-from edge.sdnotify import NotifyListener, notify
+from edge.runtime.sdnotify import NotifyListener, notify
 
 log = logging.getLogger(__name__)
 

@@ -41,13 +41,13 @@ from datetime import datetime, timedelta
 
 from drivers.modem import Modem, ModemError, SmsRefused
 from edge import __version__
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
-from edge.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
-from edge.instance import only_instance
-from edge.outbox import Outbox
-from edge.sdnotify import Watchdog, notify
-from edge.wake import Waker, wake
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.instance import only_instance
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker, wake
+from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from edge.clock import boot_id, clock_synchronised
 from edge.config import Config
-from edge.control import ControlUnavailable
-from edge.control import request as control_request
-from edge.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now, uuid7
-from edge.outbox import Outbox
-from edge.wake import wake
+from edge.contract.events import (
+    ContactId,
+    EventDraft,
+    EventKind,
+    Qualifier,
+    utc_iso,
+    utc_now,
+    uuid7,
+)
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.control import ControlUnavailable
+from edge.runtime.control import request as control_request
+from edge.runtime.wake import wake
+from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

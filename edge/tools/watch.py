@@ -21,8 +21,8 @@ from typing import TextIO
 import paho.mqtt.client as paho
 
 from edge.config import BrokerConfig
-from edge.contract import ack_payload
-from edge.mqtt import connect, make_client
+from edge.contract.messages import ack_payload
+from edge.runtime.mqtt import connect, make_client
 
 log = logging.getLogger(__name__)
 

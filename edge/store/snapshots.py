@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from drivers.camera import Snapshot
-from edge.events import utc_iso, utc_now
-from edge.outbox import Outbox
+from edge.contract.events import utc_iso, utc_now
+from edge.store.outbox import Outbox
 
 # Free disk always left to the outbox (and the system): the spool shrinks below its budget
 # rather than eat into it.

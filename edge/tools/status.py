@@ -12,12 +12,12 @@ import json
 from dataclasses import asdict
 from datetime import datetime
 
-from edge.alarmtest import latest_test
 from edge.config import Config
-from edge.control import ControlUnavailable, request
-from edge.events import Priority, utc_now
-from edge.latch import AlarmLatch
-from edge.outbox import STATES, Outbox, QueueSummary
+from edge.contract.events import Priority, utc_now
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.selftest.alarmtest import latest_test
+from edge.runtime.control import ControlUnavailable, request
+from edge.store.outbox import STATES, Outbox, QueueSummary
 
 PRIORITY_NAMES = [p.name.lower() for p in Priority]
 

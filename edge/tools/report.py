@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from edge.events import Identity, utc_iso, utc_now
+from edge.contract.events import Identity, utc_iso, utc_now
 
 REPORT_SCHEMA = "guardpost/report@1"
 ONLINE_GRACE_S = 120  # the newest session counts as still up if seen this recently

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.events import Identity, utc_iso, utc_now
+from edge.contract.events import Identity, utc_iso, utc_now
 
 STATUS_SCHEMA = "guardpost/status@1"
 HEALTH_SCHEMA = "guardpost/health@1"

@@ -1,0 +1,1 @@
+"""The platform contract: events, topics, payloads and the messages the platform sends."""

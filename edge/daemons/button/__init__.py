@@ -1,0 +1,1 @@
+"""The button daemon: the first link of the alarm path (GPIO -> latch -> outbox)."""

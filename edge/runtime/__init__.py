@@ -1,0 +1,2 @@
+"""What every daemon shares: readiness and watchdog, wake-ups, control socket, clocks,
+the MQTT client."""

@@ -1,0 +1,1 @@
+"""The outbox: the one SQLite repository every daemon and tool goes through."""

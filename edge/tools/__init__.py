@@ -1,0 +1,1 @@
+"""The commands around the daemons: cli, demo, watch, status, doctor, provision, report."""
