@@ -14,11 +14,12 @@ import os
 import string
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
@@ -77,6 +78,15 @@ def _cron(value: str) -> str:
         raise ValueError(f"{value!r} is not a cron schedule (five fields: minute hour "
                          "day-of-month month day-of-week, e.g. '0 10 * * 1,4' for Monday "
                          "and Thursday at 10:00)")
+    try:
+        # A valid expression can still name no day at all (31 February): the self-test
+        # daemon would fail on its first look at the schedule. 8 years: 29 February.
+        now = datetime.now(UTC)
+        croniter(value, now, max_years_between_matches=8).get_next(datetime)
+        croniter(value, now, max_years_between_matches=8).get_prev(datetime)
+    except CroniterError:
+        raise ValueError(f"{value!r} never fires (it names a day that does not exist, such "
+                         "as 31 February)") from None
     return value
 
 
@@ -188,9 +198,26 @@ class StorageConfig(Strict):
         return self
 
 
+def _pin_factory(value: str) -> str:
+    if value == "rpigpio":
+        # gpiozero's RPi.GPIO pins (and rpi-lgpio, the RPi.GPIO shim) get no edge timestamps:
+        # an edge is timed when its callback runs, and a 25 ms press whose first callback
+        # ran 16 ms late measures 9 ms, a "glitch" that is ignored.
+        raise ValueError("'rpigpio' is refused: RPi.GPIO reports no edge times, so a short "
+                         "press whose callback runs late is measured too short and ignored. "
+                         "Use 'lgpio' (apt install python3-lgpio): it works on every "
+                         "Raspberry Pi model, with the kernel's own edge timestamps")
+    if value not in ("lgpio", "mock"):
+        raise ValueError(f"{value!r} is not a pin factory: 'lgpio' (a Raspberry Pi, any "
+                         "model) or 'mock' (simulation)")
+    return value
+
+
 class GpioConfig(Strict):
-    pin_factory: Literal["lgpio", "rpigpio", "mock"] = Field(
-        description="lgpio on a Pi 5 (and any Pi), rpigpio on older boards, mock for simulation",
+    pin_factory: Annotated[str, AfterValidator(_pin_factory)] = Field(
+        "lgpio",
+        description="lgpio on every Raspberry Pi model (the only one that times edges in the "
+                    "kernel); mock for simulation. rpigpio is refused",
     )
     chip: int | None = Field(None, ge=0, le=16, description="lgpio gpiochip; default: detect")
 
@@ -558,6 +585,20 @@ def _describe(error: dict) -> str:
     return f"{location}: {message}" if location else message
 
 
+def _keys_with_nul(value, key: str = "") -> list[str]:
+    if isinstance(value, str):
+        return [key or "(value)"] if "\x00" in value else []
+    if isinstance(value, dict):
+        found = [f"{key}.{k}" if key else str(k) for k in value if "\x00" in str(k)]
+        for name, item in value.items():
+            found += _keys_with_nul(item, f"{key}.{name}" if key else str(name))
+        return found
+    if isinstance(value, list):
+        return [k for index, item in enumerate(value)
+                for k in _keys_with_nul(item, f"{key}[{index}]")]
+    return []
+
+
 def parse_config(data: dict, source: str = "<config>",
                  credentials: CredentialStore | None = None,
                  check_broker_files: bool = True) -> Config:
@@ -568,6 +609,11 @@ def parse_config(data: dict, source: str = "<config>",
     button daemon above all): the alarm path must not depend on the uplink's secrets,
     which it cannot even read, nor on a certificate the platform has not issued yet.
     """
+    nul = [f"{key}: contains a NUL character" for key in _keys_with_nul(data)]
+    if nul:
+        # No path, host, topic or text may hold one: the C libraries underneath (the file
+        # system, SQLite, OpenCV) refuse it, and MQTT strings must not contain it.
+        raise ConfigError(source, nul)
     try:
         config = Config.model_validate(data)
     except ValidationError as err:

@@ -139,5 +139,5 @@ def test_a_second_copy_of_a_daemon_refuses_to_start(make_config, daemons):
     first = daemons("uplink", path)
     second = subprocess.run([sys.executable, "-m", "edge", "run", "uplink", "-c", str(path)],
                             capture_output=True, text=True, timeout=60)
-    assert second.returncode == 1
+    assert second.returncode == 75  # EX_TEMPFAIL: the other one may be on its way out
     assert f"another uplink daemon is running (pid {first.pid}" in second.stderr

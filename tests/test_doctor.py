@@ -36,7 +36,7 @@ def test_doctor_walks_every_step_and_the_press_is_a_test_not_an_alarm(tls_site, 
         online(police)
         checking = doctor(path, "--press-timeout", "30")
         for line in checking.stderr:  # progress goes to stderr with --json
-            if "press the panic button now" in line:
+            if "press the panic button gate on GPIO17 now" in line:
                 break
         press(config)  # the installer presses the button
         report = json.loads(checking.stdout.read())
@@ -69,7 +69,7 @@ def test_doctor_says_plainly_what_fails_when_the_broker_is_down(tls_site, daemon
     assert checking.wait(60) == 1 and report["ok"] is False
     steps = by_name(report)
     assert steps["configuration"]["status"] == "PASS"
-    assert steps["panic button"]["detail"] == "no press within 0.5 s"
+    assert steps["panic button"]["detail"] == "no press of gate within 0.5 s"
     assert steps["broker over TLS"]["status"] == "FAIL"
     assert "Connection refused" in steps["broker over TLS"]["detail"]
     assert "did not reach the broker" in steps["test event round trip"]["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 from gpiozero.pins.mock import MockFactory
@@ -142,21 +143,36 @@ def test_the_named_pin_factory_or_nothing():
     # another factory behind our back.
     with pytest.raises(PinFactoryError, match="lgpio"):
         open_pin_factory("lgpio")
-    with pytest.raises(PinFactoryError, match="rpigpio"):
+    with pytest.raises(PinFactoryError, match="unknown pin factory 'rpigpio'"):
         open_pin_factory("rpigpio")
 
 
-def test_edges_stamped_on_another_clock_are_timed_on_arrival(caplog):
+def test_edges_stamped_on_the_wall_clock_are_converted_to_the_monotonic_clock(caplog):
     """lgpio passes the kernel's event timestamps; a kernel that stamps GPIO events with
-    the wall clock (before Linux 5.7) must not push every deadline decades away, so that
-    a button held down would never count. The driver calls when_changed like this."""
+    the wall clock (before Linux 5.7) must not push every deadline decades away (a button
+    held down would never count), nor lose the edge's own time: a 25 ms press whose edges
+    reach us late still lasted 25 ms. The driver calls when_changed like this."""
+    with Harness(gate={"pin": 17, "min_press_ms": 20}) as h:
+        pin = h.inputs.pin("gate")
+        callback = pin.when_changed
+        pin.when_changed = None
+        pressed = time.time() - 0.100  # the press began 100 ms ago, and lasted 25 ms
+        callback(pressed, 0)
+        callback(pressed + 0.025, 1)
+        report = h.next_report()
+        assert report.accepted and abs(report.duration - 0.025) < 0.002, report
+        assert 0.09 < report.age < 5
+        assert "converted from the wall clock" in caplog.text
+
+
+def test_edges_stamped_on_no_known_clock_are_timed_on_arrival(caplog):
     with Harness(gate={"pin": 17, "min_press_ms": 5}) as h:
         pin = h.inputs.pin("gate")
         callback = pin.when_changed
         pin.when_changed = None
         pin.drive_low()  # the button is down: the level the driver reads ...
         pin.when_changed = callback
-        callback(1.8e9, 0)  # ... and its event, stamped in seconds since 1970
+        callback(-1e9, 0)  # ... and its event, stamped on some other clock
         report = h.next_report()  # accepted at its deadline, while still held
         assert report.accepted and report.age < 5
-        assert "not on the pin factory's clock" in caplog.text
+        assert "timed on arrival" in caplog.text

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.gpio.press_filter import HELD_CHECK_S, PressFilter
+from drivers.gpio.press_filter import HELD_CHECK_S, IDLE_CHECK_S, PressFilter
 
 
 class Input:
@@ -11,11 +11,18 @@ class Input:
     deadline a call to expire() with the level the pin reads at that moment."""
 
     def __init__(self, flt: PressFilter, edges: list[tuple[float, bool]], *, lost=(),
-                 late=False):
+                 late=False, delays=(), lag=0.0):
         self.flt = flt
+        self.lag = lag  # the worker wakes this long after each deadline (a loaded machine)
         self.late = late  # the worker never looks at a deadline before the next edge
         self.edges = sorted(edges, key=lambda edge: edge[0])  # stable: same-time order kept
         self.lost = set(lost)  # edges the driver never delivered (the level still changes)
+        # How long each edge takes to reach the filter after the pin changed (the driver's
+        # thread, the queue): meanwhile the level read at a deadline is already the new one.
+        self.arrivals, last = [], 0.0
+        for index, (at, _) in enumerate(self.edges):
+            last = max(last, at + (delays[index] if index < len(delays) else 0.0))
+            self.arrivals.append(last)
 
     def level_at(self, t: float) -> bool:
         level = False
@@ -25,22 +32,25 @@ class Input:
         return level
 
     def run(self, until: float) -> list:
-        outcomes, pending = [], [e for e in self.edges if e not in self.lost]
+        outcomes = []
+        pending = [(arrival, edge) for arrival, edge in zip(self.arrivals, self.edges, strict=True)
+                   if edge not in self.lost]
         while True:
             deadline = self.flt.deadline
-            if pending and (deadline is None or pending[0][0] <= deadline or self.late):
-                at, active = pending.pop(0)
+            wakes = None if deadline is None else deadline + self.lag
+            if pending and (wakes is None or pending[0][0] <= wakes or self.late):
+                _, (at, active) = pending.pop(0)
                 outcomes += self.flt.edge(at, active)
-            elif deadline is not None and deadline <= until:
-                outcomes += self.flt.expire(deadline, self.level_at(deadline))
+            elif wakes is not None and wakes <= until:
+                outcomes += self.flt.expire(wakes, self.level_at(wakes))
             else:
                 return outcomes
 
 
 def presses(min_press=0.010, hold=0.0, bounce=0.005, edges=(), lost=(), until=10.0,
-            late=False):
+            late=False, delays=(), lag=0.0):
     return Input(PressFilter(min_press, hold, bounce), list(edges), lost=lost,
-                 late=late).run(until)
+                 late=late, delays=delays, lag=lag).run(until)
 
 
 def test_a_20_ms_press_is_accepted_at_its_deadline_with_its_first_edge():
@@ -120,6 +130,35 @@ def test_no_filtering_at_all_accepts_every_activating_edge():
     assert [o.started for o in outcomes] == [t / 1000 for t in range(0, 20, 2)]
 
 
+def test_a_press_whose_edge_is_still_on_its_way_is_not_taken_for_bounce():
+    """The undecided press of issue 11: a press began just over the bounce time after the
+    last one was released, and the worker read the pin (closed) at the release's deadline
+    before the press's edge reached it. Taken for bounce, the press was merged into the
+    previous one and decided never: no event, no log line."""
+    edges = [(0.0, True), (0.020, False), (0.0251, True), (0.045, False)]
+    # The worker looks at the release's deadline (0.025) 0.2 ms late and reads the pin
+    # closed; the new press's edge reaches it 0.1 ms after that.
+    outcomes = presses(edges=edges, delays=[0, 0, 0.0002, 0], lag=0.0002)
+    assert [(o.accepted, o.started) for o in outcomes] == [(True, 0.0), (True, 0.0251)]
+
+
+def test_a_closing_edge_that_never_comes_is_a_new_press_not_a_lost_one():
+    """Both a bounce and a new press look the same when the closing edge is lost: the
+    filter takes it for a new press (a repeat at worst), from when it noticed."""
+    edges = [(0.0, True), (0.020, False), (0.027, True), (0.2, False)]
+    # The worker looks at the release's deadline (0.025) 10 ms late: closed again.
+    outcomes = presses(edges=edges, lost=[(0.027, True)], lag=0.010)
+    assert [(o.accepted, o.started) for o in outcomes] == [(True, 0.0), (True, 0.035)]
+
+
+def test_a_press_whose_first_edge_was_lost_is_seen_by_the_idle_check():
+    """A driver that drops an activating edge (its event buffer overflowed) must not make
+    a held button silent: the idle input's level is read every IDLE_CHECK_S."""
+    edges = [(1.0, True), (2.5, False)]
+    [outcome] = presses(edges=edges, lost=[(1.0, True)])
+    assert outcome.accepted and 1.0 <= outcome.started <= 1.0 + IDLE_CHECK_S
+
+
 def test_a_worker_that_looks_late_still_sees_two_separate_presses():
     """The worker was busy past the end of a release's bounce time: the next press's edge
     reaches the filter before the deadline that would have ended the first one."""
@@ -156,3 +195,32 @@ def test_every_activation_at_least_the_threshold_long_is_exactly_one_press(
         assert all(o.accepted for o in outcomes) and len(outcomes) == len(expected)
     else:
         assert [o.accepted for o in outcomes] == expected
+
+
+@given(threshold_ms=st.integers(min_value=1, max_value=20),
+       bounce_ms=st.integers(min_value=1, max_value=10),
+       activations=st.lists(st.tuples(st.integers(min_value=0, max_value=60),
+                                      st.integers(min_value=0, max_value=40)),
+                            min_size=1, max_size=25),
+       delays=st.lists(st.integers(min_value=0, max_value=40), max_size=60),
+       lag_ms=st.integers(min_value=0, max_value=5))
+def test_every_activation_is_decided_once_when_edges_arrive_after_the_level_changed(
+        threshold_ms, bounce_ms, activations, delays, lag_ms):
+    """Edges reach the filter up to 40 ms after the pin changed (a loaded driver thread),
+    while every level read at a deadline is already the new one: still exactly one
+    decision per activation, with its own first edge, and every press accepted (the soak
+    that found 2 undecided presses in 1,500 is this, at random).
+
+    The one thing late edges can blur: a glitch followed, within the delay, by a press
+    that is closed at the glitch's deadline reads as held, and is accepted (a false alarm
+    of that glitch at worst, never a press lost)."""
+    edges, expected, t = [], [], 0.0
+    for held_ms, extra_gap_ms in activations:
+        start, end = t, t + (held_ms + 0.5) / 1000  # never exactly at the threshold
+        edges += [(start, True), (end, False)]
+        expected.append(held_ms + 0.5 >= threshold_ms)
+        t = end + (bounce_ms + 0.5 + extra_gap_ms) / 1000  # never exactly the bounce time
+    outcomes = presses(min_press=threshold_ms / 1000, bounce=bounce_ms / 1000, edges=edges,
+                       until=t + 1, delays=[d / 1000 for d in delays], lag=lag_ms / 1000)
+    assert [round(o.started, 6) for o in outcomes] == [round(e[0], 6) for e in edges[::2]]
+    assert all(o.accepted for o, press in zip(outcomes, expected, strict=True) if press)

@@ -302,7 +302,7 @@ def test_a_held_button_is_recorded_even_when_the_test_press_cannot_be_recorded_i
                 gave_up.set()
 
     handler = GaveUp()
-    logging.getLogger("edge.daemons.button.daemon").addHandler(handler)
+    logging.getLogger("edge.daemons.button").addHandler(handler)
     try:
         with in_process(ButtonDaemon(config)) as button, \
                 Outbox(config.storage.database, config.identity) as outbox, \
@@ -334,7 +334,7 @@ def test_a_held_button_is_recorded_even_when_the_test_press_cannot_be_recorded_i
             row = outbox.db.execute("SELECT state, failed_stage FROM alarm_tests").fetchone()
             assert row == ("failed", "edge")  # a person pressed: never a passing test
     finally:
-        logging.getLogger("edge.daemons.button.daemon").removeHandler(handler)
+        logging.getLogger("edge.daemons.button").removeHandler(handler)
 
 
 def test_a_press_held_before_the_test_stays_an_alarm_and_the_test_does_not_pulse(

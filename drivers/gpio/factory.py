@@ -33,14 +33,10 @@ def _construct(name: str, chip: int | None) -> Factory:
         from gpiozero.pins.lgpio import LGPIOFactory
 
         return LGPIOFactory(chip=chip)
-    if name == "rpigpio":
-        from gpiozero.pins.rpigpio import RPiGPIOFactory
-
-        return RPiGPIOFactory()
     raise PinFactoryError(f"unknown pin factory {name!r}")
 
 
-_EXPECTED_CLASS = {"mock": "MockFactory", "lgpio": "LGPIOFactory", "rpigpio": "RPiGPIOFactory"}
+_EXPECTED_CLASS = {"mock": "MockFactory", "lgpio": "LGPIOFactory"}
 
 
 def open_pin_factory(name: str, chip: int | None = None) -> Factory:
@@ -53,8 +49,7 @@ def open_pin_factory(name: str, chip: int | None = None) -> Factory:
     try:
         factory = _construct(name, chip)
     except ImportError as err:
-        hint = {"lgpio": "install python3-lgpio (apt) or the 'pi' extra",
-                "rpigpio": "install python3-rpi.gpio or python3-rpi-lgpio (apt)"}.get(name, "")
+        hint = {"lgpio": "install python3-lgpio (apt) or the 'pi' extra"}.get(name, "")
         raise PinFactoryError(f"pin factory {name!r} is not available: {err}; {hint}") from err
     except Exception as err:  # the libraries raise their own types (lgpio.error, RuntimeError)
         raise PinFactoryError(f"pin factory {name!r} failed to open: {err}",

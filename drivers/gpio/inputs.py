@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,8 +36,8 @@ class PressReport:
     input: str
     accepted: bool
     reason: str
-    # The activating edge on the pin factory's clock: time.monotonic() seconds for the
-    # local factories (lgpio, rpigpio) and for MockFactory.
+    # The activating edge on the pin factory's clock: time.monotonic() seconds for
+    # lgpio and for MockFactory.
     edge_ticks: float
     duration: float    # seconds the input had been active when decided
     age: float         # seconds from the activating edge to the decision
@@ -82,18 +83,28 @@ class _Channel:
     def _on_change(self, ticks: float, state: int) -> None:
         now = self._factory.ticks()
         if not -MAX_EDGE_AGE_S <= self._factory.ticks_diff(now, ticks) <= MAX_EDGE_AGE_S:
-            # The driver's edge timestamps are on another clock than the factory's (lgpio
-            # on a kernel stamping GPIO events with CLOCK_REALTIME, before Linux 5.7):
-            # time the edge on arrival instead of misjudging every press.
-            if not self._clock_warned:
-                log.warning("input %s: edge timestamps are not on the pin factory's clock;"
-                            " timing edges on arrival", self.name)
-                self._clock_warned = True
-            ticks = now
+            ticks = self._on_our_clock(ticks, now)
         active = bool(state) == self.active_level
         self._edges.put((self, ticks, active))
         if self.on_edge is not None:
             self.on_edge(self.name, ticks, active)
+
+    def _on_our_clock(self, ticks: float, now: float) -> float:
+        """An edge timestamp on another clock than the factory's: lgpio on a kernel that
+        stamps GPIO events with CLOCK_REALTIME (before Linux 5.7). It is converted to the
+        monotonic clock by their current offset (exact but for an NTP step between the
+        edge and now); failing that, the edge is timed on arrival, never misjudged by
+        decades."""
+        converted = ticks - (time.time() - time.monotonic())
+        if -MAX_EDGE_AGE_S <= self._factory.ticks_diff(now, converted) <= MAX_EDGE_AGE_S:
+            how, ticks = "converted from the wall clock", converted
+        else:
+            how, ticks = "timed on arrival", now
+        if not self._clock_warned:
+            log.warning("input %s: edge timestamps are not on the pin factory's clock; %s",
+                        self.name, how)
+            self._clock_warned = True
+        return ticks
 
     def is_active(self) -> bool:
         return bool(self.pin.state) == self.active_level

@@ -20,7 +20,12 @@ been released for ``bounce``: holding the button never repeats it.
 
 Edges can be lost (a driver's event buffer overflowing on a noisy loop). The caller
 passes the input's level read at each deadline, so a release whose edge never came is
-still noticed, and nothing waits forever.
+still noticed, and nothing waits forever. But the level is read *ahead* of the edges: the
+pin has changed before its edge reaches the queue (lgpio's alert thread, or a mock pin's
+callback, runs after the change). Where the level and the edges disagree, the filter
+therefore waits up to ``EDGE_GRACE_S`` for the edge, whose timestamp decides; only an edge
+that never comes is replaced by the level, and a contact found closed again is then taken
+for a new press (a repeat at worst): taken for bounce, it could be a press never decided.
 
 The filter is pure: times are floats in seconds on one time base, given by the caller.
 """
@@ -33,6 +38,12 @@ from dataclasses import dataclass
 _TOLERANCE_S = 1e-6
 # While a press is held, the level is read this often: a release edge may be lost.
 HELD_CHECK_S = 0.05
+# How long an edge may take to reach the filter after the pin changed (the driver's
+# thread, the queue, the worker, all under load) before it counts as lost.
+EDGE_GRACE_S = 0.05
+# An idle input's level is read this often too: a press whose first edge was lost is then
+# still a press, half a second late, not a missed alarm.
+IDLE_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,13 +70,20 @@ class PressFilter:
         self._held = False                   # the activation was accepted as a press
         self._gap_since: float | None = None  # the input opened at this time: released?
         self._gap_seen = False               # ... as an edge (not only as a level read)
-        self._checked = 0.0                  # last level read while held
+        self._checked = 0.0                  # last level read while held or idle
+        self._doubt_since: float | None = None  # the level disagrees with the edges since
+
+    @property
+    def _closed_by_edges(self) -> bool:
+        return self._start is not None and self._gap_since is None
 
     @property
     def deadline(self) -> float | None:
-        """When :meth:`expire` should be called next, or None if nothing is pending."""
+        """When :meth:`expire` should be called next."""
+        if self._doubt_since is not None:
+            return self._doubt_since + EDGE_GRACE_S
         if self._start is None:
-            return None
+            return self._checked + IDLE_CHECK_S
         if self._gap_since is not None:
             return self._gap_since + self.bounce
         if not self._held:
@@ -74,6 +92,7 @@ class PressFilter:
 
     def edge(self, at: float, active: bool) -> list[FilterOutcome]:
         """Feed one edge; returns the decisions it settles (none, one, or two)."""
+        self._doubt_since = None
         if active:
             outcomes = []
             if (self._start is not None and self._gap_since is not None
@@ -82,10 +101,7 @@ class PressFilter:
                 # activation had ended even if its deadline was not looked at in time.
                 outcomes += self._release()
             if self._start is None:
-                self._start, self._gap_since = at, None
-                if self.threshold == 0:
-                    outcomes.append(self._accept(at, "press"))
-                return outcomes
+                return outcomes + self._begin(at)
             self._gap_since = None  # the contact closed again within the bounce time
             return outcomes
         if self._start is None:
@@ -104,23 +120,39 @@ class PressFilter:
         deadline = self.deadline
         if deadline is None or now < deadline - _TOLERANCE_S:
             return []
+        if self._doubt_since is not None:
+            since, self._doubt_since = self._doubt_since, None
+            return self._edge_lost(since, now, still_active)
+        if still_active != self._closed_by_edges:
+            # The pin changed and its edge has not reached us yet (or was lost): wait for
+            # it, since only its timestamp tells a bounce from a release or a new press.
+            self._doubt_since = now
+            return []
         if self._gap_since is not None:
-            if still_active:
-                # Closed again, and the closing edge has not reached us (or was lost):
-                # the opening was a bounce.
-                self._gap_since = None
-                return self.expire(now, still_active)
-            return self._release()
-        if not self._held:
-            if still_active:
-                return [self._accept(now, "press")]
-            # Open at the deadline, yet no release edge: wait one bounce time for it.
-            self._gap_since, self._gap_seen = now, False
-            return self._release() if self.bounce == 0 else []
-        self._checked = now
-        if not still_active:
-            self._gap_since, self._gap_seen = now, False  # a release whose edge was lost
+            return self._release()  # open for the bounce time: released
+        if self._start is not None and not self._held:
+            return [self._accept(now, "press")]
+        self._checked = now  # held (or idle), as the edges say
         return []
+
+    def _edge_lost(self, since: float, now: float, still_active: bool) -> list[FilterOutcome]:
+        """The edge that would explain the level read at ``since`` never came."""
+        if still_active == self._closed_by_edges:
+            return self.expire(now, still_active)  # the level is back in line with the edges
+        if not still_active:
+            # The contact opened and its edge was lost. Not yet accepted, it was open at
+            # its deadline: it did not last (an unseen gap is never confirmed as a press).
+            self._gap_since, self._gap_seen = since, False
+            return self.expire(now, still_active)
+        if self._start is None:
+            return self._begin(since)  # a press whose first edge was lost
+        # Closed again and that edge was lost: a bounce and a new press look the same.
+        return self._release() + self._begin(since)
+
+    def _begin(self, at: float) -> list[FilterOutcome]:
+        """A new activation starts at ``at``."""
+        self._start, self._gap_since, self._held = at, None, False
+        return [self._accept(at, "press")] if self.threshold == 0 else []
 
     def _accept(self, now: float, reason: str) -> FilterOutcome:
         self._held = True
@@ -130,8 +162,9 @@ class PressFilter:
     def _release(self) -> list[FilterOutcome]:
         """The input has been open for ``bounce``: the activation is over."""
         started, ended, held, seen = self._start, self._gap_since, self._held, self._gap_seen
-        self._start = self._gap_since = None
+        self._start = self._gap_since = self._doubt_since = None
         self._held = False
+        self._checked = ended
         if held:
             return []  # the end of an accepted press is not news
         duration = max(0.0, ended - started)

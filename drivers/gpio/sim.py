@@ -7,7 +7,9 @@ pull-up or pull-down), so the whole input path, filter included, is exercised.
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Callable
 
 from gpiozero.pins.mock import MockPin
@@ -93,3 +95,38 @@ def wire_test_relay(factory, relay_pin: int, active_high: bool,
             target.release(by="test relay")
 
     return factory.pin(relay_pin, pin_class=RelayWiredPin, on_change=follow)
+
+
+class LaggingPin(MockPin):
+    """A mock input pin whose edges reach their callback late, on a thread of their own.
+
+    gpiozero's MockPin calls back at once, in the thread that drives it. lgpio delivers
+    edges from its alert thread, after the level has changed, and on a loaded Pi that can
+    take long. Code that reads the level, or waits for a decision, must survive that: this
+    fake makes the lag as long as a test needs (``lag`` seconds; set it on a subclass).
+    Edges keep their own timestamps and their order.
+    """
+
+    lag = 0.001
+
+    def __init__(self, factory, info):
+        super().__init__(factory, info)
+        self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
+        self._courier = threading.Thread(target=self._deliver, daemon=True,
+                                         name=f"edges-{info.name}")
+        self._courier.start()
+
+    def _call_when_changed(self):
+        self._deliveries.put((self._last_change, self._state))
+
+    def _deliver(self) -> None:
+        while (item := self._deliveries.get()) is not None:
+            ticks, state = item
+            delay = ticks + self.lag - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # this thread stands for the driver's: it is the lag
+            super(MockPin, self)._call_when_changed(ticks, state)
+
+    def close(self):
+        self._deliveries.put(None)
+        super().close()

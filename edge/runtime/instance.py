@@ -8,10 +8,39 @@ daemons would both drive the LED. The second one refuses to start instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
+import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Set by `run all` in its children's environment: the supervisor's pid.
+PARENT_ENV = "GUARDPOST_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(environ: dict | None = None) -> None:
+    """Under ``run all``: be sent SIGTERM (a clean stop) when the supervisor dies, even by
+    ``kill -9``, so that no orphan keeps the pins, the MQTT session or the lock files."""
+    env = os.environ if environ is None else environ
+    parent = env.get(PARENT_ENV)
+    if not parent:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as err:
+        log.warning("cannot ask to be stopped with the supervisor (%s)", err)
+        return
+    if os.getppid() != int(parent):
+        # It died before we asked: the signal will never come.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class AlreadyRunning(RuntimeError):

@@ -51,7 +51,7 @@ def _load(path: str, *, broker_files: bool = False) -> Config:
     return load_config(path, check_broker_files=broker_files)
 
 
-def _run_until_signalled(daemon) -> int:
+def _run_until_signalled(daemon, before=None) -> int:
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -60,6 +60,8 @@ def _run_until_signalled(daemon) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if before is not None:
+        before()  # with the handlers in place: a SIGTERM it brings is a clean stop
     result = daemon.run(stop)
     return result if isinstance(result, int) else 0
 
@@ -75,8 +77,15 @@ def cmd_run(args) -> int:
         # The self-test last: its first checks find the others running.
         daemons = (["button", "uplink"] + (["camera"] if config.cameras else [])
                    + (["fallback"] if config.fallback else []) + ["selftest"])
-        return _run_until_signalled(Supervisor(Path(args.config), config.storage.runtime_dir,
-                                               daemons=daemons, log_level=args.log_level))
+        from edge.runtime.instance import AlreadyRunning
+
+        try:
+            return _run_until_signalled(Supervisor(
+                Path(args.config), config.storage.runtime_dir, daemons=daemons,
+                log_level=args.log_level))
+        except AlreadyRunning as err:
+            log.error("%s: `run all` is already running for this device", err)
+            return 1
     if args.daemon == "button":
         from edge.daemons.button.daemon import ButtonDaemon as Daemon
     elif args.daemon == "camera":
@@ -87,10 +96,10 @@ def cmd_run(args) -> int:
         from edge.daemons.fallback import FallbackDaemon as Daemon
     else:
         from edge.daemons.uplink.daemon import UplinkDaemon as Daemon
-    from edge.runtime.instance import AlreadyRunning
+    from edge.runtime.instance import AlreadyRunning, die_with_parent
 
     try:
-        return _run_until_signalled(Daemon(config))
+        return _run_until_signalled(Daemon(config), before=die_with_parent)
     except PinFactoryError as err:
         log.error("%s", err)
         # A factory that is not installed is a configuration matter (78: no restart
@@ -99,7 +108,7 @@ def cmd_run(args) -> int:
         return EX_CONFIG if err.permanent else EX_TEMPFAIL
     except AlreadyRunning as err:
         log.error("%s; not starting a second one", err)
-        return 1
+        return EX_TEMPFAIL  # the other one may be on its way out: try again later
 
 
 def cmd_sim_press(args) -> int:
@@ -236,7 +245,7 @@ def cmd_doctor(args) -> int:
     from edge.tools.doctor import run_doctor
 
     return run_doctor(Path(args.config), as_json=args.json, press_timeout=args.press_timeout,
-                      ack_timeout=args.ack_timeout)
+                      ack_timeout=args.ack_timeout, press_input=args.input)
 
 
 def cmd_test_alarm(args) -> int:
@@ -402,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
     doctor.add_argument("--press-timeout", type=float, default=30.0,
                         help="seconds to wait for the panic button to be pressed")
+    doctor.add_argument("--input", help="the panic input to press (default: the test relay's, "
+                                        "or the first); a press on any other is an alarm")
     doctor.add_argument("--ack-timeout", type=float, default=30.0,
                         help="seconds to wait for the platform's acknowledgement")
     doctor.set_defaults(func=cmd_doctor)

@@ -51,9 +51,11 @@ class Step:
 
 class Doctor:
     def __init__(self, config_path: Path, *, press_timeout: float = 30.0,
-                 ack_timeout: float = 30.0, say: Callable[[str], None] = print):
+                 ack_timeout: float = 30.0, say: Callable[[str], None] = print,
+                 press_input: str | None = None):
         self.config_path = Path(config_path)
         self.press_timeout = press_timeout
+        self.press_input = press_input  # the input to press; default: the relay's, or the first
         self.ack_timeout = ack_timeout
         self.say = say
         self.config: Config | None = None
@@ -130,9 +132,15 @@ class Doctor:
         step.detail = f"{wanted} opens (the button daemon is not running: start guardpost.target)"
 
     def check_press(self, step: Step) -> None:
+        cfg = self.config
+        name = self.press_input or cfg.test_input or next(iter(cfg.inputs))
+        if name not in cfg.inputs:
+            step.status = FAIL
+            step.detail = f"no input {name!r}; inputs: {', '.join(sorted(cfg.inputs))}"
+            return
         answer: list = []
         asking = threading.Thread(target=lambda: answer.append(self._button(
-            {"op": "test-press", "timeout": self.press_timeout},
+            {"op": "test-press", "input": name, "timeout": self.press_timeout},
             timeout=self.press_timeout + 10)), daemon=True)
         asking.start()
         # Ask the installer only once the daemon is listening for the press: one made
@@ -144,7 +152,10 @@ class Doctor:
                 break
             pause.wait(0.05)
         if asking.is_alive():
-            self.say(f"      press the panic button now (waiting {self.press_timeout:g} s; "
+            label = cfg.inputs[name].label
+            self.say(f"      press the panic button {name}"
+                     f"{f' ({label})' if label else ''} on GPIO{cfg.inputs[name].pin} now "
+                     f"(waiting {self.press_timeout:g} s; "
                      "it is recorded as a TEST, not an alarm)")
         asking.join(self.press_timeout + 15)
         reply = answer[0] if answer else {"ok": False, "error": "no answer from the daemon"}
@@ -313,8 +324,9 @@ class Doctor:
 
 
 def run_doctor(config_path: Path, *, as_json: bool, press_timeout: float,
-               ack_timeout: float) -> int:
+               ack_timeout: float, press_input: str | None = None) -> int:
     doctor = Doctor(config_path, press_timeout=press_timeout, ack_timeout=ack_timeout,
+                    press_input=press_input,
                     say=(lambda text: print(text, file=sys.stderr, flush=True)) if as_json
                     else (lambda text: print(text, flush=True)))
     ok = doctor.run()

@@ -1,0 +1,154 @@
+"""The skeleton every Guardpost daemon runs on: start-up, watchdog, stop, timers, state.
+
+A daemon is a subclass of :class:`Daemon` that says what it opens (:meth:`Daemon.start`),
+what it does when woken or when a timer is due, and what it reports. The skeleton does
+the rest the same way for all five:
+
+- one copy per device (a lock file in the runtime directory), and a wake-up socket that
+  other processes nudge (:mod:`edge.runtime.wake`);
+- ``READY=1`` only after :meth:`Daemon.start` has opened everything the daemon needs,
+  ``STOPPING=1`` when it stops, and everything opened closed in reverse order;
+- systemd's watchdog fed from the main loop itself, so a loop that is stuck stops
+  feeding it (and no wait in the loop is longer than half the watchdog's timeout);
+- periodic work on the monotonic clock (:meth:`Daemon.every`): a wall clock stepped by
+  NTP at boot never moves a timer;
+- the daemon's state for ``guardpost status`` saved in the outbox, a failure to save it
+  logged and never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from edge.config import Config
+from edge.runtime.instance import only_instance
+from edge.runtime.sdnotify import Watchdog, notify
+from edge.runtime.wake import Waker
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 3600.0  # the longest the loop sleeps when nothing is scheduled
+
+
+@dataclass
+class Timer:
+    """Work done every ``interval`` seconds of the monotonic clock."""
+
+    interval: float
+    action: Callable[[], None]
+    due: float
+
+    def run_if_due(self, now: float) -> None:
+        if now >= self.due:
+            # From now, not from the old due time: a loop held up for a while runs the
+            # work once, not once for every interval it missed.
+            self.due = now + self.interval
+            self.action()
+
+
+class Daemon:
+    """Base of the daemons; see the module docstring for what it does for them."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.identity = config.identity
+        self.ready = threading.Event()  # set with READY=1, for in-process users (tests)
+        self.stop_event = threading.Event()
+        self.waker: Waker | None = None
+        self.watchdog = Watchdog()
+        self._timers: list[Timer] = []
+
+    # -- what a daemon provides ----------------------------------------------------------
+
+    def start(self, stack: contextlib.ExitStack) -> str:
+        """Open what the daemon needs, registering each closer on ``stack``; return the
+        one-line status systemd shows. Raise to refuse to start."""
+        raise NotImplementedError
+
+    def woken(self) -> None:
+        """Another process (or :meth:`wake`) asked this daemon to look again."""
+
+    def step(self) -> int | None:
+        """Called after every wait; return an exit code to stop the daemon with it."""
+        return None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for a wake-up (True) or ``timeout`` seconds; the uplink also waits for
+        its network socket here."""
+        return self.waker.wait(timeout)
+
+    def state(self) -> dict:
+        """What ``guardpost status`` shows of this daemon."""
+        return {"daemon": self.name}
+
+    def stopping(self) -> None:
+        """The loop has ended; the resources of :meth:`start` are still open."""
+
+    # -- what the skeleton provides --------------------------------------------------------
+
+    def every(self, seconds: float, action: Callable[[], None], *,
+              first_in: float | None = None) -> Timer:
+        """Run ``action`` every ``seconds`` (first after ``first_in``, default one interval)."""
+        timer = Timer(seconds, action,
+                      time.monotonic() + (seconds if first_in is None else first_in))
+        self._timers.append(timer)
+        return timer
+
+    def wake(self) -> None:
+        if self.waker is not None:
+            self.waker.wake()
+
+    def save_state(self, outbox) -> None:
+        """Record :meth:`state` in the outbox for ``guardpost status``; never fatal."""
+        try:
+            outbox.set_daemon_state(self.name, json.dumps(self.state(), ensure_ascii=False,
+                                                          default=str))
+        except Exception as err:
+            log.warning("could not record the %s daemon's state: %s", self.name, err)
+
+    def run(self, stop: threading.Event) -> int:
+        """Run until ``stop`` is set (or :meth:`step` returns an exit code)."""
+        self.stop_event = stop
+        cfg = self.config
+        code = 0
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
+            self.waker = stack.enter_context(contextlib.closing(
+                Waker(cfg.storage.runtime_dir, self.name)))
+            status = self.start(stack)
+            self.ready.set()
+            notify("READY=1", f"STATUS={status}")
+            while not stop.is_set():
+                self.watchdog.ping()
+                now = time.monotonic()
+                for timer in self._timers:
+                    timer.run_if_due(now)
+                if stop.is_set():
+                    break
+                if self.wait(self._wait_budget()):
+                    self.woken()
+                if stop.is_set():
+                    break
+                code = self.step()
+                if code is not None:
+                    break
+            notify("STOPPING=1")
+            self.stopping()
+        return code or 0
+
+    def _wait_budget(self) -> float:
+        """Until the next timer, and never past half the watchdog's timeout."""
+        now = time.monotonic()
+        budget = min((t.due - now for t in self._timers), default=IDLE_WAIT_S)
+        if self.watchdog.interval is not None:
+            budget = min(budget, self.watchdog.interval)
+        return max(0.0, budget)
