@@ -34,13 +34,22 @@ RELAY = {"test_relay": {"pin": 24, "pulse_ms": 200}}
 
 
 class FakeClock:
-    """The self-test daemon's wall clock, moved by the test."""
+    """The self-test daemon's clocks, moved by the test: the wall clock, and a monotonic
+    one that moves with it (a test may also step the wall clock alone)."""
 
     def __init__(self, start: datetime):
         self.now = start
+        self.elapsed = 0.0  # monotonic seconds
 
     def __call__(self) -> datetime:
         return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+        self.elapsed += delta.total_seconds()
+
+    def monotonic(self) -> float:
+        return 1000.0 + self.elapsed
 
 
 def alarm_tests_in(outbox: Outbox) -> list[dict]:
@@ -55,7 +64,8 @@ def kinds(outbox: Outbox) -> list[tuple[str, int]]:
 
 @contextlib.contextmanager
 def selftest_daemon(config, clock, **kwargs):
-    daemon = SelfTestDaemon(config, clock=clock, clock_synced=lambda: True, **kwargs)
+    daemon = SelfTestDaemon(config, clock=clock, clock_synced=lambda: True,
+                            monotonic=clock.monotonic, **kwargs)
     with in_process(daemon):
         poll_until(lambda: daemon.runs >= 1, what="the first check run")
         yield daemon
@@ -144,7 +154,7 @@ def test_scheduled_test_fires_at_its_time_through_the_relay_and_passes(make_conf
 
         # The same slot never runs twice, even after the daemon starts again.
         selftest.wake()
-    clock.now += timedelta(minutes=5)
+    clock.advance(timedelta(minutes=5))
     with selftest_daemon(config, clock), \
             Outbox(config.storage.database, config.identity) as outbox:
         assert len(alarm_tests_in(outbox)) == 1
@@ -489,7 +499,7 @@ def test_failing_check_raises_one_fault_and_recovery_one_restore(make_config, tm
         def run_once(celsius: float) -> None:
             _sysfs(root, celsius)
             runs = st.runs
-            clock.now += timedelta(seconds=60)
+            clock.advance(timedelta(seconds=60))
             st.wake()
             poll_until(lambda: st.runs > runs, what="a check run")
 
@@ -519,7 +529,7 @@ def test_a_cut_supervision_loop_is_a_panic_zone_trouble(make_config, tmp_path):
             Outbox(config.storage.database, config.identity) as outbox:
         button.supervision["gate"].pin.drive_high()  # the cable is cut: the pull-up wins
         runs = st.runs
-        clock.now += timedelta(hours=1)
+        clock.advance(timedelta(hours=1))
         st.wake()
         poll_until(lambda: st.runs > runs, what="a check run")
         [(kind, payload)] = outbox.db.execute(

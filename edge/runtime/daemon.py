@@ -65,6 +65,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.waker: Waker | None = None
         self.watchdog = Watchdog()
+        self.monotonic: Callable[[], float] = time.monotonic  # tests may travel in time
         self._timers: list[Timer] = []
 
     # -- what a daemon provides ----------------------------------------------------------
@@ -78,7 +79,12 @@ class Daemon:
         """Another process (or :meth:`wake`) asked this daemon to look again."""
 
     def step(self) -> int | None:
-        """Called after every wait; return an exit code to stop the daemon with it."""
+        """Called at every turn of the loop, before it waits; return an exit code to stop
+        the daemon with it."""
+        return None
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until the daemon has work the timers do not know of (None: none)."""
         return None
 
     def wait(self, timeout: float) -> bool:
@@ -99,7 +105,7 @@ class Daemon:
               first_in: float | None = None) -> Timer:
         """Run ``action`` every ``seconds`` (first after ``first_in``, default one interval)."""
         timer = Timer(seconds, action,
-                      time.monotonic() + (seconds if first_in is None else first_in))
+                      self.monotonic() + (seconds if first_in is None else first_in))
         self._timers.append(timer)
         return timer
 
@@ -129,26 +135,25 @@ class Daemon:
             notify("READY=1", f"STATUS={status}")
             while not stop.is_set():
                 self.watchdog.ping()
-                now = time.monotonic()
+                now = self.monotonic()
                 for timer in self._timers:
                     timer.run_if_due(now)
-                if stop.is_set():
+                code = self.step()
+                if code is not None or stop.is_set():
                     break
                 if self.wait(self._wait_budget()):
                     self.woken()
-                if stop.is_set():
-                    break
-                code = self.step()
-                if code is not None:
-                    break
             notify("STOPPING=1")
             self.stopping()
         return code or 0
 
     def _wait_budget(self) -> float:
         """Until the next timer, and never past half the watchdog's timeout."""
-        now = time.monotonic()
+        now = self.monotonic()
         budget = min((t.due - now for t in self._timers), default=IDLE_WAIT_S)
+        extra = self.next_wakeup()
+        if extra is not None:
+            budget = min(budget, extra)
         if self.watchdog.interval is not None:
             budget = min(budget, self.watchdog.interval)
         return max(0.0, budget)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,9 +38,8 @@ from edge.daemons.selftest.alarmtest import (
 )
 from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
 from edge.runtime.clock import boot_id, clock_synchronised
-from edge.runtime.instance import only_instance
-from edge.runtime.sdnotify import Watchdog, notify
-from edge.runtime.wake import Waker, wake
+from edge.runtime.daemon import Daemon
+from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -76,68 +75,55 @@ def _first_of_fold(slot: datetime) -> datetime:
     return slot.replace(fold=0)
 
 
-class SelfTestDaemon:
+class SelfTestDaemon(Daemon):
     name = "selftest"
 
     def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
                  clock_synced: Callable[[], bool] = clock_synchronised,
-                 sys_root: Path = Path("/")):
-        self.config = config
-        self.clock = clock
+                 sys_root: Path = Path("/"), monotonic: Callable[[], float] = time.monotonic):
+        super().__init__(config)
+        self.clock = clock          # the wall clock: the schedule's slots, timestamps
+        self.monotonic = monotonic  # the checks' interval
         self.clock_synced = clock_synced
         self.sys_root = sys_root
         self.schedule = AlarmTestSchedule(config.alarm_test.schedule, config.device.zone)
         self.results: list[CheckResult] = []
-        self._waker: Waker | None = None
-        self._watchdog: Watchdog | None = None
-        self.ready = threading.Event()
         self.runs = 0  # completed check runs, for in-process users (tests)
 
-    def wake(self) -> None:
-        if self._waker is not None:
-            self._waker.wake()
-
-    def run(self, stop: threading.Event) -> int:
+    def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
-            outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
-            self._waker = stack.enter_context(contextlib.closing(
-                Waker(cfg.storage.runtime_dir, self.name)))
-            saved = self._saved_state(outbox)
-            checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
-                                  clock_synced=self.clock_synced)
-            checks.integrity = saved.get("integrity")
-            tracker = CheckTracker(cfg.health.fail_after, cfg.health.restore_after,
-                                   saved.get("hysteresis"))
-            self._watchdog = Watchdog()
-            runner = AlarmTestRunner(cfg, outbox, stop=stop, progress=self._on_progress,
-                                     tick=self._watchdog.ping)
-            self.ready.set()
-            notify("READY=1", f"STATUS=checks every {cfg.health.interval_s:g} s, alarm test "
-                              f"'{cfg.alarm_test.schedule}'")
-            log.info("self-test daemon ready: checks every %g s, alarm test schedule '%s' (%s)",
-                     cfg.health.interval_s, cfg.alarm_test.schedule, cfg.device.timezone)
-            next_checks = self.clock()
-            while not stop.is_set():
-                self._watchdog.ping()
-                now = self.clock()
-                if now >= next_checks:
-                    self._run_checks(outbox, checks, tracker, now)
-                    next_checks = now + timedelta(seconds=cfg.health.interval_s)
-                self._request_due_test(outbox, now)
-                if runner.recover_interrupted():
-                    self._save_state(outbox, checks, tracker, now)
-                # A person's `guardpost test-alarm` runs its own test.
-                for test_id in requested_tests(outbox, ("schedule", "platform")):
-                    if stop.is_set():
-                        break
-                    self._run_test(runner, test_id, outbox, checks, tracker)
-                wait = min(MAX_WAIT_S, max(0.0, (next_checks - self.clock()).total_seconds()),
-                           max(0.0, (self.schedule.next_slot(now) - now).total_seconds()))
-                self._waker.wait(wait)
-            notify("STOPPING=1")
-        return 0
+        self._outbox = outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+        saved = self._saved_state(outbox)
+        self._checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
+                                    clock_synced=self.clock_synced)
+        self._checks.integrity = saved.get("integrity")
+        self._tracker = CheckTracker(cfg.health.fail_after, cfg.health.restore_after,
+                                     saved.get("hysteresis"))
+        self._runner = AlarmTestRunner(cfg, outbox, stop=self.stop_event,
+                                       progress=self._on_progress, tick=self.watchdog.ping)
+        self.every(cfg.health.interval_s, lambda: self._run_checks(
+            outbox, self._checks, self._tracker, self.clock()), first_in=0)
+        log.info("self-test daemon ready: checks every %g s, alarm test schedule '%s' (%s)",
+                 cfg.health.interval_s, cfg.alarm_test.schedule, cfg.device.timezone)
+        return (f"checks every {cfg.health.interval_s:g} s, alarm test "
+                f"'{cfg.alarm_test.schedule}'")
+
+    def step(self) -> int | None:
+        outbox, now = self._outbox, self.clock()
+        self._request_due_test(outbox, now)
+        if self._runner.recover_interrupted():
+            self._save_state(outbox, self._checks, self._tracker, now)
+        # A person's `guardpost test-alarm` runs its own test.
+        for test_id in requested_tests(outbox, ("schedule", "platform")):
+            if self.stop_event.is_set():
+                break
+            self._run_test(self._runner, test_id, outbox, self._checks, self._tracker)
+        return None
+
+    def next_wakeup(self) -> float:
+        """The schedule's next slot is a time of the site's wall clock."""
+        now = self.clock()
+        return min(MAX_WAIT_S, max(0.0, (self.schedule.next_slot(now) - now).total_seconds()))
 
     # -- checks ------------------------------------------------------------------------
 
