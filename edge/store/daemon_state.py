@@ -1,0 +1,30 @@
+"""Each daemon's published state (``daemon_state``): what ``guardpost status`` shows."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edge.contract.events import utc_iso, utc_now
+
+if TYPE_CHECKING:
+    from edge.store.outbox import Outbox
+
+
+class DaemonStates:
+    """One JSON document per daemon, with the time it was written."""
+
+    def __init__(self, outbox: Outbox):
+        self._outbox = outbox
+
+    def save(self, name: str, state_json: str) -> None:
+        with self._outbox.transaction() as conn:
+            conn.execute(
+                "INSERT INTO daemon_state(name, state, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET state = excluded.state,"
+                " updated_at = excluded.updated_at",
+                (name, state_json, utc_iso(utc_now())))
+
+    def all(self) -> dict[str, tuple[str, str]]:
+        """``name -> (state_json, updated_at)``."""
+        return {name: (state, updated) for name, state, updated in
+                self._outbox.db.execute("SELECT name, state, updated_at FROM daemon_state")}
