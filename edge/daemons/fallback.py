@@ -86,6 +86,7 @@ class FallbackDaemon:
         self.modem_status: dict = {"present": False, "error": "not opened yet"}
         self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
         self.status_reads = 0
+        self.passes = 0  # decisions made (each pass of the loop), for tests to wait on
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
         self._watchdog: Watchdog | None = None
@@ -136,6 +137,7 @@ class FallbackDaemon:
                     next_status = now + cfg.modem.status_interval_s
                 self._start_watching(outbox)
                 wait = self._settle(outbox, watchdog)
+                self.passes += 1
                 self._waker.wait(min(MAX_WAIT_S, wait,
                                      max(0.0, next_status - self.monotonic())))
             notify("STOPPING=1")

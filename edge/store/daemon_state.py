@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from edge.contract.events import utc_iso, utc_now
@@ -16,13 +17,13 @@ class DaemonStates:
     def __init__(self, outbox: Outbox):
         self._outbox = outbox
 
-    def save(self, name: str, state_json: str) -> None:
+    def save(self, name: str, state_json: str, at: datetime | None = None) -> None:
         with self._outbox.transaction() as conn:
             conn.execute(
                 "INSERT INTO daemon_state(name, state, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET state = excluded.state,"
                 " updated_at = excluded.updated_at",
-                (name, state_json, utc_iso(utc_now())))
+                (name, state_json, utc_iso(at or utc_now())))
 
     def all(self) -> dict[str, tuple[str, str]]:
         """``name -> (state_json, updated_at)``."""

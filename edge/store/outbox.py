@@ -108,13 +108,15 @@ class Outbox:
     # -- lifecycle -------------------------------------------------------------------
 
     def _open(self, checkpoint: bool, timeout: float) -> None:
-        # Switching a new file to WAL fails at once ("database is locked") if another
-        # process is doing the same: two daemons starting together on first boot.
-        self._lock.acquire(timeout)
-        try:
-            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        finally:
-            self._lock.release()
+        mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            # Switching a new file to WAL fails at once ("database is locked") if another
+            # process is doing the same: two daemons starting together on first boot.
+            self._lock.acquire(timeout)
+            try:
+                mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            finally:
+                self._lock.release()
         if mode.lower() != "wal":
             raise OutboxError(f"{self.path}: cannot switch to WAL mode (got {mode})")
         self.db.execute("PRAGMA synchronous = FULL")
