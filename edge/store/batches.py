@@ -9,8 +9,8 @@ again: the kernel wakes a waiting ``flock`` but does not hand the lock over.
 
 from __future__ import annotations
 
-BATCH_TARGET_S = 0.010  # well under the 50 ms that any one transaction may hold the lock
-PRUNE_FIRST_BATCH, MIN_BATCH, MAX_BATCH = 500, 20, 20_000
+BATCH_TARGET_S = 0.005  # well under the 50 ms that any one transaction may hold the lock
+PRUNE_FIRST_BATCH, MIN_BATCH, MAX_BATCH = 200, 20, 20_000
 PAUSE_S = 0.002
 
 

@@ -55,7 +55,6 @@ class WriteLock:
 
     def acquire(self, timeout: float) -> None:
         """Hold the lock, or raise :class:`LockTimeout` after ``timeout`` seconds."""
-        request = _Request()
         with self._cond:
             if self._closed:
                 raise OutboxError(f"{self.path}: the outbox is closed")
@@ -68,7 +67,7 @@ class WriteLock:
                     return
                 except BlockingIOError:
                     pass
-            self._wanted = request
+            request = self._wanted = _Request()
             if self._locker is None:
                 self._locker = threading.Thread(target=self._lock_for_waiters,
                                                 name=f"writelock:{self.path.name}", daemon=True)

@@ -64,7 +64,7 @@ ROWS_PER_TRANSACTION = 500
 
 _COLUMNS = ", ".join(EventRow.COLUMNS)
 _INSERT = (f"INSERT INTO events({_COLUMNS}) VALUES ({', '.join('?' * len(EventRow.COLUMNS))})")
-_NEXT_SEQ = "UPDATE counters SET value = value + 1 WHERE name = 'event_seq' RETURNING value"
+_NEXT_SEQ = "UPDATE counters SET value = value + ? WHERE name = 'event_seq' RETURNING value"
 _QUEUED_COLUMNS = "SELECT seq, id, kind, priority, topic, payload FROM events"
 
 
@@ -176,8 +176,9 @@ class Outbox:
         self._lock.acquire(bound)
         try:
             # SQLite's own wait (a writer that skips the flock, such as a person with
-            # the sqlite3 shell) gets what is left of the bound, no more.
-            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            # the sqlite3 shell) gets what is left of the bound, no more (in steps of
+            # 10 ms: the same setting is not written again at every commit).
+            left_ms = max(0, int((deadline - time.monotonic()) * 100)) * 10
             if left_ms != self._busy_ms:
                 self.db.execute(f"PRAGMA busy_timeout = {left_ms:d}")
                 self._busy_ms = left_ms
@@ -236,16 +237,18 @@ class Outbox:
         """Add an event inside the caller's :meth:`transaction`; it is durable at its end."""
         if not self.db.in_transaction:
             raise OutboxError("append() must run inside Outbox.transaction()")
-        seq = self.db.execute(_NEXT_SEQ).fetchone()[0]
+        seq = self.db.execute(_NEXT_SEQ, (1,)).fetchone()[0]
         event = Event(id=event_id(seq), seq=seq, draft=draft)
-        kind = draft.kind
-        self.db.execute(_INSERT, (
-            seq, event.id, kind.value, int(draft.code), int(draft.priority), draft.input,
-            utc_iso(draft.occurred_at), utc_iso(utc_now()), int(draft.clock_synced),
-            draft.boot_id, draft.repeat_of, int(kind in ACK_REQUIRED),
-            f"event/{kind.value}", event.payload(self.identity), QUEUED,
-            None, None, None, None))
+        self.db.execute(_INSERT, self._values(event, utc_iso(utc_now())))
         return event
+
+    def _values(self, event: Event, committed_at: str) -> tuple:
+        draft, kind = event.draft, event.draft.kind
+        return (event.seq, event.id, kind.value, int(draft.code), int(draft.priority),
+                draft.input, utc_iso(draft.occurred_at), committed_at,
+                int(draft.clock_synced), draft.boot_id, draft.repeat_of,
+                int(kind in ACK_REQUIRED), f"event/{kind.value}",
+                event.payload(self.identity), QUEUED, None, None, None, None)
 
     def commit_event(self, draft: EventDraft, *, timeout: float | None = None) -> Event:
         """Commit one event durably and return it with its id and sequence number."""
@@ -254,10 +257,20 @@ class Outbox:
 
     def commit_events(self, drafts: Iterable[EventDraft], *,
                       timeout: float | None = None) -> list[Event]:
-        """Commit several events in one transaction (one write to disk for all): each
-        is durable when this returns, as with :meth:`commit_event`."""
+        """Commit several events in one transaction (one write to disk for all, one
+        step of the sequence): each is durable when this returns, as with
+        :meth:`commit_event`. How a burst of presses is recorded at the disk's pace."""
+        drafts = list(drafts)
+        if not drafts:
+            return []
         with self.transaction(timeout):
-            return [self.append(draft) for draft in drafts]
+            last = self.db.execute(_NEXT_SEQ, (len(drafts),)).fetchone()[0]
+            events = [Event(id=event_id(seq), seq=seq, draft=draft)
+                      for seq, draft in zip(range(last - len(drafts) + 1, last + 1), drafts,
+                                            strict=True)]
+            committed_at = utc_iso(utc_now())
+            self.db.executemany(_INSERT, [self._values(e, committed_at) for e in events])
+        return events
 
     # -- the uplink's side -----------------------------------------------------------
 
