@@ -36,6 +36,7 @@ import persistqueue
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._floor import plain_commit_latencies  # noqa: E402
 from edge.contract.events import (  # noqa: E402
     ACK_REQUIRED,
     ContactId,
@@ -76,23 +77,6 @@ def row(label: str, value: str, baseline: str, ratio: str = "") -> None:
 
 # -- (1) alarm commit latency by depth ------------------------------------------------
 
-def plain_insert_latencies(directory: Path, count: int, payload: bytes) -> list[float]:
-    """The floor: one INSERT of the same bytes into a one-table database, WAL + FULL."""
-    conn = sqlite3.connect(directory / "plain.db", isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, payload BLOB)")
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t(payload) VALUES (?)", (payload,))
-        conn.execute("COMMIT")
-        times.append(time.perf_counter() - started)
-    conn.close()
-    return times
-
-
 def commit_latencies(outbox: Outbox, count: int) -> list[float]:
     times = []
     for _ in range(count):
@@ -108,7 +92,7 @@ def bench_depths(directory: Path, depths: list[int], count: int) -> None:
     path = directory / "depth.db"
     with Outbox(path, IDENTITY) as outbox:
         payload = outbox.commit_event(alarm()).payload(IDENTITY)
-    baseline = plain_insert_latencies(directory, count, payload)
+    baseline = plain_commit_latencies(directory / "plain.db", count, payload)
     row("plain insert (WAL, FULL), p50 / p99", f"{ms(pct(baseline, 50))}",
         f"{ms(pct(baseline, 99))}")
     empty_p99 = None

@@ -54,7 +54,7 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.instance import only_instance
 from edge.runtime.sdnotify import Watchdog, notify
 from edge.runtime.wake import Waker, wake
-from edge.store.outbox import Outbox
+from edge.store.outbox import LockTimeout, Outbox
 from edge.store.sms import SmsRow
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,14 @@ class FallbackDaemon:
                 if now >= next_status:
                     self._read_modem_status()
                     next_status = now + cfg.modem.status_interval_s
-                self._start_watching(outbox)
-                wait = self._settle(outbox, watchdog)
+                try:
+                    self._start_watching(outbox)
+                    wait = self._settle(outbox, watchdog)
+                except LockTimeout as err:
+                    # Another writer held the outbox too long: nothing was decided; the
+                    # next pass decides it all again.
+                    log.warning("the outbox is busy, deciding again shortly: %s", err)
+                    wait = 1.0
                 self.passes += 1
                 self._waker.wait(min(MAX_WAIT_S, wait,
                                      max(0.0, next_status - self.monotonic())))

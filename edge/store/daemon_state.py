@@ -17,8 +17,11 @@ class DaemonStates:
     def __init__(self, outbox: Outbox):
         self._outbox = outbox
 
-    def save(self, name: str, state_json: str, at: datetime | None = None) -> None:
-        with self._outbox.transaction() as conn:
+    def save(self, name: str, state_json: str, at: datetime | None = None, *,
+             timeout: float | None = None) -> None:
+        """Record a daemon's state (``at``: now). ``timeout`` bounds the wait for the
+        write lock, as :meth:`Outbox.transaction`'s does."""
+        with self._outbox.transaction(timeout) as conn:
             conn.execute(
                 "INSERT INTO daemon_state(name, state, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET state = excluded.state,"

@@ -441,8 +441,9 @@ class Outbox:
 
     # -- kept for the uplink: the tables of other modules ------------------------------
 
-    def set_daemon_state(self, name: str, state_json: str) -> None:
-        self.daemons.save(name, state_json)
+    def set_daemon_state(self, name: str, state_json: str, *,
+                         timeout: float | None = None) -> None:
+        self.daemons.save(name, state_json, timeout=timeout)
 
     def daemon_states(self) -> dict[str, tuple[str, str]]:
         return self.daemons.all()
