@@ -8,18 +8,30 @@ import time
 from pathlib import Path
 
 
+class PlainTable:
+    """A one-table database; :meth:`commit` times one durable insert."""
+
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS t (seq INTEGER PRIMARY KEY, payload BLOB)")
+
+    def commit(self, payload: bytes) -> float:
+        started = time.perf_counter()
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("INSERT INTO t (payload) VALUES (?)", (payload,))
+        self.conn.execute("COMMIT")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def plain_commit_latencies(path: Path, count: int, payload: bytes) -> list[float]:
     """Seconds taken by each of ``count`` commits of one row holding ``payload``."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("CREATE TABLE IF NOT EXISTS t (seq INTEGER PRIMARY KEY, payload BLOB)")
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t (payload) VALUES (?)", (payload,))
-        conn.execute("COMMIT")
-        times.append(time.perf_counter() - started)
-    conn.close()
-    return times
+    table = PlainTable(path)
+    try:
+        return [table.commit(payload) for _ in range(count)]
+    finally:
+        table.close()

@@ -292,7 +292,8 @@ class Outbox:
         return result
 
     def _queued_from(self, priority: int, limit: int) -> list[QueuedMessage]:
-        """Queued rows of priorities above ``priority``, in publishing order."""
+        """Queued rows of priorities above ``priority``, in publishing order (a range
+        search of the queue's index; -1 for the whole queue)."""
         rows = self.db.execute(
             f"{_QUEUED_COLUMNS} WHERE state = 'queued' AND priority > ?"
             " ORDER BY priority, seq LIMIT ?", (priority, limit)).fetchall()
@@ -422,6 +423,8 @@ class Outbox:
         """The lowest seq of a first alarm committed since ``since`` that the platform has
         not acknowledged (queued, or sent and waiting), through the two partial indexes."""
         stamp = utc_iso(since)
+        # "priority >= 0" and "seq > 0" are always true: they make each query a range
+        # search of its partial index instead of a walk of the whole index.
         found = [self.db.execute(
             f"SELECT min(seq) FROM events WHERE {where} AND kind = 'alarm'"
             " AND repeat_of IS NULL AND committed_at >= ?", (stamp,)).fetchone()[0]
