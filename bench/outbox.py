@@ -132,8 +132,8 @@ class _TimedOutbox(Outbox):
 
     holds: list[float]
 
-    def transaction(self, timeout=None):
-        outer = super().transaction(timeout)
+    def transaction(self, timeout=None, **options):
+        outer = super().transaction(timeout, **options)
         outbox = self
 
         class _Timed:

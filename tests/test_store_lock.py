@@ -99,7 +99,7 @@ def test_a_commit_waits_no_longer_than_its_bound_for_a_lock_held_elsewhere(outbo
     attempt = Attempt(outbox.path, bound)
     attempt.finish(within=30 * bound)  # without a bound it waits as long as the holder
     assert isinstance(attempt.error, LockTimeout)
-    assert attempt.waited >= bound
+    assert attempt.waited >= bound - 0.01  # it did wait (Event.wait rounds to the tick)
     assert outbox.summary().last_seq == 0  # a failed commit wrote nothing
 
 

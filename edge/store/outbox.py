@@ -167,13 +167,21 @@ class Outbox:
         self.close()
 
     @contextlib.contextmanager
-    def transaction(self, timeout: float | None = None) -> Iterator[sqlite3.Connection]:
+    def transaction(self, timeout: float | None = None, *,
+                    durable: bool = True) -> Iterator[sqlite3.Connection]:
         """A write transaction, taken with the write lock within ``timeout`` seconds
         (default :data:`WRITE_TIMEOUT_S`); on disk when the block ends. Raises
-        :class:`LockTimeout` if the lock was not had in time: nothing was written."""
+        :class:`LockTimeout` if the lock was not had in time: nothing was written.
+
+        ``durable=False`` is for work that may be lost in a power cut and simply done
+        again (deleting delivered rows): its commit does not wait for the disk
+        (``synchronous=NORMAL``), so it holds the lock for its own work only. The next
+        durable commit, of any connection, puts it on disk with its own."""
         bound = WRITE_TIMEOUT_S if timeout is None else timeout
         deadline = time.monotonic() + bound
         self._lock.acquire(bound)
+        if not durable:
+            self.db.execute("PRAGMA synchronous = NORMAL")
         try:
             # SQLite's own wait (a writer that skips the flock, such as a person with
             # the sqlite3 shell) gets what is left of the bound, no more (in steps of
@@ -196,6 +204,8 @@ class Outbox:
                     self.db.execute("ROLLBACK")
                 raise
         finally:
+            if not durable:
+                self.db.execute("PRAGMA synchronous = FULL")
             self._lock.release()
 
     def integrity_check(self, limit: int = 5) -> list[str]:
@@ -358,7 +368,8 @@ class Outbox:
         batch, removed = PRUNE_FIRST_BATCH, 0
         while True:
             took = time.monotonic()
-            with self.transaction() as conn:
+            # Not durable: a deletion lost in a power cut is done again at the next prune.
+            with self.transaction(durable=False) as conn:
                 deleted = conn.execute(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
                     f" WHERE {schema.PRUNABLE} AND committed_at < ? LIMIT ?)",

@@ -208,6 +208,7 @@ class SnapshotStore:
                 time.sleep(pause_after(took))
             chunk = doomed[start:start + ROWS_PER_TRANSACTION]
             began = time.monotonic()
+            # Durable: the files go right after, and a row must never outlive its file.
             with self.outbox.transaction() as conn:
                 conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in chunk])
             took = time.monotonic() - began
