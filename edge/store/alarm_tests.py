@@ -14,12 +14,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from edge.contract.events import utc_iso
-
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 FINISHED = ("passed", "failed")
 
@@ -73,15 +70,8 @@ class TestResult:
     result_event_id: str
 
 
-class AlarmTests:
+class AlarmTests(OutboxTable):
     """The ``alarm_tests`` rows of one outbox connection."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
-
-    @property
-    def _db(self):
-        return self._outbox.db
 
     def request(self, test_id: str, trigger: str, code: int, *, requested_at: datetime,
                 scheduled_for: datetime | None = None, request: dict | None = None) -> bool:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from edge.contract.events import utc_iso, utc_now
-
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 
-class DaemonStates:
+class DaemonStates(OutboxTable):
     """One JSON document per daemon, with the time it was written."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
 
     def save(self, name: str, state_json: str, at: datetime | None = None, *,
              timeout: float | None = None) -> None:
@@ -31,4 +25,4 @@ class DaemonStates:
     def all(self) -> dict[str, tuple[str, str]]:
         """``name -> (state_json, updated_at)``."""
         return {name: (state, updated) for name, state, updated in
-                self._outbox.db.execute("SELECT name, state, updated_at FROM daemon_state")}
+                self._db.execute("SELECT name, state, updated_at FROM daemon_state")}

@@ -8,10 +8,8 @@ an alarm recorded but unlatched, or a latch without its alarm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 _COLUMNS = "input, alarm_id, latched_at, last_event_id, repeats"
 
@@ -27,31 +25,28 @@ class Latch:
     repeats: int
 
 
-class Latches:
+class Latches(OutboxTable):
     """The latch rows; the writing methods run inside the caller's transaction."""
 
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
-
     def get(self, input_name: str) -> Latch | None:
-        row = self._outbox.db.execute(f"SELECT {_COLUMNS} FROM latches WHERE input = ?",
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM latches WHERE input = ?",
                                       (input_name,)).fetchone()
         return Latch(*row) if row else None
 
     def all(self) -> dict[str, Latch]:
         """Every latched input, by name, in the order they latched."""
-        rows = self._outbox.db.execute(f"SELECT {_COLUMNS} FROM latches ORDER BY latched_at")
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM latches ORDER BY latched_at")
         return {row[0]: Latch(*row) for row in rows}
 
     def latch(self, input_name: str, alarm_id: str, latched_at: str) -> None:
-        self._outbox.db.execute(
+        self._db.execute(
             "INSERT INTO latches(input, alarm_id, latched_at, last_event_id, repeats)"
             " VALUES (?, ?, ?, ?, 0)", (input_name, alarm_id, latched_at, alarm_id))
 
     def repeated(self, input_name: str, event_id: str, repeats: int) -> None:
-        self._outbox.db.execute(
+        self._db.execute(
             "UPDATE latches SET last_event_id = ?, repeats = ? WHERE input = ?",
             (event_id, repeats, input_name))
 
     def clear(self, input_name: str) -> None:
-        self._outbox.db.execute("DELETE FROM latches WHERE input = ?", (input_name,))
+        self._db.execute("DELETE FROM latches WHERE input = ?", (input_name,))

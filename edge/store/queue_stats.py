@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from edge.contract.events import Priority, utc_now
 from edge.store.schema import COUNT_PREFIX
-
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 QUEUED = "queued"
 
@@ -53,15 +50,12 @@ def _priority_name(priority: int) -> str:
         return str(priority)
 
 
-class QueueStats:
+class QueueStats(OutboxTable):
     """Counts and the oldest unsent row, read from one outbox connection."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
 
     def counts(self) -> list[_Count]:
         """The non-zero counts, exact as of the last commit."""
-        rows = self._outbox.db.execute(
+        rows = self._db.execute(
             "SELECT name, value FROM counters WHERE name >= ? AND name < ? AND value != 0",
             (COUNT_PREFIX, COUNT_PREFIX[:-1] + chr(ord(COUNT_PREFIX[-1]) + 1)))
         counts = []
@@ -74,7 +68,7 @@ class QueueStats:
         """``(seq, committed_at)`` of the oldest queued row."""
         oldest = None
         for priority in sorted({c.priority for c in counts if c.state == QUEUED}):
-            row = self._outbox.db.execute(
+            row = self._db.execute(
                 "SELECT seq, committed_at FROM events WHERE state = 'queued' AND priority = ?"
                 " ORDER BY seq LIMIT 1", (priority,)).fetchone()
             if row is not None and (oldest is None or row[0] < oldest[0]):

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from edge.contract.events import utc_iso, utc_now
-
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 
 @dataclass(frozen=True)
@@ -24,11 +21,8 @@ class SessionRow:
     reason: str | None
 
 
-class Sessions:
+class Sessions(OutboxTable):
     """Writes the uplink's sessions; the report reads them (:meth:`all`)."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
 
     def started(self, session: int, at: datetime | None = None) -> None:
         stamp = utc_iso(at or utc_now())

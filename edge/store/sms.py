@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edge.store.outbox import Outbox
+from edge.store.table import OutboxTable
 
 OPEN = ("watching", "due")
 
@@ -54,15 +52,8 @@ class SmsRow:
 _SELECT = f"SELECT {', '.join(f.name for f in fields(SmsRow))} FROM sms_notifications"
 
 
-class SmsNotifications:
+class SmsNotifications(OutboxTable):
     """The fallback's rows; the writing methods run inside the caller's transaction."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
-
-    @property
-    def _db(self):
-        return self._outbox.db
 
     def get(self, event_id: str) -> SmsRow | None:
         row = self._db.execute(f"{_SELECT} WHERE event_id = ?", (event_id,)).fetchone()
