@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._floor import plain_commit_latencies  # noqa: E402
 from edge.config import load_config  # noqa: E402
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_now  # noqa: E402
 from edge.runtime.control import request  # noqa: E402
@@ -185,19 +185,8 @@ def prefill(config, count: int) -> None:
 # -- (a) the raw floor -----------------------------------------------------------------
 
 def raw_floor(port: int, workdir: Path, samples: int) -> dict:
-    conn = sqlite3.connect(workdir / "raw.db", isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, payload BLOB)")
     payload = b"x" * 450  # about the size of an alarm's JSON
-    commits = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t (payload) VALUES (?)", (payload,))
-        conn.execute("COMMIT")
-        commits.append(time.perf_counter() - start)
-    conn.close()
+    commits = plain_commit_latencies(workdir / "raw.db", samples, payload)
 
     client = paho_client.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw",
                                 protocol=paho_client.MQTTv5)

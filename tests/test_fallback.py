@@ -4,6 +4,7 @@ and the modem simulator on a real pseudo-terminal."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -61,6 +62,9 @@ class OffsetClock:
 
     def __call__(self):
         return utc_now() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset.total_seconds()
 
 
 def test_broker_down_press_goes_by_sms_and_reaches_the_platform_when_it_returns(
@@ -130,7 +134,7 @@ def test_a_failed_send_is_retried_and_alarms_over_the_hourly_limit_go_together(
                   "max_sms_per_hour": 1})
     daemons("button", path)  # no uplink: nothing is ever acknowledged
     clock = OffsetClock()
-    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+    with in_process(on_clock(config, clock)) as fallback, \
             Outbox(config.storage.database, config.identity) as outbox:
         modem.set(fail_sends=1, send_error=500)
         first = press(config)
@@ -161,17 +165,27 @@ def test_a_failed_send_is_retried_and_alarms_over_the_hourly_limit_go_together(
         assert notices == [[first["id"]], later]
 
 
+def on_clock(config, clock) -> FallbackDaemon:
+    """A fallback daemon whose wall clock and monotonic clock are the test's."""
+    return FallbackDaemon(config, clock=clock, monotonic=clock.monotonic)
+
+
 class StoppedClock:
     """Time that moves only when the test moves it: the pauses between retries."""
 
     def __init__(self):
         self.now = utc_now()
+        self.mono = time.monotonic()
 
     def __call__(self):
         return self.now
 
+    def monotonic(self) -> float:
+        return self.mono
+
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+        self.mono += seconds
 
 
 def test_an_alarm_the_modem_cannot_send_is_retried_ever_more_slowly_and_never_given_up(
@@ -182,7 +196,7 @@ def test_an_alarm_the_modem_cannot_send_is_retried_ever_more_slowly_and_never_gi
     daemons("button", path)  # no uplink: nothing is ever acknowledged
     clock = StoppedClock()
     modem.set(registration=0)  # no network: the module cannot send at all
-    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+    with in_process(on_clock(config, clock)) as fallback, \
             Outbox(config.storage.database, config.identity) as outbox:
         alarm = press(config)
         fallback.wake()
@@ -216,7 +230,7 @@ def test_a_number_refused_max_attempts_times_is_given_up_the_others_still_get_it
     daemons("button", path)
     clock = StoppedClock()
     modem.set(refused_numbers=(DUTY[1],), send_error=500)
-    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+    with in_process(on_clock(config, clock)) as fallback, \
             Outbox(config.storage.database, config.identity) as outbox:
         alarm = press(config)
         fallback.wake()
@@ -287,7 +301,7 @@ def test_a_pin_refused_while_sending_is_not_offered_again_after_a_restart(make_c
                                fallback={"duty_numbers": DUTY[:1], "retry_s": 1})
     daemons("button", path)
     clock = StoppedClock()  # no second status read: the PIN goes in on the send path
-    with in_process(FallbackDaemon(config, clock=clock)) as fallback, \
+    with in_process(on_clock(config, clock)) as fallback, \
             Outbox(config.storage.database, config.identity) as outbox:
         poll_until(lambda: fallback.status_reads >= 1, what="the modem's first reading")
         modem.set(sim="SIM PIN", pin="4321")  # the module restarted: its SIM wants the PIN
@@ -337,7 +351,7 @@ def test_an_unplugged_modem_is_reported_and_the_daemon_keeps_running(make_config
     _, config = make_config(modem={"port": modem.port, "status_interval_s": 5},
                             fallback={"duty_numbers": DUTY[:1]})
     clock = OffsetClock()
-    with in_process(FallbackDaemon(config, clock=clock)) as daemon:
+    with in_process(on_clock(config, clock)) as daemon:
         poll_until(lambda: daemon.status_reads >= 1 and daemon.modem_status["present"],
                    what="the modem's first reading")
         modem.hang_up()  # the USB modem is pulled out: its port now fails with EIO
@@ -389,3 +403,50 @@ def test_a_daemon_killed_after_the_first_of_two_numbers_sends_only_to_the_second
         assert notice["event_ids"] == [alarm["id"]]  # the platform hears of both SMS
         assert {n: r["state"] for n, r in notice["recipients"].items()} == dict.fromkeys(
             DUTY, "sent")
+
+
+class SteppedClock(StoppedClock):
+    """A wall clock that NTP steps by hours, beside a monotonic clock that never jumps."""
+
+    def step(self, hours: float) -> None:
+        self.now += timedelta(hours=hours)
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+def test_the_sms_timer_runs_on_the_monotonic_clock_whatever_ntp_does_to_the_wall_clock(
+        make_config, daemons, modem):
+    """At boot a Pi's clock jumps by hours when NTP first syncs: the alarm's wait for the
+    platform's acknowledgement must neither end at the jump nor grow by it."""
+    path, config = make_config(modem={"port": modem.port},
+                               fallback={"duty_numbers": DUTY[:1], "ack_timeout_s": 60})
+    daemons("button", path)
+    clock = SteppedClock()
+    with in_process(on_clock(config, clock)) as fallback, \
+            Outbox(config.storage.database, config.identity) as outbox:
+
+        def connected_uplink_looks_again() -> None:
+            """The uplink (connected, never acknowledged) reports on the same wall clock
+            as everyone; then the fallback makes one full pass of decisions."""
+            outbox.daemons.save("uplink", json.dumps({"connected": True}), at=clock())
+            passes = fallback.passes
+            fallback.wake()
+            poll_until(lambda: fallback.passes >= passes + 2, what="a pass of the fallback")
+
+        connected_uplink_looks_again()
+        alarm = press(config)
+        poll_until(lambda: notification(outbox, alarm["id"]), what="the watch to start")
+        for step_hours, elapsed_s in ((+5, 10), (-8, 20), (+3, 29.5)):
+            clock.step(step_hours)
+            clock.advance(elapsed_s)  # 59.5 s in all: not yet due
+            connected_uplink_looks_again()
+            assert notification(outbox, alarm["id"])["state"] == "watching"
+            assert modem.sent == []
+        clock.advance(0.5)  # 60 s of monotonic time since the alarm
+        connected_uplink_looks_again()
+        assert modem.wait_for_messages(1)[0][0] == DUTY[0]
+        row = poll_until(lambda: (n := notification(outbox, alarm["id"]))
+                         and n["state"] == "sent" and n)
+        assert row["reason"] == "no acknowledgement within 60 s"

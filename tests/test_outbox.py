@@ -28,7 +28,7 @@ def outbox(tmp_path):
 
 
 def test_every_commit_is_in_wal_mode_with_full_synchronous(outbox):
-    conn = outbox.db.conn
+    conn = outbox.db
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 

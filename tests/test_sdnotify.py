@@ -83,7 +83,7 @@ def test_a_main_loop_stuck_on_the_database_stops_feeding_the_watchdog(make_confi
 def _commit_alarm_bypassing_the_lock(outbox: Outbox) -> None:
     """Commit an alarm with the outbox's own code, taking only SQLite's lock (the test
     holds the flock that Outbox.transaction() would wait for)."""
-    conn = outbox.db.conn
+    conn = outbox.db
     conn.execute("BEGIN IMMEDIATE")
     outbox.append(EventDraft(kind=EventKind.ALARM, code=120, occurred_at=utc_now(),
                              clock_synced=True, boot_id="test", input="gate"))

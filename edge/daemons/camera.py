@@ -225,31 +225,26 @@ class CameraDaemon:
 
     def _initial_cursor(self, outbox: Outbox) -> int:
         """Events up to now are not ours to photograph: start after the last one."""
-        with outbox.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO counters(name, value) SELECT 'camera_seen',"
-                         " coalesce((SELECT value FROM counters WHERE name = 'event_seq'), 0)")
-            return conn.execute(
-                "SELECT value FROM counters WHERE name = 'camera_seen'").fetchone()[0]
+        with outbox.transaction():
+            return outbox.set_counter("camera_seen", outbox.last_seq(), only_if_missing=True)
 
     def _start_jobs(self, outbox: Outbox, store: SnapshotStore, cursor: int) -> int:
-        rows = outbox.db.execute(
-            "SELECT seq, id, kind, occurred_at FROM events WHERE seq > ? AND kind IN"
-            " ('alarm', 'test') AND repeat_of IS NULL ORDER BY seq", (cursor,)).fetchall()
+        rows = outbox.events_after(cursor, ("alarm", "test"))
         if not rows:
             return cursor
-        for seq, event_id, kind, occurred_at in rows:
-            cursor = seq  # seen, whatever comes of it: never read again
-            event_time = datetime.fromisoformat(occurred_at)
+        for row in rows:
+            cursor = row.seq  # seen, whatever comes of it: never read again
+            event_time = datetime.fromisoformat(row.occurred_at)
             age = (utc_now() - event_time).total_seconds()
             if age > LATE_EVENT_S:
-                log.warning("%s %s is %.0f s old: too late for its snapshots", kind, event_id,
-                            age)
+                log.warning("%s %s is %.0f s old: too late for its snapshots", row.kind,
+                            row.id, age)
                 continue
             for name, source in self.sources.items():
-                self._start_job(store, source, self.config.cameras[name], event_id, kind,
+                self._start_job(store, source, self.config.cameras[name], row.id, row.kind,
                                 event_time)
-        with outbox.transaction() as conn:
-            conn.execute("UPDATE counters SET value = ? WHERE name = 'camera_seen'", (cursor,))
+        with outbox.transaction():
+            outbox.set_counter("camera_seen", cursor)
         return cursor
 
     def _start_job(self, store: SnapshotStore, source: CameraSource, spec: CameraConfig,

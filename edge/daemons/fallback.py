@@ -24,6 +24,12 @@ an SMS to the duty numbers:
   behind the alarm once the network is back: the platform learns that the second path
   was used.
 
+Every timer here is on the monotonic clock (class 9 of issue 11): NTP's first sync at
+boot steps a Pi's wall clock by hours, and neither the acknowledgement timeout nor a
+pause between tries may move with it. The rows keep the monotonic deadlines with the
+boot they belong to (:mod:`edge.store.sms`); after a reboot a wait starts again from
+the restart, with no more than was left of it.
+
 It owns the modem's serial port: SIM state, registration and signal are read every
 ``modem.status_interval_s`` and recorded for ``guardpost status`` and the self-test's
 ``modem`` check (a missing SIM or no registration is a fault there).
@@ -36,6 +42,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -47,7 +54,8 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.instance import only_instance
 from edge.runtime.sdnotify import Watchdog, notify
 from edge.runtime.wake import Waker, wake
-from edge.store.outbox import Outbox
+from edge.store.outbox import LockTimeout, Outbox
+from edge.store.sms import SmsRow
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +75,18 @@ class FallbackDaemon:
     name = "fallback"
 
     def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
+                 monotonic: Callable[[], float] = time.monotonic,
                  open_modem: Callable[[], Modem] | None = None):
         self.config = config
-        self.clock = clock
+        self.clock = clock  # the wall clock: timestamps only
+        self.monotonic = monotonic  # every timer
+        self._boot = boot_id()
         self._open_modem = open_modem or self._open_serial_modem
         self.modem: Modem | None = None
         self.modem_status: dict = {"present": False, "error": "not opened yet"}
         self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
         self.status_reads = 0
+        self.passes = 0  # decisions made (each pass of the loop), for tests to wait on
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._waker: Waker | None = None
         self._watchdog: Watchdog | None = None
@@ -116,17 +128,24 @@ class FallbackDaemon:
             log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
                      "acknowledgement", cfg.modem.port, len(cfg.fallback.duty_numbers),
                      cfg.fallback.ack_timeout_s)
-            next_status = self.clock()
+            next_status = self.monotonic()
             while not stop.is_set():
                 watchdog.ping()
-                now = self.clock()
+                now = self.monotonic()
                 if now >= next_status:
                     self._read_modem_status()
-                    next_status = now + timedelta(seconds=cfg.modem.status_interval_s)
-                self._start_watching(outbox)
-                wait = self._settle(outbox, watchdog)
+                    next_status = now + cfg.modem.status_interval_s
+                try:
+                    self._start_watching(outbox)
+                    wait = self._settle(outbox, watchdog)
+                except LockTimeout as err:
+                    # Another writer held the outbox too long: nothing was decided; the
+                    # next pass decides it all again.
+                    log.warning("the outbox is busy, deciding again shortly: %s", err)
+                    wait = 1.0
+                self.passes += 1
                 self._waker.wait(min(MAX_WAIT_S, wait,
-                                     max(0.0, (next_status - self.clock()).total_seconds())))
+                                     max(0.0, next_status - self.monotonic())))
             notify("STOPPING=1")
         return 0
 
@@ -135,34 +154,29 @@ class FallbackDaemon:
     def _start_watching(self, outbox: Outbox) -> None:
         """A row for every new alarm (not a repeat). At the very first start the history
         is not news: only alarms of the last hour still unacknowledged are watched."""
-        timeout = timedelta(seconds=self.config.fallback.ack_timeout_s)
-        seen = outbox.db.execute("SELECT value FROM counters WHERE name = 'fallback_seen'"
-                                 ).fetchone()
-        last = outbox.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
-        if seen is not None and seen[0] >= last:
+        timeout_s = self.config.fallback.ack_timeout_s
+        seen = outbox.counter("fallback_seen")
+        last = outbox.last_seq()
+        if seen is not None and seen >= last:
             return  # nothing new: no write (this runs every few seconds, on an SD card)
-        with outbox.transaction() as conn:
+        with outbox.transaction():
             if seen is None:
-                recent = utc_iso(self.clock() - timedelta(hours=1))
-                first = conn.execute(
-                    "SELECT min(seq) FROM events WHERE kind = 'alarm' AND state !="
-                    " 'acknowledged' AND committed_at >= ?", (recent,)).fetchone()[0]
+                first = outbox.oldest_open_alarm_since(self.clock() - timedelta(hours=1))
                 start = first - 1 if first is not None else last
-                conn.execute("INSERT INTO counters(name, value) VALUES ('fallback_seen', ?)",
-                             (start,))
             else:
-                start = seen[0]
-            rows = conn.execute(
-                "SELECT id, committed_at FROM events WHERE seq > ? AND kind = 'alarm'"
-                " AND repeat_of IS NULL ORDER BY seq", (start,)).fetchall()
-            for event_id, committed_at in rows:
-                due = utc_iso(_parse(committed_at) + timeout)
-                conn.execute("INSERT OR IGNORE INTO sms_notifications(event_id, state,"
-                             " committed_at, due_at, attempts, recipients)"
-                             " VALUES (?, 'watching', ?, ?, 0, '{}')",
-                             (event_id, committed_at, due))
-            conn.execute("UPDATE counters SET value = ? WHERE name = 'fallback_seen'",
-                         (max(last, start),))
+                start = seen
+            wall, mono = self.clock(), self.monotonic()
+            for row in outbox.events_after(start, ("alarm",)):
+                committed = _parse(row.committed_at)
+                # The alarm's age, read once, now (the button wakes this daemon as it
+                # commits): from here on the wait runs on the monotonic clock. A wall
+                # clock stepped since the commit counts for no more than the whole wait.
+                age = min(max(0.0, (wall - committed).total_seconds()), timeout_s)
+                outbox.sms.watch(row.id, committed_at=row.committed_at,
+                                 due_at=utc_iso(committed + timedelta(seconds=timeout_s)),
+                                 boot_id=self._boot, due_mono=mono + timeout_s - age,
+                                 remaining_s=timeout_s - age)
+            outbox.set_counter("fallback_seen", max(last, start))
 
     def _uplink_connected(self, outbox: Outbox, now: datetime) -> bool:
         state = outbox.daemon_states().get("uplink")
@@ -178,39 +192,40 @@ class FallbackDaemon:
         decision is due (seconds)."""
         now = self.clock()
         uplink_up = self._uplink_connected(outbox, now)
-        rows = outbox.db.execute(
-            "SELECT n.event_id, n.state, n.due_at, n.next_attempt_at, e.state"
-            " FROM sms_notifications n JOIN events e ON e.id = n.event_id"
-            " WHERE n.state IN ('watching', 'due') ORDER BY n.committed_at").fetchall()
+        rows = outbox.sms.open()
         due: list[str] = []
         wait = MAX_WAIT_S
         if not rows:
             return wait
+        event_states = outbox.event_states(row.event_id for row in rows)
         told_uplink = False
-        with outbox.transaction() as conn:
-            for event_id, state, due_at, next_attempt, event_state in rows:
+        with outbox.transaction():
+            mono = self.monotonic()
+            for row in rows:
+                event_id, event_state = row.event_id, event_states.get(row.event_id)
+                if event_state is None:
+                    continue  # its alarm is no longer in the outbox
                 if event_state == "acknowledged":
-                    if state == "watching":
-                        conn.execute("UPDATE sms_notifications SET state = 'acknowledged'"
-                                     " WHERE event_id = ?", (event_id,))
+                    if row.state == "watching":
+                        outbox.sms.set_state(event_id, "acknowledged")
                     else:  # the police have it now: the retries can stop
-                        noticed = self._report(outbox, conn, [event_id])
-                        conn.execute("UPDATE sms_notifications SET state = 'sent', reason ="
-                                     " coalesce(reason, '') || '; acknowledged before every"
-                                     " number was reached' WHERE event_id = ?", (event_id,))
+                        noticed = self._report(outbox, [event_id])
+                        outbox.sms.set_state(event_id, "sent")
+                        outbox.sms.add_reason(event_id, "; acknowledged before every number"
+                                                        " was reached")
                         told_uplink = told_uplink or noticed
                     continue
-                if state == "watching":
-                    left = (_parse(due_at) - now).total_seconds()
+                due_mono, next_attempt = self._timers(outbox, row, now, mono)
+                if row.state == "watching":
+                    left = due_mono - mono
                     if left > 0 and uplink_up:
                         wait = min(wait, left)
                         continue
                     reason = ("uplink down" if not uplink_up else
                               f"no acknowledgement within {self.config.fallback.ack_timeout_s:g} s")
-                    conn.execute("UPDATE sms_notifications SET state = 'due', reason = ?"
-                                 " WHERE event_id = ?", (reason, event_id))
-                if next_attempt and _parse(next_attempt) > now:
-                    wait = min(wait, (_parse(next_attempt) - now).total_seconds())
+                    outbox.sms.set_state(event_id, "due", reason=reason)
+                if next_attempt is not None and next_attempt > mono:
+                    wait = min(wait, next_attempt - mono)
                     continue
                 due.append(event_id)
         if told_uplink:
@@ -220,16 +235,33 @@ class FallbackDaemon:
             wait = min(wait, self._send(outbox, due, now))
         return max(0.0, wait)
 
+    def _timers(self, outbox: Outbox, row: SmsRow, now: datetime,
+                mono: float) -> tuple[float, float | None]:
+        """The row's deadline and next try on this boot's monotonic clock. A row of an
+        earlier boot (or written before the timers were monotonic) starts its wait again
+        from now, with what was left of it, and may be tried at once."""
+        if row.boot_id == self._boot and row.due_mono is not None:
+            return row.due_mono, row.next_attempt_mono
+        timeout_s = self.config.fallback.ack_timeout_s
+        left = row.remaining_s
+        if left is None:
+            left = (_parse(row.due_at) - now).total_seconds()
+        due_mono = mono + min(max(0.0, left), timeout_s)
+        outbox.sms.restart_timer(row.event_id, boot_id=self._boot, due_mono=due_mono)
+        return due_mono, None
+
     def _sent_last_hour(self, outbox: Outbox, now: datetime) -> int:
         """SMS sent in the last hour: one per number and sending (an SMS that covered
-        several alarms is recorded in each of their rows, and counted once)."""
+        several alarms is recorded in each of their rows, and counted once). A send
+        "in the future" (the wall clock stepped back since) does not count: a step of
+        the clock may let an SMS more through, never hold an alarm's back for hours."""
         since = now - timedelta(hours=1)
         sent: set[tuple[str, str]] = set()
         # sent_at is a row's latest SMS, so no row with a send in the hour is skipped.
-        for (recipients,) in outbox.db.execute(
-                "SELECT recipients FROM sms_notifications WHERE sent_at >= ?", (utc_iso(since),)):
-            for number, entry in json.loads(recipients).items():
-                sent.update((number, at) for at in entry.get("sent", []) if _parse(at) >= since)
+        for recipients in outbox.sms.results_sent_since(utc_iso(since)):
+            for number, entry in recipients.items():
+                sent.update((number, at) for at in entry.get("sent", [])
+                            if since <= _parse(at) <= now)
         return len(sent)
 
     def _send(self, outbox: Outbox, event_ids: list[str], now: datetime) -> float:
@@ -267,9 +299,7 @@ class FallbackDaemon:
 
     @staticmethod
     def _recipients(outbox: Outbox, event_ids: list[str]) -> dict[str, dict]:
-        return {eid: json.loads(outbox.db.execute(
-            "SELECT recipients FROM sms_notifications WHERE event_id = ?", (eid,)
-        ).fetchone()[0]) for eid in event_ids}
+        return outbox.sms.recipients(event_ids)
 
     def _record(self, outbox: Outbox, event_ids: list[str], number: str, result: dict,
                 text: str, *, new_round: bool) -> None:
@@ -281,7 +311,7 @@ class FallbackDaemon:
         fb = self.config.fallback
         state = result["state"]
         details = {k: v for k, v in result.items() if k != "state"}
-        with outbox.transaction() as conn:
+        with outbox.transaction():
             for eid, recipients in self._recipients(outbox, event_ids).items():
                 entry = recipients.get(number, {})
                 if entry.get("state") in ("sent", "stopped"):
@@ -298,21 +328,15 @@ class FallbackDaemon:
                 recipients[number] = {
                     "state": "sent" if state == "sent" else "stopped" if given_up else "failed",
                     **counts, **details, "reported": False}
-                conn.execute(
-                    "UPDATE sms_notifications SET recipients = ?, text = ?,"
-                    " sent_at = coalesce(?, sent_at) WHERE event_id = ?",
-                    (json.dumps(recipients, ensure_ascii=False), text,
-                     result["at"] if state == "sent" else None, eid))
+                outbox.sms.record(eid, recipients, text=text,
+                                  sent_at=result["at"] if state == "sent" else None)
                 if given_up:
                     log.error("alarm %s: giving up on %s after %d refusals (last: %s)", eid,
                               number, counts["refusals"], result.get("error"))
-                    conn.execute("UPDATE sms_notifications SET reason = coalesce(reason, '')"
-                                 " || ? WHERE event_id = ?",
-                                 (f"; gave up on {number} after {counts['refusals']} refusals",
-                                  eid))
+                    outbox.sms.add_reason(
+                        eid, f"; gave up on {number} after {counts['refusals']} refusals")
             if new_round:
-                conn.execute(f"UPDATE sms_notifications SET attempts = attempts + 1 WHERE"
-                             f" event_id IN ({','.join('?' * len(event_ids))})", event_ids)
+                outbox.sms.count_attempt(event_ids)
 
     def _finish(self, outbox: Outbox, event_ids: list[str], outcome: str | None) -> float:
         """The end of a sending: the platform is told, and each alarm is decided: done
@@ -322,14 +346,12 @@ class FallbackDaemon:
         fb = self.config.fallback
         finished: list[str] = []
         wait = fb.retry_s
-        with outbox.transaction() as conn:
-            noticed = self._report(outbox, conn, event_ids)
+        with outbox.transaction():
+            noticed = self._report(outbox, event_ids)
             for eid, recipients in self._recipients(outbox, event_ids).items():
                 states = [recipients.get(n, {}).get("state") for n in fb.duty_numbers]
                 if all(state in ("sent", "stopped") for state in states):
-                    state = "sent" if "sent" in states else "failed"
-                    conn.execute("UPDATE sms_notifications SET state = ? WHERE event_id = ?",
-                                 (state, eid))
+                    outbox.sms.set_state(eid, "sent" if "sent" in states else "failed")
                     finished.append(eid)
                     continue
                 if outcome is None:
@@ -338,16 +360,16 @@ class FallbackDaemon:
                     streak = max(1, *(recipients.get(n, {}).get("unable", 0)
                                        for n in fb.duty_numbers))
                     wait = min(fb.retry_s * 2 ** (streak - 1), max(fb.retry_s, MAX_PAUSE_S))
-                conn.execute("UPDATE sms_notifications SET next_attempt_at = ? WHERE"
-                             " event_id = ?",
-                             (utc_iso(self.clock() + timedelta(seconds=wait)), eid))
+                outbox.sms.plan_next_attempt(
+                    eid, at=utc_iso(self.clock() + timedelta(seconds=wait)),
+                    mono=self.monotonic() + wait, boot_id=self._boot)
         if noticed:
             wake(self.config.storage.runtime_dir, "uplink")
         for eid in finished:
             log.info("SMS path for alarm %s finished", eid)
         return wait
 
-    def _report(self, outbox: Outbox, conn, event_ids: list[str]) -> bool:
+    def _report(self, outbox: Outbox, event_ids: list[str]) -> bool:
         """Inside a transaction: if an SMS went, a `fallback` event with every result for
         these alarms not yet told to the platform (this sending's, or those of one cut
         short by a kill). True if one was written."""
@@ -355,14 +377,12 @@ class FallbackDaemon:
         covered: list[str] = []
         text = None
         for eid in event_ids:
-            row_text, raw = conn.execute("SELECT text, recipients FROM sms_notifications"
-                                         " WHERE event_id = ?", (eid,)).fetchone()
-            recipients = json.loads(raw)
-            fresh = {n: e for n, e in recipients.items() if e.get("reported") is False}
+            row = outbox.sms.get(eid)
+            fresh = {n: e for n, e in row.results().items() if e.get("reported") is False}
             if fresh:
                 covered.append(eid)
                 untold.update(fresh)
-                text = text or row_text
+                text = text or row.text
         if not any(e["state"] == "sent" for e in untold.values()):
             return False
         notice = outbox.append(EventDraft(
@@ -375,13 +395,10 @@ class FallbackDaemon:
                                for n, e in untold.items()},
                 "text": text}))
         for eid in covered:
-            recipients = json.loads(conn.execute("SELECT recipients FROM sms_notifications"
-                                                 " WHERE event_id = ?", (eid,)).fetchone()[0])
+            recipients = outbox.sms.get(eid).results()
             for entry in recipients.values():
                 entry.pop("reported", None)
-            conn.execute("UPDATE sms_notifications SET recipients = ?, notice_event_id = ?"
-                         " WHERE event_id = ?",
-                         (json.dumps(recipients, ensure_ascii=False), notice.id, eid))
+            outbox.sms.record(eid, recipients, notice_event_id=notice.id)
         return True
 
     def _send_one(self, number: str, text: str) -> dict:
@@ -408,18 +425,18 @@ class FallbackDaemon:
             self._watchdog.ping(force=True)
 
     def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
-        first = outbox.get_event_row(event_ids[0])
-        payload = json.loads(first["payload"])
+        first = outbox.event(event_ids[0])
+        payload = json.loads(first.payload)
         zone = self.config.device.zone
-        spec = self.config.inputs.get(first["input"] or "")
+        spec = self.config.inputs.get(first.input or "")
         fields = {
             "site": self.config.device.site_id, "device": self.config.device.device_id,
             "location": self.config.device.location,
-            "time": _parse(first["occurred_at"]).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S"),
-            "input": first["input"] or "", "label": (spec.label if spec and spec.label
-                                                     else first["input"] or ""),
+            "time": _parse(first.occurred_at).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S"),
+            "input": first.input or "", "label": (spec.label if spec and spec.label
+                                                  else first.input or ""),
             "what": WHAT.get(payload["code"], "报警"), "code": str(payload["code"]),
-            "event_id": first["id"], "timeout": f"{self.config.fallback.ack_timeout_s:g}",
+            "event_id": first.id, "timeout": f"{self.config.fallback.ack_timeout_s:g}",
             "count": str(len(event_ids)),
         }
         return self.config.fallback.template.format_map(fields)

@@ -16,13 +16,19 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from drivers.camera import Snapshot
 from edge.contract.events import utc_iso, utc_now
-from edge.store.outbox import Outbox
+from edge.store.batches import PRUNE_FIRST_BATCH, adapt_batch, pause_after
+from edge.store.outbox import ROWS_PER_TRANSACTION, Outbox
+
+if TYPE_CHECKING:
+    # Only a type: the uplink, which publishes snapshots, must not import OpenCV.
+    from drivers.camera import Snapshot
 
 # Free disk always left to the outbox (and the system): the spool shrinks below its budget
 # rather than eat into it.
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueuedSnapshot:
+    """A snapshot the uplink is about to publish."""
+
     id: int
     event_id: str
     camera: str
@@ -109,12 +117,10 @@ class SnapshotStore:
         return [QueuedSnapshot(*row) for row in rows if row[0] not in exclude][:limit]
 
     def mark_sent(self, ids: list[int]) -> None:
-        if not ids:
-            return
         stamp = utc_iso(utc_now())
-        with self.outbox.transaction() as conn:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
+        for start in range(0, len(ids), ROWS_PER_TRANSACTION):
+            chunk = ids[start:start + ROWS_PER_TRANSACTION]
+            with self.outbox.transaction() as conn:
                 conn.execute(f"UPDATE snapshots SET state = 'sent', sent_at = ? WHERE id IN"
                              f" ({','.join('?' * len(chunk))})", (stamp, *chunk))
 
@@ -167,11 +173,7 @@ class SnapshotStore:
                 excess -= size
             if not doomed:
                 continue
-            with self.outbox.transaction() as conn:
-                conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in doomed])
-            for _, path in doomed:  # rows first: a crash leaves an orphan file, not a hole
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            self._delete(doomed)
             removed += len(doomed)
             level = logging.WARNING if label == "undelivered alarm" else logging.INFO
             log.log(level, "spool over budget: removed %d %s snapshot(s)", len(doomed), label)
@@ -181,15 +183,39 @@ class SnapshotStore:
     def prune_delivered(self, keep_days: int, now: datetime | None = None) -> int:
         """Delivered snapshots older than ``keep_days``, as delivered events are."""
         cutoff = utc_iso((now or utc_now()) - timedelta(days=keep_days))
-        rows = self.outbox.db.execute("SELECT id, path FROM snapshots WHERE state = 'sent'"
-                                      " AND committed_at < ?", (cutoff,)).fetchall()
-        if rows:
-            with self.outbox.transaction() as conn:
-                conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in rows])
-            for _, path in rows:
-                Path(path).unlink(missing_ok=True)
+        removed, batch = 0, PRUNE_FIRST_BATCH
+        while True:
+            rows = self.outbox.db.execute(
+                "SELECT id, path FROM snapshots WHERE state = 'sent' AND committed_at < ?"
+                " LIMIT ?", (cutoff, batch)).fetchall()
+            took = self._delete(rows)
+            removed += len(rows)
+            if len(rows) < batch:
+                break
+            batch = adapt_batch(batch, took)
+            time.sleep(pause_after(took))
+        if removed:
             self._remove_empty_directories()
-        return len(rows)
+        return removed
+
+    def _delete(self, doomed: list[tuple[int, str]]) -> float:
+        """Rows first, then their files: a crash leaves an orphan file (swept at start),
+        never a row without its picture. In batches: a bulk deletion never holds the
+        write lock long. Returns how long the last batch held it."""
+        took = 0.0
+        for start in range(0, len(doomed), ROWS_PER_TRANSACTION):
+            if start:
+                time.sleep(pause_after(took))
+            chunk = doomed[start:start + ROWS_PER_TRANSACTION]
+            began = time.monotonic()
+            # Durable: the files go right after, and a row must never outlive its file.
+            with self.outbox.transaction() as conn:
+                conn.executemany("DELETE FROM snapshots WHERE id = ?", [(i,) for i, _ in chunk])
+            took = time.monotonic() - began
+            for _, path in chunk:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return took
 
     def remove_orphans(self) -> int:
         """Files no row points at (a crash between the two deletions): removed at start."""

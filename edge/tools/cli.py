@@ -250,6 +250,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_test_alarm(args) -> int:
     """Run the alarm test here and now, printing each stage as it passes."""
+    from edge.contract.events import utc_now
     from edge.daemons.selftest.alarmtest import AlarmTestRunner, TestBusy, request_test
     from edge.store.outbox import Outbox
 
@@ -282,12 +283,10 @@ def cmd_test_alarm(args) -> int:
         try:
             outcome = AlarmTestRunner(config, outbox, progress=show, stop=stop).run(test_id)
         except TestBusy as err:
-            with outbox.transaction() as conn:
-                # Refused, not failed: the path was not tried, and the fault of the
-                # alarm test follows tests that ran.
-                conn.execute("UPDATE alarm_tests SET state = 'refused', finished_at = ?,"
-                             " reason = ? WHERE id = ? AND state = 'requested'",
-                             (_now_iso(), str(err), test_id))
+            # Refused, not failed: the path was not tried, and the fault of the
+            # alarm test follows tests that ran.
+            outbox.alarm_tests.end_without_result(test_id, "refused", at=utc_now(),
+                                                  reason=str(err), only_if_requested=True)
             print(f"not run: {err}", file=sys.stderr)
             return EX_TEMPFAIL
     if outcome is None:  # not waiting to run any more: taken by someone else
@@ -304,12 +303,6 @@ def cmd_test_alarm(args) -> int:
         return 0
     print(f"FAILED at stage {outcome.failed_stage}: {outcome.reason}")
     return 1
-
-
-def _now_iso() -> str:
-    from edge.contract.events import utc_iso, utc_now
-
-    return utc_iso(utc_now())
 
 
 def cmd_report(args) -> int:

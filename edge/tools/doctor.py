@@ -241,22 +241,22 @@ class Doctor:
                 wake(self.config.storage.runtime_dir, "uplink")
                 step.data["software_test"] = True
             row = follow_event(outbox, event_id, self.ack_timeout)
-        stages = {k: row[k] for k in ("occurred_at", "committed_at", "sent_at",
-                                      "acknowledged_at", "acknowledged_by")}
+        stages = {k: getattr(row, k) for k in ("occurred_at", "committed_at", "sent_at",
+                                               "acknowledged_at", "acknowledged_by")}
         step.data.update({"event_id": event_id, "stages": stages})
-        if row["state"] == "acknowledged":
+        if row.state == "acknowledged":
             step.status = PASS
-            step.detail = (f"test seq {row['seq']} acknowledged by "
-                           f"{row['acknowledged_by'] or 'the platform'}")
+            step.detail = (f"test seq {row.seq} acknowledged by "
+                           f"{row.acknowledged_by or 'the platform'}")
             if step.data.get("software_test"):
                 step.detail += " (software test: does not cover the button's wiring)"
-        elif row["state"] == "sent":
+        elif row.state == "sent":
             step.status = FAIL
-            step.detail = (f"the broker has test seq {row['seq']} but the platform did not "
+            step.detail = (f"the broker has test seq {row.seq} but the platform did not "
                            f"acknowledge it within {self.ack_timeout:g} s")
         else:
             step.status = FAIL
-            step.detail = (f"test seq {row['seq']} did not reach the broker within "
+            step.detail = (f"test seq {row.seq} did not reach the broker within "
                            f"{self.ack_timeout:g} s (is the uplink running? guardpost status)")
 
     def check_clock(self, step: Step) -> None:

@@ -6,9 +6,10 @@ tests run and passed with each stage's latency, the alarms with the time the pla
 took to acknowledge them, resets, faults and restores (and faults still open at the end
 of the month), the SMS second path, and the time the device was online.
 
-It reads the outbox read-only (SQLite ``mode=ro``): a report never blocks or changes the
-device. Delivered events older than ``storage.keep_days`` are pruned, so the report says
-when a month starts before the oldest event it still has.
+It reads the outbox read-only (:class:`edge.store.reader.OutboxReader`, SQLite
+``mode=ro``): a report never blocks or changes the device. Delivered events older than
+``storage.keep_days`` are pruned, so the report says when a month starts before the
+oldest event it still has.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import csv
 import io
 import json
 import re
-import sqlite3
 import statistics
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +25,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from edge.contract.events import Identity, utc_iso, utc_now
+from edge.store.reader import OutboxReader
+from edge.store.rows import EventRow
 
 REPORT_SCHEMA = "guardpost/report@1"
 ONLINE_GRACE_S = 120  # the newest session counts as still up if seen this recently
@@ -82,31 +84,24 @@ class MonthlyReport:
 
 
 class _Reader:
-    def __init__(self, db: sqlite3.Connection, zone: ZoneInfo, start: datetime, end: datetime):
-        self.db, self.zone, self.start, self.end = db, zone, start, end
-        self.bounds = (utc_iso(start), utc_iso(end))
+    def __init__(self, store: OutboxReader, zone: ZoneInfo, start: datetime, end: datetime):
+        self.store, self.zone, self.start, self.end = store, zone, start, end
 
     def local(self, stamp: str | None) -> str | None:
         moment = _parse(stamp)
         return moment.astimezone(self.zone).strftime("%Y-%m-%d %H:%M:%S") if moment else None
 
-    def rows(self, sql: str, *args) -> list[dict]:
-        cursor = self.db.execute(sql, args)
-        names = [c[0] for c in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
     # -- tests -------------------------------------------------------------------------
 
     def tests(self) -> tuple[list[dict], dict]:
-        rows = self.rows("SELECT * FROM alarm_tests WHERE requested_at >= ? AND requested_at < ?"
-                         " ORDER BY requested_at", *self.bounds)
-        tests = [{"test_id": r["id"], "requested_at": self.local(r["requested_at"]),
-                  "trigger": r["trigger"], "method": r["method"] or None, "code": r["code"],
-                  "covers_wiring": r["method"] == "relay", "result": r["state"],
-                  "failed_stage": r["failed_stage"], "reason": r["reason"],
-                  "edge_to_commit_ms": r["edge_to_commit_ms"],
-                  "commit_to_sent_ms": r["commit_to_sent_ms"],
-                  "sent_to_ack_ms": r["sent_to_ack_ms"], "total_ms": r["total_ms"]}
+        rows = self.store.tests_requested_between(self.start, self.end)
+        tests = [{"test_id": r.id, "requested_at": self.local(r.requested_at),
+                  "trigger": r.trigger, "method": r.method or None, "code": r.code,
+                  "covers_wiring": r.method == "relay", "result": r.state,
+                  "failed_stage": r.failed_stage, "reason": r.reason,
+                  "edge_to_commit_ms": r.edge_to_commit_ms,
+                  "commit_to_sent_ms": r.commit_to_sent_ms,
+                  "sent_to_ack_ms": r.sent_to_ack_ms, "total_ms": r.total_ms}
                  for r in rows]
         passed = [t for t in tests if t["result"] == "passed"]
         relay_passed = [t for t in passed if t["covers_wiring"]]
@@ -136,32 +131,30 @@ class _Reader:
 
     # -- events ------------------------------------------------------------------------
 
-    def events(self, kinds: tuple[str, ...]) -> list[dict]:
-        marks = ",".join("?" * len(kinds))
-        return self.rows(f"SELECT * FROM events WHERE kind IN ({marks}) AND occurred_at >= ?"
-                         f" AND occurred_at < ? ORDER BY seq", *kinds, *self.bounds)
+    def events(self, kinds: tuple[str, ...]) -> list[EventRow]:
+        return self.store.events_between(kinds, self.start, self.end)
 
     def alarms(self) -> tuple[list[dict], dict]:
         rows = self.events(("alarm",))
-        firsts = [r for r in rows if r["repeat_of"] is None]
+        firsts = [r for r in rows if r.repeat_of is None]
         repeats: dict[str, int] = {}
         for r in rows:
-            if r["repeat_of"] is not None:
-                repeats[r["repeat_of"]] = repeats.get(r["repeat_of"], 0) + 1
+            if r.repeat_of is not None:
+                repeats[r.repeat_of] = repeats.get(r.repeat_of, 0) + 1
         alarms = []
         for r in firsts:
-            ack = _parse(r["acknowledged_at"])
+            ack = _parse(r.acknowledged_at)
             alarms.append({
-                "event_id": r["id"], "seq": r["seq"], "input": r["input"], "code": r["code"],
-                "occurred_at": self.local(r["occurred_at"]),
-                "acknowledged_at": self.local(r["acknowledged_at"]),
-                "acknowledged_by": r["acknowledged_by"],
-                "time_to_ack_s": round((ack - _parse(r["occurred_at"])).total_seconds(), 3)
+                "event_id": r.id, "seq": r.seq, "input": r.input, "code": r.code,
+                "occurred_at": self.local(r.occurred_at),
+                "acknowledged_at": self.local(r.acknowledged_at),
+                "acknowledged_by": r.acknowledged_by,
+                "time_to_ack_s": round((ack - _parse(r.occurred_at)).total_seconds(), 3)
                 if ack else None,
-                "repeats": repeats.get(r["id"], 0)})
+                "repeats": repeats.get(r.id, 0)})
         ack_times = [a["time_to_ack_s"] for a in alarms if a["time_to_ack_s"] is not None]
         summary = {
-            "alarms": len(alarms), "repeats": sum(1 for r in rows if r["repeat_of"]),
+            "alarms": len(alarms), "repeats": sum(1 for r in rows if r.repeat_of),
             "by_input": {name: sum(1 for a in alarms if a["input"] == name)
                          for name in sorted({a["input"] for a in alarms})},
             "unacknowledged": sum(1 for a in alarms if a["acknowledged_at"] is None),
@@ -170,42 +163,39 @@ class _Reader:
         return alarms, summary
 
     def resets(self) -> list[dict]:
-        return [{"event_id": r["id"], "input": r["input"],
-                 "occurred_at": self.local(r["occurred_at"]),
-                 "alarm_id": json.loads(r["payload"]).get("detail", {}).get("alarm_id"),
-                 "by": json.loads(r["payload"]).get("detail", {}).get("by")}
+        return [{"event_id": r.id, "input": r.input, "occurred_at": self.local(r.occurred_at),
+                 "alarm_id": json.loads(r.payload).get("detail", {}).get("alarm_id"),
+                 "by": json.loads(r.payload).get("detail", {}).get("by")}
                 for r in self.events(("reset",))]
 
     @staticmethod
-    def _subject(row: dict) -> str:
-        detail = json.loads(row["payload"]).get("detail", {})
+    def _subject(row: EventRow) -> str:
+        detail = json.loads(row.payload).get("detail", {})
         return detail.get("check") or (f"camera {detail['camera']}" if "camera" in detail
-                                       else str(row["code"]))
+                                       else str(row.code))
 
     def faults(self) -> tuple[list[dict], list[dict]]:
         listed = []
         for r in self.events(("fault", "restore")):
-            detail = json.loads(r["payload"]).get("detail", {})
-            listed.append({"kind": r["kind"], "code": r["code"], "subject": self._subject(r),
-                           "occurred_at": self.local(r["occurred_at"]),
+            detail = json.loads(r.payload).get("detail", {})
+            listed.append({"kind": r.kind, "code": r.code, "subject": self._subject(r),
+                           "occurred_at": self.local(r.occurred_at),
                            "summary": detail.get("summary") or detail.get("problem")
                            or detail.get("reason")})
         # Open at the end of the month: the last word on a subject, up to then, is a fault
         # (the fault may have been raised in an earlier month).
         last: dict[tuple, dict] = {}
-        for r in self.rows("SELECT * FROM events WHERE kind IN ('fault', 'restore') AND"
-                           " occurred_at < ? ORDER BY seq", self.bounds[1]):
-            last[(r["code"], self._subject(r))] = r
-        still = [{"code": r["code"], "subject": subject,
-                  "since": self.local(r["occurred_at"])}
-                 for (_, subject), r in last.items() if r["kind"] == "fault"]
+        for r in self.store.events_before(("fault", "restore"), self.end):
+            last[(r.code, self._subject(r))] = r
+        still = [{"code": r.code, "subject": subject, "since": self.local(r.occurred_at)}
+                 for (_, subject), r in last.items() if r.kind == "fault"]
         return listed, still
 
     def sms(self) -> list[dict]:
         out = []
         for r in self.events(("fallback",)):
-            detail = json.loads(r["payload"]).get("detail", {})
-            out.append({"occurred_at": self.local(r["occurred_at"]),
+            detail = json.loads(r.payload).get("detail", {})
+            out.append({"occurred_at": self.local(r.occurred_at),
                         "alarms": detail.get("event_ids", []),
                         "recipients": {n: v.get("state")
                                        for n, v in detail.get("recipients", {}).items()}})
@@ -217,20 +207,20 @@ class _Reader:
         """Time connected to the broker, within the part of the month that has passed
         and since the device's first connection (a device installed mid-month)."""
         until = min(self.end, now)
-        sessions = self.rows("SELECT * FROM uplink_sessions ORDER BY id")
-        first = min((_parse(x["connected_at"]) for x in sessions), default=self.start)
+        sessions = self.store.sessions()
+        first = min((_parse(x.connected_at) for x in sessions), default=self.start)
         since = max(self.start, first)
         period = max(0.0, (until - since).total_seconds())
         intervals, disconnections = [], 0
         for index, s in enumerate(sessions):
-            begin = _parse(s["connected_at"])
-            current = (not s["disconnected_at"] and index == len(sessions) - 1
-                       and (now - _parse(s["last_seen_at"])).total_seconds() <= ONLINE_GRACE_S)
+            begin = _parse(s.connected_at)
+            current = (not s.disconnected_at and index == len(sessions) - 1
+                       and (now - _parse(s.last_seen_at)).total_seconds() <= ONLINE_GRACE_S)
             if current:
                 end = now
             else:
                 # Ended cleanly, or unseen (a crash, a power cut: its last sign of life).
-                end = _parse(s["disconnected_at"] or s["last_seen_at"])
+                end = _parse(s.disconnected_at or s.last_seen_at)
                 disconnections += self.start <= end < self.end
             begin, end = max(begin, self.start), min(end, until)
             if end > begin:
@@ -248,23 +238,15 @@ class _Reader:
                 "sessions": len(intervals), "disconnections": disconnections}
 
 
-def build_report(database: str | Path | sqlite3.Connection, month: str, zone: ZoneInfo,
+def build_report(database: str | Path, month: str, zone: ZoneInfo,
                  *, identity: Identity, now: datetime | None = None,
                  keep_days: int = 90) -> MonthlyReport:
     """The report of ``month`` (YYYY-MM, local time of ``zone``) from the outbox, whose
     delivered events are kept ``keep_days`` (storage.keep_days)."""
     start, end = month_bounds(month, zone)
     now = now or utc_now()
-    if isinstance(database, sqlite3.Connection):
-        db, owned = database, False
-    else:
-        if not Path(database).exists():
-            raise ValueError(f"no outbox at {database}")
-        # as_uri() escapes what a URI would misread in a path ("?", "#", "%", spaces).
-        uri = f"{Path(database).resolve().as_uri()}?mode=ro"
-        db, owned = sqlite3.connect(uri, uri=True), True
-    try:
-        reader = _Reader(db, zone, start, end)
+    with OutboxReader(database) as store:
+        reader = _Reader(store, zone, start, end)
         report = MonthlyReport(
             site_id=identity.site_id, device_id=identity.device_id, location=identity.location,
             month=month, timezone=str(zone), period_start=utc_iso(start),
@@ -282,9 +264,6 @@ def build_report(database: str | Path | sqlite3.Connection, month: str, zone: Zo
         report.sms = reader.sms()
         report.online = reader.online(now)
         return report
-    finally:
-        if owned:
-            db.close()
 
 
 # -- rendering -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ without its alarm, and ``guardpost reset`` works even while the button daemon is
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 from edge.config import Config, InputConfig
@@ -31,16 +30,10 @@ from edge.contract.events import (
 )
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.wake import wake
-from edge.store.outbox import Outbox
+from edge.store.latches import Latch
+from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, Outbox
 
-
-@dataclass(frozen=True)
-class Latch:
-    input: str
-    alarm_id: str
-    latched_at: str
-    last_event_id: str
-    repeats: int
+__all__ = ["AlarmLatch", "Latch", "UnknownInput", "reset_alarms"]
 
 
 class UnknownInput(KeyError):
@@ -63,8 +56,12 @@ class AlarmLatch:
                           input=input_name, **extra)
 
     def press(self, input_name: str, occurred_at: datetime | None = None,
-              held_s: float | None = None) -> Event:
-        """Commit an accepted press durably: a new alarm, or a repeat while latched."""
+              held_s: float | None = None, *,
+              timeout: float = ALARM_COMMIT_TIMEOUT_S) -> Event:
+        """Commit an accepted press durably: a new alarm, or a repeat while latched.
+
+        The write lock is waited on for at most ``timeout`` seconds; a
+        :class:`edge.store.outbox.LockTimeout` is a commit that did not happen: retry."""
         spec = self._inputs.get(input_name)
         if spec is None:
             raise UnknownInput(input_name)
@@ -75,27 +72,19 @@ class AlarmLatch:
             detail["label"] = spec.label
         if held_s is not None:
             detail["held_ms"] = round(held_s * 1000, 1)
-        with self._outbox.transaction() as conn:
-            row = conn.execute(
-                "SELECT alarm_id, repeats FROM latches WHERE input = ?", (input_name,)
-            ).fetchone()
-            if row is None:
+        latches = self._outbox.latches
+        with self._outbox.transaction(timeout):
+            latched = latches.get(input_name)
+            if latched is None:
                 event = self._outbox.append(
                     self._draft(EventKind.ALARM, code, input_name, occurred_at, detail=detail))
-                conn.execute(
-                    "INSERT INTO latches(input, alarm_id, latched_at, last_event_id, repeats)"
-                    " VALUES (?, ?, ?, ?, 0)",
-                    (input_name, event.id, utc_iso(occurred_at), event.id),
-                )
+                latches.latch(input_name, event.id, utc_iso(occurred_at))
             else:
-                alarm_id, repeats = row
+                repeats = latched.repeats + 1
                 event = self._outbox.append(self._draft(
                     EventKind.ALARM, code, input_name, occurred_at, detail=detail,
-                    repeat_of=alarm_id, repeat=repeats + 1))
-                conn.execute(
-                    "UPDATE latches SET last_event_id = ?, repeats = ? WHERE input = ?",
-                    (event.id, repeats + 1, input_name),
-                )
+                    repeat_of=latched.alarm_id, repeat=repeats))
+                latches.repeated(input_name, event.id, repeats)
         return event
 
     def reset(self, by: str, input_name: str | None = None) -> list[Event]:
@@ -104,26 +93,22 @@ class AlarmLatch:
             raise UnknownInput(input_name)
         events = []
         now = utc_now()
-        with self._outbox.transaction() as conn:
-            rows = conn.execute(
-                "SELECT input, alarm_id, latched_at, repeats FROM latches ORDER BY latched_at"
-            ).fetchall()
-            for latched_input, alarm_id, latched_at, repeats in rows:
-                if input_name is not None and latched_input != input_name:
+        latches = self._outbox.latches
+        with self._outbox.transaction():
+            for latch in latches.all().values():
+                if input_name is not None and latch.input != input_name:
                     continue
                 events.append(self._outbox.append(self._draft(
-                    EventKind.RESET, ContactId.PANIC_RESET, latched_input, now,
-                    detail={"alarm_id": alarm_id, "latched_at": latched_at,
-                            "repeats": repeats, "by": by},
+                    EventKind.RESET, ContactId.PANIC_RESET, latch.input, now,
+                    detail={"alarm_id": latch.alarm_id, "latched_at": latch.latched_at,
+                            "repeats": latch.repeats, "by": by},
                 )))
-                conn.execute("DELETE FROM latches WHERE input = ?", (latched_input,))
+                latches.clear(latch.input)
         return events
 
     def latches(self) -> dict[str, Latch]:
-        rows = self._outbox.db.execute(
-            "SELECT input, alarm_id, latched_at, last_event_id, repeats FROM latches"
-        ).fetchall()
-        return {row[0]: Latch(*row) for row in rows}
+        """Every latched input, by name."""
+        return self._outbox.latches.all()
 
 
 def reset_alarms(config: Config, by: str, input_name: str | None = None) -> list[Event]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -43,7 +42,9 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.control import ControlUnavailable
 from edge.runtime.control import request as control_request
 from edge.runtime.wake import wake
+from edge.store.alarm_tests import TestResult
 from edge.store.outbox import Outbox
+from edge.store.rows import EventRow
 
 log = logging.getLogger(__name__)
 
@@ -97,42 +98,29 @@ def request_test(outbox: Outbox, trigger: str, *, scheduled_for: datetime | None
     if trigger not in TRIGGERS:
         raise ValueError(f"trigger must be one of {TRIGGERS}")
     test_id = str(uuid7())
-    with outbox.transaction() as conn:
-        inserted = conn.execute(
-            "INSERT INTO alarm_tests(id, trigger, method, code, requested_at, scheduled_for,"
-            " state, request, reply_state) VALUES (?, ?, '', ?, ?, ?, 'requested', ?, ?)"
-            " ON CONFLICT DO NOTHING",
-            (test_id, trigger, int(code_for(trigger)), utc_iso(at or utc_now()),
-             utc_iso(scheduled_for) if scheduled_for else None,
-             json.dumps(request) if request is not None else None,
-             "pending" if trigger == "platform" else None)).rowcount
+    inserted = outbox.alarm_tests.request(test_id, trigger, int(code_for(trigger)),
+                                          requested_at=at or utc_now(),
+                                          scheduled_for=scheduled_for, request=request)
     return test_id if inserted else None
 
 
 def requested_tests(outbox: Outbox, triggers: tuple[str, ...] = TRIGGERS) -> list[str]:
     """Tests waiting to run, oldest first, of these triggers."""
-    marks = ", ".join("?" * len(triggers))
-    return [row[0] for row in outbox.db.execute(
-        f"SELECT id FROM alarm_tests WHERE state = 'requested' AND trigger IN ({marks})"
-        " ORDER BY requested_at", triggers)]
+    return outbox.alarm_tests.requested(triggers)
 
 
 def latest_test(outbox: Outbox) -> dict | None:
     """The last finished alarm test, whoever ran it (the schedule, a person, the platform)."""
-    cursor = outbox.db.execute(
-        "SELECT id, trigger, method, code, state, failed_stage, reason, event_id, finished_at,"
-        " edge_to_commit_ms, commit_to_sent_ms, sent_to_ack_ms, total_ms FROM alarm_tests"
-        " WHERE state IN ('passed', 'failed') ORDER BY finished_at DESC LIMIT 1")
-    row = cursor.fetchone()
-    if row is None:
+    r = outbox.alarm_tests.latest_finished()
+    if r is None:
         return None
-    r = dict(zip([c[0] for c in cursor.description], row, strict=True))
-    return {"test_id": r["id"], "result": r["state"], "method": r["method"],
-            "trigger": r["trigger"], "code": r["code"], "covers_wiring": r["method"] == "relay",
-            "failed_stage": r["failed_stage"], "reason": r["reason"], "event_id": r["event_id"],
-            "at": r["finished_at"],
-            "stages_ms": {k: r[f"{k}_ms"] for k in ("edge_to_commit", "commit_to_sent",
-                                                     "sent_to_ack", "total")}}
+    return {"test_id": r.id, "result": r.state, "method": r.method, "trigger": r.trigger,
+            "code": r.code, "covers_wiring": r.method == "relay",
+            "failed_stage": r.failed_stage, "reason": r.reason, "event_id": r.event_id,
+            "at": r.finished_at,
+            "stages_ms": {"edge_to_commit": r.edge_to_commit_ms,
+                          "commit_to_sent": r.commit_to_sent_ms,
+                          "sent_to_ack": r.sent_to_ack_ms, "total": r.total_ms}}
 
 
 def _ms(start: str | None, end: str | None) -> float | None:
@@ -142,12 +130,11 @@ def _ms(start: str | None, end: str | None) -> float | None:
     return round(delta.total_seconds() * 1000, 3)
 
 
-def stage_times(row: dict) -> tuple[dict[str, str | None], dict[str, float | None]]:
+def stage_times(row: EventRow) -> tuple[dict[str, str | None], dict[str, float | None]]:
     """The stage times of an event's outbox row, and the latency of each step."""
     # The acknowledgement as this device received it: one clock for every stage.
-    times = {"edge": row["occurred_at"], "committed": row["committed_at"],
-             "sent": row["sent_at"],
-             "acknowledged": row.get("ack_received_at") or row["acknowledged_at"]}
+    times = {"edge": row.occurred_at, "committed": row.committed_at, "sent": row.sent_at,
+             "acknowledged": row.ack_received_at or row.acknowledged_at}
     stages_ms = {
         "edge_to_commit": _ms(times["edge"], times["committed"]),
         "commit_to_sent": _ms(times["committed"], times["sent"]),
@@ -159,22 +146,23 @@ def stage_times(row: dict) -> tuple[dict[str, str | None], dict[str, float | Non
 
 def follow_event(outbox: Outbox, event_id: str, timeout: float,
                  progress: Progress | None = None, stop: threading.Event | None = None,
-                 tick: Callable[[], None] | None = None) -> dict:
+                 tick: Callable[[], None] | None = None) -> EventRow:
     """Watch an event's row until the platform acknowledges it or ``timeout`` passes;
-    ``progress(stage, row)`` is called once as each stage appears, ``tick()`` at every
-    look (a daemon feeds its watchdog there). Returns the row."""
+    ``progress(stage, row)`` is called once as each stage appears (the row as a
+    dictionary), ``tick()`` at every look (a daemon feeds its watchdog there). Returns
+    the row."""
     pause = stop or threading.Event()
     deadline = time.monotonic() + timeout
     told: set[str] = set()
     while True:
-        row = outbox.get_event_row(event_id)
-        for stage, column in (("committed", "committed_at"), ("sent", "sent_at"),
-                              ("acknowledged", "acknowledged_at")):
-            if row[column] and stage not in told:
+        row = outbox.event(event_id)
+        for stage, stamp in (("committed", row.committed_at), ("sent", row.sent_at),
+                             ("acknowledged", row.acknowledged_at)):
+            if stamp and stage not in told:
                 told.add(stage)
                 if progress:
-                    progress(stage, row)
-        if row["state"] == "acknowledged" or time.monotonic() >= deadline:
+                    progress(stage, row.as_dict())
+        if row.state == "acknowledged" or time.monotonic() >= deadline:
             return row
         if tick:
             tick()
@@ -212,16 +200,12 @@ class AlarmTestRunner:
     def run(self, test_id: str) -> TestOutcome | None:
         """Run one requested test to its end; None if it was not waiting to run."""
         with _test_lock(self.config.storage.runtime_dir):
-            with self.outbox.transaction() as conn:
-                row = conn.execute("SELECT trigger, code FROM alarm_tests WHERE id = ? AND"
-                                   " state = 'requested'", (test_id,)).fetchone()
-                if row is None:
-                    return None
-                trigger, code = row
-                method = "relay" if self.config.outputs.test_relay is not None else "software"
-                conn.execute("UPDATE alarm_tests SET state = 'running', started_at = ?,"
-                             " method = ?, input = ? WHERE id = ?",
-                             (utc_iso(utc_now()), method, self.config.test_input, test_id))
+            method = "relay" if self.config.outputs.test_relay is not None else "software"
+            started = self.outbox.alarm_tests.start(test_id, at=utc_now(), method=method,
+                                                    input_name=self.config.test_input)
+            if started is None:
+                return None
+            trigger, code = started.trigger, started.code
             outcome = TestOutcome(test_id, passed=False, method=method, trigger=trigger,
                                   code=code)
             self.progress("started", {"test_id": test_id, "method": method,
@@ -244,14 +228,13 @@ class AlarmTestRunner:
         run again, or failed once cut short too often. Returns how many were found."""
         try:
             with _test_lock(self.config.storage.runtime_dir):
-                rows = self.outbox.db.execute(
-                    "SELECT id, trigger, method, code, event_id FROM alarm_tests"
-                    " WHERE state = 'running'").fetchall()
-                for test_id, trigger, method, code, event_id in rows:
-                    outcome = TestOutcome(test_id, passed=False, method=method,
-                                          trigger=trigger, code=code, failed_stage="edge",
+                rows = self.outbox.alarm_tests.running()
+                for row in rows:
+                    outcome = TestOutcome(row.id, passed=False, method=row.method,
+                                          trigger=row.trigger, code=row.code,
+                                          failed_stage="edge",
                                           reason="the process running it stopped",
-                                          event_id=event_id)
+                                          event_id=row.event_id)
                     self._interrupted(outcome)
                 return len(rows)
         except TestBusy:
@@ -273,8 +256,7 @@ class AlarmTestRunner:
         if event_id is None:
             return
         outcome.event_id = event_id
-        row = self.outbox.get_event_row(event_id)
-        self.progress("edge", row)
+        self.progress("edge", self.outbox.get_event_row(event_id))
         wake(self.config.storage.runtime_dir, "uplink")
         row = follow_event(self.outbox, event_id, self.config.alarm_test.ack_timeout_s,
                            self.progress, self.stop, self.tick)
@@ -329,20 +311,11 @@ class AlarmTestRunner:
         """A test that did not run to its end: a person's is cancelled (they stopped it);
         the schedule's and the platform's run again, up to MAX_INTERRUPTIONS times."""
         if outcome.trigger == "manual":
-            with self.outbox.transaction() as conn:
-                conn.execute("UPDATE alarm_tests SET state = 'cancelled', finished_at = ?,"
-                             " reason = 'stopped before its end' WHERE id = ?",
-                             (utc_iso(utc_now()), outcome.test_id))
+            self.outbox.alarm_tests.end_without_result(
+                outcome.test_id, "cancelled", at=utc_now(), reason="stopped before its end")
             log.info("alarm test %s cancelled before its end", outcome.test_id)
             return
-        with self.outbox.transaction() as conn:
-            conn.execute("UPDATE alarm_tests SET interruptions = interruptions + 1"
-                         " WHERE id = ?", (outcome.test_id,))
-            count = conn.execute("SELECT interruptions FROM alarm_tests WHERE id = ?",
-                                 (outcome.test_id,)).fetchone()[0]
-            if count < MAX_INTERRUPTIONS:
-                conn.execute("UPDATE alarm_tests SET state = 'requested', started_at = NULL"
-                             " WHERE id = ?", (outcome.test_id,))
+        count = self.outbox.alarm_tests.interrupted(outcome.test_id, MAX_INTERRUPTIONS)
         if count < MAX_INTERRUPTIONS:
             log.warning("alarm test %s was cut short (%d time(s)): it will run again",
                         outcome.test_id, count)
@@ -361,23 +334,16 @@ class AlarmTestRunner:
                   "covers_wiring": outcome.method == "relay", "stages_ms": ms}
         if not outcome.passed:
             detail.update(failed_stage=outcome.failed_stage, reason=outcome.reason)
-        with self.outbox.transaction() as conn:
-            previous = conn.execute(
-                "SELECT state FROM alarm_tests WHERE state IN ('passed', 'failed')"
-                " ORDER BY finished_at DESC LIMIT 1").fetchone()
+        tests = self.outbox.alarm_tests
+        with self.outbox.transaction():
+            previous = tests.latest_finished()
             result = self.outbox.append(self._draft(EventKind.TEST_RESULT, outcome.code,
                                                     detail))
-            conn.execute(
-                "UPDATE alarm_tests SET state = ?, finished_at = ?, failed_stage = ?,"
-                " reason = ?, event_id = ?, edge_at = ?, committed_at = ?, sent_at = ?,"
-                " acknowledged_at = ?, edge_to_commit_ms = ?, commit_to_sent_ms = ?,"
-                " sent_to_ack_ms = ?, total_ms = ?, result_event_id = ? WHERE id = ?",
-                ("passed" if outcome.passed else "failed", utc_iso(utc_now()),
-                 outcome.failed_stage, outcome.reason, outcome.event_id, t.get("edge"),
-                 t.get("committed"), t.get("sent"), t.get("acknowledged"),
-                 ms.get("edge_to_commit"), ms.get("commit_to_sent"), ms.get("sent_to_ack"),
-                 ms.get("total"), result.id, outcome.test_id))
-            was_failing = previous is not None and previous[0] == "failed"
+            tests.record_result(outcome.test_id, TestResult(
+                state="passed" if outcome.passed else "failed", finished_at=utc_iso(utc_now()),
+                failed_stage=outcome.failed_stage, reason=outcome.reason,
+                event_id=outcome.event_id, times=t, stages_ms=ms, result_event_id=result.id))
+            was_failing = previous is not None and previous.state == "failed"
             if outcome.passed == was_failing:  # a change: fault on failure, restore on pass
                 self.outbox.append(self._draft(
                     EventKind.RESTORE if outcome.passed else EventKind.FAULT,

@@ -199,7 +199,7 @@ class HealthChecks:
     def check_database(self, due: bool, now: datetime) -> CheckResult:
         """``PRAGMA quick_check`` once a day: it reads the whole file, so not every run."""
         if due or self.integrity is None:
-            rows = [r[0] for r in self.outbox.db.execute("PRAGMA quick_check(5)")]
+            rows = self.outbox.integrity_check(5)
             self.integrity = {"at": now.isoformat(), "ok": rows == ["ok"],
                               "detail": "; ".join(rows)}
         if self.integrity["ok"]:

@@ -663,16 +663,13 @@ class UplinkDaemon:
         request = {"request_id": command.request_id, "reply_topic": reply_topic,
                    "correlation": correlation, "by": command.by}
         props = self._reply_props(request)
-        same = outbox.db.execute(
-            "SELECT id, state FROM alarm_tests WHERE trigger = 'platform' AND requested_at >= ?"
-            " AND json_extract(request, '$.request_id') = ? ORDER BY requested_at DESC",
-            (utc_iso(utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H)),
-             command.request_id)).fetchone()
+        same = outbox.alarm_tests.by_platform_request(
+            command.request_id, utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H))
         if same is not None:
             # The broker sends a command again when our PUBACK was lost (a dropped link,
             # a restart): the same request, the same test, answered again; never a second
             # pulse. A finished test's result is sent again too.
-            test_id, state = same
+            test_id, state = same.id, same.state
             log.info("platform test request %s again: it is test %s (%s)",
                      command.request_id, test_id, state)
             if state in ("passed", "failed"):
@@ -681,8 +678,7 @@ class UplinkDaemon:
                 self.identity, command="test", request_id=command.request_id,
                 status="accepted", test_id=test_id), qos=1, properties=props)
             return
-        waiting = outbox.db.execute("SELECT count(*) FROM alarm_tests"
-                                    " WHERE state = 'requested'").fetchone()[0]
+        waiting = outbox.alarm_tests.waiting()
         if waiting >= MAX_WAITING_TESTS:
             client.publish(reply_topic, reply_payload(
                 self.identity, command="test", request_id=command.request_id,
