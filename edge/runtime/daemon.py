@@ -13,7 +13,10 @@ the rest the same way for all five:
 - periodic work on the monotonic clock (:meth:`Daemon.every`): a wall clock stepped by
   NTP at boot never moves a timer;
 - the daemon's state for ``guardpost status`` saved in the outbox, a failure to save it
-  logged and never fatal.
+  logged and never fatal;
+- a bounded wait that runs out in the loop's work (the outbox's write lock held too long
+  by another writer: :class:`edge.store.lock.LockTimeout` is a ``TimeoutError``) tried
+  again at its next turn instead of stopping the daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from edge.runtime.wake import Waker
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 3600.0  # the longest the loop sleeps when nothing is scheduled
+STATE_WRITE_TIMEOUT_S = 0.5  # the loop waits no longer for the outbox to take its state
 
 
 @dataclass
@@ -117,7 +121,8 @@ class Daemon:
         """Record :meth:`state` in the outbox for ``guardpost status``; never fatal."""
         try:
             outbox.set_daemon_state(self.name, json.dumps(self.state(), ensure_ascii=False,
-                                                          default=str))
+                                                          default=str),
+                                    timeout=STATE_WRITE_TIMEOUT_S)
         except Exception as err:
             log.warning("could not record the %s daemon's state: %s", self.name, err)
 
@@ -137,15 +142,25 @@ class Daemon:
                 self.watchdog.ping()
                 now = self.monotonic()
                 for timer in self._timers:
-                    timer.run_if_due(now)
-                code = self.step()
+                    self._bounded(timer.run_if_due, now)
+                code = self._bounded(self.step)
                 if code is not None or stop.is_set():
                     break
                 if self.wait(self._wait_budget()):
-                    self.woken()
+                    self._bounded(self.woken)
             notify("STOPPING=1")
             self.stopping()
         return code or 0
+
+    def _bounded(self, work, *args):
+        """Run loop work; a bounded wait that ran out (the outbox's write lock held by
+        another writer for longer than this work may wait) is tried again at its next
+        turn, not a crash. Anything else is a bug, and stops the daemon."""
+        try:
+            return work(*args)
+        except TimeoutError as err:
+            log.warning("%s: %s; trying again", self.name, err)
+            return None
 
     def _wait_budget(self) -> float:
         """Until the next timer, and never past half the watchdog's timeout."""

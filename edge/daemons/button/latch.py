@@ -62,10 +62,19 @@ class AlarmLatch:
 
         The write lock is waited on for at most ``timeout`` seconds; a
         :class:`edge.store.outbox.LockTimeout` is a commit that did not happen: retry."""
+        if input_name not in self._inputs:
+            raise UnknownInput(input_name)
+        occurred_at = occurred_at or utc_now()
+        with self._outbox.transaction(timeout):
+            return self.append_press(input_name, occurred_at, held_s)
+
+    def append_press(self, input_name: str, occurred_at: datetime,
+                     held_s: float | None = None) -> Event:
+        """:meth:`press` inside the caller's transaction (several presses committed
+        together, with one write to disk); durable when that transaction ends."""
         spec = self._inputs.get(input_name)
         if spec is None:
             raise UnknownInput(input_name)
-        occurred_at = occurred_at or utc_now()
         code = PANIC_CODES[spec.mode]
         detail = {"mode": spec.mode}
         if spec.label:
@@ -73,18 +82,17 @@ class AlarmLatch:
         if held_s is not None:
             detail["held_ms"] = round(held_s * 1000, 1)
         latches = self._outbox.latches
-        with self._outbox.transaction(timeout):
-            latched = latches.get(input_name)
-            if latched is None:
-                event = self._outbox.append(
-                    self._draft(EventKind.ALARM, code, input_name, occurred_at, detail=detail))
-                latches.latch(input_name, event.id, utc_iso(occurred_at))
-            else:
-                repeats = latched.repeats + 1
-                event = self._outbox.append(self._draft(
-                    EventKind.ALARM, code, input_name, occurred_at, detail=detail,
-                    repeat_of=latched.alarm_id, repeat=repeats))
-                latches.repeated(input_name, event.id, repeats)
+        latched = latches.get(input_name)
+        if latched is None:
+            event = self._outbox.append(
+                self._draft(EventKind.ALARM, code, input_name, occurred_at, detail=detail))
+            latches.latch(input_name, event.id, utc_iso(occurred_at))
+        else:
+            repeats = latched.repeats + 1
+            event = self._outbox.append(self._draft(
+                EventKind.ALARM, code, input_name, occurred_at, detail=detail,
+                repeat_of=latched.alarm_id, repeat=repeats))
+            latches.repeated(input_name, event.id, repeats)
         return event
 
     def reset(self, by: str, input_name: str | None = None) -> list[Event]:

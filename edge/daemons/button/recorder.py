@@ -7,6 +7,11 @@ write lock only for a bounded time: a commit that times out, or that the disk re
 is a failed commit, tried again with growing pauses (up to a second) for as long as it
 takes. Meanwhile the press is counted as unrecorded (``guardpost status``) and the LED
 shows the fault.
+
+Group commit: a press that finds the recorder idle is committed alone, at once; presses
+that arrive while a commit is under way (several inputs, a storm of taps) are committed
+together by the next one, in order, with one write to disk for all of them. The disk's
+flush, not the number of presses, sets the pace.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from edge.contract.events import Event, EventDraft, EventKind, utc_iso
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.button.windows import TestSpec, Waiter
 from edge.runtime.clock import boot_id, clock_synchronised
-from edge.store.outbox import Outbox
+from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ FIRST_RETRY_S = 0.05
 LAST_RETRY_S = 1.0
 STOP_WAIT_S = 10.0
 OPEN_WAIT_S = 30.0
+GROUP_MAX = 64  # presses committed in one transaction at most
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class Recorder:
     def _run(self) -> None:
         cfg = self.config
         backlog: collections.deque[AcceptedPress] = collections.deque()
-        stopping, pause = False, FIRST_RETRY_S
+        stopping, pause, group_max = False, FIRST_RETRY_S, GROUP_MAX
         try:
             opened = Outbox(cfg.storage.database, cfg.identity, checkpoint=False)
         except BaseException as err:
@@ -116,45 +122,59 @@ class Recorder:
                     item = self._queue.get(timeout=pause if backlog else None)
                 except queue.Empty:
                     item = None
-                if item is _STOP:
-                    stopping = True
-                elif item is not None:
-                    backlog.append(item)
-                while backlog:
-                    press = backlog[0]
+                while item is not None:  # and whatever else is waiting already
+                    if item is _STOP:
+                        stopping = True
+                    else:
+                        backlog.append(item)
                     try:
-                        event = self._commit(outbox, latch, press)
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = None
+                while backlog:
+                    group = [backlog[i] for i in range(min(group_max, len(backlog)))]
+                    try:
+                        events = self._commit(outbox, latch, group)
                     except Exception:
                         log.critical("could not record a press of %s (%d waiting); retrying",
-                                     press.report.input, len(backlog), exc_info=True)
+                                     group[0].report.input, len(backlog), exc_info=True)
                         self.failing_since = self.failing_since or time.monotonic()
                         self._failing()
                         if stopping:
                             self._give_up(backlog)
                             return
-                        pause = min(LAST_RETRY_S, pause * 2)
+                        pause, group_max = min(LAST_RETRY_S, pause * 2), 1
                         break
-                    pause, self.failing_since = FIRST_RETRY_S, None
-                    backlog.popleft()
-                    with self._count_lock:
-                        self._unrecorded -= 1
-                    try:
-                        self._recorded(press, event)
-                    except Exception:  # feedback failing must not stop the recording
-                        log.exception("feedback for %s failed", event.id)
+                    pause, group_max, self.failing_since = FIRST_RETRY_S, GROUP_MAX, None
+                    for press, event in zip(group, events, strict=True):
+                        backlog.popleft()
+                        with self._count_lock:
+                            self._unrecorded -= 1
+                        try:
+                            self._recorded(press, event)
+                        except Exception:  # feedback failing must not stop the recording
+                            log.exception("feedback for %s failed", event.id)
 
-    def _commit(self, outbox: Outbox, latch: AlarmLatch, press: AcceptedPress) -> Event:
+    def _commit(self, outbox: Outbox, latch: AlarmLatch,
+                group: list[AcceptedPress]) -> list[Event]:
+        """One transaction for the group: all of it on disk when this returns, or none."""
         self.commit_started = time.monotonic()
         try:
-            if press.test is not None:
-                # A test (601/602) through the real wiring: never an alarm, never latches.
-                return outbox.commit_event(EventDraft(
-                    kind=EventKind.TEST, code=press.test.code, occurred_at=press.occurred_at,
-                    clock_synced=clock_synchronised(), boot_id=boot_id(),
-                    input=press.report.input, detail=press.test.detail))
-            return latch.press(press.report.input, press.occurred_at, press.report.duration)
+            with outbox.transaction(ALARM_COMMIT_TIMEOUT_S):
+                return [self._append(outbox, latch, press) for press in group]
         finally:
             self.commit_started = None
+
+    @staticmethod
+    def _append(outbox: Outbox, latch: AlarmLatch, press: AcceptedPress) -> Event:
+        if press.test is not None:
+            # A test (601/602) through the real wiring: never an alarm, never latches.
+            return outbox.append(EventDraft(
+                kind=EventKind.TEST, code=press.test.code, occurred_at=press.occurred_at,
+                clock_synced=clock_synchronised(), boot_id=boot_id(),
+                input=press.report.input, detail=press.test.detail))
+        return latch.append_press(press.report.input, press.occurred_at,
+                                  press.report.duration)
 
     @staticmethod
     def _give_up(backlog) -> None:
