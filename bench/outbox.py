@@ -9,7 +9,8 @@
     alarm commit made meanwhile by another process, beside the single ``DELETE`` of
     schema 5 on a copy of the same file;
 (3) durable enqueue and dequeue + confirm per second, beside persist-queue's
-    ``SQLiteAckQueue`` (both WAL, both synchronous=FULL);
+    ``SQLiteAckQueue`` (both WAL, both synchronous=FULL): one thread, and several threads
+    at once (the button daemon's recorder commits what arrives during a commit together);
 (4) bytes written to the WAL per alarm (checkpoints off), schema 5's commit beside
     this one's, and persist-queue's put.
 
@@ -27,6 +28,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -271,6 +273,59 @@ def bench_queue(directory: Path, count: int) -> None:
     queue.close()
 
 
+def bench_concurrent(directory: Path, count: int, producers: int = 8) -> None:
+    """Durable enqueue as the button daemon does it: presses from several threads (inputs,
+    a storm of taps) through its recorder, each producer waiting until its press is on
+    disk; persist-queue's put from as many threads, each put its own commit."""
+    from drivers.gpio import PressReport
+    from edge.config import parse_config
+    from edge.daemons.button.recorder import AcceptedPress, Recorder
+    from edge.daemons.button.windows import new_waiter, tell
+    from tests.conftest import sim_document
+
+    print(f"\n    durable enqueue from {producers} threads at once, {count:,} items: each "
+          "returns only when its item is on disk")
+    config = parse_config(sim_document(directory / "recorder", 1883))
+
+    def recorded(press, event) -> None:
+        tell(press.waiter, {"seq": event.seq})
+
+    recorder = Recorder(config, recorded, failing=lambda: None)
+    recorder.start()
+
+    def ours(share: int) -> None:
+        for _ in range(share):
+            press = AcceptedPress(PressReport("gate", True, "press", time.monotonic(), 0.1, 0),
+                                  utc_now(), waiter=new_waiter())
+            recorder.submit(press)
+            press.waiter[0].wait(30)
+
+    queue = persistqueue.SQLiteAckQueue(str(directory / "pq-threads"), multithreading=True)
+    queue._putter.execute("PRAGMA synchronous = FULL")
+    with Outbox(directory / "payload.db", IDENTITY) as outbox:
+        payload = outbox.commit_event(alarm()).payload(IDENTITY)
+
+    def theirs(share: int) -> None:
+        for _ in range(share):
+            queue.put(payload)
+
+    rates = {}
+    for name, work in (("theirs", theirs), ("ours", ours)):
+        threads = [threading.Thread(target=work, args=(count // producers,))
+                   for _ in range(producers)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates[name] = count // producers * producers / (time.perf_counter() - started)
+    recorder.stop()
+    queue.close()
+    row(f"durable enqueue, {producers} producers, /s", f"{rates['ours']:,.0f}",
+        f"{rates['theirs']:,.0f}", f"{rates['ours'] / rates['theirs']:.2f}x (goal >= 2x; the "
+        "recorder's group commit)")
+
+
 # -- (4) bytes to the WAL per alarm -------------------------------------------------------
 
 def _schema_5_append(conn: sqlite3.Connection, lock: int, draft: EventDraft) -> None:
@@ -346,6 +401,7 @@ def main() -> int:
         bench_depths(directory, depths, 300 if args.quick else 1000)
         bench_prune(directory, 100_000 if args.quick else 1_000_000)
         bench_queue(directory, 1000 if args.quick else 3000)
+        bench_concurrent(directory, 1000 if args.quick else 3000)
         bench_wal(directory, 300 if args.quick else 1000)
     return 0
 

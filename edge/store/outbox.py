@@ -252,6 +252,21 @@ class Outbox:
         self.db.execute(_INSERT, self._values(event, utc_iso(utc_now())))
         return event
 
+    def reserve_events(self, count: int) -> list[tuple[int, str]]:
+        """Inside a transaction: the next ``count`` sequence numbers with their event ids,
+        for events the caller then inserts with :meth:`insert_events` in the same
+        transaction (an event that names another of the same commit, a repeat its alarm,
+        needs that id first). Every one reserved must be inserted."""
+        if not self.db.in_transaction:
+            raise OutboxError("reserve_events() must run inside Outbox.transaction()")
+        last = self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
+        return [(seq, event_id(seq)) for seq in range(last - count + 1, last + 1)]
+
+    def insert_events(self, events: list[Event]) -> None:
+        """Inside a transaction: the events of :meth:`reserve_events`, in one statement."""
+        committed_at = utc_iso(utc_now())
+        self.db.executemany(_INSERT, [self._values(e, committed_at) for e in events])
+
     def _values(self, event: Event, committed_at: str) -> tuple:
         draft, kind = event.draft, event.draft.kind
         return (event.seq, event.id, kind.value, int(draft.code), int(draft.priority),

@@ -36,6 +36,55 @@ from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, Outbox
 __all__ = ["AlarmLatch", "Latch", "UnknownInput", "reset_alarms"]
 
 
+class LatchBatch:
+    """The latch rules applied to a run of presses inside one transaction."""
+
+    def __init__(self, latch: AlarmLatch, latched: dict[str, Latch]):
+        self._latch = latch
+        self.clock_synced = latch.clock_synced()  # asked once for the whole batch
+        self._state = dict(latched)
+        self._new: set[str] = set()       # latched by this batch
+        self._changed: set[str] = set()   # repeated by this batch
+
+    def alarm(self, input_name: str, occurred_at: datetime, held_s: float | None,
+              event_id: str) -> EventDraft:
+        """The draft of the alarm event ``event_id`` this press is: a new alarm that
+        latches the input, or a repeat of the latched one."""
+        spec = self._latch.inputs.get(input_name)
+        if spec is None:
+            raise UnknownInput(input_name)
+        detail = {"mode": spec.mode}
+        if spec.label:
+            detail["label"] = spec.label
+        if held_s is not None:
+            detail["held_ms"] = round(held_s * 1000, 1)
+        code = PANIC_CODES[spec.mode]
+        latched = self._state.get(input_name)
+        if latched is None:
+            self._state[input_name] = Latch(input_name, event_id, utc_iso(occurred_at),
+                                            event_id, 0)
+            self._new.add(input_name)
+            return self._latch.draft(EventKind.ALARM, code, input_name, occurred_at,
+                                     clock_synced=self.clock_synced, detail=detail)
+        repeats = latched.repeats + 1
+        self._state[input_name] = Latch(input_name, latched.alarm_id, latched.latched_at,
+                                        event_id, repeats)
+        self._changed.add(input_name)
+        return self._latch.draft(EventKind.ALARM, code, input_name, occurred_at,
+                                 clock_synced=self.clock_synced, detail=detail,
+                                 repeat_of=latched.alarm_id, repeat=repeats)
+
+    def write(self) -> None:
+        """After the events are inserted: each latch this batch changed, once."""
+        latches = self._latch.outbox.latches
+        for name in self._new:
+            latched = self._state[name]
+            latches.latch(name, latched.alarm_id, latched.latched_at)
+        for name in self._changed:
+            latched = self._state[name]
+            latches.repeated(name, latched.last_event_id, latched.repeats)
+
+
 class UnknownInput(KeyError):
     """The input is not in the configuration."""
 
@@ -49,11 +98,22 @@ class AlarmLatch:
         self._inputs = inputs
         self._clock_synced = clock_synced
 
-    def _draft(self, kind: EventKind, code: int, input_name: str, occurred_at: datetime,
-               **extra) -> EventDraft:
-        return EventDraft(kind=kind, code=code, occurred_at=occurred_at,
-                          clock_synced=self._clock_synced(), boot_id=boot_id(),
-                          input=input_name, **extra)
+    @property
+    def outbox(self) -> Outbox:
+        return self._outbox
+
+    @property
+    def inputs(self) -> Mapping[str, InputConfig]:
+        return self._inputs
+
+    def clock_synced(self) -> bool:
+        return self._clock_synced()
+
+    def draft(self, kind: EventKind, code: int, input_name: str, occurred_at: datetime,
+              *, clock_synced: bool | None = None, **extra) -> EventDraft:
+        synced = self._clock_synced() if clock_synced is None else clock_synced
+        return EventDraft(kind=kind, code=code, occurred_at=occurred_at, clock_synced=synced,
+                          boot_id=boot_id(), input=input_name, **extra)
 
     def press(self, input_name: str, occurred_at: datetime | None = None,
               held_s: float | None = None, *,
@@ -70,30 +130,18 @@ class AlarmLatch:
 
     def append_press(self, input_name: str, occurred_at: datetime,
                      held_s: float | None = None) -> Event:
-        """:meth:`press` inside the caller's transaction (several presses committed
-        together, with one write to disk); durable when that transaction ends."""
-        spec = self._inputs.get(input_name)
-        if spec is None:
-            raise UnknownInput(input_name)
-        code = PANIC_CODES[spec.mode]
-        detail = {"mode": spec.mode}
-        if spec.label:
-            detail["label"] = spec.label
-        if held_s is not None:
-            detail["held_ms"] = round(held_s * 1000, 1)
-        latches = self._outbox.latches
-        latched = latches.get(input_name)
-        if latched is None:
-            event = self._outbox.append(
-                self._draft(EventKind.ALARM, code, input_name, occurred_at, detail=detail))
-            latches.latch(input_name, event.id, utc_iso(occurred_at))
-        else:
-            repeats = latched.repeats + 1
-            event = self._outbox.append(self._draft(
-                EventKind.ALARM, code, input_name, occurred_at, detail=detail,
-                repeat_of=latched.alarm_id, repeat=repeats))
-            latches.repeated(input_name, event.id, repeats)
+        """:meth:`press` inside the caller's transaction; durable when it ends."""
+        [(seq, event_id)] = self._outbox.reserve_events(1)
+        batch = self.batch()
+        event = Event(event_id, seq, batch.alarm(input_name, occurred_at, held_s, event_id))
+        self._outbox.insert_events([event])
+        batch.write()
         return event
+
+    def batch(self) -> LatchBatch:
+        """Several presses in one transaction (the recorder's group commit): the latches
+        are read once, and each changed latch written once, at the end."""
+        return LatchBatch(self, self._outbox.latches.all())
 
     def reset(self, by: str, input_name: str | None = None) -> list[Event]:
         """Clear the latch of one input (or all); returns the reset events committed."""
@@ -106,7 +154,7 @@ class AlarmLatch:
             for latch in latches.all().values():
                 if input_name is not None and latch.input != input_name:
                     continue
-                events.append(self._outbox.append(self._draft(
+                events.append(self._outbox.append(self.draft(
                     EventKind.RESET, ContactId.PANIC_RESET, latch.input, now,
                     detail={"alarm_id": latch.alarm_id, "latched_at": latch.latched_at,
                             "repeats": latch.repeats, "by": by},

@@ -28,9 +28,9 @@ from datetime import datetime
 from drivers.gpio import PressReport
 from edge.config import Config
 from edge.contract.events import Event, EventDraft, EventKind, utc_iso
-from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.button.latch import AlarmLatch, LatchBatch
 from edge.daemons.button.windows import TestSpec, Waiter
-from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.clock import boot_id
 from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, Outbox
 
 log = logging.getLogger(__name__)
@@ -161,20 +161,26 @@ class Recorder:
         self.commit_started = time.monotonic()
         try:
             with outbox.transaction(ALARM_COMMIT_TIMEOUT_S):
-                return [self._append(outbox, latch, press) for press in group]
+                batch = latch.batch()
+                events = [Event(event_id, seq, self._draft(batch, press, event_id))
+                          for press, (seq, event_id) in zip(
+                              group, outbox.reserve_events(len(group)), strict=True)]
+                outbox.insert_events(events)
+                batch.write()
+                return events
         finally:
             self.commit_started = None
 
     @staticmethod
-    def _append(outbox: Outbox, latch: AlarmLatch, press: AcceptedPress) -> Event:
+    def _draft(batch: LatchBatch, press: AcceptedPress, event_id: str) -> EventDraft:
         if press.test is not None:
             # A test (601/602) through the real wiring: never an alarm, never latches.
-            return outbox.append(EventDraft(
+            return EventDraft(
                 kind=EventKind.TEST, code=press.test.code, occurred_at=press.occurred_at,
-                clock_synced=clock_synchronised(), boot_id=boot_id(),
-                input=press.report.input, detail=press.test.detail))
-        return latch.append_press(press.report.input, press.occurred_at,
-                                  press.report.duration)
+                clock_synced=batch.clock_synced, boot_id=boot_id(),
+                input=press.report.input, detail=press.test.detail)
+        return batch.alarm(press.report.input, press.occurred_at, press.report.duration,
+                           event_id)
 
     @staticmethod
     def _give_up(backlog) -> None:
