@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,9 +34,8 @@ from edge.config import CameraConfig, Config
 from edge.contract.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.control import ControlServer
-from edge.runtime.instance import only_instance
-from edge.runtime.sdnotify import Watchdog, notify
-from edge.runtime.wake import Waker, wake
+from edge.runtime.daemon import Daemon
+from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
 from edge.store.snapshots import SnapshotStore
 
@@ -133,93 +131,71 @@ class _Health:
         return None
 
 
-class CameraDaemon:
+class CameraDaemon(Daemon):
     name = "camera"
 
     def __init__(self, config: Config):
-        self.config = config
-        self.identity = config.identity
+        super().__init__(config)
         self.sources: dict[str, CameraSource] = {}
         self.health: dict[str, _Health] = {}
         self.jobs: list[_Job] = []
-        self._waker: Waker | None = None
-        self.ready = threading.Event()
 
-    def wake(self) -> None:
-        if self._waker is not None:
-            self._waker.wake()
-
-    def run(self, stop: threading.Event) -> int:
+    def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
         # RTSP over TCP: IP cameras are behind switches and firewalls that drop UDP.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
-            outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity))
-            store = SnapshotStore(outbox, cfg.storage.spool_dir,
-                                  cfg.storage.spool_budget_mb * 1024 * 1024)
-            orphans = store.remove_orphans()
-            if orphans:
-                log.info("removed %d snapshot file(s) left by an interrupted run", orphans)
-            self._waker = stack.enter_context(contextlib.closing(
-                Waker(cfg.storage.runtime_dir, self.name)))
-            now = time.monotonic()
-            for name, spec in cfg.cameras.items():
-                source = CameraSource(name, spec.source, rate=spec.rate,
-                                      keep_seconds=spec.pre_seconds, width=spec.width,
-                                      jpeg_quality=spec.jpeg_quality,
-                                      max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop,
-                                      timeout_s=min(spec.stale_after_s, 10.0))
-                worst = source.capacity * spec.max_jpeg_bytes
-                if worst > source.max_ring_bytes:
-                    log.warning(
-                        "camera %s: %g s before the press at %g/s of up to %d KB may need "
-                        "%d MB of memory; the ring keeps %d MB, so large pictures shorten "
-                        "the window to about %.0f s", name, spec.pre_seconds, spec.rate,
-                        spec.max_jpeg_bytes // 1024, worst // 2**20,
-                        source.max_ring_bytes // 2**20,
-                        source.max_ring_bytes / spec.max_jpeg_bytes / spec.rate)
-                source.start()
-                stack.callback(source.close)
-                self.sources[name] = source
-                self.health[name] = _Health(name, spec, now)
-            control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control)
-            control.start()
-            stack.callback(control.close)
-            self._restore_faults(outbox)
-            cursor = self._initial_cursor(outbox)
-            self.ready.set()
-            notify("READY=1", f"STATUS=watching {len(self.sources)} camera(s)")
-            log.info("camera daemon ready: %s", ", ".join(self.sources) or "no cameras")
-            watchdog = Watchdog()
-            check_every = min((c.check_interval_s for c in cfg.cameras.values()), default=2.0)
-            next_check = next_state = time.monotonic()
-            while not stop.is_set() and not self.sources:
-                # No camera configured: the unit runs everywhere, and costs nothing here.
-                watchdog.ping()
-                self._waker.wait(watchdog.interval or 3600)
-            while not stop.is_set():
-                watchdog.ping()
-                timeout = min(check_every, max(0.0, next_check - time.monotonic()))
-                if self.jobs:
-                    timeout = min(timeout, 0.1)  # post-alarm snapshots arrive every 1/rate s
-                self._waker.wait(timeout)
-                if stop.is_set():
-                    break
-                cursor = self._start_jobs(outbox, store, cursor)
-                written = self._advance_jobs(store)
-                if written:
-                    store.enforce_budget()
-                    wake(cfg.storage.runtime_dir, "uplink")
-                now = time.monotonic()
-                if now >= next_check:
-                    self._check_health(outbox, now)
-                    next_check = now + check_every
-                if now >= next_state:
-                    self._save_state(outbox)
-                    next_state = now + STATE_EVERY_S
-            notify("STOPPING=1")
-        return 0
+        self._outbox = outbox = stack.enter_context(Outbox(cfg.storage.database,
+                                                           self.identity))
+        self._store = store = SnapshotStore(outbox, cfg.storage.spool_dir,
+                                            cfg.storage.spool_budget_mb * 1024 * 1024)
+        orphans = store.remove_orphans()
+        if orphans:
+            log.info("removed %d snapshot file(s) left by an interrupted run", orphans)
+        now = time.monotonic()
+        for name, spec in cfg.cameras.items():
+            source = CameraSource(name, spec.source, rate=spec.rate,
+                                  keep_seconds=spec.pre_seconds, width=spec.width,
+                                  jpeg_quality=spec.jpeg_quality,
+                                  max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop,
+                                  timeout_s=min(spec.stale_after_s, 10.0))
+            worst = source.capacity * spec.max_jpeg_bytes
+            if worst > source.max_ring_bytes:
+                log.warning(
+                    "camera %s: %g s before the press at %g/s of up to %d KB may need "
+                    "%d MB of memory; the ring keeps %d MB, so large pictures shorten "
+                    "the window to about %.0f s", name, spec.pre_seconds, spec.rate,
+                    spec.max_jpeg_bytes // 1024, worst // 2**20,
+                    source.max_ring_bytes // 2**20,
+                    source.max_ring_bytes / spec.max_jpeg_bytes / spec.rate)
+            source.start()
+            stack.callback(source.close)
+            self.sources[name] = source
+            self.health[name] = _Health(name, spec, now)
+        control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control)
+        control.start()
+        stack.callback(control.close)
+        self._restore_faults(outbox)
+        self._cursor = self._initial_cursor(outbox)
+        if self.sources:
+            # No camera configured: the unit runs everywhere, and costs nothing then.
+            check_every = min(c.check_interval_s for c in cfg.cameras.values())
+            self.every(check_every, lambda: self._check_health(outbox, time.monotonic()),
+                       first_in=0)
+            self.every(STATE_EVERY_S, lambda: self.save_state(outbox), first_in=0)
+        log.info("camera daemon ready: %s", ", ".join(self.sources) or "no cameras")
+        return f"watching {len(self.sources)} camera(s)"
+
+    def step(self) -> int | None:
+        if not self.sources:
+            return None
+        self._cursor = self._start_jobs(self._outbox, self._store, self._cursor)
+        if self._advance_jobs(self._store):
+            self._store.enforce_budget()
+            wake(self.config.storage.runtime_dir, "uplink")
+        return None
+
+    def next_wakeup(self) -> float | None:
+        return 0.1 if self.jobs else None  # post-alarm snapshots arrive every 1/rate s
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -340,9 +316,9 @@ class CameraDaemon:
             (log.warning if kind == "fault" else log.info)(
                 "camera %s: %s (%s), seq %d", name, kind, problem, event.seq)
             wake(self.config.storage.runtime_dir, "uplink")
-            self._save_state(outbox)
+            self.save_state(outbox)
 
-    def _status(self) -> dict:
+    def state(self) -> dict:
         cameras = {}
         for name, source in self.sources.items():
             _, age = source.latest()
@@ -355,17 +331,11 @@ class CameraDaemon:
         return {"daemon": self.name, "version": __version__, "cameras": cameras,
                 "snapshot_jobs": len(self.jobs)}
 
-    def _save_state(self, outbox: Outbox) -> None:
-        try:
-            outbox.set_daemon_state(self.name, json.dumps(self._status()))
-        except Exception:
-            log.exception("could not record the daemon state")
-
     # -- control socket (status, and a frame for `guardpost doctor`) ----------------------
 
     def _handle_control(self, request: dict, client_alive) -> dict:
         if request["op"] == "status":
-            return {"ok": True, **self._status()}
+            return {"ok": True, **self.state()}
         if request["op"] == "frame":
             return self._save_frames()
         return {"ok": False, "error": f"unknown op {request['op']!r}"}

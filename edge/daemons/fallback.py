@@ -41,7 +41,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -51,9 +50,9 @@ from edge import __version__
 from edge.config import Config
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
 from edge.runtime.clock import boot_id, clock_synchronised
-from edge.runtime.instance import only_instance
-from edge.runtime.sdnotify import Watchdog, notify
-from edge.runtime.wake import Waker, wake
+from edge.runtime.daemon import Daemon
+from edge.runtime.sdnotify import Watchdog
+from edge.runtime.wake import wake
 from edge.store.outbox import LockTimeout, Outbox
 from edge.store.sms import SmsRow
 
@@ -71,13 +70,13 @@ def _parse(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp)
 
 
-class FallbackDaemon:
+class FallbackDaemon(Daemon):
     name = "fallback"
 
     def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic,
                  open_modem: Callable[[], Modem] | None = None):
-        self.config = config
+        super().__init__(config)
         self.clock = clock  # the wall clock: timestamps only
         self.monotonic = monotonic  # every timer
         self._boot = boot_id()
@@ -88,66 +87,47 @@ class FallbackDaemon:
         self.status_reads = 0
         self.passes = 0  # decisions made (each pass of the loop), for tests to wait on
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
-        self._waker: Waker | None = None
-        self._watchdog: Watchdog | None = None
         self._outbox: Outbox | None = None
         self._checked_at: str | None = None  # the modem's last status reading
-        self.ready = threading.Event()
-
-    def wake(self) -> None:
-        if self._waker is not None:
-            self._waker.wake()
+        self._next_decision = MAX_WAIT_S
 
     # -- main loop ---------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> int:
+    def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
         if cfg.fallback is None:
             # Installed everywhere, configured where there is a modem: idle, not failed.
-            self.ready.set()
-            notify("READY=1", "STATUS=no [fallback] configured: idle")
             log.info("no [fallback] in the configuration: the SMS path is off")
-            watchdog = Watchdog()
-            while not stop.wait(watchdog.interval or 3600):
-                watchdog.ping()
-            return 0
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(only_instance(cfg.storage.runtime_dir, self.name))
-            outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
-                                                               cfg.identity))
-            self._waker = stack.enter_context(contextlib.closing(
-                Waker(cfg.storage.runtime_dir, self.name)))
-            stack.callback(self._close_modem)
-            saved = outbox.daemon_states().get(self.name)
-            if saved:
-                self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
-            self._start_watching(outbox)
-            watchdog = self._watchdog = Watchdog()
-            self.ready.set()
-            notify("READY=1", f"STATUS=SMS to {len(cfg.fallback.duty_numbers)} duty number(s)")
-            log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
-                     "acknowledgement", cfg.modem.port, len(cfg.fallback.duty_numbers),
-                     cfg.fallback.ack_timeout_s)
-            next_status = self.monotonic()
-            while not stop.is_set():
-                watchdog.ping()
-                now = self.monotonic()
-                if now >= next_status:
-                    self._read_modem_status()
-                    next_status = now + cfg.modem.status_interval_s
-                try:
-                    self._start_watching(outbox)
-                    wait = self._settle(outbox, watchdog)
-                except LockTimeout as err:
-                    # Another writer held the outbox too long: nothing was decided; the
-                    # next pass decides it all again.
-                    log.warning("the outbox is busy, deciding again shortly: %s", err)
-                    wait = 1.0
-                self.passes += 1
-                self._waker.wait(min(MAX_WAIT_S, wait,
-                                     max(0.0, next_status - self.monotonic())))
-            notify("STOPPING=1")
-        return 0
+            return "no [fallback] configured: idle"
+        outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
+                                                           cfg.identity))
+        stack.callback(self._close_modem)
+        saved = outbox.daemon_states().get(self.name)
+        if saved:
+            self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
+        self._start_watching(outbox)
+        self.every(cfg.modem.status_interval_s, self._read_modem_status, first_in=0)
+        log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
+                 "acknowledgement", cfg.modem.port, len(cfg.fallback.duty_numbers),
+                 cfg.fallback.ack_timeout_s)
+        return f"SMS to {len(cfg.fallback.duty_numbers)} duty number(s)"
+
+    def step(self) -> int | None:
+        if self._outbox is None:
+            return None  # idle: no [fallback]
+        try:
+            self._start_watching(self._outbox)
+            self._next_decision = self._settle(self._outbox, self.watchdog)
+        except LockTimeout as err:
+            # Another writer held the outbox too long: nothing was decided; the next pass
+            # decides it all again.
+            log.warning("the outbox is busy, deciding again shortly: %s", err)
+            self._next_decision = 1.0
+        self.passes += 1
+        return None
+
+    def next_wakeup(self) -> float | None:
+        return None if self._outbox is None else min(MAX_WAIT_S, self._next_decision)
 
     # -- the alarms ----------------------------------------------------------------------
 
@@ -421,8 +401,7 @@ class FallbackDaemon:
     def _ping(self) -> None:
         """After each exchange with the modem and each number: a batch of SMS, each
         part taking up to modem.sms_timeout_s, must not look like a hung daemon."""
-        if self._watchdog is not None:
-            self._watchdog.ping(force=True)
+        self.watchdog.ping(force=True)
 
     def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
         first = outbox.event(event_ids[0])

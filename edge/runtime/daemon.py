@@ -70,7 +70,7 @@ class Daemon:
         self.waker: Waker | None = None
         self.watchdog = Watchdog()
         self.monotonic: Callable[[], float] = time.monotonic  # tests may travel in time
-        self._timers: list[Timer] = []
+        self._loop_timers: list[Timer] = []
 
     # -- what a daemon provides ----------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Daemon:
         """Run ``action`` every ``seconds`` (first after ``first_in``, default one interval)."""
         timer = Timer(seconds, action,
                       self.monotonic() + (seconds if first_in is None else first_in))
-        self._timers.append(timer)
+        self._loop_timers.append(timer)
         return timer
 
     def wake(self) -> None:
@@ -141,7 +141,7 @@ class Daemon:
             while not stop.is_set():
                 self.watchdog.ping()
                 now = self.monotonic()
-                for timer in self._timers:
+                for timer in self._loop_timers:
                     self._bounded(timer.run_if_due, now)
                 code = self._bounded(self.step)
                 if code is not None or stop.is_set():
@@ -165,7 +165,7 @@ class Daemon:
     def _wait_budget(self) -> float:
         """Until the next timer, and never past half the watchdog's timeout."""
         now = self.monotonic()
-        budget = min((t.due - now for t in self._timers), default=IDLE_WAIT_S)
+        budget = min((t.due - now for t in self._loop_timers), default=IDLE_WAIT_S)
         extra = self.next_wakeup()
         if extra is not None:
             budget = min(budget, extra)
