@@ -1,32 +1,209 @@
-"""Building a paho-mqtt client from the configuration (TLS, credentials, protocol)."""
+"""Building a paho-mqtt client from the configuration (TLS, credentials, protocol), and what
+paho lacks for a device that anyone on the broker can send messages to.
+
+- :class:`GuardedClient` never holds more than ``max_inbound`` bytes of one incoming
+  packet: paho buffers a whole packet before anything sees it (a 100 MB message took the
+  uplink to 487 MB). MQTT 5 also tells the broker the limit (CONNECT Maximum Packet Size,
+  :func:`connect_properties`); MQTT 3.1.1 cannot, hence the guard. An oversized PUBLISH is
+  read and thrown away as it arrives, and reported (topic, packet id, the head of its
+  payload) so that it can be refused and acknowledged like any bad message.
+- :class:`PackedProperties`: MQTT 5 publish properties encoded once, with an optional
+  Correlation Data appended per message. paho encodes properties again for every
+  message, which costs as much as the rest of a publish (bench/alarm_path.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edge.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+_PUBLISH = 0x30
+_CORRELATION_DATA = 0x09  # MQTT 5 property identifier
+HEAD_BYTES = 4096         # what is kept of an oversized message: enough to say what it was
+_DISCARD_CHUNK = 256 * 1024
+_DISCARD_ROUND = 16       # chunks thrown away per read call, so other work is not starved
 
 
 def is_v5(broker: BrokerConfig) -> bool:
     return broker.protocol == "5"
 
 
-def make_client(broker: BrokerConfig, client_id: str, *, persistent: bool) -> paho.Client:
+@dataclass(frozen=True)
+class OversizedMessage:
+    """A PUBLISH over the inbound limit, of which only the head was kept."""
+
+    topic: str
+    mid: int
+    qos: int
+    retain: bool
+    size: int                       # its remaining length, as announced
+    head: bytes                     # the first bytes of its payload
+    properties: Properties | None   # None when they did not fit in the head
+
+
+class GuardedClient(paho.Client):
+    """A paho client that refuses to buffer an incoming packet over ``max_inbound`` bytes,
+    and reads incoming packets in batches of a bounded size.
+
+    It hooks ``_sock_recv``, paho's one read primitive, while paho's ``_packet_read``
+    is in the payload of an oversized PUBLISH: the bytes are read and dropped (keeping
+    the head), and paho is told "nothing yet" until the packet has gone by, when its
+    reader is reset and :attr:`on_oversized` called. Other packets are paho's as ever.
+    """
+
+    def __init__(self, *args, max_inbound: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_inbound = max_inbound
+        self.on_oversized: Callable[[OversizedMessage], None] | None = None
+        self._discarding: dict | None = None  # {"left": bytes to drop, "head": bytearray}
+
+    def loop_read(self, max_packets: int = 64) -> paho.MQTTErrorCode:
+        """Read up to ``max_packets`` packets (paho would read only as many as it has
+        messages in flight: one at a time while idle). A flood is taken in bounded
+        batches, so the caller's other work runs between them."""
+        for _ in range(max(max_packets, 1)):
+            if self._sock is None:
+                return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == paho.MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if (self._discarding is None and packet["have_remaining"]
+                and packet["command"] & 0xF0 == _PUBLISH
+                and 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+                > self.max_inbound):
+            self._discarding = {"left": packet["remaining_length"], "head": bytearray()}
+        if self._discarding is None:
+            return super()._sock_recv(bufsize)
+        return self._discard()
+
+    def _discard(self) -> bytes:
+        state = self._discarding
+        for _ in range(_DISCARD_ROUND):
+            data = super()._sock_recv(min(state["left"], _DISCARD_CHUNK))  # may raise: as paho
+            if not data:
+                return data  # the connection closed: paho handles that
+            if len(state["head"]) < HEAD_BYTES + 1024:
+                state["head"] += data[:HEAD_BYTES + 1024 - len(state["head"])]
+            state["left"] -= len(data)
+            with self._msgtime_mutex:
+                self._last_bytes_received = paho.time_func()
+            if state["left"] == 0:
+                self._finish_discard()
+                break
+        # "Nothing more now": paho's reader keeps its (empty) buffer and asks again later,
+        # or starts on the next packet once ours was reset.
+        raise BlockingIOError
+
+    def _finish_discard(self) -> None:
+        command, size = self._in_packet["command"], self._in_packet["remaining_length"]
+        head = bytes(self._discarding["head"])
+        self._discarding = None
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [],
+                           "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(b""),
+                           "to_process": 0, "pos": 0}
+        message = _describe_head(command, size, head, self._protocol == paho.MQTTv5)
+        log.warning("dropped an incoming message of %d bytes on %s (limit %d)", size,
+                    message.topic, self.max_inbound)
+        if self.on_oversized is not None:
+            self.on_oversized(message)  # the callback handles its own errors
+
+    def _reset_sockets(self, sockpair_only: bool = False) -> None:
+        if not sockpair_only:
+            self._discarding = None  # a packet cut by the connection's end is forgotten
+        super()._reset_sockets(sockpair_only)
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        self._discarding = None
+        return super().reconnect()
+
+
+def _describe_head(command: int, size: int, head: bytes, v5: bool) -> OversizedMessage:
+    """Topic, packet id, properties and payload head of a PUBLISH from its first bytes."""
+    qos, retain = (command & 0x06) >> 1, bool(command & 0x01)
+    topic, mid, properties, payload = "", 0, None, b""
+    # The head is cut wherever the limit fell: what could not be read stays unknown.
+    with contextlib.suppress(struct.error, ValueError, IndexError, MalformedPacket):
+        (length,) = struct.unpack_from("!H", head)
+        topic = head[2:2 + length].decode()
+        position = 2 + length
+        if qos:
+            (mid,) = struct.unpack_from("!H", head, position)
+            position += 2
+        payload = head[position:]
+        if v5:
+            payload = b""  # until the properties are known, nothing is the payload
+            props = Properties(PacketTypes.PUBLISH)
+            _, used = props.unpack(head[position:])
+            properties, payload = props, head[position + used:]
+    return OversizedMessage(topic, mid, qos, retain, size, payload[:HEAD_BYTES], properties)
+
+
+class PackedProperties:
+    """MQTT 5 publish properties in their wire form, for paho's ``publish(properties=)``.
+
+    ``constant`` is encoded once (for every event: content type and response topic);
+    ``correlation`` adds a Correlation Data property per message at the cost of a few
+    bytes concatenated. paho only ever calls ``pack()`` on it.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, constant: bytes, correlation: bytes | None = None):
+        body = constant
+        if correlation is not None:
+            body += bytes((_CORRELATION_DATA,)) + struct.pack("!H", len(correlation)) \
+                + correlation
+        self._packed = VariableByteIntegers.encode(len(body)) + body
+
+    @classmethod
+    def body_of(cls, properties: Properties) -> bytes:
+        """The encoded properties without their length prefix, to be the ``constant``."""
+        packed = properties.pack()
+        _, used = VariableByteIntegers.decode(packed)
+        return packed[used:]
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:  # paho's debug log prints the properties
+        return f"PackedProperties({len(self._packed)} bytes)"
+
+
+def make_client(broker: BrokerConfig, client_id: str, *, persistent: bool,
+                max_inbound: int | None = None) -> paho.Client:
     """A paho client (callback API 2) configured for ``broker``; not yet connected.
 
     ``persistent`` keeps the broker-side session across connections (MQTT 3.1.1
     ``clean_session=False``; for MQTT 5 see :func:`connect_properties`).
+    ``max_inbound`` gives a :class:`GuardedClient` that refuses larger packets.
     """
     protocol = paho.MQTTv5 if is_v5(broker) else paho.MQTTv311
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-        clean_session=None if is_v5(broker) else not persistent,
-    )
+    kwargs = {"client_id": client_id, "protocol": protocol,
+              "clean_session": None if is_v5(broker) else not persistent}
+    if max_inbound is None:
+        client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+    else:
+        client = GuardedClient(CallbackAPIVersion.VERSION2, max_inbound=max_inbound, **kwargs)
     client.connect_timeout = broker.connect_timeout
     if broker.tls is not None:
         client.tls_set(
@@ -44,18 +221,26 @@ def make_client(broker: BrokerConfig, client_id: str, *, persistent: bool) -> pa
     return client
 
 
-def connect_properties(broker: BrokerConfig, *, persistent: bool) -> Properties | None:
+def connect_properties(broker: BrokerConfig, *, persistent: bool,
+                       max_inbound: int | None = None) -> Properties | None:
+    """MQTT 5 CONNECT properties: session expiry, and the largest packet we accept (the
+    broker then never sends a larger one)."""
     if not is_v5(broker):
         return None
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = broker.session_expiry if persistent else 0
+    if max_inbound is not None:
+        props.MaximumPacketSize = max_inbound
     return props
 
 
-def connect(client: paho.Client, broker: BrokerConfig, *, persistent: bool) -> None:
-    """Open the connection (blocking up to ``connect_timeout``); CONNACK comes later."""
+def connect(client: paho.Client, broker: BrokerConfig, *, persistent: bool,
+            max_inbound: int | None = None) -> None:
+    """Open the connection (blocking up to ``client.connect_timeout`` for TCP, and again
+    for TLS); CONNACK comes later."""
     kwargs = {}
     if is_v5(broker):
         kwargs["clean_start"] = not persistent
-        kwargs["properties"] = connect_properties(broker, persistent=persistent)
+        kwargs["properties"] = connect_properties(broker, persistent=persistent,
+                                                  max_inbound=max_inbound)
     client.connect(broker.host, broker.port, keepalive=broker.keepalive, **kwargs)

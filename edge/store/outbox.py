@@ -583,3 +583,58 @@ class Outbox:
         with self.transaction() as conn:
             conn.execute("UPDATE alarm_tests SET reply_state = ? WHERE id = ?",
                          (state, test_id))
+
+    # -- re-publication and inbound (uplink) ---------------------------------------------
+
+    def urgent_queued(self) -> bool:
+        """Whether an alarm or a test waits to be published (the uplink then connects at
+        once instead of waiting out its backoff)."""
+        return self._conn.execute(
+            "SELECT 1 FROM events WHERE state = 'queued' AND priority <= ? LIMIT 1",
+            (int(Priority.TEST),)).fetchone() is not None
+
+    def sent_unacknowledged(self) -> list[tuple[str, int, int, str | None]]:
+        """Events the broker took that the platform has not acknowledged, oldest first:
+        ``(id, seq, priority, sent_at)`` each (they are published again until it does)."""
+        return self._conn.execute(
+            "SELECT id, seq, priority, sent_at FROM events"
+            " WHERE state = 'sent' AND ack_required = 1 ORDER BY seq").fetchall()
+
+    def published_rows(self, event_ids: Iterable[str]) -> list[QueuedMessage]:
+        """These events as they were published (same bytes), still unacknowledged, in
+        publishing order: what the uplink publishes again."""
+        ids = list(event_ids)
+        rows: list[QueuedMessage] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += [QueuedMessage(*row) for row in self._conn.execute(
+                f"{self._QUEUED_COLUMNS} WHERE id IN ({marks}) AND state != 'acknowledged'",
+                chunk)]
+        return sorted(rows, key=lambda row: (row.priority, row.seq))
+
+    def platform_test_for(self, request_id: str, since: datetime) -> tuple[str, str] | None:
+        """The platform-requested test with this request id asked for after ``since``:
+        ``(test_id, state)``, or None."""
+        return self._conn.execute(
+            "SELECT id, state FROM alarm_tests WHERE trigger = 'platform' AND requested_at >= ?"
+            " AND json_extract(request, '$.request_id') = ? ORDER BY requested_at DESC",
+            (utc_iso(since), request_id)).fetchone()
+
+    def waiting_tests(self) -> int:
+        """Alarm tests requested and not yet started."""
+        return self._conn.execute(
+            "SELECT count(*) FROM alarm_tests WHERE state = 'requested'").fetchone()[0]
+
+    def last_platform_test_at(self) -> datetime | None:
+        """When the platform last asked for a test that was accepted."""
+        stamp = self._conn.execute(
+            "SELECT max(requested_at) FROM alarm_tests WHERE trigger = 'platform'").fetchone()[0]
+        return datetime.fromisoformat(stamp) if stamp else None
+
+    def redirect_test_reply(self, test_id: str, request: dict) -> None:
+        """The platform asked again for this test: its answers go where the new request
+        asks (its reply topic and correlation data)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET request = ? WHERE id = ?",
+                         (json.dumps(request), test_id))
