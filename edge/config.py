@@ -153,7 +153,7 @@ class UplinkConfig(Strict):
     reconnect_min: float = Field(0.5, gt=0, le=30)
     reconnect_max: float = Field(30.0, gt=0, le=30, description="Backoff cap (s)")
     alarm_reconnect_s: float = Field(
-        0.5, ge=0.05, le=30,
+        0.25, ge=0.05, le=30,
         description="While an alarm or a test waits to be published, connection attempts are "
                     "at most this far apart (a new one starts one at once); the backoff "
                     "above applies only when none waits",

@@ -193,6 +193,7 @@ class TestCommand(BaseModel):
     """What the platform sends on ``{prefix}/cmd/test`` (docs/schemas/cmd-test.schema.json):
     the police's linked test. The reply carries the request id back."""
 
+    __test__ = False  # (not a pytest test class, whatever its name)
     model_config = ConfigDict(extra="forbid", strict=True)
 
     schema_: str = Field(alias="schema", pattern=r"^guardpost/cmd-test@1$")
@@ -213,6 +214,7 @@ class Acknowledgement:
 class TestRequest:
     """A platform's request for the end-to-end alarm test."""
 
+    __test__ = False  # (not a pytest test class, whatever its name)
     request_id: str
     by: str | None
 

@@ -7,6 +7,10 @@ paho lacks for a device that anyone on the broker can send messages to.
   :func:`connect_properties`); MQTT 3.1.1 cannot, hence the guard. An oversized PUBLISH is
   read and thrown away as it arrives, and reported (topic, packet id, the head of its
   payload) so that it can be refused and acknowledged like any bad message.
+- :class:`GuardedClient` also connects with :func:`staggered_connect`: while no answer
+  comes, a fresh SYN every second, so a link that comes back is used within a second even
+  when the connect timeout has grown long for a slow link (one connect() would wait for
+  the kernel's next SYN retransmission: up to 16 s later after a 30 s outage).
 - :class:`PackedProperties`: MQTT 5 publish properties encoded once, with an optional
   Correlation Data appended per message. paho encodes properties again for every
   message, which costs as much as the rest of a publish (bench/alarm_path.py).
@@ -15,9 +19,14 @@ paho lacks for a device that anyone on the broker can send messages to.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import select
+import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +45,8 @@ _CORRELATION_DATA = 0x09  # MQTT 5 property identifier
 HEAD_BYTES = 4096         # what is kept of an oversized message: enough to say what it was
 _DISCARD_CHUNK = 256 * 1024
 _DISCARD_ROUND = 16       # chunks thrown away per read call, so other work is not starved
+SYN_STAGGER_S = 1.0       # while no answer comes, a new connection attempt this often ...
+MAX_PENDING_SYNS = 16     # ... with at most this many waiting at once
 
 
 def is_v5(broker: BrokerConfig) -> bool:
@@ -135,6 +146,57 @@ class GuardedClient(paho.Client):
     def reconnect(self) -> paho.MQTTErrorCode:
         self._discarding = None
         return super().reconnect()
+
+    def _create_socket_connection(self) -> socket.socket:
+        if self._get_proxy():
+            return super()._create_socket_connection()
+        return staggered_connect((self._host, self._port), self._connect_timeout,
+                                 source=(self._bind_address, self._bind_port))
+
+
+def staggered_connect(address: tuple[str, int], timeout: float, *,
+                      source: tuple[str, int] | None = None,
+                      stagger: float = SYN_STAGGER_S) -> socket.socket:
+    """A TCP connection to ``address`` within ``timeout``, like ``socket.create_connection``,
+    but while no answer comes a new attempt starts every ``stagger`` seconds beside the
+    earlier ones (their SYNs may yet be answered on a slow link; a new one goes out at
+    once on a link that has just come back). The first to connect wins; a refusal ends
+    it at once (the host answered). Returns a blocking socket with ``timeout``."""
+    candidates = socket.getaddrinfo(address[0], address[1], 0, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    pending: list[socket.socket] = []
+    next_start, started = time.monotonic(), 0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s")
+            if now >= next_start:
+                family, kind, proto, _, target = candidates[started % len(candidates)]
+                started += 1
+                sock = socket.socket(family, kind, proto)
+                pending.append(sock)
+                if len(pending) > MAX_PENDING_SYNS:
+                    pending.pop(0).close()
+                sock.setblocking(False)
+                if source and source != ("", 0):
+                    sock.bind(source)
+                code = sock.connect_ex(target)
+                if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+                    raise OSError(code, os.strerror(code))
+                next_start = now + stagger
+            _, ready, _ = select.select([], pending, [], max(0.0, min(next_start, deadline)
+                                                            - time.monotonic()))
+            for sock in ready:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code))
+                pending.remove(sock)
+                sock.settimeout(timeout)
+                return sock
+    finally:
+        for sock in pending:
+            sock.close()
 
 
 def _describe_head(command: int, size: int, head: bytes, v5: bool) -> OversizedMessage:

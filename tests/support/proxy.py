@@ -4,7 +4,8 @@ the broker: the faults of a real link, on demand and at once.
 - ``passing()``: bytes go through as they come.
 - ``cut()``: every open connection is reset (RST, as a dropped 4G session looks to the
   device); ``refuse=True`` also resets every new one until ``passing()`` (the broker is
-  unreachable).
+  down); ``unreachable=True`` leaves new ones unanswered instead, their SYNs dropped, as
+  a network outage looks (the listening socket's queue is kept full).
 - ``black_hole()``: connections stay open and nothing is forwarded either way (a
   half-open link: TCP up, nothing arriving); ``new_connections=False`` leaves new ones
   passing, so only the link in use is dead.
@@ -62,6 +63,7 @@ class FaultProxy:
         self._accepted_cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
+        self._full: list[socket.socket] = []  # a listener whose queue is full, and its filler
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy",
                                         daemon=True)
 
@@ -74,6 +76,9 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        for sock in self._full:
+            sock.close()
+
         async def close() -> None:
             self._server.close()
             for link in list(self._links):
@@ -109,9 +114,14 @@ class FaultProxy:
         def change() -> None:
             self.mode, self._delay, self._refuse, self._hole_new = "pass", 0.0, False, True
 
+        if self._full:
+            for sock in self._full:
+                sock.close()
+            self._full = []
+            self._server = self._call(asyncio.start_server(self._serve, self.host, self.port))
         self._on_loop(change)
 
-    def cut(self, *, refuse: bool = False) -> None:
+    def cut(self, *, refuse: bool = False, unreachable: bool = False) -> None:
         def change() -> None:
             for link in list(self._links):
                 _reset(link.downstream)
@@ -122,6 +132,21 @@ class FaultProxy:
                 self.mode = "refuse"
 
         self._on_loop(change)
+        if unreachable:
+            self.mode = "unreachable"
+            self._call(self._stop_listening())
+            # A listener that never accepts, its queue filled by one connection: the
+            # kernel drops every further SYN, and the connecting side hears nothing.
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))
+            listener.listen(0)
+            filler = socket.create_connection((self.host, self.port), timeout=5)
+            self._full = [listener, filler]
+
+    async def _stop_listening(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
 
     def black_hole(self, *, new_connections: bool = True) -> None:
         def change() -> None:
