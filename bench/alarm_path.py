@@ -9,7 +9,8 @@
     receives the alarm, over >= 1,000 presses (glitch filter off, so the figure is the
     software path; a second series shows the default 10 ms filter on top);
 (c) backlog drain: 100,000 queued events drained by the uplink, events per second,
-    against raw paho pipelined QoS 1 publishing (same broker, same window) in this run;
+    against raw paho pipelined QoS 1 publishing (same broker, same window) in this run,
+    each with a subscriber process taking every message (as a platform does);
 (d) a live alarm pressed every 20 ms during that drain: edge -> subscriber latency.
 
 Machines here are noisy: read the ratios, not the absolute times. Daemons run as
@@ -64,12 +65,12 @@ def ms(seconds: float) -> str:
 class Subscriber:
     """bench/_subscriber.py in its own process; arrival times by event id."""
 
-    def __init__(self, port: int, topic: str):
+    def __init__(self, port: int, topic: str, *, quiet: bool = False):
         self.arrivals: dict[str, float] = {}
         self._cond = threading.Condition()
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "_subscriber.py"), "127.0.0.1", str(port),
-             topic], stdout=subprocess.PIPE, text=True)
+             topic, *(["--quiet"] if quiet else [])], stdout=subprocess.PIPE, text=True)
         assert self.process.stdout.readline().strip() == "SUBSCRIBED"
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -279,8 +280,11 @@ def alarm_latency(port: int, workdir: Path, presses: int, min_press_ms: int) -> 
 
 def drain(port: int, workdir: Path, backlog: int, *, live_alarms: bool) -> dict:
     """Drain ``backlog`` queued events; the uplink itself reports the time it took,
-    from its first publish to the last PUBACK recorded, when the outbox is empty."""
+    from its first publish to the last PUBACK recorded, when the outbox is empty. The
+    platform listens to every event (an event nobody subscribes to is not delivered: the
+    broker says so, PUBACK 0x10, and the uplink holds it back)."""
     device = Device(workdir, port, min_press_ms=0, backlog=backlog)
+    platform_ = Subscriber(port, f"{device.config.topic_prefix}/event/#", quiet=True)
     subscriber = Subscriber(port, f"{device.config.topic_prefix}/event/alarm")
     live: list[float] = []
     stop_pressing = threading.Event()
@@ -307,6 +311,7 @@ def drain(port: int, workdir: Path, backlog: int, *, live_alarms: bool) -> dict:
     finally:
         stop_pressing.set()
         subscriber.stop()
+        platform_.stop()
         device.stop()
     # "outbox empty: N message(s) delivered in T s (R/s)"
     count = int(line.split("outbox empty: ")[1].split()[0])
@@ -353,7 +358,11 @@ def main() -> int:
               flush=True)
 
         drained = drain(broker.port, work / "drain", backlog, live_alarms=False)
-        raw_rate = raw_paho_pipelined(broker.port, backlog, window, drained["payload"])
+        listening = Subscriber(broker.port, "bench/pipelined", quiet=True)  # as in the drain
+        try:
+            raw_rate = raw_paho_pipelined(broker.port, backlog, window, drained["payload"])
+        finally:
+            listening.stop()
         ratio = drained["rate"] / raw_rate
         print(f"(c) backlog drain, {backlog:,} events")
         print(f"    guardpost uplink (outbox -> PUBACK -> marked sent) {drained['rate']:9,.0f} ev/s"

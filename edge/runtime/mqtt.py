@@ -66,6 +66,9 @@ class OversizedMessage:
     properties: Properties | None   # None when they did not fit in the head
 
 
+_paho_sock_recv = paho.Client._sock_recv
+
+
 class GuardedClient(paho.Client):
     """A paho client that refuses to buffer an incoming packet over ``max_inbound`` bytes,
     and reads incoming packets in batches of a bounded size.
@@ -79,6 +82,7 @@ class GuardedClient(paho.Client):
     def __init__(self, *args, max_inbound: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_inbound = max_inbound
+        self._within = max_inbound - 5  # a remaining length this small is within the limit
         self.on_oversized: Callable[[OversizedMessage], None] | None = None
         self._discarding: dict | None = None  # {"left": bytes to drop, "head": bytearray}
 
@@ -97,6 +101,10 @@ class GuardedClient(paho.Client):
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if bufsize <= self._within and self._discarding is None:
+            # The common case: paho asks for a header byte, or for the rest of a packet
+            # that is within the limit (its first payload read asks for all of it).
+            return _paho_sock_recv(self, bufsize)
         packet = self._in_packet
         if (self._discarding is None and packet["have_remaining"]
                 and packet["command"] & 0xF0 == _PUBLISH
@@ -221,34 +229,57 @@ def _describe_head(command: int, size: int, head: bytes, v5: bool) -> OversizedM
 
 
 class PackedProperties:
-    """MQTT 5 publish properties in their wire form, for paho's ``publish(properties=)``.
+    """MQTT 5 publish properties in their wire form, for paho's ``publish(properties=)``
+    (paho only ever calls ``pack()`` on them).
 
     ``constant`` is encoded once (for every event: content type and response topic);
-    ``correlation`` adds a Correlation Data property per message at the cost of a few
-    bytes concatenated. paho only ever calls ``pack()`` on it.
+    :meth:`with_correlation` adds a Correlation Data property per message at the cost of
+    one concatenation (the length prefix is cached by the correlation's length).
     """
 
-    __slots__ = ("_packed",)
+    __slots__ = ("_constant", "_packed", "_prefixes")
 
-    def __init__(self, constant: bytes, correlation: bytes | None = None):
-        body = constant
-        if correlation is not None:
-            body += bytes((_CORRELATION_DATA,)) + struct.pack("!H", len(correlation)) \
-                + correlation
-        self._packed = VariableByteIntegers.encode(len(body)) + body
+    def __init__(self, constant: bytes):
+        self._constant = constant
+        self._packed = VariableByteIntegers.encode(len(constant)) + constant
+        self._prefixes: dict[int, bytes] = {}
 
     @classmethod
-    def body_of(cls, properties: Properties) -> bytes:
-        """The encoded properties without their length prefix, to be the ``constant``."""
+    def of(cls, properties: Properties) -> PackedProperties:
+        """These paho properties, encoded once."""
         packed = properties.pack()
         _, used = VariableByteIntegers.decode(packed)
-        return packed[used:]
+        return cls(packed[used:])
+
+    def with_correlation(self, correlation: bytes) -> _Packed:
+        prefix = self._prefixes.get(len(correlation))
+        if prefix is None:
+            body_length = len(self._constant) + 3 + len(correlation)
+            prefix = self._prefixes[len(correlation)] = (
+                VariableByteIntegers.encode(body_length) + self._constant
+                + bytes((_CORRELATION_DATA,)) + struct.pack("!H", len(correlation)))
+        return _Packed(prefix + correlation)
 
     def pack(self) -> bytes:
         return self._packed
 
     def __str__(self) -> str:  # paho's debug log prints the properties
         return f"PackedProperties({len(self._packed)} bytes)"
+
+
+class _Packed:
+    """One message's properties, already encoded."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: bytes):
+        self._packed = packed
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return f"properties({len(self._packed)} bytes)"
 
 
 def make_client(broker: BrokerConfig, client_id: str, *, persistent: bool,

@@ -112,7 +112,6 @@ class UplinkDaemon:
             now = time.monotonic()
             self.resend.load(outbox, now)
             self.inbound.start(outbox, now)
-            self.housekeeping.prune_when_due(now, at_once=True)
             self._save_state()
             link.update(False)
             self.ready.set()
@@ -389,7 +388,7 @@ class UplinkDaemon:
         if self._props is None:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
-            self._props = PackedProperties(PackedProperties.body_of(props))
+            self._props = PackedProperties.of(props)
         return self._props
 
     def _health_extras(self) -> dict:

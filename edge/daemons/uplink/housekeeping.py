@@ -7,8 +7,9 @@
 - The results of the platform's tests, sent back when they are known (by the side lane).
 - The summary of rejections not answered one by one.
 - The daemon's state for ``guardpost status`` and the self-test (in the outbox).
-- The hourly prune, on a thread with its own outbox connection: its deletions never hold
-  up the loop (the outbox keeps each of its transactions short).
+- The hourly prune (the first a minute after start: a backlog waiting since before the
+  start goes first), on a thread with its own outbox connection, so that its deletions
+  never hold up the loop (the outbox keeps each of its transactions short).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from edge.store.snapshots import SnapshotStore
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 3600.0
+PRUNE_FIRST_S = 60.0        # after a start, a backlog goes before the first prune
 CHORES_EVERY_S = 0.25       # how often finished platform tests and new self-checks are looked for
 
 
@@ -55,7 +57,7 @@ class Housekeeping:
         self._selftest_seen: str | None = None   # updated_at of the checks last published
         self._replying: set[str] = set()         # tests whose result reply is on its way
         self._next_chores = 0.0
-        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        self._next_prune = time.monotonic() + PRUNE_FIRST_S
         self._pruner: threading.Thread | None = None
 
     # -- the heartbeat ---------------------------------------------------------------------
@@ -126,8 +128,8 @@ class Housekeeping:
 
     # -- pruning ---------------------------------------------------------------------------
 
-    def prune_when_due(self, now: float, *, at_once: bool = False) -> None:
-        if not at_once and now < self._next_prune:
+    def prune_when_due(self, now: float) -> None:
+        if now < self._next_prune:
             return
         self._next_prune = now + PRUNE_EVERY_S
         if self._pruner is not None and self._pruner.is_alive():

@@ -118,7 +118,7 @@ class PublishWindow:
         self._unmarked_since = 0.0
         self._unmarked_urgent = False
         self._max_packet: int | None = None          # the broker's MQTT 5 Maximum Packet Size
-        self._event_props: bytes | None = None
+        self._event_props: PackedProperties | None = None
         self._drain = _DrainLog()
 
     # -- the connection's life -------------------------------------------------------------
@@ -148,11 +148,10 @@ class PublishWindow:
         only_alarms = any(until > now for until in self._unheard.values())
         rows = self._walk(outbox, free, now, only_alarms)
         again = self._resend.fetch(outbox, self._resend.due(now, free - len(rows))) \
-            if len(rows) < free else []
-        for row in rows:
-            self._publish_row(client, row, now, again=False)
-        for row in again:
-            self._publish_row(client, row, now, again=True)
+            if len(rows) < free and len(self._resend) else []
+        self._publish_rows(client, rows, now, again=False)
+        if again:
+            self._publish_rows(client, again, now, again=True)
         published = len(rows) + len(again)
         published += self._fill_snapshots(client, free - published)
         if not published and not self.inflight:
@@ -201,28 +200,30 @@ class PublishWindow:
             self._cursor = None
         return rows
 
-    def _event_properties(self, event_id: str) -> PackedProperties | None:
-        """Content type and response topic encoded once; the event id per message."""
-        if not is_v5(self.config.broker):
-            return None
-        if self._event_props is None:
+    def _event_properties(self) -> PackedProperties | None:
+        """Content type and response topic, encoded once (each event adds its id)."""
+        if self._event_props is None and is_v5(self.config.broker):
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
             # Where the platform answers: the acknowledgement names the event id.
             props.ResponseTopic = self.topics.ack
-            self._event_props = PackedProperties.body_of(props)
-        return PackedProperties(self._event_props, event_id.encode())
+            self._event_props = PackedProperties.of(props)
+        return self._event_props
 
-    def _publish_row(self, client: paho.Client, row: QueuedMessage, now: float, *,
-                     again: bool) -> None:
-        info = client.publish(self.topics.below(row.topic), row.payload, qos=1,
-                              properties=self._event_properties(row.id))
-        # Even if the connection dropped just now, paho holds the message and re-sends
-        # it on reconnect, so the row is in flight either way.
-        self.inflight[info.mid] = InFlight(row.seq, row.priority, event_id=row.id,
-                                           needs_ack=row.kind in _ACK_KINDS, again=again)
-        if row.priority <= Priority.TEST:
-            self._urgent_at[info.mid] = now
+    def _publish_rows(self, client: paho.Client, rows: list[QueuedMessage], now: float, *,
+                      again: bool) -> None:
+        # (The hot loop of a drain: names looked up once.)
+        template, prefix, inflight = self._event_properties(), self.topics.prefix, self.inflight
+        for row in rows:
+            info = client.publish(
+                f"{prefix}/{row.topic}", row.payload, qos=1,
+                properties=template.with_correlation(row.id.encode()) if template else None)
+            # Even if the connection dropped just now, paho holds the message and re-sends
+            # it on reconnect, so the row is in flight either way.
+            inflight[info.mid] = InFlight(row.seq, row.priority, event_id=row.id,
+                                          needs_ack=row.kind in _ACK_KINDS, again=again)
+            if row.priority <= Priority.TEST:
+                self._urgent_at[info.mid] = now
 
     def _fill_snapshots(self, client: paho.Client, room: int) -> int:
         """Snapshots come after every queued event (their priority is below them all)."""
@@ -277,8 +278,11 @@ class PublishWindow:
         flight = self.inflight.pop(mid, None)
         if flight is None:
             return False
-        self._urgent_at.pop(mid, None)
-        if code == NO_MATCHING_SUBSCRIBERS:
+        if self._urgent_at:
+            self._urgent_at.pop(mid, None)
+        if not code:
+            self._took(flight, now)
+        elif code == NO_MATCHING_SUBSCRIBERS:
             self._not_heard(flight, now)
         elif code >= 0x80:
             self._refused_by_broker(flight, reason, now)
@@ -296,14 +300,15 @@ class PublishWindow:
         if flight.needs_ack:
             self._resend.took(flight.event_id, flight.seq, flight.priority, now,
                               again=flight.again)
-        if flight.again:
-            return  # its row was marked sent the first time
+            if flight.again:
+                return  # its row was marked sent the first time
         if not self._unmarked:
             self._unmarked_since = now
         self._unmarked.append(flight)
-        # Alarms light the LED; tests are timed stage by stage: record both at once
-        # rather than with the next batch.
-        self._unmarked_urgent |= flight.priority <= Priority.TEST
+        if flight.priority <= Priority.TEST:
+            # Alarms light the LED; tests are timed stage by stage: record both at once
+            # rather than with the next batch.
+            self._unmarked_urgent = True
         self._drain.delivered()
 
     def _not_heard(self, flight: InFlight, now: float) -> None:
