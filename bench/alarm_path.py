@@ -331,9 +331,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gp-bench-") as tmp, \
             LocalBroker(Path(tmp) / "broker", persistence=False) as broker:
         work = Path(tmp)
-        print(f"Guardpost alarm-path benchmark — {time.strftime('%Y-%m-%d %H:%M')}, "
-              f"Python {platform.python_version()}, paho-mqtt {paho.mqtt.__version__}, "
-              f"{os.cpu_count()} CPUs, broker {broker.host}:{broker.port}\n", flush=True)
+        banner("alarm-path", broker)
 
         floor = raw_floor(broker.port, work, presses)
         print("(a) raw floor, same machine and broker       p50          p99")
@@ -389,11 +387,23 @@ def main() -> int:
                       "events_per_s_with_live_alarms": busy["rate"]},
             "live_alarm_during_drain_ms": {"p50": l50 * 1000, "p99": l99 * 1000, "n": len(live)},
         }
+    save_results("alarm_path", results)
+    return 0
+
+
+def banner(name: str, broker: LocalBroker) -> None:
+    """What ran where: the figures of one machine are only compared with each other."""
+    print(f"Guardpost {name} benchmark — {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"Python {platform.python_version()}, paho-mqtt {paho.mqtt.__version__}, "
+          f"{os.cpu_count()} CPUs, broker {broker.host}:{broker.port}\n", flush=True)
+
+
+def save_results(name: str, results: dict) -> None:
+    """bench/results/{name}-{time}.json, for comparing runs."""
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / f"alarm_path-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+    (out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

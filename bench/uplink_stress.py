@@ -26,21 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import paho.mqtt
 import paho.mqtt.client as paho_client
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from alarm_path import Device, Subscriber, ms, pct  # noqa: E402
+from alarm_path import Device, Subscriber, banner, ms, pct, save_results  # noqa: E402
 
 from edge.tools.localbroker import LocalBroker  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
@@ -198,9 +196,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gp-stress-") as tmp, \
             LocalBroker(Path(tmp) / "broker", persistence=False) as broker:
         work = Path(tmp)
-        print(f"Guardpost uplink stress benchmark — {time.strftime('%Y-%m-%d %H:%M')}, "
-              f"Python {platform.python_version()}, paho-mqtt {paho.mqtt.__version__}, "
-              f"{os.cpu_count()} CPUs, broker {broker.host}:{broker.port}\n", flush=True)
+        banner("uplink stress", broker)
 
         recovery = outage_recovery(broker, work / "outage", outages)
         print("(a) link reachable again -> the alarm pressed during the outage at a subscriber")
@@ -227,24 +223,20 @@ def main() -> int:
               f"than {GOAL_FLOOD_MS:.0f} ms: "
               f"{'PASS' if (worst - pct(quiet, 50)) * 1000 <= GOAL_FLOOD_MS else 'FAIL'}")
 
-        results = {
+        save_results("uplink_stress", {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(),
-            "outage_recovery_ms": {
-                f"{kind} {seconds:g} s": {k: {"p50": pct(v, 50) * 1000, "max": max(v) * 1000,
-                                              "n": len(v)} for k, v in figures.items()}
-                for (kind, seconds), figures in recovery.items()},
-            "flood": {"messages": flood_size,
-                      "quiet_ms": {"p50": pct(quiet, 50) * 1000, "p99": pct(quiet, 99) * 1000,
-                                   "max": max(quiet) * 1000, "n": len(quiet)},
-                      "flooded_ms": {"p50": pct(flooded, 50) * 1000,
-                                     "p99": pct(flooded, 99) * 1000, "max": worst * 1000,
-                                     "n": len(flooded)}},
-        }
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"uplink_stress-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(results, indent=2))
+            "outage_recovery_ms": {f"{kind} {seconds:g} s": {k: figures_ms(v) for k, v
+                                                             in figures.items()}
+                                   for (kind, seconds), figures in recovery.items()},
+            "flood": {"messages": flood_size, "quiet_ms": figures_ms(quiet),
+                      "flooded_ms": figures_ms(flooded)},
+        })
     return 0
+
+
+def figures_ms(seconds: list[float]) -> dict:
+    return {"p50": pct(seconds, 50) * 1000, "p99": pct(seconds, 99) * 1000,
+            "max": max(seconds) * 1000, "n": len(seconds)}
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.config import Config
 from edge.contract.messages import ack_payload
-from tests.support.daemons import poll_until
+from tests.support.daemons import DaemonProcess, poll_until
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online
 from tests.test_uplink import commit_alarm
@@ -51,9 +54,28 @@ def publish(police: PlatformStandIn, leaf: str, payload: bytes, *, retain: bool 
                           properties=properties).wait_for_publish(10)
 
 
-def health_after(police, count: int) -> dict:
-    return police.wait_for(lambda p: len(p.on("health")) > count and p.on("health")[-1],
-                           what="a new heartbeat")
+@dataclass
+class Uplinked:
+    path: Path
+    config: Config
+    police: PlatformStandIn
+    uplink: DaemonProcess
+
+
+def connected_uplink(make_config, daemons, platform, **sections) -> Uplinked:
+    """An uplink process, connected, and a platform stand-in that has seen its birth."""
+    path, config = make_config(**sections)
+    police = platform(config)
+    uplink = daemons("uplink", path)
+    online(police)
+    return Uplinked(path, config, police, uplink)
+
+
+def delivered_alarm(config, police) -> str:
+    """An alarm committed and seen at the platform."""
+    alarm = commit_alarm(config)
+    police.wait_for(lambda p: [e for e in p.events() if e["id"] == alarm], what="the alarm")
+    return alarm
 
 
 # -- class 1: one inbound message stops all delivery ---------------------------------------
@@ -62,20 +84,16 @@ def health_after(police, count: int) -> dict:
                                                   "9999-12-31T23:59:59-14:00"])
 def test_an_acknowledgement_dated_beyond_the_calendar_is_rejected_and_the_next_alarm_is_delivered(
         make_config, daemons, platform, open_outbox, edge_of_the_calendar):
-    path, config = make_config()
-    police = platform(config)
-    uplink = daemons("uplink", path)
-    online(police)
-    first = commit_alarm(config)
-    police.wait_for(lambda p: p.events("alarm"), what="the first alarm")
+    up = connected_uplink(make_config, daemons, platform)
+    config, police, uplink = up.config, up.police, up.uplink
+    first = delivered_alarm(config, police)
 
     publish(police, "ack", json.dumps({"event_id": first,
                                        "acknowledged_at": edge_of_the_calendar}).encode())
     [rejected] = police.wait_for(rejections, what="the rejection")
     assert rejected["event_id"] == first and "acknowledged_at" in rejected["reason"]
 
-    second = commit_alarm(config)
-    police.wait_for(lambda p: [e for e in p.events() if e["id"] == second], what="the next alarm")
+    delivered_alarm(config, police)  # the next alarm
     outbox = open_outbox(config)
     assert outbox.event_states([first])[first] == "sent"  # not acknowledged by nonsense
     publish(police, "ack", ack_payload(first, by="operator 7"))
@@ -86,12 +104,9 @@ def test_an_acknowledgement_dated_beyond_the_calendar_is_rejected_and_the_next_a
 
 def test_messages_that_break_the_code_are_each_rejected_once_and_never_come_back(
         make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
-    alarm = commit_alarm(config)
-    police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+    up = connected_uplink(make_config, daemons, platform)
+    config, police = up.config, up.police
+    alarm = delivered_alarm(config, police)
     poison = dict(POISON)
     poison["a date before year 1 once in UTC"] = json.dumps(
         {"event_id": alarm, "acknowledged_at": "0001-01-01T00:00:00+14:00"}).encode()
@@ -100,16 +115,12 @@ def test_messages_that_break_the_code_are_each_rejected_once_and_never_come_back
     answered = police.wait_for(lambda p: len(rejections(p)) >= len(poison) and rejections(p),
                                what="a rejection of each")
     assert len(answered) == len(poison)
-    next_alarm = commit_alarm(config)
-    police.wait_for(lambda p: [e for e in p.events() if e["id"] == next_alarm],
-                    what="the next alarm")
+    delivered_alarm(config, police)  # the next alarm
 
 
 def test_a_restarted_uplink_is_not_handed_the_poison_again(make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config)
-    uplink = daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform)
+    path, police, uplink = up.path, up.police, up.uplink
     publish(police, "ack", POISON["deep nesting"])
     police.wait_for(lambda p: len(rejections(p)) == 1, what="the rejection")
     uplink.stop()
@@ -148,12 +159,9 @@ def test_an_acknowledgement_the_outbox_cannot_record_is_neither_rejected_nor_los
         make_config, daemons, platform, open_outbox):
     """Our failure, not the message's: it is not refused, not acknowledged to the broker,
     and recorded once the storage works again."""
-    path, config = make_config()
-    police = platform(config)
-    uplink = daemons("uplink", path)
-    online(police)
-    alarm = commit_alarm(config)
-    police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+    up = connected_uplink(make_config, daemons, platform)
+    config, police, uplink = up.config, up.police, up.uplink
+    alarm = delivered_alarm(config, police)
     outbox = open_outbox(config)
     poll_until(lambda: outbox.event_states([alarm])[alarm] == "sent", what="the PUBACK")
     with outbox.transaction() as conn:  # a storage failure, as SQLite reports one
@@ -193,8 +201,7 @@ def test_a_100_mb_message_over_mqtt_3_1_1_is_refused_without_the_uplink_holding_
         assert grown_mb < 20, f"the uplink grew by {grown_mb:.0f} MB for a 100 MB message"
         assert rejected["reason"].startswith("too large")
         assert open_outbox(config).db.execute("SELECT count(*) FROM alarm_tests").fetchone()[0] == 0
-        alarm = commit_alarm(config)
-        police.wait_for(lambda p: [e for e in p.events() if e["id"] == alarm], what="an alarm")
+        delivered_alarm(config, police)
     finally:
         police.stop()
     assert not police.schema_problems
@@ -204,10 +211,9 @@ def test_a_100_mb_message_over_mqtt_3_1_1_is_refused_without_the_uplink_holding_
 
 def test_a_flood_of_bad_messages_is_answered_at_a_limited_rate_and_counted_in_health(
         make_config, daemons, platform):
-    path, config = make_config(uplink={"heartbeat_interval": 1})
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform,
+                          uplink={"heartbeat_interval": 1})
+    config, police = up.config, up.police
     flood = 2_000
     infos = [police.client.publish(f"{police.prefix}/ack", b"{not json %d" % n, qos=1)
              for n in range(flood)]
@@ -235,10 +241,8 @@ def test_a_flood_of_bad_messages_is_answered_at_a_limited_rate_and_counted_in_he
 
 def test_platform_tests_asked_for_every_half_second_run_once_a_minute(make_config, daemons,
                                                                       platform, open_outbox):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform)
+    config, police = up.config, up.police
     stop = threading.Event()
     count = 0
 
@@ -263,12 +267,9 @@ def test_platform_tests_asked_for_every_half_second_run_once_a_minute(make_confi
 # -- class 11: the contract, as written -------------------------------------------------------
 
 def test_events_carry_their_id_as_mqtt5_correlation_data(make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
-    alarm = commit_alarm(config)
-    police.wait_for(lambda p: p.events("alarm"), what="the alarm")
+    up = connected_uplink(make_config, daemons, platform)
+    config, police = up.config, up.police
+    alarm = delivered_alarm(config, police)
     received = next(m for m in police.messages if m.leaf == "event/alarm")
     assert received.properties.CorrelationData == alarm.encode()
     assert received.properties.ResponseTopic == f"{config.topic_prefix}/ack"
@@ -277,10 +278,8 @@ def test_events_carry_their_id_as_mqtt5_correlation_data(make_config, daemons, p
 
 def test_a_test_command_without_its_schema_is_rejected_and_runs_no_test(make_config, daemons,
                                                                        platform, open_outbox):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform)
+    config, police = up.config, up.police
     publish(police, "cmd/test", json.dumps({"request_id": "no-schema"}).encode())
     [rejected] = police.wait_for(rejections, what="the rejection")
     assert rejected["request_id"] == "no-schema" and "schema" in rejected["reason"]
@@ -289,10 +288,8 @@ def test_a_test_command_without_its_schema_is_rejected_and_runs_no_test(make_con
 
 def test_a_request_sent_again_is_answered_where_the_new_request_asks(make_config, daemons,
                                                                      platform, open_outbox):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform)
+    config, police = up.config, up.police
     command = json.dumps({"schema": "guardpost/cmd-test@1", "request_id": "r-1"}).encode()
     publish(police, "cmd/test", command, properties=props(
         ResponseTopic=f"{config.topic_prefix}/reply/first", CorrelationData=b"first"))
@@ -318,10 +315,8 @@ def test_a_request_sent_again_is_answered_where_the_new_request_asks(make_config
 
 def test_a_rejection_carries_the_requests_correlation_and_quotes_its_payload_verbatim(
         make_config, daemons, platform):
-    path, config = make_config()
-    police = platform(config)
-    daemons("uplink", path)
-    online(police)
+    up = connected_uplink(make_config, daemons, platform)
+    police = up.police
     binary = b"\xff\x00garbage"
     publish(police, "ack", binary, properties=props(CorrelationData=b"\x01\x02"))
     text = json.dumps({"schema": "guardpost/cmd-test@1", "request_id": "r-9",
