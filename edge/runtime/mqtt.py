@@ -330,10 +330,12 @@ def connect_properties(broker: BrokerConfig, *, persistent: bool,
 def connect(client: paho.Client, broker: BrokerConfig, *, persistent: bool,
             max_inbound: int | None = None) -> None:
     """Open the connection (blocking up to ``client.connect_timeout`` for TCP, and again
-    for TLS); CONNACK comes later."""
+    for TLS) and send CONNECT, or raise; CONNACK comes later."""
     kwargs = {}
     if is_v5(broker):
         kwargs["clean_start"] = not persistent
         kwargs["properties"] = connect_properties(broker, persistent=persistent,
                                                   max_inbound=max_inbound)
-    client.connect(broker.host, broker.port, keepalive=broker.keepalive, **kwargs)
+    rc = client.connect(broker.host, broker.port, keepalive=broker.keepalive, **kwargs)
+    if rc != paho.MQTTErrorCode.MQTT_ERR_SUCCESS:  # CONNECT could not be written
+        raise ConnectionError(paho.error_string(rc))

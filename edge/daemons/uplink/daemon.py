@@ -184,6 +184,9 @@ class UplinkDaemon:
         """One round while a connection is open: the network, then what it brought, then
         what can be published."""
         client = self.client
+        if client.socket() is None:  # closed by paho without a word (a failed write)
+            self._lost("the connection closed")
+            return
         self._pump(waker, self._select_timeout(now))
         now = time.monotonic()
         self._settle(outbox, now)
@@ -351,6 +354,8 @@ class UplinkDaemon:
         self._save_state()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connection.phase is Phase.CONNECTING:
+            return  # (on the helper thread: the attempt failed; the loop sees to it)
         self._lost(str(reason_code))
 
     def _lost(self, reason: str, *, timed_out: bool = False, explained: bool = False) -> None:

@@ -156,7 +156,8 @@ class PublishWindow:
         published += self._fill_snapshots(client, free - published)
         if not published and not self.inflight:
             self.flush_marks(outbox)
-            self._drain.finish()
+            if not self._unheard and not self._refused:
+                self._drain.finish()
         self._drain.published(published)
         return free - published
 
