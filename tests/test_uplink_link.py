@@ -7,6 +7,7 @@ what the broker really delivered.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -15,11 +16,12 @@ from edge.config import load_config
 from edge.store.outbox import Outbox
 from edge.tools.localbroker import LocalBroker
 from tests.conftest import sim_document, write_toml
-from tests.support.daemons import poll_until
+from tests.support.daemons import DaemonProcess, poll_until
 from tests.support.modem_sim import ModemSimulator
 from tests.support.platform import PlatformStandIn
 from tests.support.proxy import FaultProxy
 from tests.test_alarm_path import online, press
+from tests.test_sdnotify import more_pings
 from tests.test_uplink import commit_alarm
 
 DUTY = ["+8613800138000"]
@@ -69,6 +71,23 @@ def test_a_link_whose_round_trip_exceeds_the_connect_timeout_still_connects(
         "connected to")
     alarm_id = commit_alarm(config)
     arrived(police, alarm_id, timeout=15, what="the alarm over the slow link")
+
+
+def test_a_connection_attempt_that_hears_nothing_never_stops_the_watchdog(
+        make_config, listener, proxy):
+    """The link drops every packet: each attempt waits out its (growing) timeout, on a
+    helper thread, while the loop goes on feeding systemd's watchdog."""
+    watchdog_s = 2.0
+    proxy.cut(unreachable=True)
+    path, _ = make_config(broker={"port": proxy.port, "connect_timeout": 4})
+    uplink = DaemonProcess("uplink", path, listener,
+                           extra_env={"WATCHDOG_USEC": str(int(watchdog_s * 1e6))}).start()
+    try:
+        fed = more_pings(listener, uplink.pid, 5, timeout=30)
+        assert all(later - earlier < watchdog_s for earlier, later in itertools.pairwise(fed))
+        assert "cannot connect" in uplink.lines[uplink.wait_for_line("timed out after 4 s")]
+    finally:
+        uplink.stop()
 
 
 # -- class 3: a half-open link, and the fallback learning of it --------------------------
