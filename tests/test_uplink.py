@@ -156,13 +156,15 @@ def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tls
 def test_an_uplink_restart_resends_only_what_was_not_confirmed(make_config, daemons, platform,
                                                                protocol, open_outbox):
     path, config = make_config(broker={"protocol": protocol})
-    police = platform(config)
+    # (It acknowledges: an alarm left unacknowledged is published again after a while.)
+    police = platform(config, ack=True)
     uplink = daemons("uplink", path)
     online(police)
     first = commit_alarm(config)
     police.wait_for(lambda p: p.unique_events, what="the first alarm")
     outbox = open_outbox(config)
-    poll_until(lambda: outbox.event_states([first])[first] == "sent", what="PUBACK recorded")
+    poll_until(lambda: outbox.event_states([first])[first] == "acknowledged",
+               what="PUBACK and acknowledgement recorded")
     uplink.stop()
     second = commit_alarm(config)  # committed while the uplink is down
     daemons("uplink", path)
