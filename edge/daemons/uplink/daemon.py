@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import select
-import socket
 import threading
 import time
 
@@ -174,11 +172,6 @@ class UplinkDaemon:
             cfg = self.config.broker
             self._note_error(f"cannot connect to {cfg.host}:{cfg.port}: {error}")
             self._save_state()
-            return
-        with contextlib.suppress(OSError, AttributeError):
-            # Alarms are single small packets: send each at once, never held back by
-            # Nagle's algorithm waiting for the broker's TCP acknowledgement.
-            self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _round(self, outbox: Outbox, waker: Waker, now: float) -> None:
         """One round while a connection is open: the network, then what it brought, then
@@ -187,7 +180,8 @@ class UplinkDaemon:
         if client.socket() is None:  # closed by paho without a word (a failed write)
             self._lost("the connection closed")
             return
-        self._pump(waker, self._select_timeout(now))
+        if self.connection.pump(waker, self._select_timeout(now)):
+            self.window.restart_walk()  # something was committed: it may outrank the cursor
         now = time.monotonic()
         self._settle(outbox, now)
         if self.connection.up:
@@ -210,40 +204,6 @@ class UplinkDaemon:
             if (urgent := self.window.oldest_urgent()) is not None:
                 times.append(max(urgent, self._last_puback) + connection.puback_timeout() - now)
         return max(0.0, min(times))
-
-    def _pump(self, waker: Waker, timeout: float) -> None:
-        """One round of network I/O, the way paho's own loop() does it."""
-        client = self.client
-        sock = client.socket()
-        if sock is None:
-            return
-        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS-buffered bytes
-        wlist = [sock] if client.want_write() else []
-        readable, writable, _ = select.select([sock, waker], wlist, [], 0 if pending else timeout)
-        if waker in readable:
-            waker.drain()
-            self.window.restart_walk()  # something was committed: it may outrank the cursor
-        if sock in readable or pending:
-            client.loop_read()  # a bounded batch of packets (GuardedClient)
-            self._ack_promptly(sock)
-        if client.socket() is not None and writable:
-            client.loop_write()
-        if client.socket() is not None:
-            client.loop_misc()
-
-    @staticmethod
-    def _ack_promptly(sock) -> None:
-        """Acknowledge the broker's TCP segments at once (Linux TCP_QUICKACK, which the
-        kernel clears again after a while, hence after every read).
-
-        A broker that leaves Nagle's algorithm on (Mosquitto's default) holds back its
-        next small packet - our next PUBACK - until our kernel acknowledges the last
-        one, and the kernel delays that acknowledgement by up to 40 ms while we wait with
-        a full window: measured in bench/alarm_path.py, a backlog drain then fell from
-        17,000 to under 1,000 messages a second whenever alarms were being delivered.
-        """
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def _settle(self, outbox: Outbox, now: float) -> None:
         """Commit what the last round brought: PUBACKs, acknowledgements, commands,
@@ -446,7 +406,7 @@ class UplinkDaemon:
             deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             while (not info.is_published() and client.socket() is not None
                    and time.monotonic() < deadline):
-                self._pump(self._waker, 0.1)
+                self.connection.pump(self._waker, 0.1)
             self._settle(outbox, time.monotonic())
         self.window.flush_marks(outbox)
         if self.connection.up:
