@@ -185,8 +185,28 @@ class Inbound:
     def _settle_acks(self, client: paho.Client, outbox: Outbox, resend: Resend) -> bool:
         if not self._acks:
             return False
-        results = outbox.mark_acknowledged(
-            (ack.event_id, ack.acknowledged_at or utc_now(), ack.by) for ack, _ in self._acks)
+        try:
+            results = outbox.mark_acknowledged(
+                (ack.event_id, ack.acknowledged_at or utc_now(), ack.by) for ack, _ in self._acks)
+        except STORAGE_ERRORS:
+            raise
+        except Exception:  # a defect of ours: isolate the message it concerns
+            if len(self._acks) > 1:
+                pending, recorded = self._acks, False
+                for index, one in enumerate(pending):
+                    self._acks = [one]
+                    try:
+                        recorded |= self._settle_acks(client, outbox, resend)
+                    except STORAGE_ERRORS:
+                        self._acks = pending[index:]
+                        raise
+                return recorded
+            log.exception("an acknowledgement could not be recorded; it is rejected")
+            [(ack, received)] = self._acks
+            self._acks = []
+            self._refusals.append(_Refusal(received, "could not be recorded",
+                                           event_id=ack.event_id))
+            return False
         acks, self._acks = self._acks, []
         for (ack, received), result in zip(acks, results, strict=True):
             if not result.known:
@@ -205,7 +225,16 @@ class Inbound:
     def _settle_commands(self, client: paho.Client, outbox: Outbox, now: float) -> None:
         while self._commands:
             command, reply_topic, correlation, received = self._commands[0]
-            self._take_test(outbox, command, reply_topic, correlation, now)
+            try:
+                self._take_test(outbox, command, reply_topic, correlation, now)
+            except STORAGE_ERRORS:
+                raise  # ours: tried again, not acknowledged meanwhile
+            except Exception:  # a defect of ours must not become a crash loop
+                log.exception("a test request could not be handled; it is rejected")
+                self._commands.pop(0)
+                self._refusals.append(_Refusal(received, "could not be handled",
+                                               request_id=command.request_id))
+                continue
             self._commands.pop(0)
             client.ack(received.mid, received.qos)  # only now: the request is durable
 
