@@ -162,11 +162,49 @@ class UplinkConfig(Strict):
     )
     reconnect_min: float = Field(0.5, gt=0, le=30)
     reconnect_max: float = Field(30.0, gt=0, le=30, description="Backoff cap (s)")
+    alarm_reconnect_s: float = Field(
+        0.25, ge=0.05, le=30,
+        description="While an alarm or a test waits to be published, connection attempts are "
+                    "at most this far apart (a new one starts one at once); the backoff "
+                    "above applies only when none waits",
+    )
+    connect_timeout_max: float = Field(
+        60.0, ge=10, le=600,
+        description="On a slow link (a 4G modem in poor signal) the connect and CONNACK "
+                    "timeouts grow from broker.connect_timeout up to this",
+    )
+    puback_timeout_s: float = Field(
+        3.0, ge=0.5, le=60,
+        description="An alarm or test without the broker's PUBACK this long (or twice the "
+                    "link's round trip, if longer) means a dead link: drop it and reconnect",
+    )
+    republish_after_s: float = Field(
+        10.0, ge=1, le=3600,
+        description="An alarm or test the broker took but the platform has not acknowledged "
+                    "this long is published again (same id, same bytes) ...",
+    )
+    republish_max_s: float = Field(
+        600.0, ge=1, le=86400,
+        description="... with pauses doubling up to this, until acknowledged",
+    )
+    max_inbound_bytes: int = Field(
+        65_536, ge=1024, le=268_435_455,
+        description="The largest message accepted from the broker (MQTT 5 tells the broker; "
+                    "over MQTT 3.1.1 a larger one is read, dropped and refused)",
+    )
+    rejections_per_minute: float = Field(
+        30.0, gt=0, le=6000,
+        description="Refusals answered on 'rejected', on average; beyond it (and the burst) "
+                    "they are counted and summarised, not answered one by one",
+    )
+    rejection_burst: int = Field(10, ge=1, le=1000, description="Refusals answered at once")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> UplinkConfig:
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
+        if self.republish_after_s > self.republish_max_s:
+            raise ValueError("republish_after_s must not exceed republish_max_s")
         return self
 
 
@@ -348,6 +386,11 @@ class AlarmTestConfig(Strict):
     )
     ack_timeout_s: float = Field(
         30, ge=1, le=600, description="The platform must acknowledge the test within this",
+    )
+    min_interval_s: float = Field(
+        60, ge=0, le=86400,
+        description="Tests the platform asks for (cmd/test) run at least this far apart; one "
+                    "asked for sooner is refused, saying how long to wait",
     )
     catch_up_hours: float = Field(
         24, ge=0, le=24 * 31,

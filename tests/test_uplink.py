@@ -11,9 +11,11 @@ import pytest
 
 from edge.config import load_config
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
-from edge.contract.messages import ack_payload
+from edge.contract.messages import Topics, ack_payload
 from edge.daemons.button.latch import AlarmLatch
-from edge.daemons.uplink.daemon import MARK_BATCH, Backoff, UplinkDaemon, _InFlight
+from edge.daemons.uplink.daemon import MARK_BATCH, Backoff
+from edge.daemons.uplink.resend import Resend
+from edge.daemons.uplink.window import InFlight, PublishWindow
 from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
 from edge.tools.localbroker import LocalBroker
@@ -154,13 +156,15 @@ def test_without_a_client_certificate_the_broker_refuses_and_nothing_is_lost(tls
 def test_an_uplink_restart_resends_only_what_was_not_confirmed(make_config, daemons, platform,
                                                                protocol, open_outbox):
     path, config = make_config(broker={"protocol": protocol})
-    police = platform(config)
+    # (It acknowledges: an alarm left unacknowledged is published again after a while.)
+    police = platform(config, ack=True)
     uplink = daemons("uplink", path)
     online(police)
     first = commit_alarm(config)
     police.wait_for(lambda p: p.unique_events, what="the first alarm")
     outbox = open_outbox(config)
-    poll_until(lambda: outbox.event_states([first])[first] == "sent", what="PUBACK recorded")
+    poll_until(lambda: outbox.event_states([first])[first] == "acknowledged",
+               what="PUBACK and acknowledgement recorded")
     uplink.stop()
     second = commit_alarm(config)  # committed while the uplink is down
     daemons("uplink", path)
@@ -238,18 +242,14 @@ def test_reconnect_backoff_doubles_with_jitter_and_is_capped_at_30_s():
 
 def test_the_loop_sleeps_while_nothing_can_be_published(make_config):
     """A row refused by the broker is due for its retry, but the window is full (a
-    stalled link) or the connection is not up: the loop must wait for the network, not
-    spin until a slot frees."""
+    stalled link): the loop must wait for the network, not spin until a slot frees."""
     _, config = make_config()
-    uplink = UplinkDaemon(config)
+    window = PublishWindow(config, Topics(config.topic_prefix), snapshots=None,
+                           resend=Resend(10, 600), wake_button=lambda: None)
     now = 1000.0
-    uplink._held_back = {_InFlight(seq=1, priority=0): now - 1}  # due a second ago
-    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 1.0  # not connected
-    uplink._connected = True
-    uplink._inflight = {mid: _InFlight(seq=mid + 1, priority=2) for mid in range(20)}
-    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 1.0  # window full
-    uplink._inflight.popitem()
-    assert uplink._select_timeout(now, next_heartbeat=now + 30) == 0.0  # room: retry now
+    window._refused = {InFlight(seq=1, priority=0): now - 1}  # due a second ago
+    assert window.next_due(now, room=False) == float("inf")  # window full: nothing to do
+    assert window.next_due(now, room=True) == 0.0             # room: retry now
 
 
 def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, daemons):
@@ -268,6 +268,10 @@ def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, 
             "username": "test-school.gate-1",
             "password_file": str(tmp_path / "device-password")})
         config = load_config(write_toml(tmp_path / "acl.toml", doc))
+        # Someone listens: an event nobody subscribes to is not delivered (PUBACK 0x10).
+        police = PlatformStandIn(guarded.host, guarded.port, config.topic_prefix,
+                                 client_id="platform-acl", username="police-platform",
+                                 password="platform-secret").start()
         alarm_id = commit_alarm(config)
         with Outbox(config.storage.database, config.identity) as outbox:
             store = SnapshotStore(outbox, config.storage.spool_dir, 10_000_000)
@@ -280,3 +284,4 @@ def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, 
                        == 0 and not list(config.storage.spool_dir.rglob("*.jpg")),
                        what="the refused snapshot and its file to go")
             assert uplink.log().count("dropped: the broker refused it") == 1
+        police.stop()

@@ -15,11 +15,14 @@ validate every payload the code emits against those schemas.
 
 from __future__ import annotations
 
+import base64
 import json
-from datetime import datetime
-from typing import Any, TypeVar
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from edge.contract.events import Identity, utc_iso, utc_now
 
@@ -69,16 +72,22 @@ def status_payload(identity: Identity, *, state: str, session: int, **fields: An
 
 
 def health_payload(identity: Identity, *, session: int, uptime_s: float, outbox: dict,
-                   clock_synced: bool, latched: list[str], selftest: dict | None = None
-                   ) -> bytes:
+                   clock_synced: bool, latched: list[str], selftest: dict | None = None,
+                   inbound: dict | None = None, delivery: dict | None = None) -> bytes:
     """The heartbeat; ``selftest`` is the self-test daemon's latest checks and last alarm
-    test (absent while that daemon has not run)."""
+    test (absent while that daemon has not run); ``inbound`` counts what the platform (or
+    anyone) sent and how it was answered, ``delivery`` what is held back or published
+    again (docs/schemas/health.schema.json)."""
     body = {
         "schema": HEALTH_SCHEMA, "at": utc_iso(utc_now()), "session": session,
         "site_id": identity.site_id, "device_id": identity.device_id,
         "uptime_s": round(uptime_s, 3), "clock_synced": clock_synced,
         "latched": latched, "outbox": outbox,
     }
+    if inbound is not None:
+        body["inbound"] = inbound
+    if delivery is not None:
+        body["delivery"] = delivery
     if selftest is not None:
         body["checks"] = selftest.get("checks", {})
         body["checked_at"] = selftest.get("checked_at")
@@ -97,70 +106,207 @@ def snapshot_description(identity: Identity, snapshot) -> dict[str, Any]:
             "width": snapshot.width, "height": snapshot.height}
 
 
-def rejection_payload(topic: str, reason: str, payload: bytes) -> bytes:
-    return _dump({
-        "schema": REJECTED_SCHEMA, "at": utc_iso(utc_now()), "topic": topic,
-        "reason": reason, "payload_excerpt": payload[:200].decode("utf-8", "replace"),
-    })
+EXCERPT_BYTES = 200    # how much of a refused message a rejection quotes
+MAX_REASON_CHARS = 500
+
+
+def quote(payload: bytes, size: int | None = None) -> dict[str, Any]:
+    """A refused message quoted verbatim: its first :data:`EXCERPT_BYTES` as text when they
+    are valid UTF-8 (a character cut by the limit is left out), else base64, with its size
+    (``size``: the whole message's, when only its head was kept)."""
+    head = payload[:EXCERPT_BYTES]
+    text = None
+    for cut in range(4 if (size or len(payload)) > len(head) else 1):  # a character cut in two
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    if text is None:
+        return {"payload_excerpt": base64.b64encode(head).decode("ascii"),
+                "payload_encoding": "base64", "payload_size": size or len(payload)}
+    return {"payload_excerpt": text, "payload_encoding": "utf-8",
+            "payload_size": size or len(payload)}
+
+
+def rejection_payload(topic: str, reason: str, payload: bytes, *, size: int | None = None,
+                      request_id: str | None = None, event_id: str | None = None,
+                      suppressed: int = 0) -> bytes:
+    """The answer to a message the device refused (docs/schemas/rejected.schema.json),
+    quoting it verbatim and naming its request or event when they could be read.
+    ``suppressed``: refusals not answered one by one since the last answer (rate limit)."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS - 1] + "…"
+    body: dict[str, Any] = {"schema": REJECTED_SCHEMA, "at": utc_iso(utc_now()), "topic": topic,
+                            "reason": reason, **quote(payload, size)}
+    if request_id is not None:
+        body["request_id"] = request_id
+    if event_id is not None:
+        body["event_id"] = event_id
+    if suppressed:
+        body["suppressed"] = suppressed
+    return _dump(body)
+
+
+# -- what the platform sends ---------------------------------------------------------------
+#
+# The models follow the JSON Schemas exactly (strict types: no number taken for a string);
+# parsing then yields a frozen command in which nothing can fail later: times are in UTC
+# and within what every part of the device can store and print, text encodes as UTF-8.
+
+RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                     r"(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
+
+
+class RejectedInput(ValueError):
+    """A platform message that does not follow the contract; carries what could be read of
+    it (``request_id``, ``event_id``) so that the rejection can be correlated."""
+
+    def __init__(self, reason: str, *, request_id: str | None = None,
+                 event_id: str | None = None):
+        super().__init__(reason)
+        self.request_id, self.event_id = request_id, event_id
+
+
+def _storable_text(value: str | None) -> str | None:
+    if value is not None:
+        value.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) cannot be stored
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable_text)]
 
 
 class AckMessage(BaseModel):
     """What the platform sends on ``{prefix}/ack`` (docs/schemas/ack.schema.json)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    schema_: str = Field(ACK_SCHEMA, alias="schema", pattern=r"^guardpost/ack@1$")
+    schema_: str | None = Field(None, alias="schema", pattern=r"^guardpost/ack@1$")
     event_id: str = Field(pattern=UUID_PATTERN)
-    acknowledged_at: datetime | None = None
-    by: str | None = Field(None, max_length=200)
+    acknowledged_at: str | None = None
+    by: StorableText | None = Field(None, max_length=200)
 
 
 class TestCommand(BaseModel):
     """What the platform sends on ``{prefix}/cmd/test`` (docs/schemas/cmd-test.schema.json):
     the police's linked test. The reply carries the request id back."""
 
-    model_config = ConfigDict(extra="forbid")
+    __test__ = False  # (not a pytest test class, whatever its name)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    schema_: str = Field(TEST_COMMAND_SCHEMA, alias="schema", pattern=r"^guardpost/cmd-test@1$")
+    schema_: str = Field(alias="schema", pattern=r"^guardpost/cmd-test@1$")
     request_id: str = Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
-    by: str | None = Field(None, max_length=200)
+    by: StorableText | None = Field(None, max_length=200)
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """A platform acknowledgement, normalised: ``acknowledged_at`` in UTC (or None)."""
+
+    event_id: str
+    acknowledged_at: datetime | None
+    by: str | None
+
+
+@dataclass(frozen=True)
+class TestRequest:
+    """A platform's request for the end-to-end alarm test."""
+
+    __test__ = False  # (not a pytest test class, whatever its name)
+    request_id: str
+    by: str | None
+
+
+def utc_time(text: str) -> datetime:
+    """An RFC 3339 date-time with its offset, as a UTC datetime within 1970..9998; raises
+    ValueError (saying why) for anything else, including what cannot be represented in
+    UTC (``0001-01-01T00:00:00+14:00``)."""
+    match = RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("not an RFC 3339 date-time with an offset")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, offset = match.group(7) or "", match.group(8)
+    micro = int((fraction[1:] + "000000")[:6]) if fraction else 0
+    if offset in ("Z", "z"):
+        zone = UTC
+    else:
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValueError(f"offset {offset} is out of range")
+        sign = -1 if offset[0] == "-" else 1
+        zone = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        moment = datetime(year, month, day, hour, minute, second, micro, tzinfo=zone)
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError) as err:
+        raise ValueError(f"not a representable time ({err})") from None
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError("outside the years 1970 to 9998 in UTC")
+    return moment
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
-class RejectedInput(ValueError):
-    """A platform message that does not follow the contract."""
-
-
-def _parse(model: type[_Model], payload: bytes) -> _Model:
+def _decode(payload: bytes) -> dict:
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        raise RejectedInput("not JSON: nested too deeply") from None
+    except ValueError as err:  # also invalid UTF-8, and integers of thousands of digits
         raise RejectedInput(f"not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise RejectedInput(f"not a JSON object (a {type(data).__name__})")
+    return data
+
+
+def _known_id(data: dict, key: str, pattern: str) -> str | None:
+    value = data.get(key)
+    if isinstance(value, str) and re.fullmatch(pattern, value):
+        return value
+    return None
+
+
+def _validate(model: type[_Model], data: dict, **known: str | None) -> _Model:
     try:
         return model.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}"
             for e in err.errors())
-        raise RejectedInput(problems) from None
+        raise RejectedInput(problems, **known) from None
 
 
-def parse_ack(payload: bytes) -> AckMessage:
+def parse_ack(payload: bytes) -> Acknowledgement:
     """Parse an acknowledgement, or raise :class:`RejectedInput` saying what is wrong."""
-    return _parse(AckMessage, payload)
+    data = _decode(payload)
+    event_id = _known_id(data, "event_id", UUID_PATTERN)
+    message = _validate(AckMessage, data, event_id=event_id)
+    at = None
+    if message.acknowledged_at is not None:
+        try:
+            at = utc_time(message.acknowledged_at)
+        except ValueError as err:
+            raise RejectedInput(f"acknowledged_at: {err}", event_id=event_id) from None
+    return Acknowledgement(message.event_id, at, message.by)
 
 
-def parse_test_command(payload: bytes) -> TestCommand:
-    return _parse(TestCommand, payload)
+def parse_test_command(payload: bytes) -> TestRequest:
+    """Parse a ``cmd/test``, or raise :class:`RejectedInput` saying what is wrong."""
+    data = _decode(payload)
+    request_id = _known_id(data, "request_id", r"[\x21-\x7e]{1,64}")
+    message = _validate(TestCommand, data, request_id=request_id)
+    return TestRequest(message.request_id, message.by)
 
 
 def reply_payload(identity: Identity, *, command: str, request_id: str, status: str,
                   test_id: str | None = None, result: dict | None = None,
-                  reason: str | None = None) -> bytes:
+                  reason: str | None = None, retry_after_s: float | None = None) -> bytes:
     """The answer to a command: ``accepted`` at once, then ``passed``/``failed`` with the
-    result, or ``refused`` with the reason (docs/schemas/reply.schema.json)."""
+    result, or ``refused`` with the reason, and when a refusal is only for now, how long
+    until the request can succeed (docs/schemas/reply.schema.json)."""
     body: dict[str, Any] = {"schema": REPLY_SCHEMA, "at": utc_iso(utc_now()),
                             "site_id": identity.site_id, "device_id": identity.device_id,
                             "command": command, "request_id": request_id, "status": status}
@@ -170,6 +316,8 @@ def reply_payload(identity: Identity, *, command: str, request_id: str, status: 
         body["result"] = result
     if reason is not None:
         body["reason"] = reason
+    if retry_after_s is not None:
+        body["retry_after_s"] = round(retry_after_s, 1)
     return _dump(body)
 
 

@@ -49,6 +49,7 @@ from drivers.modem import Modem, ModemError, SmsRefused
 from edge import __version__
 from edge.config import Config
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
+from edge.daemons.uplink.linkstate import read_link_state
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.sdnotify import Watchdog
@@ -159,13 +160,10 @@ class FallbackDaemon(Daemon):
             outbox.set_counter("fallback_seen", max(last, start))
 
     def _uplink_connected(self, outbox: Outbox, now: datetime) -> bool:
-        state = outbox.daemon_states().get("uplink")
-        if state is None:
-            return False
-        body, updated = json.loads(state[0]), _parse(state[1])
-        # A dead uplink cannot record that it is disconnected: an old record is no news.
-        stale = 3 * max(body.get("heartbeat_interval", 30), self.config.uplink.reconnect_max)
-        return bool(body.get("connected")) and (now - updated).total_seconds() <= stale
+        """What the uplink says of its link right now (its link-state file, refreshed every
+        half second and on every change, which also wakes this daemon); a missing or stale file
+        or a dead uplink process is not connected."""
+        return read_link_state(self.config.storage.runtime_dir).connected
 
     def _settle(self, outbox: Outbox, watchdog: Watchdog) -> float:
         """Decide every open alarm; send what is due. Returns how long until the next

@@ -120,6 +120,17 @@ class AlarmTests(OutboxTable):
             (utc_iso(since), request_id)).fetchone()
         return AlarmTestRow(*row) if row else None
 
+    def last_platform_request_at(self) -> datetime | None:
+        """When the platform last asked for a test that was accepted."""
+        stamp = self._db.execute("SELECT max(requested_at) FROM alarm_tests"
+                                 " WHERE trigger = 'platform'").fetchone()[0]
+        return datetime.fromisoformat(stamp) if stamp else None
+
+    def set_request(self, test_id: str, request: dict) -> None:
+        """Inside the caller's transaction: the platform request a test answers to."""
+        self._db.execute("UPDATE alarm_tests SET request = ? WHERE id = ?",
+                         (json.dumps(request), test_id))
+
     # -- a test's course (each in its own transaction unless said otherwise) ------------
 
     def start(self, test_id: str, *, at: datetime, method: str,

@@ -32,7 +32,15 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from edge.contract.events import ACK_REQUIRED, Event, EventDraft, Identity, utc_iso, utc_now
+from edge.contract.events import (
+    ACK_REQUIRED,
+    Event,
+    EventDraft,
+    Identity,
+    Priority,
+    utc_iso,
+    utc_now,
+)
 from edge.store import schema
 from edge.store.alarm_tests import AlarmTests
 from edge.store.batches import PRUNE_FIRST_BATCH, adapt_batch, pause_after
@@ -497,3 +505,52 @@ class Outbox:
         (``refused``: sending it again would be refused again); ``pending`` sends it again."""
         self.alarm_tests.reply_state(test_id, state)
 
+    # -- re-publication and inbound (uplink) ---------------------------------------------
+
+    def urgent_queued(self) -> bool:
+        """Whether an alarm or a test waits to be published (the uplink then connects at
+        once instead of waiting out its backoff)."""
+        return self.db.execute(
+            "SELECT 1 FROM events WHERE state = 'queued' AND priority <= ? LIMIT 1",
+            (int(Priority.TEST),)).fetchone() is not None
+
+    def sent_unacknowledged(self) -> list[tuple[str, int, int, str | None]]:
+        """Events the broker took that the platform has not acknowledged, oldest first:
+        ``(id, seq, priority, sent_at)`` each (they are published again until it does)."""
+        return self.db.execute(
+            "SELECT id, seq, priority, sent_at FROM events"
+            " WHERE state = 'sent' AND ack_required = 1 ORDER BY seq").fetchall()
+
+    def published_rows(self, event_ids: Iterable[str]) -> list[QueuedMessage]:
+        """These events as they were published (same bytes), still unacknowledged, in
+        publishing order: what the uplink publishes again."""
+        rows: list[QueuedMessage] = []
+        for eid in event_ids:
+            seq = self._seq_of(eid)
+            if seq is None:
+                continue
+            row = self.db.execute(f"{_QUEUED_COLUMNS} WHERE seq = ? AND state != 'acknowledged'",
+                                  (seq,)).fetchone()
+            if row is not None:
+                rows.append(QueuedMessage(*row))
+        return sorted(rows, key=lambda row: (row.priority, row.seq))
+
+    def platform_test_for(self, request_id: str, since: datetime) -> tuple[str, str] | None:
+        """The platform-requested test with this request id asked for after ``since``:
+        ``(test_id, state)``, or None."""
+        row = self.alarm_tests.by_platform_request(request_id, since)
+        return (row.id, row.state) if row is not None else None
+
+    def waiting_tests(self) -> int:
+        """Alarm tests requested and not yet started."""
+        return self.alarm_tests.waiting()
+
+    def last_platform_test_at(self) -> datetime | None:
+        """When the platform last asked for a test that was accepted."""
+        return self.alarm_tests.last_platform_request_at()
+
+    def redirect_test_reply(self, test_id: str, request: dict) -> None:
+        """The platform asked again for this test: its answers go where the new request
+        asks (its reply topic and correlation data)."""
+        with self.transaction():
+            self.alarm_tests.set_request(test_id, request)

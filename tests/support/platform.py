@@ -92,7 +92,7 @@ class PlatformStandIn:
             return
         try:
             body = json.loads(message.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # tests send poison on purpose: it comes back
             body = None
         received = Received(message.topic, leaf, message.payload, body, bool(message.retain),
                             time.monotonic(), message.properties)

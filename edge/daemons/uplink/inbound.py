@@ -1,0 +1,370 @@
+"""Messages from the broker: the platform's acknowledgements and commands, and anything else
+anyone manages to publish to this device. Each is handled in isolation.
+
+paho calls :meth:`Inbound.on_message` from inside its read loop. Nothing may escape from
+there: an exception would stop the uplink, and since a message is acknowledged to the
+broker only once it is handled (manual acks), the broker would hand the same message
+back after every restart. So a message becomes a normalised command (parsing leaves
+nothing that can fail later) or a rejection, whatever it holds; a defect of ours that
+raises is a rejection too.
+
+- A rejection is acknowledged to the broker (it must not come back) and answered on
+  ``rejected``, quoting the message verbatim and carrying its correlation data and its
+  request or event id when they could be read; answers are rate-limited and go by the
+  side lane, below every event.
+- A failure of our side (the outbox cannot be written) is not the message's fault: it is
+  neither rejected nor acknowledged to the broker; it is tried again, and if the
+  connection ends first the broker delivers it again.
+- Retained messages on ``ack`` and ``cmd/...`` are refused (MQTT 5: the subscription
+  asks the broker not to send them at all); oversized ones are refused by the guarded
+  client before they are held in memory.
+- The platform's tests are rate-limited (``alarm_test.min_interval_s``) besides the limit
+  of tests waiting to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from datetime import timedelta
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.config import Config
+from edge.contract.events import utc_now
+from edge.contract.messages import (
+    MAX_WAITING_TESTS,
+    REQUEST_ID_MEMORY_H,
+    Acknowledgement,
+    RejectedInput,
+    TestRequest,
+    Topics,
+    parse_ack,
+    parse_test_command,
+    rejection_payload,
+    reply_payload,
+)
+from edge.daemons.selftest.alarmtest import request_test
+from edge.daemons.uplink.lane import SideLane, SideMessage, TokenBucket
+from edge.daemons.uplink.resend import Resend
+from edge.runtime.mqtt import OversizedMessage, is_v5
+from edge.runtime.wake import wake
+from edge.store.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+STORAGE_ERRORS = (sqlite3.Error, OSError)  # our side failed, not the message
+RETRY_S = 1.0        # a message our storage could not take is tried again after this
+
+
+@dataclass(frozen=True)
+class _Received:
+    """What every message keeps until it is settled: how to acknowledge it to the broker,
+    and what a rejection would quote."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    correlation: bytes | None
+    order: int = 0    # arrival order: rejections are answered in it
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    received: _Received
+    reason: str
+    size: int | None = None
+    request_id: str | None = None
+    event_id: str | None = None
+
+
+class Inbound:
+    """Takes what the broker delivers, and settles it between the loop's network rounds."""
+
+    def __init__(self, config: Config, topics: Topics, lane: SideLane):
+        self.config = config
+        self.topics = topics
+        self.lane = lane
+        up = config.uplink
+        self._bucket = TokenBucket(up.rejections_per_minute / 60, up.rejection_burst)
+        self._v5 = is_v5(config.broker)
+        self.counts = {"received": 0, "accepted": 0, "refused": 0, "rejected": 0,
+                       "too_large": 0, "unanswered": 0}
+        self._acks: list[tuple[Acknowledgement, _Received]] = []
+        self._commands: list[tuple[TestRequest, str, str | None, _Received]] = []
+        self._refusals: list[_Refusal] = []
+        self._retry_at = 0.0
+        self._suppressed = 0                 # rejections not answered since the last answer
+        self._suppressed_last: tuple[str, str] | None = None  # (topic, reason)
+        self._tests_not_before = 0.0         # monotonic: the next platform test may run then
+        self._arrivals = 0
+
+    def start(self, outbox: Outbox, now: float) -> None:
+        """The platform's last test counts across a restart (clamped: a wall clock that
+        jumps cannot block tests for longer than the interval)."""
+        last = outbox.last_platform_test_at()
+        if last is not None:
+            interval = self.config.alarm_test.min_interval_s
+            elapsed = (utc_now() - last).total_seconds()
+            self._tests_not_before = now + min(interval, max(0.0, interval - elapsed))
+
+    # -- paho's callbacks: never raise ----------------------------------------------------
+
+    def on_message(self, client: paho.Client, userdata, message: paho.MQTTMessage) -> None:
+        self.counts["received"] += 1
+        self._arrivals += 1
+        try:
+            self._receive(message)
+        except Exception as err:  # a defect of ours must not become a crash loop
+            log.exception("a message could not be handled; it is rejected")
+            self._refusals.append(_Refusal(_received(message, self._v5, self._arrivals),
+                                           f"could not be handled ({type(err).__name__})"))
+
+    def on_oversized(self, message: OversizedMessage) -> None:
+        self.counts["received"] += 1
+        self.counts["too_large"] += 1
+        self._arrivals += 1
+        correlation = getattr(message.properties, "CorrelationData", None)
+        received = _Received(message.topic, message.head, message.mid, message.qos,
+                             bytes(correlation) if correlation is not None else None,
+                             self._arrivals)
+        self._refusals.append(_Refusal(
+            received, f"too large: {message.size} bytes (at most "
+                      f"{self.config.uplink.max_inbound_bytes} are accepted)", message.size))
+
+    def _receive(self, message: paho.MQTTMessage) -> None:
+        received = _received(message, self._v5, self._arrivals)
+        if message.retain:
+            # Sent once, kept by the broker, replayed at every subscription: an
+            # acknowledgement or a command must never be that.
+            self._refusals.append(_Refusal(
+                received, "retained message refused: acknowledgements and commands are sent "
+                          "once (clear it with an empty retained message)"))
+            return
+        try:
+            if received.topic == self.topics.ack:
+                self._acks.append((parse_ack(received.payload), received))
+            elif received.topic == self.topics.cmd_test:
+                reply_topic = _reply_topic(message, self.topics)
+                self._commands.append((parse_test_command(received.payload), reply_topic,
+                                       received.correlation.hex()
+                                       if received.correlation is not None else None,
+                                       received))
+            else:
+                # Say so, not nothing: a platform newer than this device learns it at once.
+                self._refusals.append(_Refusal(received, "unknown command"))
+        except RejectedInput as err:
+            self._refusals.append(_Refusal(received, str(err), request_id=err.request_id,
+                                           event_id=err.event_id))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def settle(self, client: paho.Client, outbox: Outbox, resend: Resend, now: float) -> bool:
+        """Commit what arrived, then acknowledge it to the broker; answer rejections.
+        Returns True when acknowledgements were recorded (the button's LED shows them)."""
+        recorded = False
+        if now >= self._retry_at:
+            try:
+                recorded = self._settle_acks(client, outbox, resend)
+                self._settle_commands(client, outbox, now)
+            except STORAGE_ERRORS as err:
+                self._retry_at = now + RETRY_S
+                log.error("could not record what the platform sent (%s): it is not "
+                          "acknowledged to the broker; trying again in %.0f s", err, RETRY_S)
+        refusals, self._refusals = self._refusals, []
+        for refusal in sorted(refusals, key=lambda r: r.received.order):
+            client.ack(refusal.received.mid, refusal.received.qos)  # it must not come back
+            self.counts["rejected"] += 1
+            self._answer(refusal, now)
+        return recorded
+
+    def _settle_acks(self, client: paho.Client, outbox: Outbox, resend: Resend) -> bool:
+        if not self._acks:
+            return False
+        try:
+            results = outbox.mark_acknowledged(
+                (ack.event_id, ack.acknowledged_at or utc_now(), ack.by) for ack, _ in self._acks)
+        except STORAGE_ERRORS:
+            raise
+        except Exception:  # a defect of ours: isolate the message it concerns
+            if len(self._acks) > 1:
+                pending, recorded = self._acks, False
+                for index, one in enumerate(pending):
+                    self._acks = [one]
+                    try:
+                        recorded |= self._settle_acks(client, outbox, resend)
+                    except STORAGE_ERRORS:
+                        self._acks = pending[index:]
+                        raise
+                return recorded
+            log.exception("an acknowledgement could not be recorded; it is rejected")
+            [(ack, received)] = self._acks
+            self._acks = []
+            self._refusals.append(_Refusal(received, "could not be recorded",
+                                           event_id=ack.event_id))
+            return False
+        acks, self._acks = self._acks, []
+        for (ack, received), result in zip(acks, results, strict=True):
+            if not result.known:
+                # Durably nothing to do: refused with the others (it is acknowledged then).
+                self._refusals.append(_Refusal(received, f"unknown event id {ack.event_id}",
+                                               event_id=ack.event_id))
+                continue
+            self.counts["accepted"] += 1
+            if not result.already:
+                log.info("platform acknowledged event %s%s", ack.event_id,
+                         f" ({ack.by})" if ack.by else "")
+            client.ack(received.mid, received.qos)  # only now: the acknowledgement is durable
+        resend.acknowledged(ack.event_id for ack, _ in acks)
+        return True
+
+    def _settle_commands(self, client: paho.Client, outbox: Outbox, now: float) -> None:
+        while self._commands:
+            command, reply_topic, correlation, received = self._commands[0]
+            try:
+                self._take_test(outbox, command, reply_topic, correlation, now)
+            except STORAGE_ERRORS:
+                raise  # ours: tried again, not acknowledged meanwhile
+            except Exception:  # a defect of ours must not become a crash loop
+                log.exception("a test request could not be handled; it is rejected")
+                self._commands.pop(0)
+                self._refusals.append(_Refusal(received, "could not be handled",
+                                               request_id=command.request_id))
+                continue
+            self._commands.pop(0)
+            client.ack(received.mid, received.qos)  # only now: the request is durable
+
+    def connection_lost(self) -> None:
+        """What was not acknowledged to the broker will be delivered again: forget it (its
+        message ids belong to the connection that ended)."""
+        self._acks.clear()
+        self._commands.clear()
+        self._refusals.clear()
+        self._retry_at = 0.0
+
+    # -- the platform's tests --------------------------------------------------------------
+
+    def _take_test(self, outbox: Outbox, command: TestRequest, reply_topic: str,
+                   correlation: str | None, now: float) -> None:
+        """The police's linked test: recorded, handed to the self-test daemon, and
+        answered twice: ``accepted`` now, the result when it is known."""
+        request = {"request_id": command.request_id, "reply_topic": reply_topic,
+                   "correlation": correlation, "by": command.by}
+        same = outbox.platform_test_for(command.request_id,
+                                        utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H))
+        if same is not None:
+            # The broker sends a command again when our PUBACK was lost (a dropped link, a
+            # restart), and a platform may ask again: the same request, the same test,
+            # never a second pulse. Answered where the new request asks, the result too.
+            test_id, state = same
+            log.info("platform test request %s again: it is test %s (%s)",
+                     command.request_id, test_id, state)
+            outbox.redirect_test_reply(test_id, request)
+            if state in ("passed", "failed"):
+                outbox.reply_sent(test_id, "pending")
+            self._reply(request, "accepted", test_id=test_id)
+            return
+        wait = self._tests_not_before - now
+        if wait > 0:
+            interval = self.config.alarm_test.min_interval_s
+            self._refuse_test(request, f"platform tests run at most once every {interval:g} s",
+                              now, retry_after_s=wait)
+            return
+        waiting = outbox.waiting_tests()
+        if waiting >= MAX_WAITING_TESTS:
+            self._refuse_test(request, f"{waiting} tests are already waiting to run", now)
+            return
+        test_id = request_test(outbox, "platform", request=request)
+        self._tests_not_before = now + self.config.alarm_test.min_interval_s
+        log.info("platform requested an alarm test (request %s%s): test %s",
+                 command.request_id, f" by {command.by}" if command.by else "", test_id)
+        wake(self.config.storage.runtime_dir, "selftest")
+        self.counts["accepted"] += 1
+        self._reply(request, "accepted", test_id=test_id)
+
+    def _refuse_test(self, request: dict, reason: str, now: float, **fields) -> None:
+        self.counts["refused"] += 1
+        log.info("platform test request %s refused: %s", request["request_id"], reason)
+        if self._bucket.take(now):
+            self._reply(request, "refused", reason=reason, **fields)
+        else:
+            self.counts["unanswered"] += 1
+
+    def _reply(self, request: dict, status: str, **fields) -> None:
+        self.lane.add(SideMessage(request["reply_topic"], reply_payload(
+            self.config.identity, command="test", request_id=request["request_id"],
+            status=status, **fields), self.reply_properties(request), reply=True))
+
+    def reply_properties(self, request: dict) -> Properties | None:
+        """MQTT 5: JSON, with the request's correlation data."""
+        correlation = request.get("correlation")
+        return self._json_properties(bytes.fromhex(correlation) if correlation else None)
+
+    def _json_properties(self, correlation: bytes | None) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        if correlation is not None:
+            props.CorrelationData = correlation
+        return props
+
+    # -- rejections ------------------------------------------------------------------------
+
+    def _answer(self, refusal: _Refusal, now: float) -> None:
+        """Answer on ``rejected`` if the rate allows, else count it for the summary."""
+        received = refusal.received
+        if self._bucket.take(now) and self.lane.add(SideMessage(
+                self.topics.rejected, rejection_payload(
+                    received.topic, refusal.reason, received.payload, size=refusal.size,
+                    request_id=refusal.request_id, event_id=refusal.event_id,
+                    suppressed=self._suppressed),
+                self._json_properties(received.correlation))):
+            log.warning("rejected a message on %s: %s", received.topic, refusal.reason)
+            self._suppressed, self._suppressed_last = 0, None
+            return
+        self._suppressed += 1
+        self.counts["unanswered"] += 1
+        self._suppressed_last = (received.topic, refusal.reason)
+        log.debug("rejected a message on %s without answering (rate limit): %s",
+                  received.topic, refusal.reason)
+
+    def summarise(self, now: float) -> None:
+        """Once the rate allows, one answer for the rejections not answered one by one."""
+        if not self._suppressed or not self._bucket.take(now):
+            return
+        topic, reason = self._suppressed_last
+        summary = (f"{self._suppressed} message(s) refused without an answer each (rate "
+                   f"limit); the last: {reason}")
+        if self.lane.add(SideMessage(self.topics.rejected, rejection_payload(
+                topic, summary, b"", suppressed=self._suppressed), self._json_properties(None))):
+            log.warning("%s", summary)
+            self._suppressed, self._suppressed_last = 0, None
+
+
+def _received(message: paho.MQTTMessage, v5: bool, order: int) -> _Received:
+    """The parts of a message that are always readable (a topic that is not UTF-8, which a
+    broker should never pass, is shown with replacement characters)."""
+    raw_topic = message._topic  # paho raises on .topic for invalid UTF-8
+    topic = raw_topic.decode("utf-8", "replace") if isinstance(raw_topic, bytes) else raw_topic
+    correlation = None
+    if v5 and message.properties is not None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+    return _Received(topic, bytes(message.payload), message.mid, message.qos,
+                     bytes(correlation) if correlation is not None else None, order)
+
+
+def _reply_topic(message: paho.MQTTMessage, topics: Topics) -> str:
+    """Where the answers go: the request's MQTT 5 Response Topic if it lies under our
+    ``reply/`` (the only place the broker's ACL lets a device write answers), else
+    ``reply/test``."""
+    props = getattr(message, "properties", None)
+    topic = getattr(props, "ResponseTopic", None) if props else None
+    if (not topic or not topic.startswith(topics.below("reply/"))
+            or any(c in topic for c in "+#\x00")):
+        topic = topics.reply_test
+    return topic

@@ -1,0 +1,64 @@
+"""The uplink's parts on their own, in this process, with behavioural fakes where the real
+thing cannot be made to fail on demand."""
+
+from __future__ import annotations
+
+import time
+
+import paho.mqtt.client as paho
+
+from edge.contract.messages import Topics, ack_payload
+from edge.daemons.button.latch import AlarmLatch
+from edge.daemons.uplink.inbound import Inbound
+from edge.daemons.uplink.lane import SideLane
+from edge.daemons.uplink.resend import Resend
+from edge.store.outbox import Outbox
+
+
+class AckingClient:
+    """What the inbound side needs of paho: acknowledging a message to the broker."""
+
+    def __init__(self):
+        self.acked: list[int] = []
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acked.append(mid)
+
+
+class OutboxWithADefect(Outbox):
+    """An outbox whose recording of one event's acknowledgement hits a bug (not a storage
+    error): whatever else is recorded with it must not suffer."""
+
+    defective_id: str | None = None
+
+    def mark_acknowledged(self, acks):
+        acks = list(acks)
+        if any(event_id == self.defective_id for event_id, _, _ in acks):
+            raise ValueError("a defect")
+        return super().mark_acknowledged(acks)
+
+
+def message(topic: str, payload: bytes, mid: int) -> paho.MQTTMessage:
+    received = paho.MQTTMessage(mid=mid, topic=topic.encode())
+    received.payload, received.qos = payload, 1
+    return received
+
+
+def test_a_defect_recording_one_acknowledgement_rejects_it_alone(make_config):
+    _, config = make_config()
+    topics, lane, client = Topics(config.topic_prefix), SideLane(), AckingClient()
+    inbound = Inbound(config, topics, lane)
+    with OutboxWithADefect(config.storage.database, config.identity) as outbox:
+        latch = AlarmLatch(outbox, config.inputs)
+        alarms = [latch.press("gate").id for _ in range(3)]
+        outbox.defective_id = alarms[1]
+        for mid, alarm in enumerate(alarms, start=1):
+            inbound.on_message(client, None, message(topics.ack, ack_payload(alarm), mid))
+
+        assert inbound.settle(client, outbox, Resend(10, 600), time.monotonic())
+
+        states = outbox.event_states(alarms)
+        assert [states[a] for a in alarms] == ["acknowledged", "queued", "acknowledged"]
+        assert sorted(client.acked) == [1, 2, 3]  # none comes back
+        assert inbound.counts["rejected"] == 1 and inbound.counts["accepted"] == 2
+        assert len(lane) == 1  # the rejection of the one, waiting for a slot
