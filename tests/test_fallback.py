@@ -3,7 +3,9 @@ and the modem simulator on a real pseudo-terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from datetime import datetime, timedelta
 
@@ -12,6 +14,7 @@ import pytest
 from edge.contract.events import utc_now
 from edge.daemons.fallback import FallbackDaemon
 from edge.daemons.selftest.daemon import SelfTestDaemon
+from edge.daemons.uplink.linkstate import LinkStateFile
 from edge.store.outbox import Outbox
 from tests.support.daemons import in_process, poll_until
 from tests.support.modem_sim import ModemSimulator
@@ -416,6 +419,27 @@ class SteppedClock(StoppedClock):
         self.mono += seconds
 
 
+@contextlib.contextmanager
+def uplink_says_connected(config):
+    """A connected uplink as the fallback daemon sees it: its link-state file, rewritten
+    every half second by its loop (here, by a thread of the test)."""
+    stop = threading.Event()
+
+    def keep_saying() -> None:
+        link = LinkStateFile(config.storage.runtime_dir)
+        while not stop.is_set():
+            link.update(True)
+            stop.wait(0.1)
+
+    saying = threading.Thread(target=keep_saying, daemon=True)
+    saying.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        saying.join(5)
+
+
 def test_the_sms_timer_runs_on_the_monotonic_clock_whatever_ntp_does_to_the_wall_clock(
         make_config, daemons, modem):
     """At boot a Pi's clock jumps by hours when NTP first syncs: the alarm's wait for the
@@ -424,13 +448,12 @@ def test_the_sms_timer_runs_on_the_monotonic_clock_whatever_ntp_does_to_the_wall
                                fallback={"duty_numbers": DUTY[:1], "ack_timeout_s": 60})
     daemons("button", path)
     clock = SteppedClock()
-    with in_process(on_clock(config, clock)) as fallback, \
+    with in_process(on_clock(config, clock)) as fallback, uplink_says_connected(config), \
             Outbox(config.storage.database, config.identity) as outbox:
 
         def connected_uplink_looks_again() -> None:
-            """The uplink (connected, never acknowledged) reports on the same wall clock
-            as everyone; then the fallback makes one full pass of decisions."""
-            outbox.daemons.save("uplink", json.dumps({"connected": True}), at=clock())
+            """The uplink stays connected (and never acknowledges); the fallback makes one
+            full pass of decisions."""
             passes = fallback.passes
             fallback.wake()
             poll_until(lambda: fallback.passes >= passes + 2, what="a pass of the fallback")

@@ -25,9 +25,7 @@ wires the parts into that loop:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import threading
 import time
 
 from paho.mqtt.packettypes import PacketTypes
@@ -46,9 +44,8 @@ from edge.daemons.uplink.linkstate import LinkStateFile
 from edge.daemons.uplink.resend import Resend
 from edge.daemons.uplink.window import MARK_BATCH, InFlight, PublishWindow
 from edge.runtime.clock import boot_id
-from edge.runtime.instance import only_instance
+from edge.runtime.daemon import Daemon
 from edge.runtime.mqtt import PackedProperties, connect, is_v5, make_client
-from edge.runtime.sdnotify import Watchdog, notify
 from edge.runtime.wake import Waker, wake
 from edge.store.outbox import Outbox
 from edge.store.snapshots import SnapshotStore
@@ -63,14 +60,13 @@ LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least
 UNHEARD = "PUBACK 0x10 No matching subscribers"
 
 
-class UplinkDaemon:
+class UplinkDaemon(Daemon):
     """Publishes the outbox and takes the platform's acknowledgements and commands."""
 
     name = "uplink"
 
     def __init__(self, config: Config):
-        self.config = config
-        self.identity = config.identity
+        super().__init__(config)
         self.topics = Topics(config.topic_prefix)
         up = config.uplink
         self.client = make_client(config.broker, config.client_id, persistent=True,
@@ -88,49 +84,48 @@ class UplinkDaemon:
         self._connected_at: str | None = None
         self._last_error: str | None = None
         self._stopping = False
-        self._waker: Waker | None = None
         self._outbox: Outbox | None = None
+        self._link: LinkStateFile | None = None
         self._props: PackedProperties | None = None
-        self.ready = threading.Event()  # set with READY=1, for in-process users
-
-    def wake(self) -> None:
-        if self._waker is not None:
-            self._waker.wake()
 
     # -- main loop -------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        with only_instance(cfg.storage.runtime_dir, self.name), \
-                Outbox(cfg.storage.database, self.identity) as outbox, \
-                contextlib.closing(Waker(cfg.storage.runtime_dir, self.name)) as waker, \
-                contextlib.closing(LinkStateFile(cfg.storage.runtime_dir)) as link:
-            self._outbox, self._waker = outbox, waker
-            self._assemble(outbox, waker)
-            now = time.monotonic()
-            self.resend.load(outbox, now)
-            self.inbound.start(outbox, now)
-            self._save_state()
-            link.update(False)
-            self.ready.set()
-            notify("READY=1", f"STATUS=uplink to {cfg.broker.host}:{cfg.broker.port}")
-            log.info("uplink ready: broker %s:%d (MQTT %s%s), window %d", cfg.broker.host,
-                     cfg.broker.port, cfg.broker.protocol, ", TLS" if cfg.broker.tls else "",
-                     self.window.size)
-            watchdog = Watchdog()
-            while not stop.is_set():
-                watchdog.ping()
-                now = time.monotonic()
-                link.update(self.connection.up, now)
-                if self.connection.phase is Phase.DOWN:
-                    self._while_down(outbox, waker, now)
-                elif self.connection.phase is Phase.CONNECTING:
-                    self._while_connecting(waker, now)
-                else:
-                    self._round(outbox, waker, now)
-                self.housekeeping.prune_when_due(now)
-            notify("STOPPING=1")
-            self._shutdown(outbox)
+        outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
+                                                           self.identity))
+        self._link = stack.enter_context(contextlib.closing(
+            LinkStateFile(cfg.storage.runtime_dir)))
+        self._assemble(outbox, self.waker)
+        now = time.monotonic()
+        self.resend.load(outbox, now)
+        self.inbound.start(outbox, now)
+        self._save_state()
+        self._link.update(False)
+        log.info("uplink ready: broker %s:%d (MQTT %s%s), window %d", cfg.broker.host,
+                 cfg.broker.port, cfg.broker.protocol, ", TLS" if cfg.broker.tls else "",
+                 self.window.size)
+        return f"uplink to {cfg.broker.host}:{cfg.broker.port}"
+
+    def step(self) -> int | None:
+        """One turn: wait for the next attempt, for the attempt, or for the network (each
+        at most LOOP_TICK_S, and cut short by a wake-up), then act on what came."""
+        outbox, waker, now = self._outbox, self.waker, time.monotonic()
+        self._link.update(self.connection.up, now)
+        if self.connection.phase is Phase.DOWN:
+            self._while_down(outbox, waker, now)
+        elif self.connection.phase is Phase.CONNECTING:
+            self._while_connecting(waker, now)
+        else:
+            self._round(outbox, waker, now)
+        self.housekeeping.prune_when_due(now)
+        return None
+
+    def wait(self, timeout: float) -> bool:
+        return False  # the turn itself waited, on the network and the wake-up socket
+
+    def stopping(self) -> None:
+        self._shutdown(self._outbox)
 
     def _assemble(self, outbox: Outbox, waker: Waker) -> None:
         cfg = self.config
@@ -374,6 +369,9 @@ class UplinkDaemon:
     def _wake_button(self) -> None:
         wake(self.config.storage.runtime_dir, "button")
 
+    def state(self) -> dict:
+        return self._state
+
     def _save_state(self) -> None:
         cfg = self.config
         state = {
@@ -389,10 +387,8 @@ class UplinkDaemon:
             "connect_timeout_s": self.connection.timeout.current,
             "delivery": self.window.stats(), "inbound": dict(self.inbound.counts),
         }
-        try:
-            self._outbox.set_daemon_state(self.name, json.dumps(state))
-        except Exception:
-            log.exception("could not record the daemon state")
+        self._state = state
+        self.save_state(self._outbox)
 
     def _shutdown(self, outbox: Outbox) -> None:
         """Say goodbye properly: a retained offline status, then DISCONNECT."""
@@ -406,7 +402,7 @@ class UplinkDaemon:
             deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             while (not info.is_published() and client.socket() is not None
                    and time.monotonic() < deadline):
-                self.connection.pump(self._waker, 0.1)
+                self.connection.pump(self.waker, 0.1)
             self._settle(outbox, time.monotonic())
         self.window.flush_marks(outbox)
         if self.connection.up:
