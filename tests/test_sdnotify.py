@@ -10,7 +10,7 @@ from edge.contract.events import EventDraft, EventKind, utc_now
 from edge.runtime.control import request
 from edge.runtime.wake import wake, wake_path
 from edge.store.outbox import Outbox
-from tests.support.daemons import DaemonProcess
+from tests.support.daemons import DaemonProcess, poll_until
 
 WATCHDOG_USEC = 2_000_000  # systemd would restart a daemon silent for 2 s
 WATCHDOG_S = WATCHDOG_USEC / 1e6
@@ -49,9 +49,14 @@ def test_ready_means_ready_and_the_main_loops_feed_the_watchdog(make_config, lis
         uplink.stop()
 
 
-def test_a_main_loop_stuck_on_the_database_stops_feeding_the_watchdog(make_config, listener,
-                                                                      broker):
+def test_a_loop_that_meets_a_held_database_lock_waits_within_bounds_and_feeds_the_watchdog(
+        make_config, listener, platform):
+    """Another writer hangs holding the outbox's write lock. The uplink used to block on it
+    (and be restarted by the watchdog with the alarm's PUBACK unrecorded); its waits are
+    bounded now: it keeps feeding the watchdog, tries again, and records the alarm as sent
+    once the lock is free."""
     path, config = make_config()
+    platform(config)  # a subscriber: without one a PUBACK says nobody took the alarm
     uplink = DaemonProcess("uplink", path, listener,
                            extra_env={"WATCHDOG_USEC": str(WATCHDOG_USEC)}).start()
     try:
@@ -61,30 +66,29 @@ def test_a_main_loop_stuck_on_the_database_stops_feeding_the_watchdog(make_confi
                 open(f"{config.storage.database}.writelock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another writer hangs, holding the lock
             try:
-                _commit_alarm_bypassing_the_lock(outbox)
+                seq = _commit_alarm_bypassing_the_lock(outbox)
                 wake(config.storage.runtime_dir, "uplink")
-                # The uplink publishes the alarm, gets its PUBACK and blocks recording it:
-                # from then on, a whole watchdog period passes without a ping.
-                for _ in range(10):
-                    seen = len(pings(listener, uplink.pid))
-                    if not listener.wait_until(
-                            lambda notes, seen=seen: len(pings(notes, uplink.pid)) > seen,
-                            WATCHDOG_S):
-                        break
-                else:
-                    raise AssertionError("the stuck uplink kept feeding the watchdog")
+                uplink.wait_for_line("another writer held the outbox")  # a bound ran out
+                fed = more_pings(listener, uplink.pid, 3)
+                gaps = [later - earlier for earlier, later in itertools.pairwise(fed)]
+                assert all(gap < WATCHDOG_S for gap in gaps), gaps
+                assert outbox.db.execute("SELECT state FROM events WHERE seq = ?",
+                                         (seq,)).fetchone()[0] == "queued"
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        more_pings(listener, uplink.pid, 1)  # unstuck: fed again
+            poll_until(lambda: outbox.db.execute("SELECT state FROM events WHERE seq = ?",
+                                                 (seq,)).fetchone()[0] != "queued",
+                       what="the alarm recorded as sent once the lock is free")
     finally:
         uplink.stop()
 
 
-def _commit_alarm_bypassing_the_lock(outbox: Outbox) -> None:
+def _commit_alarm_bypassing_the_lock(outbox: Outbox) -> int:
     """Commit an alarm with the outbox's own code, taking only SQLite's lock (the test
     holds the flock that Outbox.transaction() would wait for)."""
     conn = outbox.db
     conn.execute("BEGIN IMMEDIATE")
-    outbox.append(EventDraft(kind=EventKind.ALARM, code=120, occurred_at=utc_now(),
-                             clock_synced=True, boot_id="test", input="gate"))
+    event = outbox.append(EventDraft(kind=EventKind.ALARM, code=120, occurred_at=utc_now(),
+                                     clock_synced=True, boot_id="test", input="gate"))
     conn.execute("COMMIT")
+    return event.seq

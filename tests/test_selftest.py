@@ -617,3 +617,47 @@ def test_a_test_asked_for_while_another_runs_is_refused_not_failed(make_config):
         assert [r[0] for r in outbox.db.execute("SELECT state FROM alarm_tests")] == ["refused"]
         assert latest_test(outbox) is None
         assert [k for k, _ in kinds(outbox) if k in ("fault", "test-result")] == []
+
+
+def test_a_storm_of_platform_tests_pulses_the_relay_once_and_every_tap_is_an_alarm(
+        make_config, daemons, platform):
+    """Issue 11, classes 6 and 7: a `cmd/test` every half second kept the test relay
+    pulsing, and 10 of 20 short taps by a guard recorded nothing (while the relay closes
+    the contact, a tap on the button cannot be seen). Platform tests are now at least
+    `alarm_test.min_interval_s` apart (the others refused, with the time left), and the
+    relay at least 5 s apart whoever asks: through the storm the relay pulses once, and
+    every tap is recorded as an alarm."""
+    path, config = make_config(outputs=RELAY)
+    police = platform(config, ack=True)
+    daemons("uplink", path)
+    clock = FakeClock(datetime(2026, 12, 15, 9, 0, tzinfo=SHANGHAI))
+    storming = threading.Event()
+
+    def storm() -> None:
+        number = 0
+        while not storming.wait(0.5):
+            number += 1
+            police.publish("cmd/test", json.dumps(
+                {"schema": TEST_COMMAND_SCHEMA, "request_id": f"storm-{number}"}).encode())
+
+    with in_process(ButtonDaemon(config)) as button, selftest_daemon(config, clock):
+        relay = button.indicators.test_relay.pin
+        relay.clear_states()
+        stormer = threading.Thread(target=storm, daemon=True)
+        stormer.start()
+        try:
+            police.wait_for(lambda p: [r for r in p.on("reply/test") if r["status"] == "passed"],
+                            timeout=30, what="the first test's result")
+            taps = [button._sim_press({"input": "gate", "hold": 0.03}) for _ in range(20)]
+            refused = police.wait_for(
+                lambda p: [r for r in p.on("reply/test") if r["status"] == "refused"],
+                what="a request inside the interval refused")
+        finally:
+            storming.set()
+            stormer.join(5)
+        assert all(tap["ok"] and tap["event"]["kind"] == "alarm" for tap in taps), taps
+        assert sum(1 for state in relay.states if state.state) == 1  # energised once
+        assert "retry_after_s" in refused[0]
+        taps_ids = {tap["event"]["id"] for tap in taps}
+        police.wait_for(lambda p: taps_ids <= {e["id"] for e in p.events("alarm")},
+                        what="every tap at the platform")

@@ -54,7 +54,7 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.sdnotify import Watchdog
 from edge.runtime.wake import wake
-from edge.store.outbox import LockTimeout, Outbox
+from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, LockTimeout, Outbox
 from edge.store.sms import SmsRow
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ class FallbackDaemon(Daemon):
             # Installed everywhere, configured where there is a modem: idle, not failed.
             log.info("no [fallback] in the configuration: the SMS path is off")
             return "no [fallback] configured: idle"
-        outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
-                                                           cfg.identity))
+        outbox = self._outbox = stack.enter_context(Outbox(
+            cfg.storage.database, cfg.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
         stack.callback(self._close_modem)
         saved = outbox.daemon_states().get(self.name)
         if saved:

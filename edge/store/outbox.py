@@ -63,6 +63,7 @@ STATES = (QUEUED, SENT, ACKNOWLEDGED)
 # How long a writer waits for the write lock unless it says otherwise. An alarm commit
 # asks for much less (ALARM_COMMIT_TIMEOUT_S) and retries.
 WRITE_TIMEOUT_S = 10.0
+LOOP_WRITE_TIMEOUT_S = 0.5  # a daemon's main loop: a timeout is retried at its next turn
 ALARM_COMMIT_TIMEOUT_S = 0.5
 # Opening may migrate a large database (once, at an upgrade): the others wait for it.
 OPEN_TIMEOUT_S = 120.0
@@ -88,9 +89,12 @@ class Outbox:
     """
 
     def __init__(self, path: str | Path, identity: Identity, *, checkpoint: bool = True,
-                 open_timeout: float = OPEN_TIMEOUT_S):
+                 open_timeout: float = OPEN_TIMEOUT_S, write_timeout: float = WRITE_TIMEOUT_S):
         self.path = Path(path)
         self.identity = identity
+        # A daemon's main loop asks for a short one (LOOP_WRITE_TIMEOUT_S): a longer wait
+        # there would hold up its watchdog, its wake-ups and, in the uplink, the network.
+        self.write_timeout = write_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = WriteLock(f"{self.path}.writelock")
         try:
@@ -185,7 +189,7 @@ class Outbox:
         again (deleting delivered rows): its commit does not wait for the disk
         (``synchronous=NORMAL``), so it holds the lock for its own work only. The next
         durable commit, of any connection, puts it on disk with its own."""
-        bound = WRITE_TIMEOUT_S if timeout is None else timeout
+        bound = self.write_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         self._lock.acquire(bound)
         if not durable:

@@ -40,7 +40,7 @@ from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
-from edge.store.outbox import Outbox
+from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class SelfTestDaemon(Daemon):
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        self._outbox = outbox = stack.enter_context(Outbox(cfg.storage.database, cfg.identity))
+        self._outbox = outbox = stack.enter_context(Outbox(
+            cfg.storage.database, cfg.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
         saved = self._saved_state(outbox)
         self._checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
                                     clock_synced=self.clock_synced)

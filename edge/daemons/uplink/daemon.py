@@ -47,7 +47,7 @@ from edge.runtime.clock import boot_id
 from edge.runtime.daemon import Daemon
 from edge.runtime.mqtt import PackedProperties, connect, is_v5, make_client
 from edge.runtime.wake import Waker, wake
-from edge.store.outbox import Outbox
+from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
 from edge.store.snapshots import SnapshotStore
 
 __all__ = ["MARK_BATCH", "Backoff", "InFlight", "UplinkDaemon"]
@@ -92,8 +92,8 @@ class UplinkDaemon(Daemon):
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        outbox = self._outbox = stack.enter_context(Outbox(cfg.storage.database,
-                                                           self.identity))
+        outbox = self._outbox = stack.enter_context(Outbox(
+            cfg.storage.database, self.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
         self._link = stack.enter_context(contextlib.closing(
             LinkStateFile(cfg.storage.runtime_dir)))
         self._assemble(outbox, self.waker)
