@@ -319,11 +319,23 @@ def bench_concurrent(directory: Path, count: int, producers: int = 8) -> None:
         for thread in threads:
             thread.join()
         rates[name] = count // producers * producers / (time.perf_counter() - started)
+    # The button daemon's own pattern: one producer (the input worker) that hands each
+    # press over and never waits for the disk; timed until the last press is durable.
+    presses = [AcceptedPress(PressReport("gate", True, "press", time.monotonic(), 0.1, 0),
+                             utc_now(), waiter=new_waiter()) for _ in range(count)]
+    started = time.perf_counter()
+    for press in presses:
+        recorder.submit(press)
+    presses[-1].waiter[0].wait(60)
+    rates["worker"] = count / (time.perf_counter() - started)
     recorder.stop()
     queue.close()
     row(f"durable enqueue, {producers} producers, /s", f"{rates['ours']:,.0f}",
-        f"{rates['theirs']:,.0f}", f"{rates['ours'] / rates['theirs']:.2f}x (goal >= 2x; the "
-        "recorder's group commit)")
+        f"{rates['theirs']:,.0f}", f"{rates['ours'] / rates['theirs']:.2f}x (goal >= 2x; each "
+        "producer waits for its own)")
+    row("durable enqueue, a burst from one worker, /s", f"{rates['worker']:,.0f}",
+        f"{rates['theirs']:,.0f}", f"{rates['worker'] / rates['theirs']:.2f}x (the input "
+        "worker never waits for the disk)")
 
 
 # -- (4) bytes to the WAL per alarm -------------------------------------------------------
