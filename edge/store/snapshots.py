@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.contract.events import utc_iso, utc_now
+from edge.runtime.durable import fsync_directory
 from edge.store.batches import PRUNE_FIRST_BATCH, adapt_batch, pause_after
 from edge.store.outbox import ROWS_PER_TRANSACTION, Outbox
 
@@ -53,14 +54,6 @@ class QueuedSnapshot:
     path: str
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class SnapshotStore:
     """Writes, registers, lists and prunes snapshots (one per thread, like Outbox)."""
 
@@ -77,7 +70,7 @@ class SnapshotStore:
         new_directory = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         if new_directory:
-            _fsync_directory(self.spool)
+            fsync_directory(self.spool)
         path = directory / f"{snapshot.camera}-{idx:03d}-{phase}.jpg"
         temporary = path.with_name(f".{path.name}.new")
         with open(temporary, "wb") as out:
@@ -85,7 +78,7 @@ class SnapshotStore:
             out.flush()
             os.fsync(out.fileno())
         temporary.replace(path)
-        _fsync_directory(directory)
+        fsync_directory(directory)
         captured = datetime.fromtimestamp(snapshot.captured_wall, UTC)
         with self.outbox.transaction() as conn:
             cursor = conn.execute(

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.config import ConfigError, parse_config
+from edge.runtime.durable import fsync_directory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "guardpost.example.toml"
 
@@ -294,15 +295,7 @@ def apply(plan: Plan) -> None:
     for path in plan.removals:
         path.unlink(missing_ok=True)
     for directory in {path.parent for _, path in staged}:
-        _fsync_directory(directory)  # the renames themselves survive a power cut
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_directory(directory)  # the renames themselves survive a power cut
 
 
 def _guardpost_gid() -> int | None:
