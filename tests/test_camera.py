@@ -316,7 +316,7 @@ def test_a_camera_fault_survives_a_restart_of_the_daemon(make_config):
 
     _, config = make_config(cameras={"gate": {"source": "/nonexistent.avi"}})
     with Outbox(config.storage.database, config.identity) as outbox:
-        outbox.set_daemon_state("camera", json.dumps(
+        outbox.daemons.save("camera", json.dumps(
             {"cameras": {"gate": {"fault": "black", "connected": True}}}))
         daemon = CameraDaemon(config)
         daemon.health["gate"] = _Health("gate", config.cameras["gate"], time.monotonic())

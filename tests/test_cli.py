@@ -78,7 +78,7 @@ def test_status_says_stale_rather_than_ok_when_the_uplink_died(make_config, daem
 
 
 def _report_age(outbox) -> float:
-    _, updated = outbox.daemon_states()["uplink"]
+    _, updated = outbox.daemons.all()["uplink"]
     return (utc_now() - datetime.fromisoformat(updated)).total_seconds()
 
 

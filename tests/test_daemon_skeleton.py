@@ -69,9 +69,12 @@ def test_timers_follow_the_monotonic_clock_and_run_once_for_a_long_gap(make_conf
 def test_a_state_the_outbox_cannot_take_is_logged_not_fatal(make_config, caplog):
     _, config = make_config()
 
-    class Refusing:
-        def set_daemon_state(self, name, state, *, timeout=None):
+    class FullDisk:
+        def save(self, name, state, *, timeout=None):
             raise OSError(28, "No space left on device")
+
+    class Refusing:
+        daemons = FullDisk()
 
     Ticking(config).save_state(Refusing())
     assert "could not record the ticking daemon's state" in caplog.text

@@ -53,7 +53,7 @@ def notification(outbox: Outbox, event_id: str) -> dict | None:
 
 
 def uplink_connected(outbox: Outbox) -> bool:
-    state = outbox.daemon_states().get("uplink")
+    state = outbox.daemons.all().get("uplink")
     return bool(state and json.loads(state[0])["connected"])
 
 
@@ -261,7 +261,7 @@ def test_modem_state_is_shown_and_a_missing_sim_is_a_fault(make_config, daemons,
     daemons("fallback", path)
     clock = OffsetClock()
     with Outbox(config.storage.database, config.identity) as outbox:
-        poll_until(lambda: "fallback" in outbox.daemon_states(), what="the modem's state")
+        poll_until(lambda: "fallback" in outbox.daemons.all(), what="the modem's state")
     with in_process(SelfTestDaemon(config, clock=clock, clock_synced=lambda: True)) as st, \
             Outbox(config.storage.database, config.identity) as outbox:
         poll_until(lambda: st.runs >= 1, what="a check run")
@@ -271,7 +271,7 @@ def test_modem_state_is_shown_and_a_missing_sim_is_a_fault(make_config, daemons,
         assert "check    modem            ok" in status
 
         modem.set(sim="absent")
-        poll_until(lambda: "SIM not inserted" in outbox.daemon_states()["fallback"][0],
+        poll_until(lambda: "SIM not inserted" in outbox.daemons.all()["fallback"][0],
                    what="the fallback to read the missing SIM")
         runs = st.runs
         clock.offset += timedelta(seconds=config.health.interval_s)

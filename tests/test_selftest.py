@@ -467,7 +467,7 @@ def test_a_check_that_raises_is_a_failed_check_and_the_others_still_run(make_con
     with Outbox(config.storage.database, config.identity) as outbox:
         checks = HealthChecks(config, outbox, sys_root=tmp_path / "empty",
                               clock_synced=lambda: True)
-        outbox.set_daemon_state("uplink", json.dumps(["not", "a", "state"]))
+        outbox.daemons.save("uplink", json.dumps(["not", "a", "state"]))
         results = {r.name: r for r in checks.run(integrity_due=True)}
     assert results["broker"].ok is False and results["broker"].code == 350  # as its restore
     assert "could not run" in results["broker"].summary

@@ -36,7 +36,7 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.control import ControlServer
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
-from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
+from edge.store.outbox import Outbox
 from edge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ class CameraDaemon(Daemon):
         cfg = self.config
         # RTSP over TCP: IP cameras are behind switches and firewalls that drop UDP.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
-        self._outbox = outbox = stack.enter_context(Outbox(
-            cfg.storage.database, self.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
+        self._outbox = outbox = self.open_outbox(stack)
         self._store = store = SnapshotStore(outbox, cfg.storage.spool_dir,
                                             cfg.storage.spool_budget_mb * 1024 * 1024)
         orphans = store.remove_orphans()
@@ -290,7 +289,7 @@ class CameraDaemon(Daemon):
     def _restore_faults(self, outbox: Outbox) -> None:
         """A camera in fault when the daemon stopped is still in fault: its restore is
         due once it is good again, and no second fault is raised for it."""
-        saved = outbox.daemon_states().get(self.name)
+        saved = outbox.daemons.all().get(self.name)
         if saved is None:
             return
         with contextlib.suppress(ValueError, KeyError, TypeError):

@@ -54,7 +54,7 @@ from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.sdnotify import Watchdog
 from edge.runtime.wake import wake
-from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, LockTimeout, Outbox
+from edge.store.outbox import LockTimeout, Outbox
 from edge.store.sms import SmsRow
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,9 @@ class FallbackDaemon(Daemon):
             # Installed everywhere, configured where there is a modem: idle, not failed.
             log.info("no [fallback] in the configuration: the SMS path is off")
             return "no [fallback] configured: idle"
-        outbox = self._outbox = stack.enter_context(Outbox(
-            cfg.storage.database, cfg.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
+        outbox = self._outbox = self.open_outbox(stack)
         stack.callback(self._close_modem)
-        saved = outbox.daemon_states().get(self.name)
+        saved = outbox.daemons.all().get(self.name)
         if saved:
             self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
         self._start_watching(outbox)
@@ -478,7 +477,4 @@ class FallbackDaemon(Daemon):
         state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
                  "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
                  "checked_at": self._checked_at}
-        try:
-            self._outbox.set_daemon_state(self.name, json.dumps(state, ensure_ascii=False))
-        except Exception:
-            log.exception("could not record the daemon state")
+        self.save_state(self._outbox, state)

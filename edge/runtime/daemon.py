@@ -34,6 +34,7 @@ from edge.config import Config
 from edge.runtime.instance import only_instance
 from edge.runtime.sdnotify import Watchdog, notify
 from edge.runtime.wake import Waker
+from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,25 @@ class Daemon:
         self._loop_timers.append(timer)
         return timer
 
+    def open_outbox(self, stack: contextlib.ExitStack, *, checkpoint: bool = True) -> Outbox:
+        """The main loop's own outbox connection, closed with the daemon. Its writes wait
+        for the lock LOOP_WRITE_TIMEOUT_S at most: a longer wait would hold up the
+        watchdog and the wake-ups; one that runs out is tried again at the next turn."""
+        return stack.enter_context(Outbox(self.config.storage.database, self.identity,
+                                          checkpoint=checkpoint,
+                                          write_timeout=LOOP_WRITE_TIMEOUT_S))
+
     def wake(self) -> None:
         if self.waker is not None:
             self.waker.wake()
 
-    def save_state(self, outbox) -> None:
-        """Record :meth:`state` in the outbox for ``guardpost status``; never fatal."""
+    def save_state(self, outbox, state: dict | None = None) -> None:
+        """Record ``state`` (default :meth:`state`) in the outbox for ``guardpost status``;
+        never fatal."""
         try:
-            outbox.set_daemon_state(self.name, json.dumps(self.state(), ensure_ascii=False,
-                                                          default=str),
-                                    timeout=STATE_WRITE_TIMEOUT_S)
+            body = json.dumps(self.state() if state is None else state, ensure_ascii=False,
+                              default=str)
+            outbox.daemons.save(self.name, body, timeout=STATE_WRITE_TIMEOUT_S)
         except Exception as err:
             log.warning("could not record the %s daemon's state: %s", self.name, err)
 

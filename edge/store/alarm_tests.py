@@ -126,10 +126,13 @@ class AlarmTests(OutboxTable):
                                  " WHERE trigger = 'platform'").fetchone()[0]
         return datetime.fromisoformat(stamp) if stamp else None
 
-    def set_request(self, test_id: str, request: dict) -> None:
-        """Inside the caller's transaction: the platform request a test answers to."""
-        self._db.execute("UPDATE alarm_tests SET request = ? WHERE id = ?",
-                         (json.dumps(request), test_id))
+    def asked_again(self, test_id: str, request: dict, *, result_again: bool) -> None:
+        """The platform asked again for this test: its answers go where the new request
+        asks (reply topic, correlation data), and a finished test's result is sent again."""
+        with self._outbox.transaction() as conn:
+            conn.execute("UPDATE alarm_tests SET request = ?,"
+                         " reply_state = CASE WHEN ? THEN 'pending' ELSE reply_state END"
+                         " WHERE id = ?", (json.dumps(request), int(result_again), test_id))
 
     # -- a test's course (each in its own transaction unless said otherwise) ------------
 

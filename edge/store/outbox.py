@@ -480,35 +480,6 @@ class Outbox:
         unsent row's age, the last sequence number. No scan at any depth."""
         return self._stats.backlog(now)
 
-    # -- kept for the uplink: the tables of other modules ------------------------------
-
-    def set_daemon_state(self, name: str, state_json: str, *,
-                         timeout: float | None = None) -> None:
-        self.daemons.save(name, state_json, timeout=timeout)
-
-    def daemon_states(self) -> dict[str, tuple[str, str]]:
-        return self.daemons.all()
-
-    def session_started(self, session: int, at: datetime | None = None) -> None:
-        self.sessions.started(session, at)
-
-    def session_seen(self, session: int, at: datetime | None = None) -> None:
-        """Still connected: a crash ends the session here, not at the next connect."""
-        self.sessions.seen(session, at)
-
-    def session_ended(self, session: int, reason: str, at: datetime | None = None) -> None:
-        self.sessions.ended(session, reason, at)
-
-    def replies_due(self, exclude: Iterable[str] = ()) -> list[tuple[str, dict, str, dict]]:
-        """Finished platform-requested tests whose result reply is not yet at the broker:
-        ``(test_id, request, state, result)`` each (see :meth:`AlarmTests.replies_due`)."""
-        return self.alarm_tests.replies_due(exclude)
-
-    def reply_sent(self, test_id: str, state: str = "sent") -> None:
-        """The result reply reached the broker (``sent``), or the broker refused it
-        (``refused``: sending it again would be refused again); ``pending`` sends it again."""
-        self.alarm_tests.reply_state(test_id, state)
-
     # -- re-publication and inbound (uplink) ---------------------------------------------
 
     def urgent_queued(self) -> bool:
@@ -538,23 +509,3 @@ class Outbox:
             if row is not None:
                 rows.append(QueuedMessage(*row))
         return sorted(rows, key=lambda row: (row.priority, row.seq))
-
-    def platform_test_for(self, request_id: str, since: datetime) -> tuple[str, str] | None:
-        """The platform-requested test with this request id asked for after ``since``:
-        ``(test_id, state)``, or None."""
-        row = self.alarm_tests.by_platform_request(request_id, since)
-        return (row.id, row.state) if row is not None else None
-
-    def waiting_tests(self) -> int:
-        """Alarm tests requested and not yet started."""
-        return self.alarm_tests.waiting()
-
-    def last_platform_test_at(self) -> datetime | None:
-        """When the platform last asked for a test that was accepted."""
-        return self.alarm_tests.last_platform_request_at()
-
-    def redirect_test_reply(self, test_id: str, request: dict) -> None:
-        """The platform asked again for this test: its answers go where the new request
-        asks (its reply topic and correlation data)."""
-        with self.transaction():
-            self.alarm_tests.set_request(test_id, request)

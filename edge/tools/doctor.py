@@ -287,7 +287,7 @@ class Doctor:
             step.detail = "no [modem] configured (the SMS second path is off)"
             return
         with Outbox(cfg.storage.database, cfg.identity) as outbox:
-            saved = outbox.daemon_states().get("fallback")
+            saved = outbox.daemons.all().get("fallback")
         fresh = saved is not None and (utc_now() - datetime.fromisoformat(saved[1])
                                        ).total_seconds() < 3 * cfg.modem.status_interval_s
         if fresh:

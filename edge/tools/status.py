@@ -80,7 +80,7 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
         status["button"] = {"running": True, **{k: v for k, v in button.items() if k != "ok"}}
     except (ControlUnavailable, OSError) as err:
         status["button"] = {"running": False, "error": str(err)}
-    states = outbox.daemon_states()
+    states = outbox.daemons.all()
     if "uplink" in states:
         raw, updated = states["uplink"]
         age = (now - datetime.fromisoformat(updated)).total_seconds()

@@ -115,8 +115,7 @@ class ButtonDaemon(Daemon):
         cfg = self.config
         factory = self._pin_factory or open_pin_factory(cfg.gpio.pin_factory, cfg.gpio.chip)
         stack.callback(factory.close)
-        self._outbox = stack.enter_context(Outbox(cfg.storage.database, self.identity,
-                                                  checkpoint=False))
+        self._outbox = self.open_outbox(stack, checkpoint=False)
         self._latch = AlarmLatch(self._outbox, cfg.inputs)
         relay = cfg.outputs.test_relay
         if cfg.simulated and relay is not None:

@@ -40,7 +40,7 @@ from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
-from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
+from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class SelfTestDaemon(Daemon):
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        self._outbox = outbox = stack.enter_context(Outbox(
-            cfg.storage.database, cfg.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
+        self._outbox = outbox = self.open_outbox(stack)
         saved = self._saved_state(outbox)
         self._checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
                                     clock_synced=self.clock_synced)
@@ -163,7 +162,7 @@ class SelfTestDaemon(Daemon):
         wake(self.config.storage.runtime_dir, "uplink")
 
     def _saved_state(self, outbox: Outbox) -> dict:
-        saved = outbox.daemon_states().get(self.name)
+        saved = outbox.daemons.all().get(self.name)
         if saved is None:
             return {}
         try:
@@ -183,7 +182,7 @@ class SelfTestDaemon(Daemon):
             "schedule": self.config.alarm_test.schedule,
             "hysteresis": tracker.state, "integrity": checks.integrity,
         }
-        outbox.set_daemon_state(self.name, json.dumps(state, default=str))
+        self.save_state(outbox, state)
 
     # -- alarm tests -------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class HealthChecks:
             nonlocal states
             if states is None:
                 states = {name: (_parsed(state), updated)
-                          for name, (state, updated) in self.outbox.daemon_states().items()}
+                          for name, (state, updated) in self.outbox.daemons.all().items()}
             return states
 
         checks: list[tuple[str, Callable[[], CheckResult]]] = [

@@ -47,7 +47,7 @@ from edge.runtime.clock import boot_id
 from edge.runtime.daemon import Daemon
 from edge.runtime.mqtt import PackedProperties, connect, is_v5, make_client
 from edge.runtime.wake import Waker, wake
-from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
+from edge.store.outbox import Outbox
 from edge.store.snapshots import SnapshotStore
 
 __all__ = ["MARK_BATCH", "Backoff", "InFlight", "UplinkDaemon"]
@@ -92,8 +92,7 @@ class UplinkDaemon(Daemon):
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
-        outbox = self._outbox = stack.enter_context(Outbox(
-            cfg.storage.database, self.identity, write_timeout=LOOP_WRITE_TIMEOUT_S))
+        outbox = self._outbox = self.open_outbox(stack)
         self._link = stack.enter_context(contextlib.closing(
             LinkStateFile(cfg.storage.runtime_dir)))
         self._assemble(outbox, self.waker)
@@ -297,7 +296,7 @@ class UplinkDaemon(Daemon):
             client.subscribe([(self.topics.ack, options), (self.topics.commands, options)])
         else:
             client.subscribe([(self.topics.ack, 1), (self.topics.commands, 1)])
-        outbox.session_started(self._session)
+        outbox.sessions.started(self._session)
         if not flags.session_present:
             # The broker kept nothing of ours: whatever it took and had not delivered to
             # the platform may be gone with it.
@@ -322,7 +321,7 @@ class UplinkDaemon(Daemon):
         self.inbound.connection_lost()
         self.housekeeping.connection_lost()
         if was_up:
-            self._outbox.session_ended(self._session, "shutdown" if self._stopping else reason)
+            self._outbox.sessions.ended(self._session, "shutdown" if self._stopping else reason)
         if self._stopping:
             return
         if was_up and not explained:
@@ -369,9 +368,6 @@ class UplinkDaemon(Daemon):
     def _wake_button(self) -> None:
         wake(self.config.storage.runtime_dir, "button")
 
-    def state(self) -> dict:
-        return self._state
-
     def _save_state(self) -> None:
         cfg = self.config
         state = {
@@ -387,8 +383,7 @@ class UplinkDaemon(Daemon):
             "connect_timeout_s": self.connection.timeout.current,
             "delivery": self.window.stats(), "inbound": dict(self.inbound.counts),
         }
-        self._state = state
-        self.save_state(self._outbox)
+        self.save_state(self._outbox, state)
 
     def _shutdown(self, outbox: Outbox) -> None:
         """Say goodbye properly: a retained offline status, then DISCONNECT."""

@@ -68,7 +68,7 @@ class Housekeeping:
         if self._heartbeat_mid is not None:
             return  # the last one is not at the broker yet: a slow or dead link
         latched = sorted(AlarmLatch(outbox, self.config.inputs).latches())
-        selftest = outbox.daemon_states().get("selftest")
+        selftest = outbox.daemons.all().get("selftest")
         checks = None
         if selftest is not None:
             self._selftest_seen = selftest[1]
@@ -79,7 +79,7 @@ class Housekeeping:
             selftest=checks, **self._health_extras()), qos=1, retain=True,
             properties=properties)
         self._heartbeat_mid, self._heartbeat_sent = info.mid, now
-        outbox.session_seen(session)
+        outbox.sessions.seen(session)
 
     def acked(self, mid: int, now: float) -> bool:
         """The heartbeat's PUBACK (True), which times the round trip to the broker."""
@@ -105,13 +105,13 @@ class Housekeeping:
         if now < self._next_chores:
             return
         self._next_chores = now + CHORES_EVERY_S
-        for test_id, request, state, result in outbox.replies_due(self._replying):
+        for test_id, request, state, result in outbox.alarm_tests.replies_due(self._replying):
             self._replying.add(test_id)
             self.lane.add(SideMessage(request["reply_topic"], reply_payload(
                 self.config.identity, command="test", request_id=request["request_id"],
                 status=state, test_id=test_id, result=result),
                 self._reply_properties(request), test_id=test_id, reply=True))
-        selftest = outbox.daemon_states().get("selftest")
+        selftest = outbox.daemons.all().get("selftest")
         if selftest is not None and selftest[1] != self._selftest_seen:
             self.heartbeat(client, outbox, session, now, properties)
 
@@ -124,7 +124,7 @@ class Housekeeping:
         if code >= 0x80:
             log.warning("the broker refused the result reply of test %s (%s)",
                         message.test_id, reason)
-        outbox.reply_sent(message.test_id, "refused" if code >= 0x80 else "sent")
+        outbox.alarm_tests.reply_state(message.test_id, "refused" if code >= 0x80 else "sent")
 
     # -- pruning ---------------------------------------------------------------------------
 

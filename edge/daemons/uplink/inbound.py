@@ -106,7 +106,7 @@ class Inbound:
     def start(self, outbox: Outbox, now: float) -> None:
         """The platform's last test counts across a restart (clamped: a wall clock that
         jumps cannot block tests for longer than the interval)."""
-        last = outbox.last_platform_test_at()
+        last = outbox.alarm_tests.last_platform_request_at()
         if last is not None:
             interval = self.config.alarm_test.min_interval_s
             elapsed = (utc_now() - last).total_seconds()
@@ -254,19 +254,17 @@ class Inbound:
         answered twice: ``accepted`` now, the result when it is known."""
         request = {"request_id": command.request_id, "reply_topic": reply_topic,
                    "correlation": correlation, "by": command.by}
-        same = outbox.platform_test_for(command.request_id,
-                                        utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H))
+        same = outbox.alarm_tests.by_platform_request(
+            command.request_id, utc_now() - timedelta(hours=REQUEST_ID_MEMORY_H))
         if same is not None:
             # The broker sends a command again when our PUBACK was lost (a dropped link, a
             # restart), and a platform may ask again: the same request, the same test,
             # never a second pulse. Answered where the new request asks, the result too.
-            test_id, state = same
             log.info("platform test request %s again: it is test %s (%s)",
-                     command.request_id, test_id, state)
-            outbox.redirect_test_reply(test_id, request)
-            if state in ("passed", "failed"):
-                outbox.reply_sent(test_id, "pending")
-            self._reply(request, "accepted", test_id=test_id)
+                     command.request_id, same.id, same.state)
+            outbox.alarm_tests.asked_again(same.id, request,
+                                           result_again=same.state in ("passed", "failed"))
+            self._reply(request, "accepted", test_id=same.id)
             return
         wait = self._tests_not_before - now
         if wait > 0:
@@ -274,7 +272,7 @@ class Inbound:
             self._refuse_test(request, f"platform tests run at most once every {interval:g} s",
                               now, retry_after_s=wait)
             return
-        waiting = outbox.waiting_tests()
+        waiting = outbox.alarm_tests.waiting()
         if waiting >= MAX_WAITING_TESTS:
             self._refuse_test(request, f"{waiting} tests are already waiting to run", now)
             return
