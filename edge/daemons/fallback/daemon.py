@@ -30,25 +30,25 @@ pause between tries may move with it. The rows keep the monotonic deadlines with
 boot they belong to (:mod:`edge.store.sms`); after a reboot a wait starts again from
 the restart, with no more than was left of it.
 
-It owns the modem's serial port: SIM state, registration and signal are read every
-``modem.status_interval_s`` and recorded for ``guardpost status`` and the self-test's
-``modem`` check (a missing SIM or no registration is a fault there).
+It owns the modem's serial port (:mod:`.modem_port`): SIM state, registration and
+signal are read every ``modem.status_interval_s`` and recorded for ``guardpost status``
+and the self-test's ``modem`` check (a missing SIM or no registration is a fault there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from drivers.modem import Modem, ModemError, SmsRefused
+from drivers.modem import Modem
 from edge import __version__
 from edge.config import Config
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_iso, utc_now
+from edge.daemons.fallback.modem_port import ModemPort, sms_text
 from edge.daemons.uplink.linkstate import read_link_state
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
@@ -63,8 +63,6 @@ MAX_WAIT_S = 5.0  # the loop looks again at least this often (uplink state, mode
 MAX_PAUSE_S = 300.0  # the longest pause between tries while the modem cannot send at all
 # A number's result as the `fallback` event tells it (docs/schemas/event.schema.json).
 NOTICE_FIELDS = ("state", "references", "parts", "error", "at")
-WHAT = {ContactId.PANIC: "紧急报警", ContactId.SILENT_PANIC: "无声报警",
-        ContactId.AUDIBLE_PANIC: "紧急报警"}
 
 
 def _parse(stamp: str) -> datetime:
@@ -81,16 +79,28 @@ class FallbackDaemon(Daemon):
         self.clock = clock  # the wall clock: timestamps only
         self.monotonic = monotonic  # every timer
         self._boot = boot_id()
-        self._open_modem = open_modem or self._open_serial_modem
-        self.modem: Modem | None = None
-        self.modem_status: dict = {"present": False, "error": "not opened yet"}
-        self._pin_rejected: str | None = None  # hash of the PIN the SIM refused
-        self.status_reads = 0
+        self.port = ModemPort(config, clock, heartbeat=self._ping,
+                              changed=lambda: self.save_state(self._outbox),
+                              open_modem=open_modem)
         self.passes = 0  # decisions made (each pass of the loop), for tests to wait on
         self._held_back = 0  # alarms waiting for the hourly SMS limit, as last logged
         self._outbox: Outbox | None = None
-        self._checked_at: str | None = None  # the modem's last status reading
         self._next_decision = MAX_WAIT_S
+
+    @property
+    def modem_status(self) -> dict:
+        return self.port.status
+
+    @property
+    def status_reads(self) -> int:
+        return self.port.status_reads
+
+    def state(self) -> dict:
+        """The modem's last reading and the refused PIN, for ``guardpost status``, the
+        self-test and the next start."""
+        return {"daemon": self.name, "version": __version__, "modem": self.port.status,
+                "port": str(self.config.modem.port), "pin_rejected": self.port.pin_rejected,
+                "checked_at": self.port.checked_at}
 
     # -- main loop ---------------------------------------------------------------------
 
@@ -101,10 +111,10 @@ class FallbackDaemon(Daemon):
             log.info("no [fallback] in the configuration: the SMS path is off")
             return "no [fallback] configured: idle"
         outbox = self._outbox = self.open_outbox(stack)
-        stack.callback(self._close_modem)
+        stack.callback(self.port.close)
         saved = outbox.daemons.all().get(self.name)
         if saved:
-            self._pin_rejected = json.loads(saved[0]).get("pin_rejected")
+            self.port.pin_rejected = json.loads(saved[0]).get("pin_rejected")
         self._start_watching(outbox)
         self.every(cfg.modem.status_interval_s, self._read_modem_status, first_in=0)
         log.info("fallback ready: modem %s, SMS to %d duty number(s) after %g s without "
@@ -248,7 +258,7 @@ class FallbackDaemon(Daemon):
         mid-batch (the watchdog, a SIGKILL at stop) neither sends to a number twice nor
         forgets the others, and its hourly count and attempts stand."""
         fb = self.config.fallback
-        records = self._recipients(outbox, event_ids)
+        records = outbox.sms.recipients(event_ids)
         numbers = [n for n in fb.duty_numbers if any(
             records[e].get(n, {}).get("state") not in ("sent", "stopped") for e in event_ids)]
         budget = fb.max_sms_per_hour - self._sent_last_hour(outbox, now)
@@ -261,10 +271,11 @@ class FallbackDaemon(Daemon):
                 self._finish(outbox, event_ids, None)  # a batch cut short is told
             return 60.0
         self._held_back = 0
-        text = self._text(outbox, event_ids)
+        first = outbox.event(event_ids[0])
+        text = sms_text(self.config, first, json.loads(first.payload)["code"], len(event_ids))
         outcome = None  # what this sending came to: "tried", or "unable" to send at all
         for number in numbers[:budget]:
-            result = self._send_one(number, text)
+            result = self.port.send(number, text)
             self._record(outbox, event_ids, number, result, text,
                          new_round=outcome is None and result["state"] != "unable")
             self._ping()
@@ -273,10 +284,6 @@ class FallbackDaemon(Daemon):
                 break
             outcome = "tried"
         return self._finish(outbox, event_ids, outcome)
-
-    @staticmethod
-    def _recipients(outbox: Outbox, event_ids: list[str]) -> dict[str, dict]:
-        return outbox.sms.recipients(event_ids)
 
     def _record(self, outbox: Outbox, event_ids: list[str], number: str, result: dict,
                 text: str, *, new_round: bool) -> None:
@@ -289,7 +296,7 @@ class FallbackDaemon(Daemon):
         state = result["state"]
         details = {k: v for k, v in result.items() if k != "state"}
         with outbox.transaction():
-            for eid, recipients in self._recipients(outbox, event_ids).items():
+            for eid, recipients in outbox.sms.recipients(event_ids).items():
                 entry = recipients.get(number, {})
                 if entry.get("state") in ("sent", "stopped"):
                     continue  # it had this alarm from an earlier SMS, or was given up
@@ -325,7 +332,7 @@ class FallbackDaemon(Daemon):
         wait = fb.retry_s
         with outbox.transaction():
             noticed = self._report(outbox, event_ids)
-            for eid, recipients in self._recipients(outbox, event_ids).items():
+            for eid, recipients in outbox.sms.recipients(event_ids).items():
                 states = [recipients.get(n, {}).get("state") for n in fb.duty_numbers]
                 if all(state in ("sent", "stopped") for state in states):
                     outbox.sms.set_state(eid, "sent" if "sent" in states else "failed")
@@ -378,103 +385,11 @@ class FallbackDaemon(Daemon):
             outbox.sms.record(eid, recipients, notice_event_id=notice.id)
         return True
 
-    def _send_one(self, number: str, text: str) -> dict:
-        at = utc_iso(self.clock())
-        try:
-            modem = self._modem()
-            result = modem.send_sms(number, text)
-        except SmsRefused as err:
-            log.error("SMS to %s refused: %s", number, err)
-            return {"state": "refused", "error": str(err), "at": at}
-        except (ModemError, OSError) as err:
-            log.error("SMS to %s not sent, the modem cannot send: %s", number, err)
-            self._close_modem()  # reopened (and re-initialised) for the next attempt
-            return {"state": "unable", "error": str(err), "at": at}
-        log.warning("alarm SMS sent to %s (%d part(s), references %s)", number,
-                    len(result.references), result.references)
-        return {"state": "sent", "references": list(result.references), "parts":
-                len(result.references), "at": at}
-
     def _ping(self) -> None:
         """After each exchange with the modem and each number: a batch of SMS, each
         part taking up to modem.sms_timeout_s, must not look like a hung daemon."""
         self.watchdog.ping(force=True)
 
-    def _text(self, outbox: Outbox, event_ids: list[str]) -> str:
-        first = outbox.event(event_ids[0])
-        payload = json.loads(first.payload)
-        zone = self.config.device.zone
-        spec = self.config.inputs.get(first.input or "")
-        fields = {
-            "site": self.config.device.site_id, "device": self.config.device.device_id,
-            "location": self.config.device.location,
-            "time": _parse(first.occurred_at).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S"),
-            "input": first.input or "", "label": (spec.label if spec and spec.label
-                                                  else first.input or ""),
-            "what": WHAT.get(payload["code"], "报警"), "code": str(payload["code"]),
-            "event_id": first.id, "timeout": f"{self.config.fallback.ack_timeout_s:g}",
-            "count": str(len(event_ids)),
-        }
-        return self.config.fallback.template.format_map(fields)
-
-    # -- the modem ---------------------------------------------------------------------
-
-    def _open_serial_modem(self) -> Modem:
-        m = self.config.modem
-        return Modem.open_port(str(m.port), baudrate=m.baudrate,
-                               command_timeout=m.command_timeout_s, sms_timeout=m.sms_timeout_s,
-                               heartbeat=self._ping)
-
-    def _modem(self) -> Modem:
-        if self.modem is None:
-            modem = self._open_modem()
-            try:
-                self._unlock(modem)
-            except BaseException:
-                modem.close()
-                raise
-            self.modem = modem
-        return self.modem
-
-    def _unlock(self, modem: Modem) -> None:
-        """Enter the SIM PIN once; a PIN the SIM refused is never offered again."""
-        pin = self.config.modem.pin
-        if modem.sim_state().state != "SIM PIN" or pin is None:
-            return
-        digest = hashlib.sha256(pin.encode()).hexdigest()[:16]
-        if self._pin_rejected == digest:
-            raise ModemError("AT+CPIN", "SIM PIN already rejected once: not retrying (a "
-                             "third wrong PIN locks the SIM); fix modem.pin")
-        try:
-            modem.enter_pin(pin)
-        except ModemError:
-            # On disk now, wherever the PIN went in (a status read or a send): a restart
-            # before the next status read must not offer it again.
-            self._pin_rejected = digest
-            self._publish_state()
-            raise
-
-    def _close_modem(self) -> None:
-        if self.modem is not None:
-            with contextlib.suppress(Exception):
-                self.modem.close()
-            self.modem = None
-
     def _read_modem_status(self) -> None:
-        try:
-            status = self._modem().status()
-            self.modem_status = status.as_dict()
-        except (ModemError, OSError) as err:
-            self._close_modem()
-            self.modem_status = {"present": False, "error": str(err)}
-        self.status_reads += 1
-        self._checked_at = utc_iso(self.clock())
-        self._publish_state()
-
-    def _publish_state(self) -> None:
-        """The modem's last reading and the refused PIN, for ``guardpost status``, the
-        self-test and the next start."""
-        state = {"daemon": self.name, "version": __version__, "modem": self.modem_status,
-                 "port": str(self.config.modem.port), "pin_rejected": self._pin_rejected,
-                 "checked_at": self._checked_at}
-        self.save_state(self._outbox, state)
+        self.port.read_status()
+        self.save_state(self._outbox)
