@@ -88,7 +88,7 @@ def test_rows_go_queued_sent_acknowledged_and_only_delivered_ones_are_pruned(out
 def test_the_stored_payload_is_exactly_the_published_one_and_follows_the_schema(outbox):
     event = outbox.commit_event(draft(detail={"mode": "panic"}))
     [message] = outbox.next_queued(1)
-    assert message.payload == event.payload(IDENTITY)
+    assert message.payload == event.payload(IDENTITY, outbox.epoch)
     import json
 
     body = json.loads(message.payload)

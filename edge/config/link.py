@@ -159,6 +159,11 @@ class StorageConfig(Strict):
         1024, ge=8, le=1_000_000,
         description="Disk the snapshots may use; beyond it the least precious go first",
     )
+    alarm_reserve_mb: int = Field(
+        16, ge=1, le=1024,
+        description="Disk kept allocated for alarms (outbox.db.reserve): given back when the "
+        "disk is full, so alarms are still recorded; 16 MB hold at least 800 alarms",
+    )
 
     @model_validator(mode="after")
     def _socket_paths_fit(self) -> StorageConfig:

@@ -39,6 +39,7 @@ class ContactId(IntEnum):
     AUDIBLE_PANIC = 123
     MANUAL_TEST = 601
     PERIODIC_TEST = 602
+    SYSTEM_TROUBLE = 300  # the outbox: disk full, damaged file (detail.check = "outbox")
     SELF_TEST_FAILURE = 307
     COMMUNICATION_TROUBLE = 350
     FAILURE_TO_COMMUNICATE = 354
@@ -173,13 +174,15 @@ class Event:
     def topic_suffix(self) -> str:
         return f"event/{self.draft.kind.value}"
 
-    def payload(self, identity: Identity) -> bytes:
-        """The JSON document published on ``{prefix}/event/{kind}`` (docs/schemas/event)."""
+    def payload(self, identity: Identity, epoch: str | None = None) -> bytes:
+        """The JSON document published on ``{prefix}/event/{kind}`` (docs/schemas/event);
+        ``epoch`` names the outbox history the sequence number belongs to."""
         d = self.draft
         body: dict[str, Any] = {
             "schema": EVENT_SCHEMA,
             "id": self.id,
             "seq": self.seq,
+            **({"epoch": epoch} if epoch else {}),
             "site_id": identity.site_id,
             "device_id": identity.device_id,
             "location": identity.location,

@@ -50,3 +50,14 @@ class Latches(OutboxTable):
 
     def clear(self, input_name: str) -> None:
         self._db.execute("DELETE FROM latches WHERE input = ?", (input_name,))
+
+    def restore(self, rows: list[tuple]) -> int:
+        """Latches read back from a damaged outbox (:mod:`edge.store.salvage`), each
+        ``(input, alarm_id, latched_at, last_event_id, repeats)``; an input latched
+        since keeps its newer latch. Returns how many were restored."""
+        if not rows:
+            return 0
+        with self._outbox.transaction():
+            return sum(self._db.execute(
+                "INSERT OR IGNORE INTO latches(input, alarm_id, latched_at, last_event_id,"
+                " repeats) VALUES (?, ?, ?, ?, ?)", tuple(row)).rowcount for row in rows)

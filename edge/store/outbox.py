@@ -25,6 +25,8 @@ under 50 ms at a million rows, and every hot query is an index search
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import sqlite3
 import time
@@ -41,7 +43,9 @@ from edge.contract.events import (
     utc_iso,
     utc_now,
 )
-from edge.store import schema
+from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.durable import fsync_directory
+from edge.store import history, schema
 from edge.store.alarm_tests import AlarmTests
 from edge.store.batches import PRUNE_FIRST_BATCH, adapt_batch, pause_after
 from edge.store.daemon_state import DaemonStates
@@ -49,12 +53,25 @@ from edge.store.event_ids import event_id, seq_of
 from edge.store.latches import Latches
 from edge.store.lock import LockTimeout, OutboxError, WriteLock
 from edge.store.queue_stats import QueueStats, QueueSummary
+from edge.store.reserve import SpaceReserve
 from edge.store.rows import AckResult, EventRow, QueuedMessage
 from edge.store.sessions import Sessions
 from edge.store.sms import SmsNotifications
+from edge.store.trouble import (
+    DiskFull,
+    OutboxDamaged,
+    OutboxReplaced,
+    Trouble,
+    WriteRefused,
+    classify,
+)
+from edge.store.watermark import Mark, SequenceMark
 
-__all__ = ["ACKNOWLEDGED", "QUEUED", "SENT", "STATES", "AckResult", "EventRow", "LockTimeout",
-           "Outbox", "OutboxError", "QueueSummary", "QueuedMessage"]
+__all__ = ["ACKNOWLEDGED", "QUEUED", "SENT", "STATES", "AckResult", "DiskFull", "EventRow",
+           "LockTimeout", "Outbox", "OutboxDamaged", "OutboxError", "OutboxReplaced",
+           "QueueSummary", "QueuedMessage", "WriteRefused"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 QUEUED, SENT, ACKNOWLEDGED = "queued", "sent", "acknowledged"
@@ -77,6 +94,10 @@ _NEXT_SEQ = "UPDATE counters SET value = value + ? WHERE name = 'event_seq' RETU
 _QUEUED_COLUMNS = "SELECT seq, id, kind, priority, topic, payload FROM events"
 
 
+class _Trouble:
+    damaged: str | None = None
+
+
 class Outbox:
     """One connection to the outbox database.
 
@@ -89,24 +110,32 @@ class Outbox:
     """
 
     def __init__(self, path: str | Path, identity: Identity, *, checkpoint: bool = True,
-                 open_timeout: float = OPEN_TIMEOUT_S, write_timeout: float = WRITE_TIMEOUT_S):
+                 open_timeout: float = OPEN_TIMEOUT_S, write_timeout: float = WRITE_TIMEOUT_S,
+                 alarm_path: bool = False, repair: bool = True):
         self.path = Path(path)
         self.identity = identity
         # A daemon's main loop asks for a short one (LOOP_WRITE_TIMEOUT_S): a longer wait
         # there would hold up its watchdog, its wake-ups and, in the uplink, the network.
         self.write_timeout = write_timeout
+        # alarm_path: this connection records or delivers alarms, and may draw on the
+        # alarm reserve when the disk is full (edge.store.reserve).
+        self.alarm_path = alarm_path
+        # repair: a damaged file is moved aside and a new one opened in its place (the
+        # daemons); tools that only look (status, queue) say so instead.
+        self.repair_damage = repair
+        self._checkpoint = checkpoint
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.reserve = SpaceReserve(self.path, 0)
+        self._mark = SequenceMark(f"{self.path}.mark")
         self._lock = WriteLock(f"{self.path}.writelock")
+        self.db: sqlite3.Connection | None = None
+        self.epoch: str | None = None
+        self._inode: int | None = None
+        self._replaced_because: str | None = None
+        self._marks_due = False    # a commit took sequence or session numbers
+        self._seq_floor = 0        # the highest number a damaged file moved aside showed
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-            self.db = sqlite3.connect(self.path, isolation_level=None,
-                                      timeout=WRITE_TIMEOUT_S, cached_statements=256)
-        except BaseException:
-            self._lock.close()
-            raise
-        try:
-            self._busy_ms = -1
-            self._open(checkpoint, open_timeout)
+            self._connect(open_timeout)
         except BaseException:
             self.close()
             raise
@@ -118,6 +147,42 @@ class Outbox:
         self._stats = QueueStats(self)
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _connect(self, timeout: float) -> None:
+        """Open the file, and open it again after giving back some of the alarm reserve
+        (a full disk) or after moving a damaged file aside (:meth:`repair`)."""
+        deadline = time.monotonic() + timeout
+        repairs = 0
+        while True:
+            inode = None
+            try:
+                # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+                self.db = sqlite3.connect(self.path, isolation_level=None,
+                                          timeout=WRITE_TIMEOUT_S, cached_statements=256)
+                inode = self._inode = os.stat(self.path).st_ino
+                self._busy_ms = -1
+                self._open(self._checkpoint, max(0.0, deadline - time.monotonic()))
+                return
+            except sqlite3.DatabaseError as err:
+                trouble = classify(err, self.path.parent)
+                if (trouble is Trouble.DAMAGED and self.repair_damage and repairs < 2
+                        and inode is not None):
+                    repairs += 1
+                    self._move_aside(inode, str(err), max(0.0, deadline - time.monotonic()))
+                    continue
+                if self.db is not None:
+                    self.db.close()
+                    self.db = None
+                if trouble is Trouble.FULL:
+                    # Any daemon may draw a step to open (its shared-memory index, a few
+                    # pages): a daemon that cannot open cannot report the full disk either.
+                    if self.reserve.release():
+                        continue
+                    raise DiskFull(f"{self.path}: cannot open the outbox, the disk is full "
+                                   f"({err})") from err
+                if trouble is Trouble.DAMAGED:
+                    raise OutboxDamaged(f"{self.path}: the outbox is damaged ({err})") from err
+                raise
 
     def _open(self, checkpoint: bool, timeout: float) -> None:
         mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
@@ -135,7 +200,7 @@ class Outbox:
         if not checkpoint:
             self.db.execute("PRAGMA wal_autocheckpoint = 0")
         if schema.schema_version(self.db) != SCHEMA_VERSION:
-            with self.transaction(timeout=timeout):
+            with self._locked_transaction(timeout):
                 version = schema.schema_version(self.db)
                 if version > SCHEMA_VERSION:
                     raise OutboxError(
@@ -144,11 +209,60 @@ class Outbox:
                 schema.migrate(self.db)
                 self.db.execute("INSERT OR IGNORE INTO counters(name, value)"
                                 " VALUES ('event_seq', 0)")
+        self._reconcile_history(timeout)
         self._adopt_ownership()
         legacy = self.counter("legacy_id_max_seq") or 0
         # A literal, as in the partial index: SQLite uses the index only for that term.
         self._legacy_lookup = (f"SELECT seq FROM events WHERE id = ? AND seq <= {legacy:d}"
                                if legacy else None)
+
+    def _meta(self, name: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, name: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name)"
+                        " DO UPDATE SET value = excluded.value", (name, value))
+
+    def _reconcile_history(self, timeout: float) -> None:
+        """Compare the database with the mark file (:mod:`edge.store.history`); the first
+        connection to find history lost begins the new epoch, under the write lock."""
+        epoch, mark = self._meta("epoch"), self._mark.read()
+        if (epoch is not None and mark is not None and mark.epoch == epoch
+                and self.last_seq() >= mark.seq):
+            self.epoch = epoch  # the usual case: read, nothing written
+            return
+        with self._locked_transaction(timeout):
+            mark = self._mark.read()
+            decision = history.reconcile(
+                max(self.last_seq(), self._seq_floor), self.counter("mqtt_session") or 0,
+                self._meta("epoch"), mark, replaced_because=self._replaced_because)
+            self.epoch = decision.epoch
+            if decision.new_epoch:
+                self._set_meta("epoch", decision.epoch)
+                self.set_counter("event_seq", decision.seq)
+                if decision.session:
+                    self.set_counter("mqtt_session", decision.session)
+                if decision.lost is not None:
+                    self._set_meta("lost_history", json.dumps(decision.lost.detail()))
+                    log.critical("outbox history lost (%s): epoch %s begins at seq %d",
+                                 decision.lost.reason, decision.epoch, decision.seq + 1)
+                    self.append(history.history_fault(decision.lost, utc_now(),
+                                                      clock_synchronised(), boot_id()))
+            self._marks_due = True
+        self._write_mark()
+        self._replaced_because = None
+
+    def _write_mark(self) -> None:
+        """After a commit that took sequence or session numbers: the mark follows (see
+        :mod:`edge.store.watermark`). A failure here loses nothing the commit has not
+        already made durable, so it is logged, not raised."""
+        self._marks_due = False
+        try:
+            self._mark.write(Mark(self.last_seq(), self.counter("mqtt_session") or 0,
+                                  self.epoch))
+        except (OSError, sqlite3.Error) as err:
+            log.error("could not advance the sequence mark %s: %s", self._mark.path, err)
 
     def _adopt_ownership(self) -> None:
         """Run as root (``guardpost doctor``, ``reset``, ``queue`` by an installer), files
@@ -160,7 +274,7 @@ class Outbox:
         if owner.st_uid == 0:
             return
         for name in (self.path, Path(f"{self.path}.writelock"), Path(f"{self.path}-wal"),
-                     Path(f"{self.path}-shm")):
+                     Path(f"{self.path}-shm"), self._mark.path, self.reserve.path):
             try:
                 info = name.stat()
             except FileNotFoundError:
@@ -169,7 +283,9 @@ class Outbox:
                 os.chown(name, owner.st_uid, owner.st_gid)
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self._close_connection()
+        self._mark.close()
         self._lock.close()
 
     def __enter__(self) -> Outbox:
@@ -178,12 +294,109 @@ class Outbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- a damaged file: moved aside, a new one in its place -----------------------------
+
+    def _replaced(self) -> bool:
+        """Whether the path names another file than the one this connection has open
+        (another process moved a damaged outbox aside)."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def _close_connection(self) -> None:
+        """Close the SQLite connection. When the last connection to a WAL database closes,
+        SQLite checkpoints it and deletes its WAL by name; for a file moved aside it does
+        neither (``SQLITE_FCNTL_HAS_MOVED``, since 3.22), so a connection to a damaged
+        file never deletes the WAL of the new one in its place (tested)."""
+        if self.db is None:
+            return
+        db, self.db = self.db, None
+        db.close()
+
+    def follow(self) -> bool:
+        """Open the outbox again if another process has put a new file in the place of
+        a damaged one. A daemon's loop calls this every turn (a ``stat``); writes check
+        it themselves. True if the connection changed."""
+        if self.db is None or not self._replaced():
+            return False
+        self._reopen(None)
+        return True
+
+    def _reopen(self, reason: str | None, timeout: float = OPEN_TIMEOUT_S) -> None:
+        self._close_connection()
+        self._replaced_because = reason
+        self._connect(timeout)
+
+    def repair(self, reason: str, timeout: float | None = None) -> bool:
+        """The outbox is damaged (``reason``: SQLite's error, or what ``quick_check``
+        found): move it aside and open a new one in its place. Returns False if another
+        process had done so already (this connection then simply follows it)."""
+        bound = self.write_timeout if timeout is None else timeout
+        self._lock.acquire(bound)
+        try:
+            moved = not self._replaced() and self._rename_aside(reason)
+        finally:
+            self._lock.release()
+        self._reopen(reason if moved else None)
+        return moved
+
+    def _move_aside(self, inode: int, reason: str, timeout: float) -> None:
+        """At open: the file found damaged is moved aside, unless another process did
+        (this connection, to a file no longer in place, is closed either way)."""
+        self._inode = inode
+        self._lock.acquire(timeout)
+        try:
+            if not self._replaced():
+                self._rename_aside(reason)
+                self._replaced_because = reason
+            else:
+                self._close_connection()
+        finally:
+            self._lock.release()
+
+    def _rename_aside(self, reason: str) -> bool:
+        """Under the write lock: rename the database and its WAL and index to
+        ``<name>.damaged-<time>`` (kept for inspection and read back by
+        :mod:`edge.store.salvage`)."""
+        self._seq_floor = max(self._seq_floor, self._readable_seq())
+        stamp = utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+        with contextlib.suppress(OSError):
+            fsync_directory(self.path.parent)
+        # Still under the lock: no new file's WAL exists yet for this close to harm.
+        self._close_connection()
+        log.critical("the outbox is damaged (%s): moved aside to %s, a new one begins; "
+                     "what can be read of it will be recovered", reason, aside.name)
+        return True
+
+    def _readable_seq(self) -> int:
+        """The highest sequence number the damaged file still shows, if any can be read:
+        the new history starts above it even if the mark file was lost as well."""
+        best = 0
+        for query in ("SELECT value FROM counters WHERE name = 'event_seq'",
+                      "SELECT max(seq) FROM events"):
+            with contextlib.suppress(sqlite3.Error, AttributeError):
+                value = self.db.execute(query).fetchone()[0]
+                best = max(best, int(value or 0))
+        return best
+
+    # -- transactions ----------------------------------------------------------------
+
     @contextlib.contextmanager
     def transaction(self, timeout: float | None = None, *,
                     durable: bool = True) -> Iterator[sqlite3.Connection]:
         """A write transaction, taken with the write lock within ``timeout`` seconds
         (default :data:`WRITE_TIMEOUT_S`); on disk when the block ends. Raises
         :class:`LockTimeout` if the lock was not had in time: nothing was written.
+
+        A full disk raises :class:`DiskFull` (an alarm-path connection gives back a step
+        of the alarm reserve first: try again at once); a damaged file is moved aside
+        and :class:`OutboxReplaced` raised (try again: into the new file). Both are
+        ``TimeoutError``: nothing was written, as with a lock wait that ran out.
 
         ``durable=False`` is for work that may be lost in a power cut and simply done
         again (deleting delivered rows): its commit does not wait for the disk
@@ -192,6 +405,27 @@ class Outbox:
         bound = self.write_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         self._lock.acquire(bound)
+        held, damaged = True, None
+        try:
+            if self._inode is not None and self._replaced():
+                # Another process moved a damaged file aside: follow it to the new one.
+                self._lock.release()
+                held = False
+                self._reopen(None, max(0.5, deadline - time.monotonic()))
+                self._lock.acquire(max(0.0, deadline - time.monotonic()))
+                held = True
+            with self._sqlite_trouble() as trouble:
+                yield from self._begin_commit(deadline, bound, durable)
+            damaged = trouble.damaged
+        finally:
+            if held:
+                self._lock.release()
+        if damaged is not None:
+            self._reopen(damaged)
+            raise OutboxReplaced(f"{self.path}: the outbox was damaged ({damaged}); moved "
+                                 "aside, a new one opened: try again")
+
+    def _begin_commit(self, deadline: float, bound: float, durable: bool):
         if not durable:
             self.db.execute("PRAGMA synchronous = NORMAL")
         try:
@@ -213,12 +447,37 @@ class Outbox:
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
                 raise
+            if self._marks_due:
+                self._write_mark()
         finally:
             if not durable:
-                self.db.execute("PRAGMA synchronous = FULL")
-            self._lock.release()
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("PRAGMA synchronous = FULL")
+
+    @contextlib.contextmanager
+    def _sqlite_trouble(self):
+        """Turn SQLite's word for a full disk or a damaged file into what the callers
+        act on (inside the write lock; a damaged file is renamed here, while it is held)."""
+        trouble = _Trouble()
+        try:
+            yield trouble
+        except sqlite3.DatabaseError as err:
+            kind = classify(err, self.path.parent)
+            if kind is Trouble.FULL:
+                released = self.reserve.release() if self.alarm_path else 0
+                raise DiskFull(f"{self.path}: the disk is full ({err})", released) from err
+            if kind is Trouble.DAMAGED and self.repair_damage:
+                self._rename_aside(str(err))
+                trouble.damaged = str(err)
+                return
+            if kind is Trouble.DAMAGED:
+                raise OutboxDamaged(f"{self.path}: the outbox is damaged ({err})") from err
+            raise
+
+    _locked_transaction = transaction
 
     def integrity_check(self, limit: int = 5) -> list[str]:
         """``PRAGMA quick_check``: ``["ok"]``, or up to ``limit`` problems. It reads the
@@ -229,6 +488,8 @@ class Outbox:
 
     def next_counter(self, name: str) -> int:
         """Increment and return a persistent counter (inside a transaction)."""
+        if name == "mqtt_session":
+            self._marks_due = True  # a session number, like a sequence number, never repeats
         return self.db.execute(
             "INSERT INTO counters(name, value) VALUES (?, 1) "
             "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
@@ -260,6 +521,7 @@ class Outbox:
         if not self.db.in_transaction:
             raise OutboxError("append() must run inside Outbox.transaction()")
         seq = self.db.execute(_NEXT_SEQ, (1,)).fetchone()[0]
+        self._marks_due = True
         event = Event(id=event_id(seq), seq=seq, draft=draft)
         self.db.execute(_INSERT, self._values(event, utc_iso(utc_now())))
         return event
@@ -272,6 +534,7 @@ class Outbox:
         if not self.db.in_transaction:
             raise OutboxError("reserve_events() must run inside Outbox.transaction()")
         last = self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
+        self._marks_due = True
         return [(seq, event_id(seq)) for seq in range(last - count + 1, last + 1)]
 
     def insert_events(self, events: list[Event]) -> None:
@@ -285,7 +548,7 @@ class Outbox:
                 draft.input, utc_iso(draft.occurred_at), committed_at,
                 int(draft.clock_synced), draft.boot_id, draft.repeat_of,
                 int(kind in ACK_REQUIRED), f"event/{kind.value}",
-                event.payload(self.identity), QUEUED, None, None, None, None)
+                event.payload(self.identity, self.epoch), QUEUED, None, None, None, None)
 
     def commit_event(self, draft: EventDraft, *, timeout: float | None = None) -> Event:
         """Commit one event durably and return it with its id and sequence number."""
@@ -302,12 +565,38 @@ class Outbox:
             return []
         with self.transaction(timeout):
             last = self.db.execute(_NEXT_SEQ, (len(drafts),)).fetchone()[0]
+            self._marks_due = True
             events = [Event(id=event_id(seq), seq=seq, draft=draft)
                       for seq, draft in zip(range(last - len(drafts) + 1, last + 1), drafts,
                                             strict=True)]
             committed_at = utc_iso(utc_now())
             self.db.executemany(_INSERT, [self._values(e, committed_at) for e in events])
         return events
+
+    def insert_recovered(self, rows: list[tuple], source: str) -> tuple[int, int]:
+        """Events read back from a damaged outbox (:mod:`edge.store.salvage`), as
+        :class:`EventRow` values, in batches. Each keeps its id, number and bytes; it is
+        queued again unless it was known delivered. Returns ``(inserted, clashed)``:
+        an event whose number is taken here by another id cannot come back (counted)."""
+        inserted = clashed = 0
+        delivered = {ACKNOWLEDGED}
+        columns = (*EventRow.COLUMNS, "recovered_from")
+        sql = (f"INSERT OR IGNORE INTO events({', '.join(columns)})"
+               f" VALUES ({', '.join('?' * len(columns))})")
+        rows = sorted(rows)
+        for start in range(0, len(rows), ROWS_PER_TRANSACTION):
+            with self.transaction():
+                for row in rows[start:start + ROWS_PER_TRANSACTION]:
+                    values = list(row)
+                    state, ack_required = values[14], values[11]
+                    if not (state in delivered or (state == SENT and not ack_required)):
+                        values[14:19] = [QUEUED, None, None, None, None]
+                    if self.db.execute(sql, (*values, source)).rowcount:
+                        inserted += 1
+                    elif self.db.execute("SELECT id FROM events WHERE seq = ?",
+                                         (values[0],)).fetchone()[0] != values[1]:
+                        clashed += 1
+        return inserted, clashed
 
     # -- the uplink's side -----------------------------------------------------------
 

@@ -19,6 +19,10 @@ Version 6 makes the hot paths cheap at a million rows:
 - ``events_prunable`` finds delivered rows by age without a scan;
 - the SMS timers keep monotonic deadlines (``due_mono``, ``next_attempt_mono``) with the
   boot they belong to, so a step of the wall clock does not move them.
+
+Version 7 names the outbox's history: ``meta`` holds the epoch (:mod:`edge.store.watermark`)
+and what became of the history before it; ``events.recovered_from`` marks an event read
+back from a damaged outbox (:mod:`edge.store.salvage`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The rows the hourly prune may delete: delivered, and nobody waits for anything more.
 PRUNABLE = "(state = 'acknowledged' OR (state = 'sent' AND ack_required = 0))"
@@ -198,9 +202,16 @@ def _migrate_to_6(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX snapshots_sent ON snapshots(committed_at) WHERE state = 'sent'")
 
 
+def _migrate_to_7(conn: sqlite3.Connection) -> None:
+    conn.execute('CREATE TABLE "meta" (\n   "name" TEXT PRIMARY KEY,\n'
+                 '   "value" TEXT NOT NULL\n)')
+    # The damaged outbox (its name under damaged/) an event was read back from.
+    conn.execute("ALTER TABLE events ADD COLUMN recovered_from TEXT")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5,
-    6: _migrate_to_6}
+    6: _migrate_to_6, 7: _migrate_to_7}
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
