@@ -15,8 +15,12 @@ the rest the same way for all five:
 - the daemon's state for ``guardpost status`` saved in the outbox, a failure to save it
   logged and never fatal;
 - a bounded wait that runs out in the loop's work (the outbox's write lock held too long
-  by another writer: :class:`edge.store.lock.LockTimeout` is a ``TimeoutError``) tried
-  again at its next turn instead of stopping the daemon.
+  by another writer: :class:`edge.store.lock.LockTimeout` is a ``TimeoutError``), and a
+  write the disk refused (:class:`edge.store.trouble.DiskFull`, also a ``TimeoutError``),
+  tried again at its next turn instead of stopping the daemon;
+- a damaged outbox met by a read: moved aside and a new one opened
+  (:meth:`edge.store.outbox.Outbox.repair`), and the loop goes on; a new outbox put in
+  place by another daemon is followed at the next turn.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +40,7 @@ from edge.runtime.instance import only_instance
 from edge.runtime.sdnotify import Watchdog, notify
 from edge.runtime.wake import Waker
 from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox
+from edge.store.trouble import Trouble, classify
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ class Daemon:
     """Base of the daemons; see the module docstring for what it does for them."""
 
     name: ClassVar[str]
+    # Records or delivers alarms: may write from the alarm reserve on a full disk.
+    alarm_path: ClassVar[bool] = False
 
     def __init__(self, config: Config):
         self.config = config
@@ -72,6 +80,7 @@ class Daemon:
         self.watchdog = Watchdog()
         self.monotonic: Callable[[], float] = time.monotonic  # tests may travel in time
         self._loop_timers: list[Timer] = []
+        self._outboxes: list[Outbox] = []
 
     # -- what a daemon provides ----------------------------------------------------------
 
@@ -118,9 +127,12 @@ class Daemon:
         """The main loop's own outbox connection, closed with the daemon. Its writes wait
         for the lock LOOP_WRITE_TIMEOUT_S at most: a longer wait would hold up the
         watchdog and the wake-ups; one that runs out is tried again at the next turn."""
-        return stack.enter_context(Outbox(self.config.storage.database, self.identity,
-                                          checkpoint=checkpoint,
-                                          write_timeout=LOOP_WRITE_TIMEOUT_S))
+        outbox = stack.enter_context(Outbox(self.config.storage.database, self.identity,
+                                            checkpoint=checkpoint,
+                                            write_timeout=LOOP_WRITE_TIMEOUT_S,
+                                            alarm_path=self.alarm_path))
+        self._outboxes.append(outbox)
+        return outbox
 
     def wake(self) -> None:
         if self.waker is not None:
@@ -150,6 +162,8 @@ class Daemon:
             notify("READY=1", f"STATUS={status}")
             while not stop.is_set():
                 self.watchdog.ping()
+                for outbox in self._outboxes:
+                    self._bounded(outbox.follow)
                 now = self.monotonic()
                 for timer in self._loop_timers:
                     self._bounded(timer.run_if_due, now)
@@ -170,6 +184,13 @@ class Daemon:
             return work(*args)
         except TimeoutError as err:
             log.warning("%s: %s; trying again", self.name, err)
+            return None
+        except sqlite3.DatabaseError as err:
+            if not self._outboxes or classify(err, self._outboxes[0].path.parent) \
+                    is not Trouble.DAMAGED:
+                raise
+            log.critical("%s: the outbox is damaged (%s); moving it aside", self.name, err)
+            self._outboxes[0].repair(str(err))
             return None
 
     def _wait_budget(self) -> float:

@@ -479,6 +479,12 @@ class Outbox:
 
     _locked_transaction = transaction
 
+    def lost_history(self) -> dict | None:
+        """What the platform was told was lost when the current epoch began, if anything
+        (:mod:`edge.store.history`)."""
+        value = self._meta("lost_history")
+        return json.loads(value) if value else None
+
     def integrity_check(self, limit: int = 5) -> list[str]:
         """``PRAGMA quick_check``: ``["ok"]``, or up to ``limit`` problems. It reads the
         whole file: run it rarely."""

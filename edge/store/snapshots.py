@@ -13,6 +13,7 @@ the least precious go first:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 # Free disk always left to the outbox (and the system): the spool shrinks below its budget
 # rather than eat into it.
 DISK_RESERVE_BYTES = 200 * 1024 * 1024
+# Below this much free disk (beyond the picture itself), no picture is written at all.
+PICTURE_HEADROOM_BYTES = 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,11 @@ class SnapshotStore:
 
     def write(self, snapshot: Snapshot, *, event_id: str, event_kind: str, event_time: datetime,
               idx: int, phase: str) -> int:
-        """Store one snapshot durably and queue it for the uplink; returns its row id."""
+        """Store one snapshot durably and queue it for the uplink; returns its row id.
+        On a (nearly) full disk the picture gives way: ``OSError(ENOSPC)``, and the room
+        is left to the alarms (the outbox's reserve is never drawn on for a picture)."""
+        if self.free_disk_bytes() < len(snapshot.jpeg) + PICTURE_HEADROOM_BYTES:
+            raise OSError(errno.ENOSPC, "the disk is full: pictures give way to alarms")
         directory = self.spool / event_id
         new_directory = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)

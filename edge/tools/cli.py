@@ -155,13 +155,25 @@ def cmd_reset(args) -> int:
     return 0
 
 
+def _outbox_unreadable(err: Exception) -> int:
+    """A tool that only looks found the outbox unreadable: say what and what happens next."""
+    print(f"the outbox cannot be read: {err}\n"
+          "The daemons move a damaged outbox aside (outbox.db.damaged-<time>), start a new "
+          "one and read back what they can; a full disk is reported by `guardpost doctor`.",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_queue(args) -> int:
-    from edge.store.outbox import Outbox
+    from edge.store.outbox import Outbox, OutboxError
     from edge.tools.status import queue_json, queue_text
 
     config = _load(args.config)
-    with Outbox(config.storage.database, config.identity) as outbox:
-        summary = outbox.summary()
+    try:
+        with Outbox(config.storage.database, config.identity, repair=False) as outbox:
+            summary = outbox.summary()
+    except OutboxError as err:
+        return _outbox_unreadable(err)
     print(queue_json(summary) if args.json else queue_text(summary))
     return 0
 
@@ -169,12 +181,15 @@ def cmd_queue(args) -> int:
 def cmd_status(args) -> int:
     import json
 
-    from edge.store.outbox import Outbox
+    from edge.store.outbox import Outbox, OutboxError
     from edge.tools.status import collect_status, healthy, status_text
 
     config = _load(args.config)
-    with Outbox(config.storage.database, config.identity) as outbox:
-        status = collect_status(config, outbox)
+    try:
+        with Outbox(config.storage.database, config.identity, repair=False) as outbox:
+            status = collect_status(config, outbox)
+    except OutboxError as err:
+        return _outbox_unreadable(err)
     print(json.dumps(status, indent=2, ensure_ascii=False) if args.json else status_text(status))
     return 0 if healthy(status) else 1
 

@@ -17,7 +17,10 @@ from edge.contract.events import Priority, utc_now
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.selftest.alarmtest import latest_test
 from edge.runtime.control import ControlUnavailable, request
+from edge.store import salvage
 from edge.store.outbox import STATES, Outbox, QueueSummary
+from edge.store.reserve import MIB, SpaceReserve, alarms_per_reserve
+from edge.store.trouble import free_bytes
 
 PRIORITY_NAMES = [p.name.lower() for p in Priority]
 
@@ -74,6 +77,7 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
                          "latest_state": event_states.get(lt.last_event_id, "pruned")}
                   for name, lt in latches.items()},
         "outbox": outbox.backlog(now),
+        "storage": storage_status(config, outbox),
     }
     try:
         button = request(config.storage.runtime_dir / "button.ctl", {"op": "status"}, timeout=3)
@@ -117,6 +121,21 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
     return status
 
 
+def storage_status(config: Config, outbox: Outbox) -> dict:
+    """The disk and the outbox's history: the alarm reserve, damaged files moved aside
+    and not yet read back, the epoch and what was lost before it."""
+    reserve = SpaceReserve(config.storage.database, config.storage.alarm_reserve_mb * MIB)
+    held = reserve.held()
+    return {"epoch": outbox.epoch, "free_mb": round(free_bytes(outbox.path.parent) / MIB, 1),
+            "reserve_mb": round(held / MIB, 2), "reserve_size_mb": reserve.size // MIB,
+            "reserve_alarms": alarms_per_reserve(held),
+            # Given back (the file is there, short); a reserve never made yet is the
+            # self-test's to make, and its disk check says if it cannot.
+            "disk_full": reserve.path.exists() and reserve.short() > 0,
+            "damaged_pending": [p.name for p in salvage.pending(outbox.path)],
+            "lost_history": outbox.lost_history()}
+
+
 def healthy(status: dict) -> bool:
     uplink = status["uplink"]
     camera = status.get("camera", {"running": True, "cameras": {}})
@@ -124,7 +143,9 @@ def healthy(status: dict) -> bool:
     selftest = status.get("selftest", {})
     checks_ok = not selftest.get("stale") and not any(
         c.get("fault") for c in selftest.get("checks", {}).values())
+    storage = status["storage"]
     return (status["button"]["running"] and not uplink.get("stale")
+            and not storage["disk_full"] and not storage["damaged_pending"]
             and bool(uplink.get("connected")) and status["outbox"]["queued"] == 0
             and cameras_ok and checks_ok)
 
@@ -149,6 +170,19 @@ def status_text(status: dict) -> str:
             lines.append(f"         {b['unrecorded_presses']} press(es) NOT YET RECORDED (see log)")
     else:
         lines.append(f"button   NOT RUNNING ({b['error']})")
+    st = status["storage"]
+    lines.append(f"storage  {st['free_mb']:,.1f} MB free, alarm reserve {st['reserve_mb']:.1f} "
+                 f"of {st['reserve_size_mb']} MB (about {st['reserve_alarms']} alarms), "
+                 f"epoch {st['epoch']}")
+    if st["disk_full"]:
+        lines.append("         DISK FULL: alarms are recorded from the reserve; pictures wait")
+    for name in st["damaged_pending"]:
+        lines.append(f"         DAMAGED outbox moved aside, being read back: {name}")
+    if st["lost_history"]:
+        lost = st["lost_history"]
+        span = (f"seq {lost['lost_from_seq']}-{lost['lost_to_seq']} lost, "
+                if "lost_from_seq" in lost else "")
+        lines.append(f"         history before this epoch: {span}{lost['reason']}")
     u = status["uplink"]
     if "broker" not in u:
         lines.append(f"uplink   NOT RUNNING ({u.get('error')})")

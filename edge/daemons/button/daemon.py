@@ -91,6 +91,7 @@ class ButtonDaemon(Daemon):
     """Reads the panic inputs, commits alarms, drives the LED and buzzer."""
 
     name = "button"
+    alarm_path = True  # records or delivers alarms: may write from the alarm reserve
 
     def __init__(self, config: Config, *, pin_factory: Factory | None = None):
         super().__init__(config)

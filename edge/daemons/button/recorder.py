@@ -8,6 +8,11 @@ is a failed commit, tried again with growing pauses (up to a second) for as long
 takes. Meanwhile the press is counted as unrecorded (``guardpost status``) and the LED
 shows the fault.
 
+A full disk does not stop it: the recorder's connection draws on the alarm reserve
+(:mod:`edge.store.reserve`) and tries again at once; a damaged outbox is moved aside and
+the press goes into the new one. Presses it still holds when the daemon stops are
+written to a file allocated ahead (:mod:`.spill`) and committed first at the next start.
+
 Group commit: a press that finds the recorder idle is committed alone, at once; presses
 that arrive while a commit is under way (several inputs, a storm of taps) are committed
 together by the next one, in order, with one write to disk for all of them. The disk's
@@ -27,11 +32,12 @@ from datetime import datetime
 
 from drivers.gpio import PressReport
 from edge.config import Config
-from edge.contract.events import Event, EventDraft, EventKind, utc_iso
+from edge.contract.events import ContactId, Event, EventDraft, EventKind, utc_iso
 from edge.daemons.button.latch import AlarmLatch, LatchBatch
+from edge.daemons.button.spill import PressSpill
 from edge.daemons.button.windows import TestSpec, Waiter
 from edge.runtime.clock import boot_id
-from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, Outbox
+from edge.store.outbox import ALARM_COMMIT_TIMEOUT_S, DiskFull, Outbox, OutboxReplaced
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
+        self.spill = PressSpill(config.storage.database)
 
     @property
     def unrecorded(self) -> int:
@@ -109,7 +116,8 @@ class Recorder:
         backlog: collections.deque[AcceptedPress] = collections.deque()
         stopping, pause, group_max = False, FIRST_RETRY_S, GROUP_MAX
         try:
-            opened = Outbox(cfg.storage.database, cfg.identity, checkpoint=False)
+            opened = Outbox(cfg.storage.database, cfg.identity, checkpoint=False,
+                            alarm_path=True)
         except BaseException as err:
             self._open_error = err
             raise
@@ -117,6 +125,11 @@ class Recorder:
             self._opened.set()
         with opened as outbox:
             latch = AlarmLatch(outbox, cfg.inputs)
+            spilled = self._from_spill()
+            backlog.extend(spilled)
+            with self._count_lock:
+                self._unrecorded += len(spilled)
+            self.spill.prepare()
             while not (stopping and not backlog):
                 try:
                     item = self._queue.get(timeout=pause if backlog else None)
@@ -135,17 +148,26 @@ class Recorder:
                     group = [backlog[i] for i in range(min(group_max, len(backlog)))]
                     try:
                         events = self._commit(outbox, latch, group)
+                    except (DiskFull, OutboxReplaced) as err:
+                        if isinstance(err, OutboxReplaced) or err.released:
+                            continue  # room was made, or a new file is in place: at once
+                        log.critical("could not record a press of %s (%d waiting): %s; "
+                                     "retrying", group[0].report.input, len(backlog), err)
+                        if self._fail(stopping, backlog):
+                            return
+                        pause, group_max = min(LAST_RETRY_S, pause * 2), 1
+                        break
                     except Exception:
                         log.critical("could not record a press of %s (%d waiting); retrying",
                                      group[0].report.input, len(backlog), exc_info=True)
-                        self.failing_since = self.failing_since or time.monotonic()
-                        self._failing()
-                        if stopping:
-                            self._give_up(backlog)
+                        if self._fail(stopping, backlog):
                             return
                         pause, group_max = min(LAST_RETRY_S, pause * 2), 1
                         break
                     pause, group_max, self.failing_since = FIRST_RETRY_S, GROUP_MAX, None
+                    if spilled:
+                        self.spill.clear()  # committed: they must not come back again
+                        spilled = []
                     for press, event in zip(group, events, strict=True):
                         backlog.popleft()
                         with self._count_lock:
@@ -182,10 +204,44 @@ class Recorder:
         return batch.alarm(press.report.input, press.occurred_at, press.report.duration,
                            event_id)
 
-    @staticmethod
-    def _give_up(backlog) -> None:
-        # The process is ending and the disk refuses: all that is left is to put each
-        # press in the journal for a person.
-        for lost in backlog:
-            log.critical("NOT RECORDED: press of %s at %s", lost.report.input,
-                         utc_iso(lost.occurred_at))
+    def _fail(self, stopping: bool, backlog) -> bool:
+        """A commit failed: show it; when stopping, keep the presses for the next start
+        (True: the thread is done)."""
+        self.failing_since = self.failing_since or time.monotonic()
+        self._failing()
+        if stopping:
+            self._keep_for_next_start(backlog)
+        return stopping
+
+    def _keep_for_next_start(self, backlog) -> None:
+        # The process is ending and the outbox refuses: the presses go into the file
+        # allocated for them, committed first at the next start, and into the journal.
+        presses = [{"input": p.report.input, "occurred_at": utc_iso(p.occurred_at),
+                    "duration": p.report.duration, "reason": p.report.reason,
+                    "test": {"code": int(p.test.code), "detail": dict(p.test.detail)}
+                    if p.test else None} for p in backlog]
+        try:
+            kept = self.spill.write(presses)
+        except OSError as err:
+            log.critical("could not keep presses for the next start: %s", err)
+            kept = 0
+        for index, lost in enumerate(backlog):
+            log.critical("%s: press of %s at %s", "KEPT FOR THE NEXT START" if index < kept
+                         else "NOT RECORDED", lost.report.input, utc_iso(lost.occurred_at))
+
+    def _from_spill(self) -> list[AcceptedPress]:
+        """Presses kept at the last stop, to be committed before any new one."""
+        presses = []
+        for kept in self.spill.take():
+            try:
+                report = PressReport(kept["input"], True, kept.get("reason", "kept"), 0.0,
+                                     float(kept.get("duration", 0.0)), 0.0)
+                test = kept.get("test")
+                presses.append(AcceptedPress(
+                    report, datetime.fromisoformat(kept["occurred_at"]),
+                    TestSpec(ContactId(test["code"]), test["detail"]) if test else None))
+            except (KeyError, TypeError, ValueError) as err:
+                log.error("a press kept at the last stop cannot be read (%s): %r", err, kept)
+        if presses:
+            log.warning("committing %d press(es) kept at the last stop", len(presses))
+        return [p for p in presses if p.report.input in self.config.inputs]

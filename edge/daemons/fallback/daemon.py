@@ -71,6 +71,7 @@ def _parse(stamp: str) -> datetime:
 
 class FallbackDaemon(Daemon):
     name = "fallback"
+    alarm_path = True  # records or delivers alarms: may write from the alarm reserve
 
     def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic,

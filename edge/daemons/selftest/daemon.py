@@ -28,7 +28,7 @@ from croniter import croniter
 
 from edge import __version__
 from edge.config import Config
-from edge.contract.events import EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.contract.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
 from edge.daemons.selftest.alarmtest import (
     AlarmTestRunner,
     TestBusy,
@@ -40,11 +40,13 @@ from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
+from edge.store import salvage
 from edge.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 30.0   # the loop looks at the clock at least this often
+SALVAGE_EVERY_S = 5.0  # how often damaged outboxes moved aside are looked for (a glob)
 
 
 class AlarmTestSchedule:
@@ -96,13 +98,15 @@ class SelfTestDaemon(Daemon):
         saved = self._saved_state(outbox)
         self._checks = HealthChecks(cfg, outbox, sys_root=self.sys_root, clock=self.clock,
                                     clock_synced=self.clock_synced)
-        self._checks.integrity = saved.get("integrity")
+        # The integrity check runs at every start: a result saved before says nothing of
+        # the file as it is now (a page damaged since would pass for a day).
         self._tracker = CheckTracker(cfg.health.fail_after, cfg.health.restore_after,
                                      saved.get("hysteresis"))
         self._runner = AlarmTestRunner(cfg, outbox, stop=self.stop_event,
                                        progress=self._on_progress, tick=self.watchdog.ping)
         self.every(cfg.health.interval_s, lambda: self._run_checks(
             outbox, self._checks, self._tracker, self.clock()), first_in=0)
+        self.every(SALVAGE_EVERY_S, lambda: self._salvage(outbox), first_in=0)
         log.info("self-test daemon ready: checks every %g s, alarm test schedule '%s' (%s)",
                  cfg.health.interval_s, cfg.alarm_test.schedule, cfg.device.timezone)
         return (f"checks every {cfg.health.interval_s:g} s, alarm test "
@@ -124,6 +128,29 @@ class SelfTestDaemon(Daemon):
         """The schedule's next slot is a time of the site's wall clock."""
         now = self.clock()
         return min(MAX_WAIT_S, max(0.0, (self.schedule.next_slot(now) - now).total_seconds()))
+
+    # -- a damaged outbox read back ------------------------------------------------------
+
+    def _salvage(self, outbox: Outbox) -> None:
+        """Read back the events of damaged outboxes moved aside (by any daemon) into this
+        one, and tell the platform what came back (:mod:`edge.store.salvage`)."""
+        for damaged in salvage.pending(outbox.path):
+            try:
+                summary = salvage.salvage(outbox, damaged, self.config.storage.keep_days)
+            except TimeoutError as err:
+                log.warning("reading back %s waits: %s", damaged.name, err)
+                return
+            except Exception:
+                log.exception("reading back %s failed; trying again later", damaged.name)
+                return
+            with outbox.transaction():
+                outbox.append(EventDraft(
+                    kind=EventKind.RESTORE, code=ContactId.SYSTEM_TROUBLE,
+                    occurred_at=self.clock(), clock_synced=self.clock_synced(),
+                    boot_id=boot_id(), qualifier=Qualifier.RESTORE,
+                    detail={"check": "outbox", "problem": "recovered", **summary}))
+            wake(self.config.storage.runtime_dir, "uplink")
+            wake(self.config.storage.runtime_dir, "button")  # latches may have come back
 
     # -- checks ------------------------------------------------------------------------
 

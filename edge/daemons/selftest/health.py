@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,6 +29,7 @@ from edge.runtime.clock import clock_synchronised
 from edge.runtime.control import ControlUnavailable
 from edge.runtime.control import request as control_request
 from edge.store.outbox import Outbox
+from edge.store.reserve import MIB, SpaceReserve, alarms_per_reserve
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ BUTTON_TIMEOUT_S = 3.0  # a daemon's control socket answers at once, or is stuck
 # The Contact ID of each check's fault where it is not 307 (self-test failure); the
 # checks take theirs from here too, so a crashed check's fault matches its restore.
 CHECK_CODES = {"wiring": ContactId.PANIC_ZONE_TROUBLE,
+               "disk": ContactId.SYSTEM_TROUBLE,
+               "database": ContactId.SYSTEM_TROUBLE,
                "broker": ContactId.COMMUNICATION_TROUBLE,
                "outbox": ContactId.FAILURE_TO_COMMUNICATE,
                "camera": ContactId.PERIPHERAL_TROUBLE,
@@ -188,26 +192,50 @@ class HealthChecks:
     # -- the device --------------------------------------------------------------------
 
     def check_disk(self) -> CheckResult:
+        """Free space, and the alarm reserve (:mod:`edge.store.reserve`): filled again
+        here when there is room; while part of it is given back, the disk is full."""
+        reserve = SpaceReserve(self.config.storage.database,
+                               self.config.storage.alarm_reserve_mb * MIB)
+        reserve.fill()
         space = board.disk_space(Path(self.config.storage.database).parent)
         free_mb = space.free_bytes / 1024 / 1024
-        value = {"free_mb": round(free_mb, 1), "total_mb": round(space.total_bytes / 2**20, 1)}
+        held = reserve.held()
+        value = {"free_mb": round(free_mb, 1), "total_mb": round(space.total_bytes / 2**20, 1),
+                 "reserve_mb": round(held / MIB, 2),
+                 "reserve_alarms": alarms_per_reserve(held)}
+        if reserve.short():
+            return CheckResult("disk", False, f"disk full: the alarm reserve holds "
+                               f"{held / MIB:.1f} of {reserve.size / MIB:.0f} MB (about "
+                               f"{alarms_per_reserve(held)} more alarms); pictures and "
+                               "telemetry wait", ContactId.SYSTEM_TROUBLE, value)
         if free_mb < self.config.health.min_free_mb:
             return CheckResult("disk", False, f"only {free_mb:,.0f} MB free (at least "
-                               f"{self.config.health.min_free_mb} MB)", value=value)
-        return CheckResult("disk", True, f"{free_mb:,.0f} MB free", value=value)
+                               f"{self.config.health.min_free_mb} MB)", ContactId.SYSTEM_TROUBLE,
+                               value)
+        return CheckResult("disk", True, f"{free_mb:,.0f} MB free", ContactId.SYSTEM_TROUBLE,
+                           value)
 
     def check_database(self, due: bool, now: datetime) -> CheckResult:
-        """``PRAGMA quick_check`` once a day: it reads the whole file, so not every run."""
+        """``PRAGMA quick_check`` at start and once a day (it reads the whole file, so
+        not every run). A damaged file is moved aside at once and a new one opened
+        (:meth:`edge.store.outbox.Outbox.repair`); what can be read of it comes back."""
         if due or self.integrity is None:
-            rows = self.outbox.integrity_check(5)
+            try:
+                rows = self.outbox.integrity_check(5)
+            except sqlite3.DatabaseError as err:  # a header or a root page unreadable
+                rows = [str(err)]
             self.integrity = {"at": now.isoformat(), "ok": rows == ["ok"],
                               "detail": "; ".join(rows)}
+            if rows != ["ok"]:
+                self.outbox.repair(f"integrity check failed: {self.integrity['detail']}")
+                self.integrity["detail"] += "; moved aside, a new outbox opened"
         if self.integrity["ok"]:
             return CheckResult("database", True, "integrity check passed",
+                               ContactId.SYSTEM_TROUBLE,
                                value={"checked_at": self.integrity["at"]})
         return CheckResult("database", False, f"integrity check failed: "
-                           f"{self.integrity['detail']}", value={"checked_at":
-                                                                 self.integrity["at"]})
+                           f"{self.integrity['detail']}", ContactId.SYSTEM_TROUBLE,
+                           value={"checked_at": self.integrity["at"]})
 
     def check_clock(self) -> CheckResult:
         if self.clock_synced():

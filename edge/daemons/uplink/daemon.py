@@ -64,6 +64,7 @@ class UplinkDaemon(Daemon):
     """Publishes the outbox and takes the platform's acknowledgements and commands."""
 
     name = "uplink"
+    alarm_path = True  # records or delivers alarms: may write from the alarm reserve
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -287,7 +288,8 @@ class UplinkDaemon(Daemon):
         client.publish(self.topics.status, status_payload(
             self.identity, state="online", session=self._session, version=__version__,
             config=self.config.fingerprint(), boot_id=boot_id(),
-            protocol=self.config.broker.protocol, connected_at=self._connected_at),
+            protocol=self.config.broker.protocol, connected_at=self._connected_at,
+            epoch=self._outbox.epoch, last_seq=self._outbox.last_seq()),
             qos=1, retain=True, properties=self._json_props())
         if is_v5(self.config.broker):
             # A retained acknowledgement or command would be replayed at every
