@@ -22,6 +22,7 @@ from edge.contract.events import Event, EventKind
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.button.recorder import AcceptedPress, Recorder
 from edge.store.outbox import ACKNOWLEDGED, QUEUED, Outbox
+from edge.store.reserve import MIB, SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Feedback:
         # never hears the chirp after the LED has moved on.
         self._lock = threading.Lock()
         self._announced_acks: set[str] | None = None  # None until the first refresh
+        self.reserve = SpaceReserve(config.storage.database,
+                                    config.storage.alarm_reserve_mb * MIB)
 
     def recorded(self, press: AcceptedPress, event: Event) -> None:
         cfg = self.config
@@ -85,7 +88,10 @@ class Feedback:
             # At start, acknowledgements that arrived before are not news: no chirps.
             self._announced_acks = {i for i, state in states.items() if state == ACKNOWLEDGED}
         if not latches:
-            self.indicators.show(LedPattern.OFF)
+            # A full disk (alarms recorded from the reserve) shows the fault: the
+            # installer must come. A latched alarm's pattern goes first (below).
+            disk_full = self.reserve.path.exists() and self.reserve.short()
+            self.indicators.show(LedPattern.FAULT if disk_full else LedPattern.OFF)
             self.indicators.silence_siren()  # the alarm was reset
             self._announced_acks.clear()
             return

@@ -1,0 +1,189 @@
+"""The device on a full disk, a damaged outbox, a lost WAL and a clean stop it cannot
+commit through: real daemons, a real Mosquitto, real files on a file system the test mounts.
+
+Each story is judged where the police are: every alarm the device said it recorded
+arrives (by id, byte for byte where it was published before), and the sequence numbers
+the platform sees never repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
+from edge.runtime.control import request
+from edge.store import salvage
+from edge.store.outbox import Outbox
+from edge.store.reserve import MIB, SpaceReserve
+from tests.support.daemons import poll_until
+from tests.support.disk import damage, fill, free_bytes, small_disk
+from tests.test_alarm_path import press
+
+
+@pytest.fixture
+def card(tmp_path):
+    """The state directory on a 24 MB SD card of its own."""
+    with small_disk(tmp_path / "card", 24 * 1024) as mounted:
+        yield mounted
+
+
+def on_card(card, **more) -> dict:
+    return {"storage": {"database": str(card / "outbox.db"), "spool_dir": str(card / "spool"),
+                        "alarm_reserve_mb": 2, **more}}
+
+
+def arrived(police, ids) -> dict:
+    """The events with these ids, as the platform has them (first copies), once all came."""
+    ids = set(ids)
+    return police.wait_for(
+        lambda p: (lambda got: got if set(got) == ids else None)(
+            {e["id"]: e for e in p.events() if e["id"] in ids}),
+        timeout=30, what=f"{len(ids)} event(s) at the platform")
+
+
+def raw_copies(police, event_id) -> set[bytes]:
+    return {m.payload for m in police.messages
+            if m.leaf.startswith("event/") and isinstance(m.body, dict)
+            and m.body.get("id") == event_id}
+
+
+def test_on_a_full_disk_the_button_starts_records_alarms_and_the_backlog_is_delivered(
+        card, make_config, daemons, platform):
+    path, config = make_config(**on_card(card))
+    police = platform(config, ack=True)
+    button = daemons("button", path)
+    backlog = [press(config)["id"] for _ in range(3)]   # no uplink yet: they wait
+    button.stop()
+    assert SpaceReserve(config.storage.database, 2 * MIB).fill(margin=0)
+    filler = fill(card)
+    assert free_bytes(card) == 0
+
+    # Both daemons start on a disk with not one byte free, and the alarms go through.
+    daemons("button", path)
+    daemons("uplink", path)
+    fresh = [press(config)["id"] for _ in range(5)]
+    got = arrived(police, backlog + fresh)
+    police.wait_for(lambda p: set(backlog + fresh) <= set(p.acked), what="acknowledgements")
+    seqs = [got[i]["seq"] for i in backlog + fresh]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 8
+    # The LED and `guardpost status` say the disk is full.
+    poll_until(lambda: request(config.storage.runtime_dir / "button.ctl",
+                               {"op": "status"})["led"] in ("fault", "fast-blink", "slow-blink",
+                                                          "steady"), what="the LED")
+    with Outbox(config.storage.database, config.identity, repair=False) as outbox:
+        from edge.tools.status import storage_status
+        assert storage_status(config, outbox)["disk_full"]
+
+    # Space comes back: the self-test fills the reserve again, and reports the fault
+    # and its end; nothing was lost.
+    filler.unlink()
+    daemons("selftest", path)
+    police.wait_for(lambda p: [e for e in p.events("restore")
+                               if e["detail"].get("check") == "disk"]
+                    or [e for e in p.events("fault") if e["detail"].get("check") == "disk"]
+                    or SpaceReserve(config.storage.database, 2 * MIB).short() == 0,
+                    what="the reserve filled again")
+    assert SpaceReserve(config.storage.database, 2 * MIB).short() == 0
+    assert set(backlog + fresh) <= {e["id"] for e in police.events("alarm")}
+
+
+@pytest.mark.parametrize("how", ["header", "cut in half", "events page"])
+def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_come_back(
+        how, tmp_path, make_config, daemons, platform):
+    path, config = make_config()
+    database = config.storage.database
+    button = daemons("button", path)
+    before = [press(config)["id"] for _ in range(6)]   # queued: no uplink yet
+    button.stop()
+    with Outbox(database, config.identity) as outbox:
+        published = {i: outbox.event(i).payload for i in before}
+        if how == "cut in half":
+            # Later events fill the second half (what is cut off is gone for good).
+            outbox.commit_events([EventDraft(
+                kind=EventKind.FAULT, code=ContactId.SYSTEM_TROUBLE, occurred_at=utc_now(),
+                clock_synced=False, boot_id="b", detail={"check": "filler"})] * 600)
+        outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        root = outbox.db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events'"
+                                 ).fetchone()[0]
+    if how == "header":
+        damage(database, 0, 100)
+    elif how == "cut in half":
+        os.truncate(database, os.path.getsize(database) // 2)
+    else:
+        damage(database, (root - 1) * 4096, 4096)
+
+    police = platform(config, ack=True)
+    daemons("button", path)
+    daemons("uplink", path)
+    daemons("selftest", path)
+    fresh = press(config)
+    assert fresh["seq"] > (606 if how == "cut in half" else 6)  # above every number given
+    got = arrived(police, [*before, fresh["id"]])
+    # What was read back is the same bytes as it was recorded.
+    for event_id in before:
+        assert raw_copies(police, event_id) == {published[event_id]}
+    [lost] = police.wait_for(lambda p: [e for e in p.events("fault")
+                                        if e["detail"].get("problem") == "history_lost"],
+                             what="the fault that says history was lost")
+    assert lost["code"] == ContactId.FAILURE_TO_COMMUNICATE
+    [recovered] = police.wait_for(lambda p: [e for e in p.events("restore")
+                                             if e["detail"].get("problem") == "recovered"],
+                                  what="the restore that says what came back")
+    assert recovered["detail"]["events"] >= 6
+    assert got[fresh["id"]]["epoch"] == lost["epoch"] != lost["detail"]["previous_epoch"]
+    assert salvage.pending(database) == []
+    assert list(database.parent.glob("outbox.db.damaged-*"))   # kept for inspection
+
+
+def test_a_lost_wal_is_told_to_the_platform_and_numbers_never_repeat(
+        tmp_path, make_config, daemons, platform):
+    path, config = make_config()
+    database = config.storage.database
+    police = platform(config, ack=True)
+    button = daemons("button", path)
+    uplink = daemons("uplink", path)
+    first = [press(config) for _ in range(3)]
+    arrived(police, [e["id"] for e in first])
+    uplink.stop()
+    lost = [press(config) for _ in range(4)]  # in the WAL: the button never checkpoints
+    button.kill()
+    os.unlink(f"{database}-wal")
+
+    daemons("button", path)
+    daemons("uplink", path)
+    after = press(config)
+    assert after["seq"] > max(e["seq"] for e in lost)
+    [fault] = police.wait_for(lambda p: [e for e in p.events("fault")
+                                         if e["detail"].get("problem") == "history_lost"],
+                              what="the fault that says history was lost")
+    assert fault["detail"]["lost_to_seq"] == max(e["seq"] for e in lost)
+    seqs = [e["seq"] for e in police.events()]
+    assert len(seqs) == len(set(seqs))
+
+
+def test_presses_the_disk_refuses_survive_a_clean_stop(card, make_config, daemons, platform):
+    path, config = make_config(**on_card(card))
+    button = daemons("button", path)
+    press(config)
+    SpaceReserve(config.storage.database, 2 * MIB).path.unlink(missing_ok=True)  # none left
+    filler = fill(card)
+    runtime = config.storage.runtime_dir
+    reply = request(runtime / "button.ctl", {"op": "press", "input": "gate", "hold": 0.05},
+                    timeout=30)
+    assert not reply.get("accepted"), reply  # not decided in time: the disk refuses
+    poll_until(lambda: request(runtime / "button.ctl", {"op": "status"})
+               ["unrecorded_presses"] == 1, what="the press waiting in memory")
+    button.process.send_signal(signal.SIGTERM)
+    assert button.process.wait(30) == 0
+    assert "KEPT FOR THE NEXT START" in button.log()
+
+    filler.unlink()
+    police = platform(config, ack=True)
+    daemons("button", path)
+    daemons("uplink", path)
+    [kept] = police.wait_for(lambda p: [e for e in p.events("alarm") if e["seq"] >= 2],
+                             what="the press kept across the stop")
+    assert kept["input"] == "gate"
