@@ -230,6 +230,7 @@ def test_alarms_are_recorded_on_a_full_disk_from_the_reserve_and_nothing_else_is
                 if not err.released:
                     break
     assert reserve.held() == 0
+    print(f"alarms recorded from a 2 MB reserve: {recorded}")
     assert recorded >= alarms_per_reserve(2 * MIB)
     # Space comes back: everything is there, and the reserve fills again.
     filler.unlink()
