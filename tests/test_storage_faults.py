@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -92,7 +94,7 @@ def test_on_a_full_disk_the_button_starts_records_alarms_and_the_backlog_is_deli
     assert set(backlog + fresh) <= {e["id"] for e in police.events("alarm")}
 
 
-@pytest.mark.parametrize("how", ["header", "cut in half", "events page"])
+@pytest.mark.parametrize("how", ["header", "cut in half", "events page", "index page"])
 def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_come_back(
         how, tmp_path, make_config, daemons, platform):
     path, config = make_config()
@@ -108,10 +110,18 @@ def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_com
                 kind=EventKind.FAULT, code=ContactId.SYSTEM_TROUBLE, occurred_at=utc_now(),
                 clock_synced=False, boot_id="b", detail={"check": "filler"})] * 600)
         outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        root = outbox.db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events'"
-                                 ).fetchone()[0]
+        root = outbox.db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?",
+            ("events_queue" if how == "index page" else "events",)).fetchone()[0]
     if how == "header":
         damage(database, 0, 100)
+        # The tools that only look say so in a sentence, and move nothing.
+        for command in ("status", "queue"):
+            done = subprocess.run([sys.executable, "-m", "edge", command, "--config",
+                                   str(path)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and "the outbox cannot be read" in done.stderr
+            assert "Traceback" not in done.stderr
+        assert salvage.pending(database) == []
     elif how == "cut in half":
         os.truncate(database, os.path.getsize(database) // 2)
     else:
