@@ -56,7 +56,8 @@ def raw_copies(police, event_id) -> set[bytes]:
 
 def test_on_a_full_disk_the_button_starts_records_alarms_and_the_backlog_is_delivered(
         card, make_config, daemons, platform):
-    path, config = make_config(**on_card(card))
+    path, config = make_config(**on_card(card), health={
+        "interval_s": 5, "restore_after": 1, "min_free_mb": 1})
     police = platform(config, ack=True)
     button = daemons("button", path)
     backlog = [press(config)["id"] for _ in range(3)]   # no uplink yet: they wait
@@ -81,15 +82,20 @@ def test_on_a_full_disk_the_button_starts_records_alarms_and_the_backlog_is_deli
         from edge.tools.status import storage_status
         assert storage_status(config, outbox)["disk_full"]
 
-    # Space comes back: the self-test fills the reserve again, and reports the fault
-    # and its end; nothing was lost.
-    filler.unlink()
+    # The self-test reports the full disk at its first run, not after its hysteresis.
     daemons("selftest", path)
-    police.wait_for(lambda p: [e for e in p.events("restore")
-                               if e["detail"].get("check") == "disk"]
-                    or [e for e in p.events("fault") if e["detail"].get("check") == "disk"]
-                    or SpaceReserve(config.storage.database, 2 * MIB).short() == 0,
-                    what="the reserve filled again")
+    [fault] = police.wait_for(lambda p: [e for e in p.events("fault")
+                                         if e["detail"].get("check") == "disk"],
+                              what="the disk fault")
+    assert fault["code"] == ContactId.SYSTEM_TROUBLE and "disk full" in \
+        fault["detail"]["summary"]
+    # Space comes back: the self-test fills the reserve again and sends the restore;
+    # nothing was lost.
+    filler.unlink()
+    [restore] = police.wait_for(lambda p: [e for e in p.events("restore")
+                                           if e["detail"].get("check") == "disk"],
+                                timeout=60, what="the disk restore")
+    assert restore["code"] == fault["code"]
     assert SpaceReserve(config.storage.database, 2 * MIB).short() == 0
     assert set(backlog + fresh) <= {e["id"] for e in police.events("alarm")}
 
@@ -137,6 +143,12 @@ def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_com
     # What was read back is the same bytes as it was recorded.
     for event_id in before:
         assert raw_copies(police, event_id) == {published[event_id]}
+        [copy] = [m for m in police.messages if isinstance(m.body, dict)
+                  and m.body.get("id") == event_id][:1]
+        assert ("recovered", "true") in (getattr(copy.properties, "UserProperty", []) or [])
+    fresh_copy = next(m for m in police.messages if isinstance(m.body, dict)
+                      and m.body.get("id") == fresh["id"])
+    assert not getattr(fresh_copy.properties, "UserProperty", None)
     [lost] = police.wait_for(lambda p: [e for e in p.events("fault")
                                         if e["detail"].get("problem") == "history_lost"],
                              what="the fault that says history was lost")

@@ -91,7 +91,8 @@ ROWS_PER_TRANSACTION = 500
 _COLUMNS = ", ".join(EventRow.COLUMNS)
 _INSERT = (f"INSERT INTO events({_COLUMNS}) VALUES ({', '.join('?' * len(EventRow.COLUMNS))})")
 _NEXT_SEQ = "UPDATE counters SET value = value + ? WHERE name = 'event_seq' RETURNING value"
-_QUEUED_COLUMNS = "SELECT seq, id, kind, priority, topic, payload FROM events"
+_QUEUED_COLUMNS = ("SELECT seq, id, kind, priority, topic, payload, recovered_from IS NOT NULL"
+                   " FROM events")
 
 
 class _Trouble:

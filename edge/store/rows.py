@@ -17,6 +17,7 @@ class QueuedMessage:
     priority: int
     topic: str
     payload: bytes
+    recovered: bool = False  # read back from a damaged outbox (edge.store.salvage)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from edge.runtime.control import ControlUnavailable, request
 from edge.runtime.mqtt import connect, make_client
 from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
+from edge.store.reserve import MIB, SpaceReserve, alarms_per_reserve
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 MIN_FREE_BYTES = 200 * 1024 * 1024
@@ -270,10 +271,22 @@ class Doctor:
     def check_disk(self, step: Step) -> None:
         directory = Path(self.config.storage.database).parent
         usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
-        step.data = {"free_bytes": usage.free, "total_bytes": usage.total}
+        reserve = SpaceReserve(self.config.storage.database,
+                               self.config.storage.alarm_reserve_mb * MIB)
+        held = reserve.held()
+        step.data = {"free_bytes": usage.free, "total_bytes": usage.total,
+                     "reserve_bytes": held, "reserve_alarms": alarms_per_reserve(held)}
         free_mb = usage.free / 1024 / 1024
-        if usage.free >= MIN_FREE_BYTES:
+        if reserve.path.exists() and reserve.short():
+            step.status = FAIL
+            step.detail = (f"DISK FULL: the alarm reserve holds {held / MIB:.1f} of "
+                           f"{reserve.size // MIB} MB (about {alarms_per_reserve(held)} more "
+                           f"alarms); free space on {directory}")
+        elif usage.free >= MIN_FREE_BYTES:
             step.status, step.detail = PASS, f"{free_mb:,.0f} MB free for {directory}"
+            if held:
+                step.detail += (f", alarm reserve {held / MIB:.0f} MB (at least "
+                                f"{alarms_per_reserve(held)} alarms on a full disk)")
         else:
             step.status = FAIL
             step.detail = (f"only {free_mb:,.0f} MB free for {directory} "

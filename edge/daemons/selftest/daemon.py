@@ -42,6 +42,7 @@ from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
 from edge.store import salvage
 from edge.store.outbox import Outbox
+from edge.store.reserve import MIB, SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class SelfTestDaemon(Daemon):
         self.schedule = AlarmTestSchedule(config.alarm_test.schedule, config.device.zone)
         self.results: list[CheckResult] = []
         self.runs = 0  # completed check runs, for in-process users (tests)
+        self._reserve = SpaceReserve(config.storage.database,
+                                     config.storage.alarm_reserve_mb * MIB)
+        self._disk_full = False
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
@@ -114,6 +118,13 @@ class SelfTestDaemon(Daemon):
 
     def step(self) -> int | None:
         outbox, now = self._outbox, self.clock()
+        full = self._reserve.path.exists() and self._reserve.short() > 0
+        if full != self._disk_full:
+            # The alarm reserve was drawn on (a full disk): the checks run now, not at
+            # their next interval, and the disk fault goes out at once.
+            self._disk_full = full
+            if full:
+                self._run_checks(outbox, self._checks, self._tracker, now)
         self._request_due_test(outbox, now)
         if self._runner.recover_interrupted():
             self._save_state(outbox, self._checks, self._tracker, now)

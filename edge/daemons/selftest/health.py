@@ -52,6 +52,9 @@ class CheckResult:
     summary: str
     code: int = ContactId.SELF_TEST_FAILURE  # the Contact ID of its fault
     value: dict[str, Any] = field(default_factory=dict)
+    # A failure that is a fact, not a reading that may flap (the alarm reserve drawn on,
+    # a damaged outbox moved aside): its fault goes out at the first run.
+    at_once: bool = False
 
 
 def _parsed(state: str) -> dict | None:
@@ -207,7 +210,8 @@ class HealthChecks:
             return CheckResult("disk", False, f"disk full: the alarm reserve holds "
                                f"{held / MIB:.1f} of {reserve.size / MIB:.0f} MB (about "
                                f"{alarms_per_reserve(held)} more alarms); pictures and "
-                               "telemetry wait", ContactId.SYSTEM_TROUBLE, value)
+                               "telemetry wait", ContactId.SYSTEM_TROUBLE, value,
+                               at_once=True)
         if free_mb < self.config.health.min_free_mb:
             return CheckResult("disk", False, f"only {free_mb:,.0f} MB free (at least "
                                f"{self.config.health.min_free_mb} MB)", ContactId.SYSTEM_TROUBLE,
@@ -235,7 +239,7 @@ class HealthChecks:
                                value={"checked_at": self.integrity["at"]})
         return CheckResult("database", False, f"integrity check failed: "
                            f"{self.integrity['detail']}", ContactId.SYSTEM_TROUBLE,
-                           value={"checked_at": self.integrity["at"]})
+                           value={"checked_at": self.integrity["at"]}, at_once=True)
 
     def check_clock(self) -> CheckResult:
         if self.clock_synced():
@@ -354,7 +358,8 @@ class CheckTracker:
                 history.clear()
                 return "restore"
             return None
-        if sum(ok is False for ok in history) >= self.fail_after:
+        if sum(ok is False for ok in history) >= self.fail_after or (
+                result.ok is False and result.at_once):
             entry["fault"] = True
             history.clear()
             return "fault"

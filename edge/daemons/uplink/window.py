@@ -119,6 +119,7 @@ class PublishWindow:
         self._unmarked_urgent = False
         self._max_packet: int | None = None          # the broker's MQTT 5 Maximum Packet Size
         self._event_props: PackedProperties | None = None
+        self._recovered_props: PackedProperties | None = None
         self._drain = _DrainLog()
 
     # -- the connection's life -------------------------------------------------------------
@@ -201,24 +202,32 @@ class PublishWindow:
             self._cursor = None
         return rows
 
-    def _event_properties(self) -> PackedProperties | None:
-        """Content type and response topic, encoded once (each event adds its id)."""
+    def _event_properties(self, recovered: bool = False) -> PackedProperties | None:
+        """Content type and response topic, encoded once (each event adds its id); an
+        event read back from a damaged outbox also says so (user property
+        ``recovered``: its bytes are the same as they were)."""
         if self._event_props is None and is_v5(self.config.broker):
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
             # Where the platform answers: the acknowledgement names the event id.
             props.ResponseTopic = self.topics.ack
             self._event_props = PackedProperties.of(props)
-        return self._event_props
+            props.UserProperty = ("recovered", "true")
+            self._recovered_props = PackedProperties.of(props)
+        return self._recovered_props if recovered and self._event_props else self._event_props
 
     def _publish_rows(self, client: paho.Client, rows: list[QueuedMessage], now: float, *,
                       again: bool) -> None:
         # (The hot loop of a drain: names looked up once.)
         template, prefix, inflight = self._event_properties(), self.topics.prefix, self.inflight
         for row in rows:
+            if row.recovered and template is not None:
+                template = self._event_properties(recovered=True)
             info = client.publish(
                 f"{prefix}/{row.topic}", row.payload, qos=1,
                 properties=template.with_correlation(row.id.encode()) if template else None)
+            if row.recovered:
+                template = self._event_props
             # Even if the connection dropped just now, paho holds the message and re-sends
             # it on reconnect, so the row is in flight either way.
             inflight[info.mid] = InFlight(row.seq, row.priority, event_id=row.id,
