@@ -125,7 +125,8 @@ def utc_iso(moment: datetime) -> str:
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    from edge.runtime.clock import wall_now  # the device's one wall clock
+    return wall_now()
 
 
 @dataclass(frozen=True)
