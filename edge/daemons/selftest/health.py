@@ -61,14 +61,9 @@ def _parsed(state: str) -> dict | None:
 
 
 def _age_s(stamp: str | None, now: datetime) -> float | None:
-    """How old another daemon's wall-clock stamp is. A stamp "in the future" (the clock
-    stepped back since it was written) counts by its distance: a day-old stamp seen after
-    a day's step back is as stale as one a day old, so a daemon that stopped reporting
-    is noticed, not hidden until the clock catches up; a live daemon re-stamps it on the
-    clock as it is at its next report."""
     if not stamp:
         return None
-    return abs((now - datetime.fromisoformat(stamp)).total_seconds())
+    return (now - datetime.fromisoformat(stamp)).total_seconds()
 
 
 class HealthChecks:
