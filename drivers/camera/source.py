@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -33,7 +34,7 @@ class Snapshot:
     camera: str
     jpeg: bytes
     captured_monotonic: float
-    captured_wall: float  # time.time()
+    captured_wall: float  # Unix time, from the source's wall_clock
     width: int
     height: int
 
@@ -73,8 +74,10 @@ class CameraSource:
     def __init__(self, name: str, source: str, *, rate: float, keep_seconds: float,
                  width: int = 0, jpeg_quality: int = 80, max_jpeg_bytes: int = 250_000,
                  loop: bool = False, timeout_s: float = 10.0,
-                 max_ring_bytes: int = RING_MAX_BYTES):
+                 max_ring_bytes: int = RING_MAX_BYTES,
+                 wall_clock: Callable[[], float] = time.time):
         self.name = name
+        self.wall_clock = wall_clock  # a snapshot's capture time (the device's one clock)
         self.source = source
         self.interval = 1.0 / rate
         self.width = width
@@ -202,7 +205,7 @@ class CameraSource:
             if not ok or frame is None:
                 return
             count += 1
-            now, wall = time.monotonic(), time.time()
+            now, wall = time.monotonic(), self.wall_clock()
             self.frames_read += 1
             self.last_error = None
             with self._lock:

@@ -95,6 +95,8 @@ class _Channel:
         monotonic clock by their current offset (exact but for an NTP step between the
         edge and now); failing that, the edge is timed on arrival, never misjudged by
         decades."""
+        # The kernel's own CLOCK_REALTIME, never the device's (simulated) wall clock of
+        # edge.runtime.clock: the stamp was made on it.
         converted = ticks - (time.time() - time.monotonic())
         if -MAX_EDGE_AGE_S <= self._factory.ticks_diff(now, converted) <= MAX_EDGE_AGE_S:
             how, ticks = "converted from the wall clock", converted

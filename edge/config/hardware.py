@@ -4,7 +4,7 @@ checks, the alarm test and the SMS second path that use them."""
 from __future__ import annotations
 
 import string
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic.functional_validators import AfterValidator
 
 from edge.config.base import GpioPin, Identifier, Strict
+from edge.runtime.clock import wall_now
 
 
 def _cron(value: str) -> str:
@@ -23,7 +24,7 @@ def _cron(value: str) -> str:
     try:
         # A valid expression can still name no day at all (31 February): the self-test
         # daemon would fail on its first look at the schedule. 8 years: 29 February.
-        now = datetime.now(UTC)
+        now = wall_now()
         croniter(value, now, max_years_between_matches=8).get_next(datetime)
         croniter(value, now, max_years_between_matches=8).get_prev(datetime)
     except CroniterError:

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -32,7 +32,7 @@ from drivers.camera import CameraSource, PictureCheck, assess
 from edge import __version__
 from edge.config import CameraConfig, Config
 from edge.contract.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
-from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.clock import boot_id, clock_synchronised, wall_now, wall_time
 from edge.runtime.control import ControlServer
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
@@ -156,7 +156,8 @@ class CameraDaemon(Daemon):
                                   keep_seconds=spec.pre_seconds, width=spec.width,
                                   jpeg_quality=spec.jpeg_quality,
                                   max_jpeg_bytes=spec.max_jpeg_bytes, loop=spec.loop,
-                                  timeout_s=min(spec.stale_after_s, 10.0))
+                                  timeout_s=min(spec.stale_after_s, 10.0),
+                                  wall_clock=wall_time)
             worst = source.capacity * spec.max_jpeg_bytes
             if worst > source.max_ring_bytes:
                 log.warning(
@@ -227,7 +228,7 @@ class CameraDaemon(Daemon):
         # The edge's time is wall-clock (the button daemon's); the ring is kept on the
         # monotonic clock. Mapped once, now: a step of the wall clock between the pictures
         # and the press (NTP's first sync at boot) cannot shift the window.
-        event_monotonic = time.monotonic() - (time.time() - event_time.timestamp())
+        event_monotonic = time.monotonic() - (wall_now() - event_time).total_seconds()
         taken = store.taken(event_id, source.name)
         if taken:
             # A restart after some of this event's snapshots were written (before the
@@ -350,5 +351,5 @@ class CameraDaemon(Daemon):
             cv2.imwrite(str(path), frame)
             saved[name] = {"ok": True, "path": str(path), "age_s": round(age, 2),
                            "size": f"{frame.shape[1]}x{frame.shape[0]}",
-                           "at": utc_iso(datetime.now(UTC))}
+                           "at": utc_iso(wall_now())}
         return {"ok": True, "cameras": saved}

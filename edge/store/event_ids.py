@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
+
+from edge.runtime.clock import wall_ns
 
 SEQ_BITS = 40
 RANDOM_BITS = 22
@@ -34,7 +35,7 @@ def event_id(seq: int, unix_ns: int | None = None) -> str:
     global _last_prefix
     if not 0 < seq <= _SEQ_MASK:
         raise ValueError(f"sequence number {seq} does not fit in an event id")
-    ns = time.time_ns() if unix_ns is None else unix_ns
+    ns = wall_ns() if unix_ns is None else unix_ns
     unix_ms, sub_ms = divmod(ns, 1_000_000)
     prefix = (unix_ms & ((1 << 48) - 1)) << 12 | sub_ms * 4096 // 1_000_000
     with _lock:

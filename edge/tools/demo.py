@@ -20,12 +20,12 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 from drivers.camera.testcard import write_video
 from edge.config import Config, load_config
 from edge.daemons.button.latch import reset_alarms
+from edge.runtime.clock import wall_now
 from edge.runtime.control import request
 from edge.runtime.sdnotify import NotifyListener
 from edge.store.outbox import Outbox
@@ -257,7 +257,7 @@ class Demo:
                 arrival.append(event["seq"])
         status = self.status()
         print(status_text(status))
-        month = datetime.now(self.config.device.zone).strftime("%Y-%m")
+        month = wall_now().astimezone(self.config.device.zone).strftime("%Y-%m")
         say(f"The monthly record (guardpost report --month {month}), its summary")
         report = build_report(self.config.storage.database, month, self.config.device.zone,
                               identity=self.config.identity,

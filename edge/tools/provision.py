@@ -22,7 +22,6 @@ names and renamed into place, the configuration last. Bad input writes nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import grp
 import os
 import tomllib
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.config import ConfigError, parse_config
+from edge.runtime.clock import wall_now
 from edge.runtime.durable import fsync_directory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "guardpost.example.toml"
@@ -111,7 +111,7 @@ def _check_certificate(cert: x509.Certificate, key, ca: list[x509.Certificate],
                        source: str, expected_name: str, notes: list[str]) -> None:
     if _public_bytes(key) != _cert_public_bytes(cert):
         raise ProvisionError(f"{source}: the certificate does not belong to the device's key")
-    now = dt.datetime.now(dt.UTC)
+    now = wall_now()
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ProvisionError(f"{source}: the certificate is not valid now (valid "
                              f"{cert.not_valid_before_utc:%Y-%m-%d} to "

@@ -90,6 +90,7 @@ class Watcher:
                         f"{' (acknowledging alarms and tests)' if self.ack else ''}")
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        # The watcher is the platform's side: its own clock, not the device's.
         received = datetime.now().astimezone()
         relative = message.topic[len(self.topic_root) + 1:]
         parts = relative.split("/")

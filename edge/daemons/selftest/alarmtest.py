@@ -38,7 +38,7 @@ from edge.contract.events import (
     utc_now,
     uuid7,
 )
-from edge.runtime.clock import boot_id, clock_synchronised
+from edge.runtime.clock import boot_id, clock_synchronised, wall_ns
 from edge.runtime.control import ControlUnavailable
 from edge.runtime.control import request as control_request
 from edge.runtime.wake import wake
@@ -97,7 +97,7 @@ def request_test(outbox: Outbox, trigger: str, *, scheduled_for: datetime | None
     already has its test (a slot runs once, across restarts)."""
     if trigger not in TRIGGERS:
         raise ValueError(f"trigger must be one of {TRIGGERS}")
-    test_id = str(uuid7())
+    test_id = str(uuid7(wall_ns()))
     inserted = outbox.alarm_tests.request(test_id, trigger, int(code_for(trigger)),
                                           requested_at=at or utc_now(),
                                           scheduled_for=scheduled_for, request=request)

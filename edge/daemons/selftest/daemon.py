@@ -95,6 +95,7 @@ class SelfTestDaemon(Daemon):
         self._reserve = SpaceReserve(config.storage.database,
                                      config.storage.alarm_reserve_mb * MIB)
         self._disk_full = False
+        self._last_note: tuple[datetime | None, str] | None = None
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
@@ -171,6 +172,11 @@ class SelfTestDaemon(Daemon):
             return True
         local = now.astimezone(self.config.device.zone)
         age = now - datetime.fromisoformat(last["at"])
+        if age < timedelta(0):
+            # The last check is "in the future": the wall clock stepped back since. Waiting
+            # for the clock to catch up would skip the daily check for as long as the
+            # step; one check now re-stamps it on the clock as it is.
+            return True
         at_its_hour = age >= timedelta(hours=23) and local.hour == self.config.health.integrity_hour
         return at_its_hour or age >= timedelta(hours=48)
 
@@ -225,15 +231,33 @@ class SelfTestDaemon(Daemon):
     # -- alarm tests -------------------------------------------------------------------
 
     def _request_due_test(self, outbox: Outbox, now: datetime) -> None:
+        """Request the test of the latest slot, once. Only the latest slot is looked at,
+        so a clock stepped forward over many slots runs one catch-up test, not a burst;
+        stepped back, it finds slots that already have their test (a row per slot) and
+        runs none of them again. A slot it finds that never ran (the device was off)
+        still runs, within ``catch_up_hours`` of its time as the clock now says."""
         if not self.clock_synced():
-            return  # the wall clock may be days off before NTP: the slot waits for it
+            # The wall clock may be days off before NTP: the slot waits for it.
+            self._schedule_note(None, "waits: the clock is not synchronised")
+            return
         slot = self.schedule.latest_slot(now)
         if now - slot > timedelta(hours=self.config.alarm_test.catch_up_hours):
+            self._schedule_note(slot, "is past catch_up_hours: not run")
             return
         test_id = request_test(outbox, "schedule", scheduled_for=slot, at=now)
         if test_id is not None:
             log.info("scheduled alarm test %s for the slot of %s", test_id,
                      slot.isoformat(timespec="minutes"))
+        else:
+            self._schedule_note(slot, "already has its test")
+
+    def _schedule_note(self, slot: datetime | None, why: str) -> None:
+        """Why no test was requested, logged (debug) when it changes, not at every turn."""
+        note = (slot, why)
+        if note != self._last_note:
+            self._last_note = note
+            log.debug("alarm test schedule: slot %s %s",
+                      "-" if slot is None else utc_iso(slot), why)
 
     def _run_test(self, runner: AlarmTestRunner, test_id: str, outbox: Outbox,
                   checks: HealthChecks, tracker: CheckTracker) -> None:
