@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any
+
+from edge.runtime.clock import wall_now, wall_ns
 
 EVENT_SCHEMA = "guardpost/event@1"
 
@@ -101,7 +102,7 @@ def uuid7(unix_ns: int | None = None) -> uuid.UUID:
     ``uuid.uuid7`` only in 3.14.
     """
     global _uuid7_last
-    ns = time.time_ns() if unix_ns is None else unix_ns
+    ns = wall_ns() if unix_ns is None else unix_ns
     unix_ms, sub_ms = divmod(ns, 1_000_000)
     fraction = sub_ms * 4096 // 1_000_000  # 12 bits
     rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
@@ -126,14 +127,8 @@ def utc_iso(moment: datetime) -> str:
 
 
 def utc_now() -> datetime:
-    # The device's one wall clock (edge.runtime.clock), looked up once: an import
-    # statement here would cost four times the reading itself.
-    try:
-        return utc_now.wall_now()
-    except AttributeError:
-        from edge.runtime.clock import wall_now
-        utc_now.wall_now = wall_now
-        return wall_now()
+    """Now, on the device's one wall clock (:mod:`edge.runtime.clock`)."""
+    return wall_now()
 
 
 @dataclass(frozen=True)
