@@ -175,3 +175,15 @@ def test_root_opening_the_outbox_first_leaves_it_usable_by_the_daemons(tmp_path)
         box.commit_event(draft())
     owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()}
     assert owners and set(owners.values()) == {(65534, 65534)}, owners
+
+
+def test_ids_follow_the_newest_in_the_outbox_whoever_made_it(monkeypatch):
+    """After the wall clock stepped back, another process's ids still come after the
+    newest one (the outbox shows it to every writer before they make theirs)."""
+    from edge.store import event_ids
+
+    later = event_ids.event_id(1, unix_ns=2_000_000_000_000_000_000)
+    monkeypatch.setattr(event_ids, "_last_prefix", 0)   # a fresh process
+    event_ids.follow(later)
+    earlier_clock = event_ids.event_id(2, unix_ns=1_000_000_000_000_000_000)
+    assert earlier_clock > later and event_ids.seq_of(earlier_clock) == 2

@@ -49,6 +49,21 @@ def event_id(seq: int, unix_ns: int | None = None) -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+def follow(event_id: str) -> None:
+    """Ids made here from now on come after ``event_id`` (the newest in the outbox, made
+    perhaps by another process): after the wall clock stepped back, ids stay time-ordered
+    across processes, not only within one."""
+    global _last_prefix
+    try:
+        value = int(event_id.replace("-", ""), 16)
+    except ValueError:
+        return
+    prefix = (value >> 80) << 12 | (value >> 64) & 0xFFF
+    with _lock:
+        if prefix > _last_prefix:
+            _last_prefix = prefix
+
+
 def seq_of(event_id: str) -> int | None:
     """The sequence number an id made by :func:`event_id` carries; None if ``event_id``
     is not a version 7 UUID. An id made before schema 6 (fully random) decodes to a

@@ -49,7 +49,7 @@ from edge.store import history, schema
 from edge.store.alarm_tests import AlarmTests
 from edge.store.batches import PRUNE_FIRST_BATCH, adapt_batch, pause_after
 from edge.store.daemon_state import DaemonStates
-from edge.store.event_ids import event_id, seq_of
+from edge.store.event_ids import event_id, follow, seq_of
 from edge.store.latches import Latches
 from edge.store.lock import LockTimeout, OutboxError, WriteLock
 from edge.store.queue_stats import QueueStats, QueueSummary
@@ -523,12 +523,22 @@ class Outbox:
 
     # -- committing events -----------------------------------------------------------
 
+    def _take_seqs(self, count: int) -> int:
+        """Inside a transaction: step the sequence by ``count``; returns the last number.
+        The ids about to be made follow the newest one here, whoever made it."""
+        # "seq > 0" (always true) makes it a search of the primary key, read from its end.
+        newest = self.db.execute("SELECT id FROM events WHERE seq > 0 ORDER BY seq DESC"
+                                 " LIMIT 1").fetchone()
+        if newest is not None:
+            follow(newest[0])
+        self._marks_due = True
+        return self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
+
     def append(self, draft: EventDraft) -> Event:
         """Add an event inside the caller's :meth:`transaction`; it is durable at its end."""
         if not self.db.in_transaction:
             raise OutboxError("append() must run inside Outbox.transaction()")
-        seq = self.db.execute(_NEXT_SEQ, (1,)).fetchone()[0]
-        self._marks_due = True
+        seq = self._take_seqs(1)
         event = Event(id=event_id(seq), seq=seq, draft=draft)
         self.db.execute(_INSERT, self._values(event, utc_iso(utc_now())))
         return event
@@ -540,8 +550,7 @@ class Outbox:
         needs that id first). Every one reserved must be inserted."""
         if not self.db.in_transaction:
             raise OutboxError("reserve_events() must run inside Outbox.transaction()")
-        last = self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
-        self._marks_due = True
+        last = self._take_seqs(count)
         return [(seq, event_id(seq)) for seq in range(last - count + 1, last + 1)]
 
     def insert_events(self, events: list[Event]) -> None:
@@ -571,8 +580,7 @@ class Outbox:
         if not drafts:
             return []
         with self.transaction(timeout):
-            last = self.db.execute(_NEXT_SEQ, (len(drafts),)).fetchone()[0]
-            self._marks_due = True
+            last = self._take_seqs(len(drafts))
             events = [Event(id=event_id(seq), seq=seq, draft=draft)
                       for seq, draft in zip(range(last - len(drafts) + 1, last + 1), drafts,
                                             strict=True)]
