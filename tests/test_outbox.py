@@ -187,3 +187,14 @@ def test_ids_follow_the_newest_in_the_outbox_whoever_made_it(monkeypatch):
     event_ids.follow(later)
     earlier_clock = event_ids.event_id(2, unix_ns=1_000_000_000_000_000_000)
     assert earlier_clock > later and event_ids.seq_of(earlier_clock) == 2
+
+
+def test_delivered_rows_stamped_by_a_clock_far_ahead_are_pruned_too(tmp_path):
+    with Outbox(tmp_path / "outbox.db", IDENTITY) as box:
+        ahead = box.commit_event(draft(kind=EventKind.FAULT, code=ContactId.PANIC_ZONE_TROUBLE))
+        queued = box.commit_event(draft(kind=EventKind.FAULT, code=ContactId.PANIC_ZONE_TROUBLE))
+        box.mark_sent([ahead.seq])
+        # As if committed while the wall clock said 2099.
+        box.db.execute("UPDATE events SET committed_at = '2099-01-01T00:00:00.000000Z'")
+        assert box.prune(keep_days=90) == 1
+        assert box.event(ahead.id) is None and box.event(queued.id) is not None

@@ -693,25 +693,34 @@ class Outbox:
 
         In batches (:mod:`edge.store.batches`), releasing the write lock between
         them. ``budget_s`` stops after about that long (the rest is left for the next
-        call). Returns how many rows went."""
-        cutoff = utc_iso((now or utc_now()) - timedelta(days=keep_days))
+        call). Returns how many rows went.
+
+        Rows stamped more than a day *ahead* of now go too: committed while the wall
+        clock was wildly ahead (a bogus time server), they would otherwise stay for as
+        long as the clock had been wrong."""
+        now = now or utc_now()
         started = time.monotonic()
-        batch, removed = PRUNE_FIRST_BATCH, 0
-        while True:
-            took = time.monotonic()
-            # Not durable: a deletion lost in a power cut is done again at the next prune.
-            with self.transaction(durable=False) as conn:
-                deleted = conn.execute(
-                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
-                    f" WHERE {schema.PRUNABLE} AND committed_at < ? LIMIT ?)",
-                    (cutoff, batch)).rowcount
-            took = time.monotonic() - took
-            removed += deleted
-            if deleted < batch or (budget_s is not None
-                                   and time.monotonic() - started >= budget_s):
-                return removed
-            batch = adapt_batch(batch, took)
-            time.sleep(pause_after(took))
+        removed = 0
+        for where, stamp in (("committed_at < ?", now - timedelta(days=keep_days)),
+                             ("committed_at > ?", now + timedelta(days=1))):
+            batch = PRUNE_FIRST_BATCH
+            while True:
+                took = time.monotonic()
+                # Not durable: a deletion lost in a power cut is done again next time.
+                with self.transaction(durable=False) as conn:
+                    deleted = conn.execute(
+                        "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
+                        f" WHERE {schema.PRUNABLE} AND {where} LIMIT ?)",
+                        (utc_iso(stamp), batch)).rowcount
+                took = time.monotonic() - took
+                removed += deleted
+                if budget_s is not None and time.monotonic() - started >= budget_s:
+                    return removed
+                if deleted < batch:
+                    break
+                batch = adapt_batch(batch, took)
+                time.sleep(pause_after(took))
+        return removed
 
     # -- reading ---------------------------------------------------------------------
 
