@@ -285,3 +285,13 @@ def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, 
                        what="the refused snapshot and its file to go")
             assert uplink.log().count("dropped: the broker refused it") == 1
         police.stop()
+
+
+def test_the_backoff_holds_at_its_cap_through_a_long_outage():
+    """An outage of hours is thousands of attempts: the delay stays at the cap (2 ** 1024
+    would not be a float, and the uplink crashed on it)."""
+    from edge.daemons.uplink.connection import Backoff
+
+    backoff = Backoff(0.05, 30.0, rng=lambda: 1.0)
+    delays = [backoff.next_delay() for _ in range(5000)]
+    assert delays[-1] == 30.0 and max(delays) == 30.0

@@ -52,7 +52,9 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.first * 2 ** self.attempt)
+        # The exponent stops growing once the cap is reached: 2 ** 1024 is not a float,
+        # and an outage of a few hours counts more than a thousand attempts.
+        ceiling = min(self.cap, self.first * 2 ** min(self.attempt, 60))
         self.attempt += 1
         return ceiling / 2 + self._rng() * ceiling / 2  # "equal jitter": half fixed, half random
 

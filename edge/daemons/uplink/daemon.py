@@ -58,6 +58,7 @@ RESERVED_IN_FLIGHT = 2      # birth/offline and heartbeat may be in flight besid
 SHUTDOWN_FLUSH_S = 2.0
 LOOP_TICK_S = 1.0           # paho's keepalive bookkeeping wants a call at least this often
 UNHEARD = "PUBACK 0x10 No matching subscribers"
+FAILURE_SAVE_EVERY_S = 60.0  # the state after failed connection attempts, at most this often
 
 
 class UplinkDaemon(Daemon):
@@ -84,6 +85,7 @@ class UplinkDaemon(Daemon):
         self._session = 0
         self._connected_at: str | None = None
         self._last_error: str | None = None
+        self._failure_saved = float("-inf")
         self._stopping = False
         self._outbox: Outbox | None = None
         self._link: LinkStateFile | None = None
@@ -162,11 +164,17 @@ class UplinkDaemon(Daemon):
             if waker.wait(LOOP_TICK_S):
                 self.window.restart_walk()
             return
-        error = self.connection.finish_attempt(time.monotonic())
+        now = time.monotonic()
+        error = self.connection.finish_attempt(now)
         if error is not None:
             cfg = self.config.broker
-            self._note_error(f"cannot connect to {cfg.host}:{cfg.port}: {error}")
-            self._save_state()
+            message = f"cannot connect to {cfg.host}:{cfg.port}: {error}"
+            # A long outage is thousands of failed attempts a day: the state is written
+            # when the error changes, or once a minute, not at every one (SD card wear).
+            if message != self._last_error or now - self._failure_saved >= FAILURE_SAVE_EVERY_S:
+                self._note_error(message)
+                self._save_state()
+                self._failure_saved = now
 
     def _round(self, outbox: Outbox, waker: Waker, now: float) -> None:
         """One round while a connection is open: the network, then what it brought, then
