@@ -103,7 +103,7 @@ class Sizes:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
+    return f"{seconds * 1000:,.0f} ms" if seconds >= 0.1 else f"{seconds * 1000:.2f} ms"
 
 
 def times(ours: float, base: float) -> str:
@@ -206,7 +206,7 @@ def idle_costs(pids: dict[str, int], seconds: float) -> dict[str, dict]:
 
 
 def idle_text(cost: dict) -> str:
-    return f"{cost['cpu']:.2%} CPU · RSS {cost['rss_mb']:.1f} MiB · PSS {cost['pss_mb']:.1f} MiB"
+    return f"{cost['cpu']:.3%} CPU · RSS {cost['rss_mb']:.1f} MiB · PSS {cost['pss_mb']:.1f} MiB"
 
 
 def device_rows(port: int, work: Path, sizes: Sizes) -> list[Row]:
@@ -221,6 +221,7 @@ def device_rows(port: int, work: Path, sizes: Sizes) -> list[Row]:
         police = LeanPlatform("127.0.0.1", port, device.config.topic_prefix, ack=True,
                               client_id="bench-platform").start()
         try:
+            bare_boot = boot_baseline(sizes.boots)  # before the device loads the machine
             boots = []
             for n in range(sizes.boots):
                 if n:
@@ -229,7 +230,6 @@ def device_rows(port: int, work: Path, sizes: Sizes) -> list[Row]:
                 print(f"   boot {n + 1}: " + ", ".join(f"{k} {v * 1000:.0f} ms"
                                                        for k, v in boots[-1].items()),
                       flush=True)
-            bare_boot = boot_baseline(sizes.boots)
             threading.Event().wait(5.0)  # the camera's stream and ring under way
             bare = {"paho": bare_interpreter(BARE_IMPORTS),
                     "cv2": bare_interpreter(f"{BARE_IMPORTS}, cv2, numpy")}
