@@ -1,8 +1,8 @@
 """The one benchmark table (issue 12): every figure beside a baseline measured in the same
 run, in one process tree, printed as one Markdown table.
 
-    .venv/bin/python bench/table.py            # the full run (about ten minutes on 2 CPUs)
-    .venv/bin/python bench/table.py --quick    # smaller counts: a smoke check (~2 minutes)
+    .venv/bin/python bench/table.py            # the full run (about five minutes on 2 CPUs)
+    .venv/bin/python bench/table.py --quick    # smaller counts: a smoke check (about 70 s)
 
 It measures with the other scripts' own functions (bench/alarm_path.py, bench/outbox.py,
 bench/camera.py), so a figure here is the same measurement as there:
