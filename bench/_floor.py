@@ -3,6 +3,7 @@ SQLite database in WAL mode with synchronous=FULL, the same durability as the ou
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -35,3 +36,33 @@ def plain_commit_latencies(path: Path, count: int, payload: bytes) -> list[float
         return [table.commit(payload) for _ in range(count)]
     finally:
         table.close()
+
+
+def durable_file_latencies(directory: Path, data: bytes, count: int) -> list[float]:
+    """Seconds taken to make ``data`` durable ``count`` times as a snapshot is made durable,
+    step for step but nothing else: a new directory (its parent synced), the bytes
+    written to a temporary file, fsync'd, renamed, the directory synced, and one row
+    committed to a one-table database (WAL, synchronous=FULL)."""
+    from edge.runtime.durable import fsync_directory
+
+    directory.mkdir(parents=True, exist_ok=True)
+    table = PlainTable(directory / "rows.db")
+    times = []
+    try:
+        for n in range(count):
+            started = time.perf_counter()
+            folder = directory / f"event-{n}"
+            folder.mkdir()
+            fsync_directory(directory)
+            temporary = folder / ".snapshot.jpg.new"
+            with open(temporary, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            temporary.replace(folder / "snapshot.jpg")
+            fsync_directory(folder)
+            table.commit(str(folder).encode())
+            times.append(time.perf_counter() - started)
+    finally:
+        table.close()
+    return times

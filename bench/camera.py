@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from alarm_path import Device, pct  # noqa: E402
 
+from bench._proc import cpu_seconds, rss_mb  # noqa: E402
 from drivers.camera.source import encode_jpeg  # noqa: E402
 from drivers.camera.testcard import write_video  # noqa: E402
 from edge.daemons.button.latch import reset_alarms  # noqa: E402
@@ -41,18 +42,6 @@ from edge.tools.localbroker import LocalBroker  # noqa: E402
 
 FPS = 25.0
 SIZE = (1280, 720)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def bare_decode_cpu(video: Path, seconds: float) -> float:
@@ -70,6 +59,34 @@ def bare_decode_cpu(video: Path, seconds: float) -> float:
         pause.wait(max(0.0, start + count * pace - time.monotonic()))
     capture.release()
     return (time.process_time() - start_cpu) / (time.monotonic() - start)
+
+
+def snapshot_latencies(config, press, alarms: int) -> list[float]:
+    """Seconds from each alarm's edge (its ``occurred_at``) to its first snapshot durable
+    (the JPEG fsync'd and its row committed): ``alarms`` presses through ``press(hold)``
+    (which answers the button daemon's reply), each alarm reset, a second apart so that
+    the camera's ring refills."""
+    latencies = []
+    with Outbox(config.storage.database, config.identity) as outbox:
+        for _ in range(alarms):
+            event_id = press(0.0)["event"]["id"]
+            deadline = time.monotonic() + 10
+            row = None
+            while row is None and time.monotonic() < deadline:
+                row = outbox.db.execute(
+                    "SELECT min(committed_at) FROM snapshots WHERE event_id = ?",
+                    (event_id,)).fetchone()[0]
+                if row is None:
+                    threading.Event().wait(0.01)
+            if row is None:
+                raise TimeoutError(f"no snapshot of alarm {event_id} within 10 s")
+            occurred = outbox.db.execute(
+                "SELECT occurred_at FROM events WHERE id = ?", (event_id,)).fetchone()[0]
+            latencies.append((datetime.fromisoformat(row)
+                              - datetime.fromisoformat(occurred)).total_seconds())
+            reset_alarms(config, by="bench")
+            threading.Event().wait(1.0)
+    return latencies
 
 
 def main() -> int:
@@ -112,24 +129,7 @@ width = 1280
             bare_cpu = bare_decode_cpu(video, window)
 
             # (a) alarms: a press, its first durable snapshot, a reset; a second apart
-            latencies = []
-            with Outbox(device.config.storage.database, device.config.identity) as outbox:
-                for _ in range(alarms):
-                    event_id = device.press(0.0)["event"]["id"]
-                    deadline = time.monotonic() + 10
-                    row = None
-                    while row is None and time.monotonic() < deadline:
-                        row = outbox.db.execute(
-                            "SELECT min(committed_at) FROM snapshots WHERE event_id = ?",
-                            (event_id,)).fetchone()[0]
-                        if row is None:
-                            threading.Event().wait(0.01)
-                    occurred = outbox.db.execute(
-                        "SELECT occurred_at FROM events WHERE id = ?", (event_id,)).fetchone()[0]
-                    latencies.append((datetime.fromisoformat(row)
-                                      - datetime.fromisoformat(occurred)).total_seconds())
-                    reset_alarms(device.config, by="bench")
-                    threading.Event().wait(1.0)
+            latencies = snapshot_latencies(device.config, device.press, alarms)
         finally:
             device.stop()
 

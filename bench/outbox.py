@@ -217,7 +217,9 @@ def bench_prune(directory: Path, rows: int) -> None:
 
 # -- (3) against persist-queue ------------------------------------------------------------
 
-def bench_queue(directory: Path, count: int) -> None:
+def bench_queue(directory: Path, count: int) -> dict[str, float]:
+    """Rates per second, ours and persist-queue's: one enqueue per commit (``put``), bursts
+    of ten in one commit (``burst``), dequeue + confirm (``get``)."""
     print(f"\n(3) against persist-queue {persistqueue.__version__} SQLiteAckQueue, {count:,} "
           "items; both journal_mode=WAL, synchronous=FULL; persist-queue pickles the same "
           "payload bytes")
@@ -271,9 +273,11 @@ def bench_queue(directory: Path, count: int) -> None:
         row("dequeue + confirm, /s", f"{ours_get:,.0f}", f"{theirs_get:,.0f}",
             f"{ours_get / theirs_get:.2f}x (goal >= 5x)")
     queue.close()
+    return {"put_ours": ours_put, "put_theirs": theirs_put, "burst_ours": ours_burst,
+            "get_ours": ours_get, "get_theirs": theirs_get}
 
 
-def bench_concurrent(directory: Path, count: int, producers: int = 8) -> None:
+def bench_concurrent(directory: Path, count: int, producers: int = 8) -> dict[str, float]:
     """Durable enqueue as the button daemon does it: presses from several threads (inputs,
     a storm of taps) through its recorder, each producer waiting until its press is on
     disk; persist-queue's put from as many threads, each put its own commit."""
@@ -336,6 +340,7 @@ def bench_concurrent(directory: Path, count: int, producers: int = 8) -> None:
     row("durable enqueue, a burst from one worker, /s", f"{rates['worker']:,.0f}",
         f"{rates['theirs']:,.0f}", f"{rates['worker'] / rates['theirs']:.2f}x (the input "
         "worker never waits for the disk)")
+    return rates
 
 
 # -- (4) bytes to the WAL per alarm -------------------------------------------------------
