@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import threading
 import time
 from collections import defaultdict
@@ -144,15 +145,19 @@ class Judge(PlatformStandIn):
             pause = min(pause * 2, self.republish_max_s)
         return count
 
-    def allowed_copies(self, copies: list[Copy], committed_at: float | None) -> int:
+    def allowed_copies(self, copies: list[Copy], committed_at: float | None,
+                       births: list[tuple[float, int]] | None = None) -> int:
         """The contract's bound for one event (see the module's docstring)."""
         first, last = copies[0].at, copies[-1].at
-        births = self.births()
+        births = self.births() if births is None else births
         times = [at for at, _ in births]
+        # The device's session counter as of each birth's arrival (a late retained copy
+        # of an older birth does not take it back).
+        highest = list(itertools.accumulate((s for _, s in births), max))
 
         def session_by(moment: float) -> int:
             index = bisect.bisect_right(times, moment)
-            return max((s for _, s in births[:index]), default=0)
+            return highest[index - 1] if index else 0
 
         connections = session_by(last) - session_by(first)
         reconnections = sum(1 for at in self.connected_at if first < at <= last)
@@ -193,14 +198,14 @@ class Judge(PlatformStandIn):
                 if before is None or c.seq > before.seq:
                     last_seq[c.priority] = c
 
-        duplicates = 0
+        duplicates, births = 0, self.births()
         for event_id, cs in copies.items():
             duplicates += len(cs) - 1
             different = sum(1 for c in cs[1:] if c.payload != cs[0].payload)
             if different:
                 problems.append(f"seq {cs[0].seq}: {different} of {len(cs)} copies differ "
                                 "from the first, byte for byte")
-            allowed = self.allowed_copies(cs, committed_at.get(event_id))
+            allowed = self.allowed_copies(cs, committed_at.get(event_id), births)
             if len(cs) > allowed:
                 problems.append(f"seq {cs[0].seq}: {len(cs)} copies over "
                                 f"{(cs[-1].at - cs[0].at):.1f} s, the contract allows "

@@ -5,6 +5,7 @@ network namespace of the test's own)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 from edge.tools.localbroker import LocalBroker, free_port
@@ -31,7 +32,8 @@ class ProofSite:
 
     def __init__(self, workdir: Path, stack: contextlib.ExitStack, *, persistence: bool = True,
                  proxy: bool = False, netns: bool = False, modem: bool = True,
-                 state_dir: Path | None = None, sections: dict | None = None):
+                 state_dir: Path | None = None, sections: dict | None = None,
+                 broker_config: str = ""):
         self.workdir = Path(workdir)
         self.netns = stack.enter_context(NetworkNamespace()) if netns else None
         judge_port = None
@@ -40,11 +42,13 @@ class ProofSite:
             # on loopback, a listener of its own, so that the device's link going down is
             # not the judge's.
             judge_port = free_port()
-            self.broker = ProofBroker(self.workdir / "broker", persistence=persistence,
-                                      extra_config=f"listener {judge_port} 127.0.0.1")
+            self.broker = ProofBroker(
+                self.workdir / "broker", persistence=persistence,
+                extra_config=f"listener {judge_port} 127.0.0.1\n{broker_config}")
             self.broker.host = self.netns.host_address
         else:
-            self.broker = ProofBroker(self.workdir / "broker", persistence=persistence)
+            self.broker = ProofBroker(self.workdir / "broker", persistence=persistence,
+                                      extra_config=broker_config)
         stack.enter_context(self.broker)
         self.proxy = stack.enter_context(FaultProxy(self.broker.port)) if proxy else None
         self.modem = stack.enter_context(ModemSimulator()) if modem else None
@@ -66,11 +70,12 @@ class ProofSite:
         self.judge.start()
         stack.callback(self.judge.stop)
 
-    def restart_broker(self, *, crash: bool = False) -> None:
-        """The broker goes away and comes back on the same port: SIGTERM (it saves its
-        persistence file, if it has one) or kill -9."""
+    def restart_broker(self, *, crash: bool = False, down_s: float = 0.0) -> None:
+        """The broker goes away for ``down_s`` and comes back on the same port: SIGTERM
+        (it saves its persistence file, if it has one) or kill -9."""
         if crash:
             self.broker.crash()
         else:
             self.broker.stop()
+        threading.Event().wait(down_s)  # an outage of that length: presses go on meanwhile
         self.broker.start()

@@ -39,7 +39,7 @@ def test_kill_9_of_run_all_loses_no_confirmed_alarm(proof_site, scale, rng, reco
         device.start()
         device.wait_armed()
 
-    verdict = prove(site, Scenario("kill -9 of `run all`", scale.of(4, 40), inject), rng, record)
+    verdict = prove(site, Scenario("kill -9 of `run all`", scale.of(4, 30), inject), rng, record)
     assert verdict.ok, verdict.explain()
 
 
@@ -55,6 +55,6 @@ def test_kill_9_of_every_process_at_once_loses_no_confirmed_alarm(proof_site, sc
         device.start()
         device.wait_armed()
 
-    verdict = prove(site, Scenario("kill -9 of every process at once", scale.of(2, 20),
+    verdict = prove(site, Scenario("kill -9 of every process at once", scale.of(2, 10),
                                    inject), rng, record)
     assert verdict.ok, verdict.explain()
