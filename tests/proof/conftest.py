@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,18 @@ def pytest_configure(config):
     config.stash[VERDICTS] = []
     config.stash[SEED] = int(os.environ.get("GUARDPOST_PROOF_SEED")
                              or random.SystemRandom().randrange(1 << 31))
+
+
+SOAK_TIMEOUT_S = 4 * 3600  # a soak scenario runs for many minutes; a hang is still a bug
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--soak", default=False):
+        return
+    proof = Path(__file__).parent
+    for item in items:
+        if proof in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.timeout(SOAK_TIMEOUT_S))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
