@@ -58,3 +58,23 @@ def test_kill_9_of_every_process_at_once_loses_no_confirmed_alarm(proof_site, sc
     verdict = prove(site, Scenario("kill -9 of every process at once", scale.of(2, 10),
                                    inject), rng, record)
     assert verdict.ok, verdict.explain()
+
+
+def test_restarted_on_a_copy_of_its_state_taken_frozen_loses_nothing(proof_site, scale, rng,
+                                                                      record, tmp_path):
+    """Frozen, its state directory copied as it is (the outbox, its WAL and shared memory
+    files: what a crash leaves on a disk that kept every write), then killed and started
+    on the copy: the copy has every confirmed alarm."""
+    site = proof_site()
+    device = site.device
+
+    def inject(number: int) -> None:
+        device.freeze()
+        copy = device.copy_state(tmp_path / f"state-copy-{number + 1}")
+        device.kill_everything()
+        device.start(state_dir=copy)
+        device.wait_armed()
+
+    verdict = prove(site, Scenario("kill -9 of everything, restarted on a copy of its state",
+                                   scale.of(2, 10), inject), rng, record)
+    assert verdict.ok, verdict.explain()
