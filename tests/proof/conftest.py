@@ -56,6 +56,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = results.write(verdicts, soak=soak, seed=config.stash[SEED])
     terminalreporter.section("proof suite")
     terminalreporter.write_line(results.table(verdicts))
+    if text := results.notes(verdicts):
+        terminalreporter.write_line(text)
     terminalreporter.write_line(f"seed {config.stash[SEED]}; written to {path}")
 
 

@@ -32,7 +32,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from tests.proof.presser import CONFIRMED, Press
+from tests.proof.presser import CONFIRMED, IGNORED, REFUSED, Press
 from tests.support.platform import PlatformStandIn
 
 
@@ -57,6 +57,9 @@ class Verdict:
     duplicates: int                   # copies beyond the first, in all
     worst_delay_s: float | None
     problems: list[str] = field(default_factory=list)
+    # What the device said of presses it did not take (not a broken promise of the
+    # contract, but a press of 20 ms refused or ignored is worth a look).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -215,11 +218,14 @@ class Judge(PlatformStandIn):
                   if p.event_id in copies]
         problems += [f"schema: {problem}" for problem in self.schema_problems[:20]]
         unconfirmed: dict[str, int] = defaultdict(int)
+        notes = []
         for p in presses:
             if p.outcome != CONFIRMED:
                 unconfirmed[p.outcome] += 1
+            if p.outcome in (IGNORED, REFUSED):
+                notes.append(f"press {p.number} {p.outcome}: {p.detail}")
         return Verdict(scenario=scenario, injections=injections, presses=len(presses),
                        confirmed=len(confirmed), delivered=len(confirmed) - len(lost),
                        lost=lost, unconfirmed=dict(unconfirmed), duplicates=duplicates,
                        worst_delay_s=max(0.0, max(delays)) if delays else None,
-                       problems=problems)
+                       problems=problems, notes=notes)

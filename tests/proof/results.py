@@ -51,5 +51,13 @@ def write(verdicts: list[Verdict], *, soak: bool, seed: int) -> Path:
         f"`python -m pytest tests/proof{' --soak' if soak else ''}`, random seed {seed} "
         f"(`GUARDPOST_PROOF_SEED={seed}` replays the same choices); Python "
         f"{platform.python_version()} on {platform.node()} ({sys.platform}).\n\n"
-        + table(verdicts) + "\n")
+        + table(verdicts) + "\n" + notes(verdicts))
     return path
+
+
+def notes(verdicts: list[Verdict]) -> str:
+    """Presses the device refused or ignored, and every broken promise, by scenario."""
+    lines = []
+    for v in verdicts:
+        lines += [f"- {v.scenario}: {text}" for text in [*v.problems, *v.notes][:50]]
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
