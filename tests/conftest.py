@@ -18,6 +18,14 @@ from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 
 
+def pytest_addoption(parser):
+    # Here and not in tests/proof/conftest.py: pytest reads options only from the
+    # rootdir's conftest (and plugins), before it collects any sub-directory.
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="proof suite: hundreds of injections per scenario instead of CI's "
+                          "few (200 kills, 50 broker restarts, dozens of network faults)")
+
+
 def write_toml(path: Path, document: dict) -> Path:
     """Write nested dictionaries of scalars as TOML tables (enough for test configurations)."""
     lines: list[str] = []

@@ -21,11 +21,16 @@ from edge.runtime.sdnotify import NotifyListener
 
 class DaemonProcess:
     def __init__(self, name: str, config_path: Path, listener: NotifyListener,
-                 extra_env: dict | None = None):
+                 extra_env: dict | None = None, *, log_level: str = "DEBUG",
+                 command_prefix: tuple[str, ...] = ()):
         self.name = name
         self.config_path = config_path
         self.listener = listener
         self.extra_env = extra_env or {}
+        self.log_level = log_level
+        # Runs the daemon through another command (``ip netns exec NAME``), which must
+        # exec it: the pid is the daemon's.
+        self.command_prefix = tuple(command_prefix)
         self.process: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -38,8 +43,8 @@ class DaemonProcess:
     def start(self, *, wait_ready: bool = True) -> DaemonProcess:
         env = self.listener.env() | self.extra_env
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge", "--log-level", "DEBUG", "run", self.name,
-             "--config", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "edge", "--log-level", self.log_level,
+             "run", self.name, "--config", str(self.config_path)],
             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -8,17 +8,24 @@ the broker: the faults of a real link, on demand and at once.
   a network outage looks (the listening socket's queue is kept full).
 - ``black_hole()``: connections stay open and nothing is forwarded either way (a
   half-open link: TCP up, nothing arriving); ``new_connections=False`` leaves new ones
-  passing, so only the link in use is dead.
+  passing, so only the link in use is dead. ``direction="to_broker"`` or
+  ``"to_device"`` drops one way only (an asymmetric fault: the broker hears the device
+  but its answers never come back, or the reverse).
 - ``delay(seconds)``: a round trip takes ``seconds`` (half each way), as over a 4G modem
   in poor signal.
+- ``throttle(bytes_per_s)``: each direction carries at most that many bytes a second;
+  the proxy stops reading meanwhile, so the sender feels it as TCP back-pressure (a
+  congested link), not as a growing queue inside the proxy.
 
-One thread runs an asyncio loop; every change is made on that loop and takes effect
-before the call returns.
+Bytes of one direction always leave in the order they came, whatever the mode changes
+in between. One thread runs an asyncio loop; every change is made on that loop and
+takes effect before the call returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import struct
@@ -26,6 +33,9 @@ import threading
 from dataclasses import dataclass, field
 
 CHUNK = 65536
+TO_BROKER, TO_DEVICE = "to_broker", "to_device"
+BOTH_WAYS = frozenset((TO_BROKER, TO_DEVICE))
+_EOF = None  # queued after the last bytes of a direction: the end of its stream
 
 
 @dataclass(eq=False)
@@ -34,8 +44,16 @@ class _Link:
 
     downstream: asyncio.StreamWriter  # towards the device
     upstream: asyncio.StreamWriter    # towards the broker
-    black_holed: bool = False
+    holes: set[str] = field(default_factory=set)  # directions whose bytes are dropped
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # Per direction: bytes held back by a delay, (loop time to leave, bytes), in order.
+    later: dict[str, collections.deque] = field(
+        default_factory=lambda: {TO_BROKER: collections.deque(), TO_DEVICE: collections.deque()})
+    senders: dict[str, asyncio.Task] = field(default_factory=dict)
+
+    @property
+    def black_holed(self) -> bool:
+        return self.holes == BOTH_WAYS
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -56,8 +74,9 @@ class FaultProxy:
         self.port = 0
         self.mode = "pass"
         self._delay = 0.0              # one way, seconds
+        self._rate: float | None = None  # bytes per second each way, or None: unlimited
         self._refuse = False
-        self._hole_new = True
+        self._new_holes: frozenset[str] = frozenset()  # for connections made meanwhile
         self._links: set[_Link] = set()
         self.accepted = 0              # connections accepted so far (for tests to wait on)
         self._accepted_cond = threading.Condition()
@@ -112,7 +131,8 @@ class FaultProxy:
     def passing(self) -> None:
         """Forward everything again (connections black-holed so far stay dead)."""
         def change() -> None:
-            self.mode, self._delay, self._refuse, self._hole_new = "pass", 0.0, False, True
+            self.mode, self._delay, self._rate, self._refuse = "pass", 0.0, None, False
+            self._new_holes = frozenset()
 
         if self._full:
             for sock in self._full:
@@ -148,19 +168,35 @@ class FaultProxy:
         self._server.close()
         await self._server.wait_closed()
 
-    def black_hole(self, *, new_connections: bool = True) -> None:
+    def black_hole(self, *, new_connections: bool = True, direction: str = "both") -> None:
+        holes = BOTH_WAYS if direction == "both" else frozenset((direction,))
+        if not holes <= BOTH_WAYS:
+            raise ValueError(f"direction is 'both', {TO_BROKER!r} or {TO_DEVICE!r}, "
+                             f"not {direction!r}")
+
         def change() -> None:
             for link in self._links:
-                link.black_holed = True
-            self._hole_new = new_connections
+                link.holes |= holes
+                for way in holes:
+                    link.later[way].clear()
             if new_connections:
-                self.mode = "black-hole"
+                self._new_holes = holes
+                self.mode = "black-hole" if direction == "both" else f"black-hole {direction}"
 
         self._on_loop(change)
 
     def delay(self, round_trip_s: float) -> None:
         def change() -> None:
             self.mode, self._delay = "delay", round_trip_s / 2
+
+        self._on_loop(change)
+
+    def throttle(self, bytes_per_s: float) -> None:
+        if bytes_per_s <= 0:
+            raise ValueError("a throttle needs a positive rate")
+
+        def change() -> None:
+            self.mode, self._rate = "throttle", float(bytes_per_s)
 
         self._on_loop(change)
 
@@ -185,45 +221,78 @@ class FaultProxy:
         except OSError:
             _reset(writer)
             return
-        link = _Link(writer, up_writer, black_holed=self.mode == "black-hole" and self._hole_new)
+        link = _Link(writer, up_writer, holes=set(self._new_holes))
         self._links.add(link)
-        link.tasks = [asyncio.ensure_future(self._pump(link, reader, up_writer)),
-                      asyncio.ensure_future(self._pump(link, up_reader, writer))]
+        link.tasks = [asyncio.ensure_future(self._pump(link, reader, up_writer, TO_BROKER)),
+                      asyncio.ensure_future(self._pump(link, up_reader, writer, TO_DEVICE))]
         await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
         self._links.discard(link)
-        for task in link.tasks:
+        for task in (*link.tasks, *link.senders.values()):
             task.cancel()
         for side in (writer, up_writer):
             if not side.transport.is_closing():
                 side.close()
 
     async def _pump(self, link: _Link, source: asyncio.StreamReader,
-                    sink: asyncio.StreamWriter) -> None:
+                    sink: asyncio.StreamWriter, way: str) -> None:
         while True:
             try:
                 data = await source.read(CHUNK)
             except (ConnectionError, OSError):
                 data = b""
             if not data:
-                if link.black_holed:
+                if way in link.holes:
                     return
-                if self._delay:  # the end of the stream follows the bytes still on the way
-                    self._loop.call_later(self._delay, _reset, sink)
-                else:
-                    _reset(sink)
+                # The end of the stream follows the bytes still on the way.
+                self._forward(link, sink, way, _EOF)
+                if way in link.senders:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await link.senders[way]
                 return
-            if link.black_holed:
+            if way in link.holes:
                 continue  # read and dropped: the other side hears nothing, ever
-            if self._delay:
-                # Each chunk leaves after the delay, in order: the link is slow, not lossy.
-                self._loop.call_later(self._delay, self._deliver, link, sink, data)
-            else:
-                sink.write(data)
+            step = max(64, int(self._rate / 20)) if self._rate else len(data)
+            for offset in range(0, len(data), step):
+                piece = data[offset:offset + step]
+                if self._rate:
+                    # Not reading meanwhile: the sender's own buffers fill, as on a slow link.
+                    await asyncio.sleep(len(piece) / self._rate)
+                if way in link.holes:
+                    break
+                self._forward(link, sink, way, piece)
+            if not link.later[way] and not sink.transport.is_closing():
                 with contextlib.suppress(ConnectionError, OSError):
                     await sink.drain()
 
-    @staticmethod
-    def _deliver(link: _Link, sink: asyncio.StreamWriter, data: bytes) -> None:
-        if link.black_holed or sink.transport.is_closing():
+    def _forward(self, link: _Link, sink: asyncio.StreamWriter, way: str,
+                 data: bytes | None) -> None:
+        """Now, or after the delay, but never ahead of bytes still held back."""
+        queue = link.later[way]
+        if not self._delay and not queue:
+            if data is _EOF:
+                _reset(sink)
+            elif not sink.transport.is_closing():
+                sink.write(data)
             return
-        sink.write(data)
+        queue.append((self._loop.time() + self._delay, data))
+        sender = link.senders.get(way)
+        if sender is None or sender.done():
+            link.senders[way] = asyncio.ensure_future(self._send_later(link, sink, way))
+
+    async def _send_later(self, link: _Link, sink: asyncio.StreamWriter, way: str) -> None:
+        queue = link.later[way]
+        while queue:
+            leave, data = queue[0]
+            wait = leave - self._loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not queue:
+                return  # black-holed meanwhile: dropped
+            queue.popleft()
+            if way in link.holes or sink.transport.is_closing():
+                queue.clear()
+                return
+            if data is _EOF:
+                _reset(sink)
+                return
+            sink.write(data)
