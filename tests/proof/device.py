@@ -38,6 +38,7 @@ class DeviceSettings:
     modem_port: str | None = None             # a ModemSimulator's pty: fallback runs
     sections: dict = field(default_factory=dict)  # merged into the configuration
     command_prefix: tuple[str, ...] = ()      # e.g. ("ip", "netns", "exec", name)
+    env: dict = field(default_factory=dict)   # e.g. the simulated clock's variable
 
 
 def descendants(pid: int) -> list[int]:
@@ -124,7 +125,8 @@ class ProofDevice:
             self.state_dir = Path(state_dir)
             self.config_path, self.config = self._write_config()
         run = DaemonProcess("all", self.config_path, self.listener, log_level="INFO",
-                            command_prefix=self.settings.command_prefix)
+                            command_prefix=self.settings.command_prefix,
+                            extra_env=self.settings.env)
         self.runs.append(run)
         run.start()
         return self

@@ -128,8 +128,20 @@ class Judge(PlatformStandIn):
         return True
 
     def missing_seqs(self) -> list[int]:
+        """Numbers below the highest arrived that have not arrived, less those the device
+        announced lost (a ``history_lost`` fault: they will never come)."""
         seqs = {c[0].seq for c in self.copies().values() if isinstance(c[0].seq, int)}
-        return sorted(set(range(1, max(seqs, default=0) + 1)) - seqs)
+        return sorted(set(range(1, max(seqs, default=0) + 1)) - seqs - self.announced_lost())
+
+    def announced_lost(self) -> set[int]:
+        """Sequence numbers the device said are lost with its outbox's history
+        (docs/contract.md, ``epoch``): the fault names them, the platform stops waiting."""
+        lost: set[int] = set()
+        for body in self.events("fault"):
+            detail = body.get("detail") or {}
+            if detail.get("problem") == "history_lost" and "lost_from_seq" in detail:
+                lost |= set(range(detail["lost_from_seq"], detail["lost_to_seq"] + 1))
+        return lost
 
     def wait_without_gaps(self, timeout: float) -> None:
         """Until no sequence number below the highest arrived is missing (or timeout):
@@ -168,15 +180,19 @@ class Judge(PlatformStandIn):
         return 1 + connections + reconnections + self.republications_within(last - since)
 
     def verdict(self, scenario: str, presses: list[Press], *, injections: int,
-                order_promised: bool = True) -> Verdict:
+                order_promised: bool = True, losses_announced: bool = False) -> Verdict:
+        """``losses_announced``: the scenario destroys committed data (a lost WAL): a
+        confirmed alarm may be missing only if the device announced its number lost."""
         copies = self.copies()
         confirmed = [p for p in presses if p.outcome == CONFIRMED]
         committed_at = {p.event_id: p.answered_at for p in confirmed}
         problems: list[str] = []
 
+        announced = self.announced_lost() if losses_announced else set()
         lost = [p.event_id for p in confirmed if p.event_id not in copies]
         problems += [f"confirmed press {p.number} (seq {p.seq}, id {p.event_id}) never "
-                     "arrived" for p in confirmed if p.event_id not in copies]
+                     "arrived" + (" and was not announced lost" if losses_announced else "")
+                     for p in confirmed if p.event_id not in copies and p.seq not in announced]
         problems += [f"seq {seq} never arrived (an event the device committed)"
                      for seq in self.missing_seqs()]
         for p in confirmed:

@@ -28,6 +28,9 @@ class Scenario:
     # docs/contract.md: first arrivals follow seq within a priority, except what a broker
     # that forgot it gets again later ("missing numbers fill in as the backlog drains").
     order_promised: bool = True
+    # The fault destroys committed data (a lost WAL): what is missing must have been
+    # announced lost by the device (its history_lost fault), and is counted as lost.
+    losses_announced: bool = False
 
 
 def wait_flowing(site: ProofSite, presser: Presser, after: int) -> None:
@@ -70,7 +73,8 @@ def prove(site: ProofSite, scenario: Scenario, rng: random.Random,
                          DRAIN_TIMEOUT_S)
     judge.wait_without_gaps(timeout=15)
     verdict = judge.verdict(scenario.name, presses, injections=injected,
-                            order_promised=scenario.order_promised)
+                            order_promised=scenario.order_promised,
+                            losses_announced=scenario.losses_announced)
     if broken:
         verdict.problems.insert(0, broken)
     code = device.stop()

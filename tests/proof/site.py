@@ -33,7 +33,7 @@ class ProofSite:
     def __init__(self, workdir: Path, stack: contextlib.ExitStack, *, persistence: bool = True,
                  proxy: bool = False, netns: bool = False, modem: bool = True,
                  state_dir: Path | None = None, sections: dict | None = None,
-                 broker_config: str = ""):
+                 broker_config: str = "", env: dict | None = None):
         self.workdir = Path(workdir)
         self.netns = stack.enter_context(NetworkNamespace()) if netns else None
         judge_port = None
@@ -57,7 +57,8 @@ class ProofSite:
             broker_port=self.proxy.port if self.proxy else self.broker.port,
             modem_port=self.modem.port if self.modem else None,
             sections=sections or {},
-            command_prefix=self.netns.command_prefix if self.netns else ())
+            command_prefix=self.netns.command_prefix if self.netns else (),
+            env=env or {})
         self.device = ProofDevice(self.workdir / "device", state_dir or self.workdir / "state",
                                   settings)
         stack.callback(self.device.close)
