@@ -224,3 +224,15 @@ def test_every_activation_is_decided_once_when_edges_arrive_after_the_level_chan
                        until=t + 1, delays=[d / 1000 for d in delays], lag=lag_ms / 1000)
     assert [round(o.started, 6) for o in outcomes] == [round(e[0], 6) for e in edges[::2]]
     assert all(o.accepted for o, press in zip(outcomes, expected, strict=True) if press)
+
+
+def test_a_press_whose_first_edge_comes_after_its_grace_is_timed_from_that_edge():
+    """A thread starved for longer than the grace (daemons starting on two CPUs) delivers
+    the activating edge after the level has stood in for it: the edge's time, earlier than
+    the level's, is the press's start. Timed from the level, a 205 ms press against a
+    200 ms hold time measured 195 ms and was swallowed."""
+    edges = [(1.0, True), (1.205, False)]
+    flt = PressFilter(0.010, 0.200, 0.005)
+    flt._checked = 0.51  # the idle check reads the level at 1.01, during the press
+    outcomes = Input(flt, edges, delays=[0.15, 0.0]).run(10.0)
+    assert [(o.accepted, o.started) for o in outcomes] == [(True, 1.0)], outcomes

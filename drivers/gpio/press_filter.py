@@ -72,6 +72,7 @@ class PressFilter:
         self._gap_seen = False               # ... as an edge (not only as a level read)
         self._checked = 0.0                  # last level read while held or idle
         self._doubt_since: float | None = None  # the level disagrees with the edges since
+        self._start_presumed = False         # _start is a level's time: its edge was late
 
     @property
     def _closed_by_edges(self) -> bool:
@@ -102,6 +103,12 @@ class PressFilter:
                 outcomes += self._release()
             if self._start is None:
                 return outcomes + self._begin(at)
+            if self._start_presumed and self._gap_since is None and at < self._start:
+                # The activating edge, later than the level that stood in for it (its
+                # thread starved under load): its time is the press's start, not the
+                # level's; counted from the level, a short press would be a glitch.
+                self._start, self._start_presumed = at, False
+                return outcomes
             self._gap_since = None  # the contact closed again within the bounce time
             return outcomes
         if self._start is None:
@@ -145,13 +152,15 @@ class PressFilter:
             self._gap_since, self._gap_seen = since, False
             return self.expire(now, still_active)
         if self._start is None:
-            return self._begin(since)  # a press whose first edge was lost
+            return self._begin(since, presumed=True)  # a press whose first edge was lost
         # Closed again and that edge was lost: a bounce and a new press look the same.
-        return self._release() + self._begin(since)
+        return self._release() + self._begin(since, presumed=True)
 
-    def _begin(self, at: float) -> list[FilterOutcome]:
-        """A new activation starts at ``at``."""
+    def _begin(self, at: float, *, presumed: bool = False) -> list[FilterOutcome]:
+        """A new activation starts at ``at`` (``presumed``: the time a level was read,
+        its edge not seen yet)."""
         self._start, self._gap_since, self._held = at, None, False
+        self._start_presumed = presumed
         return [self._accept(at, "press")] if self.threshold == 0 else []
 
     def _accept(self, now: float, reason: str) -> FilterOutcome:
