@@ -251,17 +251,17 @@ class Outbox:
                     self.append(history.history_fault(decision.lost, utc_now(),
                                                       clock_synchronised(), boot_id()))
             self._marks_due = True
-        self._write_mark()
+        self._write_mark(sync=True)  # a new epoch, or the first mark: on the card at once
         self._replaced_because = None
 
-    def _write_mark(self) -> None:
+    def _write_mark(self, *, sync: bool = False) -> None:
         """After a commit that took sequence or session numbers: the mark follows (see
         :mod:`edge.store.watermark`). A failure here loses nothing the commit has not
         already made durable, so it is logged, not raised."""
         self._marks_due = False
         try:
             self._mark.write(Mark(self.last_seq(), self.counter("mqtt_session") or 0,
-                                  self.epoch))
+                                  self.epoch), sync=sync)
         except (OSError, sqlite3.Error) as err:
             log.error("could not advance the sequence mark %s: %s", self._mark.path, err)
 

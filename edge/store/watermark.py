@@ -9,9 +9,17 @@ beside the database, after its ``COMMIT`` and before it gives up the write lock:
     outbox.db.mark   two 64-byte slots, written in turn, each
                      "GPMARK1 <seq> <session> <epoch> <crc32>\\n"
 
-A slot is written with ``pwrite`` and ``fdatasync``: a torn write spoils one slot, and the
-other still holds the value before it (which the database, committed first, still has).
-On open the outbox takes the larger of its counter and the mark: numbers never go back.
+A slot is written with ``pwrite``: a torn write spoils one slot, and the other still holds
+the value before it (which the database, committed first, still has). On open the outbox
+takes the larger of its counter and the mark: numbers never go back.
+
+The ``fdatasync`` that puts the mark on the card is not on the alarm's path: it doubled
+the cost of a single alarm commit (a second flush after the WAL's). A thread of the
+connection makes it within milliseconds of the write (:data:`SYNC_DELAY_S` at most, more
+under load); a new epoch is synced at once. What that leaves open: the mark's last
+milliseconds lost in a power cut that also takes the database's last synced commits
+(hardware that lies about its flushes) — where the mark's own flush would not have been
+trustworthy either. A crash of the process loses nothing: the write is in the kernel.
 
 The **epoch** names one unbroken history of the outbox (a UUIDv7). When the outbox finds
 less than the mark says it had, or a new file in its place, history was lost: a new
@@ -21,12 +29,18 @@ the platform can tell a gap that will never fill from one that will.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 SLOT = 64
+SYNC_DELAY_S = 0.005  # a burst of commits shares one flush of the mark
 _MAGIC = b"GPMARK1"
 
 
@@ -66,6 +80,9 @@ class SequenceMark:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._fd: int | None = None
+        self._dirty = threading.Event()
+        self._closing = False
+        self._syncer: threading.Thread | None = None
 
     def _slots(self) -> list[Mark | None]:
         if self._fd is not None:
@@ -83,9 +100,10 @@ class SequenceMark:
         marks = [m for m in self._slots() if m is not None]
         return max(marks, key=lambda m: (m.seq, m.session)) if marks else None
 
-    def write(self, mark: Mark) -> None:
-        """Record ``mark`` durably, never below what is there: into the slot that does
-        not hold the larger value, so a torn write leaves the larger one whole."""
+    def write(self, mark: Mark, *, sync: bool = False) -> None:
+        """Record ``mark``, never below what is there: into the slot that does not hold
+        the larger value, so a torn write leaves the larger one whole. On the card at
+        once with ``sync``, else within milliseconds (see the module)."""
         if self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
             if os.fstat(fd).st_size < 2 * SLOT:
@@ -103,9 +121,41 @@ class SequenceMark:
         else:
             target = 0
         os.pwrite(self._fd, _encode(mark), target * SLOT)
-        os.fdatasync(self._fd)
+        if sync:
+            os.fdatasync(self._fd)
+            return
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_soon, name="mark-sync",
+                                            daemon=True)
+            self._syncer.start()
+        self._dirty.set()
+
+    def _sync_soon(self) -> None:
+        while True:
+            self._dirty.wait()
+            if self._closing:
+                return
+            threading.Event().wait(SYNC_DELAY_S)
+            self._dirty.clear()
+            try:
+                os.fdatasync(self._fd)
+            except OSError as err:  # the next commit tries again; close() syncs too
+                self._dirty.set()
+                threading.Event().wait(1.0)
+                if self._closing:
+                    return
+                log.error("cannot sync %s: %s", self.path, err)
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._closing = True
+            self._dirty.set()
+            self._syncer.join(2.0)
+            if self._syncer.is_alive():
+                return  # stuck in the kernel with our descriptor: leave it to it
+            self._syncer = None
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.fdatasync(self._fd)
             os.close(self._fd)
             self._fd = None
