@@ -15,7 +15,7 @@ takes the larger of its counter and the mark: numbers never go back.
 
 The ``fdatasync`` that puts the mark on the card is not on the alarm's path: it doubled
 the cost of a single alarm commit (a second flush after the WAL's). A thread of the
-connection makes it within milliseconds of the write (:data:`SYNC_DELAY_S` at most, more
+connection makes it within about 20 ms of the write (:data:`SYNC_DELAY_S`, more
 under load); a new epoch is synced at once. What that leaves open: the mark's last
 milliseconds lost in a power cut that also takes the database's last synced commits
 (hardware that lies about its flushes) — where the mark's own flush would not have been
@@ -40,7 +40,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SLOT = 64
-SYNC_DELAY_S = 0.005  # a burst of commits shares one flush of the mark
+SYNC_DELAY_S = 0.02  # a burst of commits shares one flush of the mark
 _MAGIC = b"GPMARK1"
 
 
