@@ -26,7 +26,7 @@ The state records overwrite one row per daemon; only events accumulate. The self
 daemon here is the real one (``SelfTestDaemon`` with its clocks injected, its timers driven
 by that clock); the button's and uplink's records are their real state documents, as their
 daemons saved them during the outage, saved through the same call at their cadence.
-Before the outage, six hours of the same records without the self-test bring the WAL to
+Before the outage, two days of the same records without the self-test bring the WAL to
 the high-water mark a running device has (SQLite reuses its WAL file, never shrinks it).
 """
 
@@ -54,7 +54,7 @@ from edge.daemons.uplink.daemon import FAILURE_SAVE_EVERY_S  # noqa: E402
 from edge.runtime.daemon import STATE_WRITE_TIMEOUT_S  # noqa: E402
 from edge.store.outbox import LOOP_WRITE_TIMEOUT_S, Outbox  # noqa: E402
 
-WARM_UP_S = 6 * 3600
+WARM_UP_S = 48 * 3600
 
 
 def io_counters() -> dict[str, int]:
