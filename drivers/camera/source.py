@@ -166,7 +166,7 @@ class CameraSource:
                 capture = None
                 self._failed(f"opening failed: {err}")
             if capture is None:
-                self._failed(f"cannot open {self.source}")
+                self._failed(f"cannot open {_redact(self.source)}")
                 self._stop.wait(delay)
                 delay = min(REOPEN_MAX_S, delay * 2)
                 continue
@@ -237,9 +237,13 @@ class CameraSource:
 
 def _redact(source: str) -> str:
     """rtsp://user:password@host/... -> rtsp://user:***@host/... for the logs."""
-    if "://" in source and "@" in source.split("://", 1)[1]:
-        scheme, rest = source.split("://", 1)
-        credentials, host = rest.split("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return source
+    if "://" not in source:
+        return source
+    scheme, rest = source.split("://", 1)
+    # The last "@" before the path ends the credentials (a password may hold one).
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return source
+    credentials, _, host = authority.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"

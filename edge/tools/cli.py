@@ -40,9 +40,14 @@ log = logging.getLogger("guardpost")
 
 def _setup_logging(level: str, tag: str) -> None:
     # Under systemd, journald stamps each line itself.
+    from edge.runtime.logs import OneLineFormatter
+
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format=f"{stamp}%(levelname)-7s {tag}: %(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    # A message's contents (an acknowledgement's "by") cannot start a log line of their own.
+    handler.setFormatter(OneLineFormatter(f"{stamp}%(levelname)-7s {tag}: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        handlers=[handler], force=True)
 
 
 def _load(path: str, *, broker_files: bool = False) -> Config:
