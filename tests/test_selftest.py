@@ -474,7 +474,7 @@ def test_a_check_that_raises_is_a_failed_check_and_the_others_still_run(make_con
     assert results["modem"].ok is None  # reads another daemon's state: unaffected
     assert results["database"].ok is True and results["clock"].ok is True
     assert results["disk"].ok is True and results["button"].ok is False  # daemon not up
-    assert len(results) == 11
+    assert len(results) == 12
 
 
 def _sysfs(root: Path, celsius: float, throttled: int | None = None) -> Path:

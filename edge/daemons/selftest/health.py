@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from drivers import board
 from edge.config import Config
 from edge.contract.events import ContactId, utc_now
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 BUTTON_TIMEOUT_S = 3.0  # a daemon's control socket answers at once, or is stuck
 # The Contact ID of each check's fault where it is not 307 (self-test failure); the
 # checks take theirs from here too, so a crashed check's fault matches its restore.
+CERT_WARN_DAYS = 30  # a fault this long before a certificate expires
+
 CHECK_CODES = {"wiring": ContactId.PANIC_ZONE_TROUBLE,
                "disk": ContactId.SYSTEM_TROUBLE,
                "database": ContactId.SYSTEM_TROUBLE,
@@ -108,6 +112,7 @@ class HealthChecks:
             ("disk", self.check_disk),
             ("database", lambda: self.check_database(integrity_due, now)),
             ("clock", self.check_clock),
+            ("certificates", lambda: self.check_certificates(now)),
             ("cpu-temperature", self.check_temperature),
             ("power", self.check_power),
             ("camera", lambda: self.check_cameras(daemon_states(), now)),
@@ -240,6 +245,35 @@ class HealthChecks:
         return CheckResult("database", False, f"integrity check failed: "
                            f"{self.integrity['detail']}", ContactId.SYSTEM_TROUBLE,
                            value={"checked_at": self.integrity["at"]}, at_once=True)
+
+    def check_certificates(self, now: datetime) -> CheckResult:
+        """The device's client certificate and the CA it trusts: a fault
+        ``CERT_WARN_DAYS`` before either expires (a device whose certificate lapsed is
+        refused by the broker and falls silent), and once one has."""
+        tls = self.config.broker.tls
+        if tls is None:
+            return CheckResult("certificates", None, "no TLS configured")
+        ends = {}
+        for label, path in (("device certificate", tls.cert_file), ("CA", tls.ca_file)):
+            if path is None:
+                continue
+            try:
+                certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+            except (OSError, ValueError) as err:
+                return CheckResult("certificates", False, f"{label} {path} cannot be read: "
+                                   f"{type(err).__name__}")
+            ends[label] = certificate.not_valid_after_utc
+        label, end = min(ends.items(), key=lambda item: item[1])
+        days = (end - now).total_seconds() / 86400
+        value = {name: when.isoformat() for name, when in ends.items()}
+        if days < 0:
+            return CheckResult("certificates", False, f"the {label} expired on "
+                               f"{end.date()}: the broker will refuse the device", value=value)
+        if days < CERT_WARN_DAYS:
+            return CheckResult("certificates", False, f"the {label} expires in {days:.0f} "
+                               f"day(s), on {end.date()}: renew it", value=value)
+        return CheckResult("certificates", True, f"valid for {days:.0f} more day(s) (the "
+                           f"{label} ends first)", value=value)
 
     def check_clock(self) -> CheckResult:
         if self.clock_synced():
