@@ -74,6 +74,11 @@ def _run_until_signalled(daemon, before=None) -> int:
 def cmd_run(args) -> int:
     from drivers.gpio import PinFactoryError
 
+    # Files the daemons create (the outbox, its mark, pid files, sockets) get the modes
+    # the units give them (UMask=0007) also when a person runs a daemon by hand: nothing
+    # of the device's state is readable by other users. A stricter umask is kept.
+    os.umask(os.umask(0o007) | 0o007)
+
     # `run all` leaves the broker's files to the uplink child: the button must run anyway.
     config = _load(args.config, broker_files=args.daemon == "uplink")
     if args.daemon == "all":

@@ -1,5 +1,6 @@
-"""The self-test watches the certificates the device connects with (issue 13, not wired
-into the contract yet): a fault 30 days before one expires, and once it has."""
+"""Local trust (issue 13, first parts): the certificates the device connects with are watched
+(a fault 30 days before one expires, and once it has), and a daemon run by hand creates
+nothing other users can read."""
 
 from __future__ import annotations
 
@@ -32,3 +33,20 @@ def test_a_certificate_about_to_expire_is_a_fault_before_the_broker_refuses_it(t
 def test_without_tls_the_check_does_not_apply(tmp_path):
     config = load_config(write_toml(tmp_path / "g.toml", sim_document(tmp_path, 1883)))
     assert HealthChecks(config, outbox=None).check_certificates(datetime.now(UTC)).ok is None
+
+
+def test_a_daemon_run_by_hand_creates_nothing_other_users_can_read(make_config, daemons):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a person's usual umask: files would be world-readable
+    try:
+        path, config = make_config()
+        daemons("button", path)
+    finally:
+        os.umask(old)
+    state = config.storage.database.parent
+    made = [p for p in [*state.iterdir(), *config.storage.runtime_dir.iterdir()]
+            if p.is_file() or p.is_socket()]
+    assert made and all(stat.S_IMODE(p.stat().st_mode) & 0o007 == 0 for p in made), \
+        {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in made}
