@@ -46,6 +46,16 @@ class SpaceReserve:
         self.path = Path(f"{database}.reserve")
         self.size = size
 
+    @classmethod
+    def of(cls, storage) -> SpaceReserve:
+        """The reserve a configuration's ``[storage]`` asks for."""
+        return cls(storage.database, storage.alarm_reserve_mb * MIB)
+
+    def drawn(self) -> bool:
+        """Part of it was given back: the disk is (or was) full. A reserve never made yet
+        is not drawn: the self-test makes it, and its disk check says if it cannot."""
+        return self.path.exists() and self.short() > 0
+
     def held(self) -> int:
         """Bytes the reserve holds now."""
         try:

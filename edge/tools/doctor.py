@@ -271,13 +271,12 @@ class Doctor:
     def check_disk(self, step: Step) -> None:
         directory = Path(self.config.storage.database).parent
         usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
-        reserve = SpaceReserve(self.config.storage.database,
-                               self.config.storage.alarm_reserve_mb * MIB)
+        reserve = SpaceReserve.of(self.config.storage)
         held = reserve.held()
         step.data = {"free_bytes": usage.free, "total_bytes": usage.total,
                      "reserve_bytes": held, "reserve_alarms": alarms_per_reserve(held)}
         free_mb = usage.free / 1024 / 1024
-        if reserve.path.exists() and reserve.short():
+        if reserve.drawn():
             step.status = FAIL
             step.detail = (f"DISK FULL: the alarm reserve holds {held / MIB:.1f} of "
                            f"{reserve.size // MIB} MB (about {alarms_per_reserve(held)} more "

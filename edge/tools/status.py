@@ -124,14 +124,12 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
 def storage_status(config: Config, outbox: Outbox) -> dict:
     """The disk and the outbox's history: the alarm reserve, damaged files moved aside
     and not yet read back, the epoch and what was lost before it."""
-    reserve = SpaceReserve(config.storage.database, config.storage.alarm_reserve_mb * MIB)
+    reserve = SpaceReserve.of(config.storage)
     held = reserve.held()
     return {"epoch": outbox.epoch, "free_mb": round(free_bytes(outbox.path.parent) / MIB, 1),
             "reserve_mb": round(held / MIB, 2), "reserve_size_mb": reserve.size // MIB,
             "reserve_alarms": alarms_per_reserve(held),
-            # Given back (the file is there, short); a reserve never made yet is the
-            # self-test's to make, and its disk check says if it cannot.
-            "disk_full": reserve.path.exists() and reserve.short() > 0,
+            "disk_full": reserve.drawn(),
             "damaged_pending": [p.name for p in salvage.pending(outbox.path)],
             "lost_history": outbox.lost_history()}
 

@@ -22,7 +22,7 @@ from edge.contract.events import Event, EventKind
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.button.recorder import AcceptedPress, Recorder
 from edge.store.outbox import ACKNOWLEDGED, QUEUED, Outbox
-from edge.store.reserve import MIB, SpaceReserve
+from edge.store.reserve import SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class Feedback:
         # never hears the chirp after the LED has moved on.
         self._lock = threading.Lock()
         self._announced_acks: set[str] | None = None  # None until the first refresh
-        self.reserve = SpaceReserve(config.storage.database,
-                                    config.storage.alarm_reserve_mb * MIB)
+        self.reserve = SpaceReserve.of(config.storage)
 
     def recorded(self, press: AcceptedPress, event: Event) -> None:
         cfg = self.config
@@ -90,8 +89,7 @@ class Feedback:
         if not latches:
             # A full disk (alarms recorded from the reserve) shows the fault: the
             # installer must come. A latched alarm's pattern goes first (below).
-            disk_full = self.reserve.path.exists() and self.reserve.short()
-            self.indicators.show(LedPattern.FAULT if disk_full else LedPattern.OFF)
+            self.indicators.show(LedPattern.FAULT if self.reserve.drawn() else LedPattern.OFF)
             self.indicators.silence_siren()  # the alarm was reset
             self._announced_acks.clear()
             return

@@ -42,7 +42,7 @@ from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
 from edge.store import salvage
 from edge.store.outbox import Outbox
-from edge.store.reserve import MIB, SpaceReserve
+from edge.store.reserve import SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class SelfTestDaemon(Daemon):
         self.schedule = AlarmTestSchedule(config.alarm_test.schedule, config.device.zone)
         self.results: list[CheckResult] = []
         self.runs = 0  # completed check runs, for in-process users (tests)
-        self._reserve = SpaceReserve(config.storage.database,
-                                     config.storage.alarm_reserve_mb * MIB)
+        self._reserve = SpaceReserve.of(config.storage)
         self._disk_full = False
         self._last_note: tuple[datetime | None, str] | None = None
 
@@ -119,7 +118,7 @@ class SelfTestDaemon(Daemon):
 
     def step(self) -> int | None:
         outbox, now = self._outbox, self.clock()
-        full = self._reserve.path.exists() and self._reserve.short() > 0
+        full = self._reserve.drawn()
         if full != self._disk_full:
             # The alarm reserve was drawn on (a full disk): the checks run now, not at
             # their next interval, and the disk fault goes out at once.

@@ -202,8 +202,7 @@ class HealthChecks:
     def check_disk(self) -> CheckResult:
         """Free space, and the alarm reserve (:mod:`edge.store.reserve`): filled again
         here when there is room; while part of it is given back, the disk is full."""
-        reserve = SpaceReserve(self.config.storage.database,
-                               self.config.storage.alarm_reserve_mb * MIB)
+        reserve = SpaceReserve.of(self.config.storage)
         reserve.fill()
         space = board.disk_space(Path(self.config.storage.database).parent)
         free_mb = space.free_bytes / 1024 / 1024
