@@ -133,7 +133,10 @@ class Outbox:
         self.epoch: str | None = None
         self._inode: int | None = None
         self._replaced_because: str | None = None
-        self._marks_due = False    # a commit took sequence or session numbers
+        # The numbers the open transaction took, for the mark once it commits (read
+        # from the commit itself, not again from the database).
+        self._due_seq: int | None = None
+        self._due_session: int | None = None
         self._seq_floor = 0        # the highest number a damaged file moved aside showed
         try:
             self._connect(open_timeout)
@@ -250,7 +253,7 @@ class Outbox:
                                  decision.lost.reason, decision.epoch, decision.seq + 1)
                     self.append(history.history_fault(decision.lost, utc_now(),
                                                       clock_synchronised(), boot_id()))
-            self._marks_due = True
+        self._due_seq, self._due_session = self.last_seq(), self.counter("mqtt_session") or 0
         self._write_mark(sync=True)  # a new epoch, or the first mark: on the card at once
         self._replaced_because = None
 
@@ -258,10 +261,12 @@ class Outbox:
         """After a commit that took sequence or session numbers: the mark follows (see
         :mod:`edge.store.watermark`). A failure here loses nothing the commit has not
         already made durable, so it is logged, not raised."""
-        self._marks_due = False
+        # A number this commit did not take is given as 0: the mark keeps the larger
+        # of what it holds and what it is given (edge.store.watermark).
+        seq, session = self._due_seq or 0, self._due_session or 0
+        self._due_seq = self._due_session = None
         try:
-            self._mark.write(Mark(self.last_seq(), self.counter("mqtt_session") or 0,
-                                  self.epoch), sync=sync)
+            self._mark.write(Mark(seq, session, self.epoch), sync=sync)
         except (OSError, sqlite3.Error) as err:
             log.error("could not advance the sequence mark %s: %s", self._mark.path, err)
 
@@ -447,11 +452,12 @@ class Outbox:
                 yield self.db
                 self.db.execute("COMMIT")
             except BaseException:
+                self._due_seq = self._due_session = None  # rolled back: not taken
                 if self.db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self.db.execute("ROLLBACK")
                 raise
-            if self._marks_due:
+            if self._due_seq is not None or self._due_session is not None:
                 self._write_mark()
         finally:
             if not durable:
@@ -495,12 +501,13 @@ class Outbox:
 
     def next_counter(self, name: str) -> int:
         """Increment and return a persistent counter (inside a transaction)."""
-        if name == "mqtt_session":
-            self._marks_due = True  # a session number, like a sequence number, never repeats
-        return self.db.execute(
+        value = self.db.execute(
             "INSERT INTO counters(name, value) VALUES (?, 1) "
             "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
             (name,)).fetchone()[0]
+        if name == "mqtt_session":
+            self._due_session = value  # a session number, like a sequence, never repeats
+        return value
 
     def counter(self, name: str) -> int | None:
         """A persistent counter's value, None if it was never set."""
@@ -531,8 +538,8 @@ class Outbox:
                                  " LIMIT 1").fetchone()
         if newest is not None:
             follow(newest[0])
-        self._marks_due = True
-        return self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
+        self._due_seq = self.db.execute(_NEXT_SEQ, (count,)).fetchone()[0]
+        return self._due_seq
 
     def append(self, draft: EventDraft) -> Event:
         """Add an event inside the caller's :meth:`transaction`; it is durable at its end."""
