@@ -18,6 +18,7 @@ from edge.config import Config, load_config
 from edge.runtime.control import request
 from edge.runtime.sdnotify import NotifyListener
 from tests.support.platform import PlatformStandIn
+from tests.support.trust import trust_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,7 @@ location = "Benchmark gate"
 [broker]
 host = "127.0.0.1"
 port = {port}
+{trust}
 [storage]
 database = "{workdir}/state/outbox.db"
 runtime_dir = "{workdir}/run"
@@ -64,7 +66,7 @@ def write_config(workdir: Path, port: int, *, video: Path | None = None,
     """A simulation configuration; ``press_filter=False`` turns the 10 ms glitch filter
     off (as bench/alarm_path.py and bench/camera.py do, to time the software path)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    text = CONFIG.format(port=port, workdir=workdir,
+    text = CONFIG.format(port=port, workdir=workdir, trust=trust_toml(),
                          press_filter="" if press_filter else "min_press_ms = 0\nbounce_ms = 0")
     if video is not None:
         text += CAMERA.format(video=video)

@@ -46,6 +46,7 @@ from edge.runtime.control import request  # noqa: E402
 from edge.runtime.sdnotify import NotifyListener  # noqa: E402
 from edge.store.outbox import Outbox  # noqa: E402
 from edge.tools.localbroker import LocalBroker  # noqa: E402
+from tests.support.trust import trust_toml  # noqa: E402
 
 TARGETS = {"latency_p50_ms": 2.0, "latency_p99_ms": 10.0, "drain_ratio": 0.5,
            "live_p99_ms": 50.0}
@@ -106,6 +107,7 @@ location = "Benchmark gate"
 [broker]
 host = "127.0.0.1"
 port = {port}
+{trust_toml()}
 [uplink]
 heartbeat_interval = 3600
 [storage]

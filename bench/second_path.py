@@ -41,6 +41,7 @@ from edge.store.outbox import Outbox  # noqa: E402
 from edge.tools.localbroker import LocalBroker  # noqa: E402
 from edge.tools.watch import Watcher  # noqa: E402
 from tests.support.modem_sim import ModemSimulator  # noqa: E402
+from tests.support.trust import DUTY_DESK  # noqa: E402
 
 
 def stats(values: list[float]) -> str:
@@ -61,6 +62,7 @@ def alarm_test(port: int, workdir: Path, tests: int, presses: int) -> dict:
                                            "[alarm_test]\nack_timeout_s = 10\n")
     cfg = device.config
     police = Watcher(cfg.broker, cfg.uplink.topic_root, cfg.device.site_id, ack=True,
+                     signer=DUTY_DESK,
                      by="bench", client_id="bench-platform", out=io.StringIO())
     subscriber = Subscriber(port, f"{cfg.topic_prefix}/event/alarm")
     try:

@@ -42,6 +42,7 @@ from alarm_path import Device, Subscriber, banner, ms, pct, save_results  # noqa
 
 from edge.tools.localbroker import LocalBroker  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
+from tests.support.trust import STRANGER  # noqa: E402
 
 GOAL_FLOOD_MS = 100.0
 
@@ -129,6 +130,9 @@ def bad_messages(prefix: str, count: int) -> list[tuple[str, bytes]]:
         ("cmd/reboot", b"{}"),
         ("ack", b'{"event_id": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
         ("ack", b"x" * 100_000),  # over the 64 KiB inbound limit
+        # The dearest to refuse: the duty desk's key id, a signature that does not verify.
+        ("ack", STRANGER.sign(f"{prefix}/ack", {"event_id": "0"}).replace(
+            b'"key_id":"test-stranger"', b'"key_id":"test-duty-desk"')),
     ]
     return [(f"{prefix}/{kinds[n % len(kinds)][0]}", kinds[n % len(kinds)][1])
             for n in range(count)]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from edge.config import Config, load_config
 from edge.runtime.sdnotify import NotifyListener
@@ -16,6 +16,7 @@ from edge.tools.localbroker import BrokerTls, LocalBroker
 from tests.support.daemons import DaemonProcess
 from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
+from tests.support.trust import trust_section
 
 
 def pytest_addoption(parser):
@@ -27,20 +28,8 @@ def pytest_addoption(parser):
 
 
 def write_toml(path: Path, document: dict) -> Path:
-    """Write nested dictionaries of scalars as TOML tables (enough for test configurations)."""
-    lines: list[str] = []
-
-    def table(name: str, mapping: dict) -> None:
-        scalars = {k: v for k, v in mapping.items() if not isinstance(v, dict)}
-        if name and (scalars or not mapping):
-            lines.append(f"[{name}]")
-        lines.extend(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in scalars.items())
-        for key, value in mapping.items():
-            if isinstance(value, dict):
-                table(f"{name}.{key}" if name else key, value)
-
-    table("", document)
-    path.write_text("\n".join(lines) + "\n")
+    """Write a configuration document as TOML."""
+    path.write_text(tomlkit.dumps(document))
     return path
 
 
@@ -49,6 +38,7 @@ def sim_document(tmp_path: Path, port: int, **sections) -> dict:
     doc = {
         "device": {"site_id": "test-school", "device_id": "gate-1", "location": "测试 South gate"},
         "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5, "connect_timeout": 3},
+        "trust": trust_section(),
         "uplink": {"heartbeat_interval": 60, "reconnect_min": 0.05, "reconnect_max": 0.5},
         "storage": {"database": str(tmp_path / "state" / "outbox.db"),
                     "runtime_dir": str(tmp_path / "run"),

@@ -13,6 +13,7 @@ from edge.contract.events import utc_now
 from edge.runtime.sdnotify import NotifyListener
 from edge.store.outbox import Outbox
 from tests.support.daemons import DaemonProcess, poll_until
+from tests.support.trust import DUTY_DESK
 from tests.test_alarm_path import online, press
 from tests.test_config import guardpost
 
@@ -88,12 +89,17 @@ def test_sim_press_without_a_running_button_daemon_says_so(make_config):
     assert result.returncode == 69 and "button daemon is not running" in result.stderr
 
 
-def test_watch_prints_and_acknowledges_like_the_platform(make_config, daemons, open_outbox):
+def test_watch_prints_and_acknowledges_like_the_platform(make_config, daemons, open_outbox,
+                                                       tmp_path):
     path, config = make_config()
     daemons("button", path)
     daemons("uplink", path)
+    unsigned = guardpost("watch", "--ack", "-c", str(path))
+    assert unsigned.returncode == 64 and "--ack needs --key and --key-id" in unsigned.stderr
+    DUTY_DESK.save(tmp_path / "desk.key")
     watch = subprocess.Popen([sys.executable, "-m", "edge", "watch", "--ack", "--json",
-                              "--count", "1", "-c", str(path)],
+                              "--key", str(tmp_path / "desk.key"), "--key-id",
+                              DUTY_DESK.key_id, "--count", "1", "-c", str(path)],
                              stdout=subprocess.PIPE, text=True)
     try:
         # The watcher subscribes with a persistent session; wait for the retained birth.

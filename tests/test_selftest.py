@@ -27,6 +27,7 @@ from edge.daemons.selftest.daemon import AlarmTestSchedule, SelfTestDaemon
 from edge.daemons.selftest.health import CheckResult, CheckTracker, HealthChecks
 from edge.store.outbox import Outbox
 from tests.support.daemons import in_process, poll_until
+from tests.support.trust import ADMIN
 from tests.test_config import guardpost
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -403,22 +404,21 @@ def test_platform_cmd_test_is_answered_with_the_result(make_config, daemons, pla
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = f"{prefix}/reply/police-desk-7"
             props.CorrelationData = b"\x01\x02case-42"
-            requester.publish(f"{prefix}/cmd/test", json.dumps(
-                {"schema": TEST_COMMAND_SCHEMA, "request_id": "req-42", "by": "110 desk 7"}),
-                qos=1, properties=props).wait_for_publish(5)
+            command = {"schema": TEST_COMMAND_SCHEMA, "request_id": "req-42", "by": "110 desk 7"}
+            requester.publish(*ADMIN.command(prefix, "test", command),
+                              qos=1, properties=props).wait_for_publish(5)
             with got:
                 assert got.wait_for(lambda: len(replies) >= 2, timeout=30), replies
-            # The same command again, as a broker redelivers it when a PUBACK was lost:
-            # the same test answered again, never a second pulse.
-            requester.publish(f"{prefix}/cmd/test", json.dumps(
-                {"schema": TEST_COMMAND_SCHEMA, "request_id": "req-42", "by": "110 desk 7"}),
-                qos=1, properties=props).wait_for_publish(5)
+            # The same request again (the platform did not hear the answer and asks once
+            # more, signed anew): the same test answered again, never a second pulse.
+            requester.publish(*ADMIN.command(prefix, "test", command),
+                              qos=1, properties=props).wait_for_publish(5)
             with got:
                 assert got.wait_for(lambda: len(replies) >= 4, timeout=30), replies
             requester.publish(f"{prefix}/cmd/test", b"{not json", qos=1).wait_for_publish(5)
             [rejected] = police.wait_for(lambda p: p.on("rejected"), what="the rejection")
             assert rejected["topic"] == f"{prefix}/cmd/test"
-            assert rejected["reason"].startswith("not JSON")
+            assert rejected["reason"].startswith("not believed: not JSON")
     finally:
         requester.disconnect()
         requester.loop_stop()
@@ -637,8 +637,8 @@ def test_a_storm_of_platform_tests_pulses_the_relay_once_and_every_tap_is_an_ala
         number = 0
         while not storming.wait(0.5):
             number += 1
-            police.publish("cmd/test", json.dumps(
-                {"schema": TEST_COMMAND_SCHEMA, "request_id": f"storm-{number}"}).encode())
+            police.command("test", {"schema": TEST_COMMAND_SCHEMA,
+                                    "request_id": f"storm-{number}"})
 
     with in_process(ButtonDaemon(config)) as button, selftest_daemon(config, clock):
         relay = button.indicators.test_relay.pin

@@ -115,3 +115,32 @@ def test_the_counts_stay_exact_at_a_million_rows(deep):
     kept = dict(deep.db.execute("SELECT name, value FROM counters WHERE name LIKE 'events/%'"
                                 " AND value != 0"))
     assert kept == counts
+
+
+def test_the_replay_checks_search_their_index_among_many_nonces(deep):
+    """The nonces kept are few (those of the last 40 s), but a platform clock pushed far
+    ahead, or a flood of messages, must not turn the replay check into a scan."""
+    from edge.contract.messages import SIGNED_PAST
+
+    now = utc_now()
+    with deep.transaction():
+        deep.db.executemany(
+            "INSERT INTO accepted_nonces (nonce, key_id, signed_at) VALUES (?, ?, ?)",
+            ((f"n{n:07d}", f"key-{n % 4}", (now + timedelta(microseconds=n)).isoformat())
+             for n in range(200_000)))
+    deep.db.execute("ANALYZE accepted_nonces")
+    ran: list[str] = []
+    deep.db.set_trace_callback(ran.append)
+    try:
+        assert deep.nonces.seen(["n0000001", "absent"]) == {"n0000001"}
+        keys = [f"key-{n}" for n in range(4)]
+        assert len(deep.nonces.newest(keys)) == 4
+        with deep.transaction():
+            deep.nonces.prune(keys, SIGNED_PAST)
+    finally:
+        deep.db.set_trace_callback(None)
+    queries = [sql for sql in ran if "accepted_nonces" in sql]
+    assert len(queries) >= 4
+    for sql in queries:
+        plan = [row[3] for row in deep.db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        assert not any(step.startswith("SCAN") for step in plan), (sql, plan)

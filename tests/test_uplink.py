@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from edge.config import load_config
 from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
-from edge.contract.messages import Topics, ack_payload
+from edge.contract.messages import Topics
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.uplink.daemon import MARK_BATCH, Backoff
 from edge.daemons.uplink.resend import Resend
@@ -22,6 +21,7 @@ from edge.tools.localbroker import LocalBroker
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
 from tests.support.platform import PlatformStandIn
+from tests.support.trust import DUTY_DESK
 from tests.test_alarm_path import online
 
 
@@ -69,21 +69,23 @@ def test_malformed_and_unknown_acknowledgements_are_rejected_and_the_uplink_carr
     online(police)
 
     police.publish("ack", b"{not json")
-    police.publish("ack", json.dumps({"event_id": "42"}).encode())
-    police.publish("ack", ack_payload("01234567-89ab-7def-8123-456789abcdef"))
-    police.publish("cmd/reboot", b"{}")
+    police.publish("ack", DUTY_DESK.sign(f"{police.prefix}/ack", {"event_id": "42"}))
+    police.acknowledge("01234567-89ab-7def-8123-456789abcdef")
+    police.command("reboot", {"schema": "guardpost/cmd-reboot@1", "request_id": "r1"})
     rejected = police.wait_for(lambda p: len(p.on("rejected")) >= 4 and p.on("rejected"),
                                what="four rejections")
     reasons = [r["reason"] for r in rejected]
-    assert reasons[0].startswith("not JSON")
+    assert reasons[0].startswith("not believed: not JSON")
     assert reasons[1].startswith("event_id: String should match pattern")
     assert reasons[2] == "unknown event id 01234567-89ab-7def-8123-456789abcdef"
     assert rejected[3]["topic"].endswith("/cmd/reboot")
+    assert reasons[3].startswith("unknown command 'reboot'")
+    assert rejected[3]["request_id"] == "r1"
 
     # Still working: an alarm is delivered and its acknowledgement taken.
     event_id = commit_alarm(config)
     police.wait_for(lambda p: [e for e in p.events() if e["id"] == event_id], what="the alarm")
-    police.publish("ack", ack_payload(event_id, by="operator 7"))
+    police.acknowledge(event_id, by="operator 7")
     outbox = open_outbox(config)
     poll_until(lambda: outbox.event_states([event_id])[event_id] == "acknowledged",
                what="the acknowledgement")

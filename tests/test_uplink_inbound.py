@@ -20,9 +20,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import Config
-from edge.contract.messages import ack_payload
+from edge.contract.messages import EXCERPT_BYTES
 from tests.support.daemons import DaemonProcess, poll_until
 from tests.support.platform import PlatformStandIn
+from tests.support.trust import ADMIN, DUTY_DESK
 from tests.test_alarm_path import online
 from tests.test_uplink import commit_alarm
 
@@ -52,6 +53,15 @@ def publish(police: PlatformStandIn, leaf: str, payload: bytes, *, retain: bool 
             properties: Properties | None = None) -> None:
     police.client.publish(f"{police.prefix}/{leaf}", payload, qos=1, retain=retain,
                           properties=properties).wait_for_publish(10)
+
+
+def signed(police: PlatformStandIn, leaf: str, body: dict, **kwargs) -> bytes:
+    """``body`` signed as the platform signs it (the duty desk's key for ``ack``, the
+    administrator's for commands) and published; returns the message."""
+    signer = DUTY_DESK if leaf == "ack" else ADMIN
+    payload = signer.sign(f"{police.prefix}/{leaf}", body)
+    publish(police, leaf, payload, **kwargs)
+    return payload
 
 
 @dataclass
@@ -88,15 +98,14 @@ def test_an_acknowledgement_dated_beyond_the_calendar_is_rejected_and_the_next_a
     config, police, uplink = up.config, up.police, up.uplink
     first = delivered_alarm(config, police)
 
-    publish(police, "ack", json.dumps({"event_id": first,
-                                       "acknowledged_at": edge_of_the_calendar}).encode())
+    signed(police, "ack", {"event_id": first, "acknowledged_at": edge_of_the_calendar})
     [rejected] = police.wait_for(rejections, what="the rejection")
     assert rejected["event_id"] == first and "acknowledged_at" in rejected["reason"]
 
     delivered_alarm(config, police)  # the next alarm
     outbox = open_outbox(config)
     assert outbox.event_states([first])[first] == "sent"  # not acknowledged by nonsense
-    publish(police, "ack", ack_payload(first, by="operator 7"))
+    police.acknowledge(first, by="operator 7")
     poll_until(lambda: outbox.event_states([first])[first] == "acknowledged",
                what="a proper acknowledgement")
     assert uplink.process.poll() is None
@@ -111,10 +120,15 @@ def test_messages_that_break_the_code_are_each_rejected_once_and_never_come_back
     poison["a date before year 1 once in UTC"] = json.dumps(
         {"event_id": alarm, "acknowledged_at": "0001-01-01T00:00:00+14:00"}).encode()
     for payload in poison.values():
-        publish(police, "ack", payload)
-    answered = police.wait_for(lambda p: len(rejections(p)) >= len(poison) and rejections(p),
+        publish(police, "ack", payload)  # as they are: the gate refuses them
+    inside = [json.loads(payload) for payload in poison.values() if payload.startswith(b"{")
+              and payload.isascii() and len(payload) < 1000]
+    for body in inside:
+        signed(police, "ack", body)   # signed: they reach the parser
+    expected = len(poison) + len(inside)
+    answered = police.wait_for(lambda p: len(rejections(p)) >= expected and rejections(p),
                                what="a rejection of each")
-    assert len(answered) == len(poison)
+    assert len(answered) == expected
     delivered_alarm(config, police)  # the next alarm
 
 
@@ -138,9 +152,8 @@ def test_a_retained_command_is_refused_and_runs_no_test(broker, make_config, dae
     police = PlatformStandIn(broker.host, broker.port, config.topic_prefix,
                              client_id=f"platform-retained-{protocol}").start()
     try:
-        publish(police, "cmd/test", json.dumps({"schema": "guardpost/cmd-test@1",
-                                                "request_id": "retained-1"}).encode(),
-                retain=True)
+        signed(police, "cmd/test", {"schema": "guardpost/cmd-test@1",
+                                    "request_id": "retained-1"}, retain=True)
         daemons("uplink", path)
         online(police)
         publish(police, "ack", b"marker")  # handled after the retained message, if it came
@@ -168,7 +181,7 @@ def test_an_acknowledgement_the_outbox_cannot_record_is_neither_rejected_nor_los
         conn.execute("CREATE TRIGGER broken_disk BEFORE UPDATE ON events"
                      " WHEN NEW.state = 'acknowledged'"
                      " BEGIN SELECT RAISE(ABORT, 'disk I/O error (simulated)'); END")
-    publish(police, "ack", ack_payload(alarm))
+    police.acknowledge(alarm)
     uplink.wait_for_line("disk I/O error (simulated)")
     with outbox.transaction() as conn:
         conn.execute("DROP TRIGGER broken_disk")
@@ -250,8 +263,8 @@ def test_platform_tests_asked_for_every_half_second_run_once_a_minute(make_confi
         nonlocal count
         while count < 4 and not stop.wait(0.5 if count else 0):
             count += 1
-            publish(police, "cmd/test", json.dumps({"schema": "guardpost/cmd-test@1",
-                                                    "request_id": f"storm-{count}"}).encode())
+            signed(police, "cmd/test", {"schema": "guardpost/cmd-test@1",
+                                        "request_id": f"storm-{count}"})
 
     asking = threading.Thread(target=platform_asking)
     asking.start()
@@ -280,7 +293,7 @@ def test_a_test_command_without_its_schema_is_rejected_and_runs_no_test(make_con
                                                                        platform, open_outbox):
     up = connected_uplink(make_config, daemons, platform)
     config, police = up.config, up.police
-    publish(police, "cmd/test", json.dumps({"request_id": "no-schema"}).encode())
+    signed(police, "cmd/test", {"request_id": "no-schema"})
     [rejected] = police.wait_for(rejections, what="the rejection")
     assert rejected["request_id"] == "no-schema" and "schema" in rejected["reason"]
     assert open_outbox(config).db.execute("SELECT count(*) FROM alarm_tests").fetchone()[0] == 0
@@ -290,11 +303,11 @@ def test_a_request_sent_again_is_answered_where_the_new_request_asks(make_config
                                                                      platform, open_outbox):
     up = connected_uplink(make_config, daemons, platform)
     config, police = up.config, up.police
-    command = json.dumps({"schema": "guardpost/cmd-test@1", "request_id": "r-1"}).encode()
-    publish(police, "cmd/test", command, properties=props(
+    command = {"schema": "guardpost/cmd-test@1", "request_id": "r-1"}
+    signed(police, "cmd/test", command, properties=props(
         ResponseTopic=f"{config.topic_prefix}/reply/first", CorrelationData=b"first"))
     police.wait_for(lambda p: p.on("reply/first"), what="the first acceptance")
-    publish(police, "cmd/test", command, properties=props(
+    signed(police, "cmd/test", command, properties=props(  # the same request, signed anew
         ResponseTopic=f"{config.topic_prefix}/reply/second", CorrelationData=b"second"))
     [again] = police.wait_for(lambda p: p.on("reply/second"), what="the second acceptance")
     assert again["status"] == "accepted"
@@ -319,14 +332,14 @@ def test_a_rejection_carries_the_requests_correlation_and_quotes_its_payload_ver
     police = up.police
     binary = b"\xff\x00garbage"
     publish(police, "ack", binary, properties=props(CorrelationData=b"\x01\x02"))
-    text = json.dumps({"schema": "guardpost/cmd-test@1", "request_id": "r-9",
-                       "by": 7}, ensure_ascii=False).encode()
-    publish(police, "cmd/test", text, properties=props(CorrelationData=b"r-9"))
+    text = signed(police, "cmd/test", {"schema": "guardpost/cmd-test@1", "request_id": "r-9",
+                                       "by": 7}, properties=props(CorrelationData=b"r-9"))
     first, second = police.wait_for(lambda p: len(rejections(p)) >= 2 and rejections(p),
                                     what="two rejections")
     assert first["payload_encoding"] == "base64"
     assert base64.b64decode(first["payload_excerpt"]) == binary
-    assert second["payload_encoding"] == "utf-8" and second["payload_excerpt"] == text.decode()
+    assert second["payload_encoding"] == "utf-8"
+    assert second["payload_excerpt"] == text[:EXCERPT_BYTES].decode()
     assert second["request_id"] == "r-9"
     received = [m for m in police.messages if m.leaf == "rejected"]
     assert [m.properties.CorrelationData for m in received] == [b"\x01\x02", b"r-9"]

@@ -7,12 +7,13 @@ import time
 
 import paho.mqtt.client as paho
 
-from edge.contract.messages import Topics, ack_payload
+from edge.contract.messages import Topics
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.uplink.inbound import Inbound
 from edge.daemons.uplink.lane import SideLane
 from edge.daemons.uplink.resend import Resend
 from edge.store.outbox import Outbox
+from tests.support.trust import DUTY_DESK
 
 
 class AckingClient:
@@ -31,11 +32,11 @@ class OutboxWithADefect(Outbox):
 
     defective_id: str | None = None
 
-    def mark_acknowledged(self, acks):
+    def mark_acknowledged(self, acks, nonces=None):
         acks = list(acks)
         if any(event_id == self.defective_id for event_id, _, _ in acks):
             raise ValueError("a defect")
-        return super().mark_acknowledged(acks)
+        return super().mark_acknowledged(acks, nonces)
 
 
 def message(topic: str, payload: bytes, mid: int) -> paho.MQTTMessage:
@@ -53,7 +54,8 @@ def test_a_defect_recording_one_acknowledgement_rejects_it_alone(make_config):
         alarms = [latch.press("gate").id for _ in range(3)]
         outbox.defective_id = alarms[1]
         for mid, alarm in enumerate(alarms, start=1):
-            inbound.on_message(client, None, message(topics.ack, ack_payload(alarm), mid))
+            inbound.on_message(client, None, message(*DUTY_DESK.ack(config.topic_prefix, alarm),
+                                                     mid))
 
         assert inbound.settle(client, outbox, Resend(10, 600), time.monotonic())
 

@@ -18,6 +18,7 @@ from edge.config.hardware import (
     OutputsConfig,
 )
 from edge.config.link import BrokerConfig, DeviceConfig, StorageConfig, UplinkConfig
+from edge.config.trust import TrustConfig
 from edge.contract.events import Identity
 
 
@@ -26,6 +27,7 @@ class Config(Strict):
 
     device: DeviceConfig
     broker: BrokerConfig
+    trust: TrustConfig
     uplink: UplinkConfig = UplinkConfig()
     storage: StorageConfig = StorageConfig()
     gpio: GpioConfig

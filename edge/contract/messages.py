@@ -8,8 +8,9 @@ validate every payload the code emits against those schemas.
     {root}/{site_id}/{device_id}/snapshot/{id}   camera JPEGs of alarm/test {id} (QoS 1)
     {root}/{site_id}/{device_id}/health          retained heartbeat (link supervision)
     {root}/{site_id}/{device_id}/ack             platform -> device: event acknowledged
-    {root}/{site_id}/{device_id}/cmd/test        platform -> device: run the alarm test
-    {root}/{site_id}/{device_id}/reply/test      device -> platform: its acceptance, result
+    {root}/{site_id}/{device_id}/cmd/{command}   platform -> device: test, snapshot, reset,
+                                                 silence, ping (signed, role "command")
+    {root}/{site_id}/{device_id}/reply/{command} device -> platform: acceptance, result
     {root}/{site_id}/{device_id}/rejected        device -> platform: input it refused
 """
 
@@ -32,6 +33,15 @@ ACK_SCHEMA = "guardpost/ack@1"
 REJECTED_SCHEMA = "guardpost/rejected@1"
 SNAPSHOT_SCHEMA = "guardpost/snapshot@1"
 TEST_COMMAND_SCHEMA = "guardpost/cmd-test@1"
+COMMANDS = ("test", "snapshot", "reset", "silence", "ping")
+# The time rules of signed messages (edge.contract.signing): accepted from 40 s before to
+# 20 s after the device's synchronised clock, never 40 s older than the newest accepted.
+SIGNED_PAST = timedelta(seconds=40)
+SIGNED_FUTURE = timedelta(seconds=20)
+# Commands other than the test (whose limit is alarm_test.min_interval_s): how many a
+# second on average, and how many at once (docs/contract.md, "Commands").
+COMMAND_LIMITS = {"snapshot": (1 / 10, 2), "reset": (1 / 5, 3), "silence": (1 / 5, 3),
+                  "ping": (1.0, 5)}
 REPLY_SCHEMA = "guardpost/reply@1"
 MAX_WAITING_TESTS = 3  # platform test requests waiting to run; more are refused
 REQUEST_ID_MEMORY_H = 24  # a cmd/test with a request_id seen this recently is that request
@@ -51,6 +61,14 @@ class Topics:
         self.commands = f"{prefix}/cmd/#"
         self.cmd_test = f"{prefix}/cmd/test"
         self.reply_test = f"{prefix}/reply/test"
+
+    def command_of(self, topic: str) -> str | None:
+        """``test`` for ``{prefix}/cmd/test``; None when ``topic`` is not a command's."""
+        head = f"{self.prefix}/cmd/"
+        return topic[len(head):] if topic.startswith(head) else None
+
+    def reply(self, command: str) -> str:
+        return f"{self.prefix}/reply/{command}"
 
     def below(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"
@@ -201,6 +219,34 @@ class TestCommand(BaseModel):
     by: StorableText | None = Field(None, max_length=200)
 
 
+class CommandMessage(BaseModel):
+    """The body of every other command, ``cmd/{snapshot,reset,silence,ping}``
+    (docs/schemas/cmd.schema.json): a request id the replies carry back, who asked, and
+    for some commands what it concerns."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    schema_: str = Field(alias="schema",
+                         pattern=r"^guardpost/cmd-(snapshot|reset|silence|ping)@1$")
+    request_id: str = Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
+    by: StorableText | None = Field(None, max_length=200)
+    input: str | None = Field(None, min_length=1, max_length=64,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # reset: one input
+    camera: str | None = Field(None, min_length=1, max_length=64,
+                               pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # snapshot: one camera
+
+
+@dataclass(frozen=True)
+class Command:
+    """A platform command other than the test, normalised."""
+
+    name: str
+    request_id: str
+    by: str | None = None
+    input: str | None = None
+    camera: str | None = None
+
+
 @dataclass(frozen=True)
 class Acknowledgement:
     """A platform acknowledgement, normalised: ``acknowledged_at`` in UTC (or None)."""
@@ -281,7 +327,11 @@ def _validate(model: type[_Model], data: dict, **known: str | None) -> _Model:
 
 def parse_ack(payload: bytes) -> Acknowledgement:
     """Parse an acknowledgement, or raise :class:`RejectedInput` saying what is wrong."""
-    data = _decode(payload)
+    return ack_from_body(_decode(payload))
+
+
+def ack_from_body(data: dict) -> Acknowledgement:
+    """The acknowledgement a signed envelope carries (its ``body``)."""
     event_id = _known_id(data, "event_id", UUID_PATTERN)
     message = _validate(AckMessage, data, event_id=event_id)
     at = None
@@ -295,10 +345,28 @@ def parse_ack(payload: bytes) -> Acknowledgement:
 
 def parse_test_command(payload: bytes) -> TestRequest:
     """Parse a ``cmd/test``, or raise :class:`RejectedInput` saying what is wrong."""
-    data = _decode(payload)
+    return command_from_body("test", _decode(payload))
+
+
+def command_from_body(name: str, data: dict) -> TestRequest | Command:
+    """The command ``cmd/{name}`` a signed envelope carries (its ``body``), or
+    :class:`RejectedInput`; its schema must name the same command as its topic."""
     request_id = _known_id(data, "request_id", r"[\x21-\x7e]{1,64}")
-    message = _validate(TestCommand, data, request_id=request_id)
-    return TestRequest(message.request_id, message.by)
+    if name == "test":
+        message = _validate(TestCommand, data, request_id=request_id)
+        return TestRequest(message.request_id, message.by)
+    if name not in COMMANDS:
+        raise RejectedInput(f"unknown command {name!r} (commands: {', '.join(COMMANDS)})",
+                            request_id=request_id)
+    message = _validate(CommandMessage, data, request_id=request_id)
+    if message.schema_ != f"guardpost/cmd-{name}@1":
+        raise RejectedInput(f"schema {message.schema_} is not the one of cmd/{name}",
+                            request_id=request_id)
+    if message.input is not None and name != "reset":
+        raise RejectedInput("input: only cmd/reset names an input", request_id=request_id)
+    if message.camera is not None and name != "snapshot":
+        raise RejectedInput("camera: only cmd/snapshot names a camera", request_id=request_id)
+    return Command(name, message.request_id, message.by, message.input, message.camera)
 
 
 def reply_payload(identity: Identity, *, command: str, request_id: str, status: str,

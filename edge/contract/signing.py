@@ -1,8 +1,9 @@
 """Signed platform messages: the envelope, its signature, its time window and its nonce.
 
-Issue 13 (trust), first part: what an acknowledgement or a command must carry for the
-device to believe it. Not yet wired into the uplink (see the issue); the contract's test
-vectors (``docs/vectors/``) are made and checked with this module.
+What an acknowledgement or a command must carry for the device to believe it (the
+uplink's :mod:`edge.daemons.uplink.inbound` opens every one with :func:`open_envelope`;
+the platform side signs with :mod:`edge.platform`). The contract's test vectors
+(``docs/vectors/``) are made and checked with this module.
 
 The envelope (JSON, UTF-8), published on the device's ``ack`` or ``cmd/...`` topic::
 
@@ -31,9 +32,9 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -42,22 +43,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edge.contract.events import utc_iso
+from edge.contract.messages import SIGNED_FUTURE, SIGNED_PAST
 
 SCHEMA = "guardpost/signed@1"
 DOMAIN = b"guardpost/signed@1\n"
-PAST = timedelta(seconds=40)
-FUTURE = timedelta(seconds=20)
+PAST, FUTURE = SIGNED_PAST, SIGNED_FUTURE
 MAX_ENVELOPE_BYTES = 16 * 1024
 ROLES = frozenset({"ack", "command"})
 _FIELDS = {"schema", "key_id", "signed_at", "nonce", "topic", "body", "signature"}
 
 
 class Rejected(ValueError):
-    """The message is not believed; ``reason`` says why (for the rejection reply)."""
+    """The message is not believed; ``reason`` says why (for the rejection reply) and
+    ``kind`` is one of :data:`KINDS` (counted in health)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "malformed"):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.kind = reason, kind
+
+
+# Why a message was not believed, as counted in health (``inbound.untrusted``).
+KINDS = ("malformed", "unknown_key", "bad_signature", "wrong_topic", "wrong_role", "stale",
+         "future", "replay")
 
 
 def b64url(data: bytes) -> str:
@@ -138,7 +145,8 @@ class Opened:
 
 
 def open_envelope(raw: bytes, topic: str, keyring: Keyring, role: str, *, now: datetime,
-                  clock_synced: bool, newest_accepted: datetime | None,
+                  clock_synced: bool,
+                  newest_accepted: datetime | Callable[[str], datetime | None] | None,
                   seen_nonce) -> Opened:
     """The body of a signed message for ``topic`` that a key with ``role`` signed, or
     :class:`Rejected` with the reason. ``seen_nonce(nonce)`` says whether a nonce was
@@ -161,17 +169,17 @@ def open_envelope(raw: bytes, topic: str, keyring: Keyring, role: str, *, now: d
         raise Rejected("body must be an object")
     key = keyring.keys.get(key_id)
     if key is None:
-        raise Rejected("unknown key")
+        raise Rejected("unknown key", "unknown_key")
     try:
         signature = unb64url(envelope["signature"])
         key.public_key.verify(signature, signing_input(envelope))
     except (InvalidSignature, ValueError, binascii.Error):
-        raise Rejected("bad signature") from None
+        raise Rejected("bad signature", "bad_signature") from None
     # Only a verified message is looked at further: an attacker learns nothing else.
     if envelope["topic"] != topic:
-        raise Rejected("signed for another topic")
+        raise Rejected("signed for another topic", "wrong_topic")
     if role not in key.roles:
-        raise Rejected(f"key {key_id} may not {role}")
+        raise Rejected(f"key {key_id} may not {role}", "wrong_role")
     try:
         signed_at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         if signed_at.tzinfo is None:
@@ -181,11 +189,16 @@ def open_envelope(raw: bytes, topic: str, keyring: Keyring, role: str, *, now: d
         raise Rejected("signed_at must be an RFC 3339 time in UTC, nonce base64url") from None
     if len(nonce_bytes) != 16:
         raise Rejected("nonce must be 16 bytes")
+    if callable(newest_accepted):
+        newest_accepted = newest_accepted(key_id)
     if newest_accepted is not None and signed_at < newest_accepted - PAST:
-        raise Rejected("older than a message already accepted (a replay?)")
-    if clock_synced and not now - PAST <= signed_at <= now + FUTURE:
-        raise Rejected("signed_at outside the window (40 s before to 20 s after the device's "
-                       "clock)")
+        raise Rejected("signed more than 40 s before a message already accepted from this "
+                       "key (a replay?)", "stale")
+    if clock_synced and signed_at < now - PAST:
+        raise Rejected("signed more than 40 s ago by the device's clock (expired)", "stale")
+    if clock_synced and signed_at > now + FUTURE:
+        raise Rejected("signed more than 20 s ahead of the device's clock", "future")
     if seen_nonce(nonce):
-        raise Rejected("nonce already used (a replay)")
+        raise Rejected("nonce already used (a replay, or the same message delivered again)",
+                       "replay")
     return Opened(key_id, signed_at, nonce, envelope["body"])

@@ -16,6 +16,7 @@ never touches the button path: this is a process of its own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -139,6 +140,9 @@ class CameraDaemon(Daemon):
         self.sources: dict[str, CameraSource] = {}
         self.health: dict[str, _Health] = {}
         self.jobs: list[_Job] = []
+        # The platform's cmd/snapshot, from the control thread to the loop: (id, camera).
+        self._requested: collections.deque[tuple[str, str | None]] = collections.deque(
+            maxlen=8)
 
     def start(self, stack: contextlib.ExitStack) -> str:
         cfg = self.config
@@ -189,6 +193,9 @@ class CameraDaemon(Daemon):
         if not self.sources:
             return None
         self._cursor = self._start_jobs(self._outbox, self._store, self._cursor)
+        if self._requested and self._take_requested(self._store):
+            self._store.enforce_budget()
+            wake(self.config.storage.runtime_dir, "uplink")
         if self._advance_jobs(self._store):
             self._store.enforce_budget()
             wake(self.config.storage.runtime_dir, "uplink")
@@ -267,6 +274,26 @@ class CameraDaemon(Daemon):
                 store.enforce_budget()
             return False
 
+    def _take_requested(self, store: SnapshotStore) -> int:
+        """The newest picture of each camera (or the one named) for each cmd/snapshot,
+        published on ``snapshot/{snapshot_id}`` like an alarm's (phase ``now``)."""
+        written = 0
+        while self._requested:
+            snapshot_id, camera = self._requested.popleft()
+            now = time.monotonic()
+            for name, source in self.sources.items():
+                if camera not in (None, name):
+                    continue
+                latest = source.snapshots_between(now - 2 * source.interval - 1, now)[-1:]
+                if not latest:
+                    log.warning("camera %s: no recent picture for snapshot %s", name,
+                                snapshot_id)
+                    continue
+                written += self._write(store, latest[0], event_id=snapshot_id,
+                                       event_kind="request", event_time=wall_now(), idx=0,
+                                       phase="now")
+        return written
+
     def _advance_jobs(self, store: SnapshotStore) -> int:
         written = 0
         for job in list(self.jobs):
@@ -338,7 +365,20 @@ class CameraDaemon(Daemon):
             return {"ok": True, **self.state()}
         if request["op"] == "frame":
             return self._save_frames()
+        if request["op"] == "snapshot":
+            return self._request_snapshot(request)
         return {"ok": False, "error": f"unknown op {request['op']!r}"}
+
+    def _request_snapshot(self, request: dict) -> dict:
+        snapshot_id, camera = request.get("snapshot_id"), request.get("camera")
+        if not isinstance(snapshot_id, str) or not 1 <= len(snapshot_id) <= 64:
+            return {"ok": False, "error": "snapshot_id: a string is needed"}
+        if camera is not None and camera not in self.sources:
+            return {"ok": False, "error": f"no camera {camera!r}"}
+        self._requested.append((snapshot_id, camera))
+        wake(self.config.storage.runtime_dir, self.name)
+        return {"ok": True, "snapshot_id": snapshot_id,
+                "cameras": [camera] if camera else sorted(self.sources)}
 
     def _save_frames(self) -> dict:
         saved = {}

@@ -9,7 +9,7 @@ This package is the one repository: every table's SQL lives in ``edge/store/``, 
 typed methods (``tests/test_store_boundary.py`` fails if SQL appears anywhere else).
 :class:`Outbox` is a connection, its transactions and the ``events`` table; the other
 tables hang off it, one small module each: :attr:`Outbox.alarm_tests`,
-:attr:`Outbox.sms`, :attr:`Outbox.latches`, :attr:`Outbox.sessions`,
+:attr:`Outbox.sms`, :attr:`Outbox.latches`, :attr:`Outbox.sessions`, :attr:`Outbox.nonces`,
 :attr:`Outbox.daemons` (and :class:`edge.store.snapshots.SnapshotStore`); the monthly
 report reads through :class:`edge.store.reader.OutboxReader`.
 
@@ -43,6 +43,7 @@ from edge.contract.events import (
     utc_iso,
     utc_now,
 )
+from edge.contract.messages import SIGNED_PAST
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.durable import fsync_directory
 from edge.store import history, schema
@@ -52,6 +53,7 @@ from edge.store.daemon_state import DaemonStates
 from edge.store.event_ids import event_id, follow, seq_of
 from edge.store.latches import Latches
 from edge.store.lock import LockTimeout, OutboxError, WriteLock
+from edge.store.nonces import AcceptedNonces
 from edge.store.queue_stats import QueueStats, QueueSummary
 from edge.store.reserve import SpaceReserve
 from edge.store.rows import AckResult, EventRow, QueuedMessage
@@ -146,6 +148,7 @@ class Outbox:
         self.alarm_tests = AlarmTests(self)
         self.sms = SmsNotifications(self)
         self.latches = Latches(self)
+        self.nonces = AcceptedNonces(self)
         self.sessions = Sessions(self)
         self.daemons = DaemonStates(self)
         self._stats = QueueStats(self)
@@ -667,15 +670,23 @@ class Outbox:
         return changed
 
     def mark_acknowledged(
-        self, acks: Iterable[tuple[str, datetime, str | None]]
+        self, acks: Iterable[tuple[str, datetime, str | None]],
+        nonces: Iterable[tuple[str, str, datetime] | None] | None = None,
     ) -> list[AckResult]:
-        """The platform has acknowledged these events: ``(event_id, at, by)`` each."""
+        """The platform has acknowledged these events: ``(event_id, at, by)`` each;
+        ``nonces``, one per acknowledgement, ``(nonce, key_id, signed_at)`` of the signed
+        message it came in, is recorded in the same transaction (never accepted again)."""
         acks = list(acks)
+        nonces = list(nonces) if nonces is not None else [None] * len(acks)
         results = []
         for start in range(0, len(acks), ROWS_PER_TRANSACTION):
+            end = start + ROWS_PER_TRANSACTION
             with self.transaction():
-                results += [self._acknowledge(*ack)
-                            for ack in acks[start:start + ROWS_PER_TRANSACTION]]
+                results += [self._acknowledge(*ack) for ack in acks[start:end]]
+                recorded = [n for n in nonces[start:end] if n is not None]
+                for nonce in recorded:
+                    self.nonces.record(*nonce)
+                self.nonces.prune({key_id for _, key_id, _ in recorded}, SIGNED_PAST)
         return results
 
     def _acknowledge(self, event_id: str, at: datetime, by: str | None) -> AckResult:

@@ -23,6 +23,9 @@ Version 6 makes the hot paths cheap at a million rows:
 Version 7 names the outbox's history: ``meta`` holds the epoch (:mod:`edge.store.watermark`)
 and what became of the history before it; ``events.recovered_from`` marks an event read
 back from a damaged outbox (:mod:`edge.store.salvage`).
+
+Version 8 remembers the nonces of the signed platform messages the device accepted
+(:mod:`edge.store.nonces`), so none is accepted twice.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # The rows the hourly prune may delete: delivered, and nobody waits for anything more.
 PRUNABLE = "(state = 'acknowledged' OR (state = 'sent' AND ack_required = 0))"
@@ -209,9 +212,17 @@ def _migrate_to_7(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE events ADD COLUMN recovered_from TEXT")
 
 
+def _migrate_to_8(conn: sqlite3.Connection) -> None:
+    # A row lives while its message could still pass the time rules (docs/contract.md,
+    # "Replay"): a few rows, looked up by nonce, pruned by (key, time).
+    conn.execute('CREATE TABLE "accepted_nonces" (\n   "nonce" TEXT PRIMARY KEY,\n'
+                 '   "key_id" TEXT NOT NULL,\n   "signed_at" TEXT NOT NULL\n)')
+    conn.execute("CREATE INDEX accepted_nonces_key_time ON accepted_nonces(key_id, signed_at)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5,
-    6: _migrate_to_6, 7: _migrate_to_7}
+    6: _migrate_to_6, 7: _migrate_to_7, 8: _migrate_to_8}
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

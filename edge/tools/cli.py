@@ -31,6 +31,7 @@ from pathlib import Path
 from edge import __version__
 from edge.config import EX_CONFIG, Config, ConfigError, load_config
 
+EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/guardpost/guardpost.toml"
@@ -220,9 +221,22 @@ def cmd_watch(args) -> int:
     from edge.tools.watch import Watcher
 
     config = _load(args.config, broker_files=True)
+    signer = None
+    if args.ack:
+        from edge.platform import PlatformSigner
+
+        if not args.key or not args.key_id:
+            print("--ack needs --key and --key-id: a device believes only signed "
+                  "acknowledgements", file=sys.stderr)
+            return EX_USAGE
+        try:
+            signer = PlatformSigner.from_file(args.key_id, args.key)
+        except (OSError, ValueError) as err:
+            print(f"--key: {err}", file=sys.stderr)
+            return EX_USAGE
     watcher = Watcher(config.broker, config.uplink.topic_root, args.site or config.device.site_id,
                       ack=args.ack, as_json=args.json, count=args.count,
-                      client_id=args.client_id, by=args.by)
+                      client_id=args.client_id, by=args.by, signer=signer)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -409,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, help="exit after this many events")
     watch.add_argument("--client-id", help="MQTT client id (default: gp-watch-SITE)")
     watch.add_argument("--by", default="guardpost watch", help="acknowledging operator")
+    watch.add_argument("--key", help="with --ack: the platform's Ed25519 private key (PEM)")
+    watch.add_argument("--key-id", help="with --ack: the key's id in the device's "
+                                        "[[trust.platform_keys]]")
     watch.set_defaults(func=cmd_watch)
 
     provision = with_config(commands.add_parser(

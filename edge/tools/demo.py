@@ -25,6 +25,7 @@ from pathlib import Path
 from drivers.camera.testcard import write_video
 from edge.config import Config, load_config
 from edge.daemons.button.latch import reset_alarms
+from edge.platform import PlatformSigner
 from edge.runtime.clock import wall_now
 from edge.runtime.control import request
 from edge.runtime.sdnotify import NotifyListener
@@ -45,6 +46,18 @@ location = "演示小学 南门 (Demo Primary School, south gate)"
 host = "127.0.0.1"
 port = {port}
 keepalive = 10
+
+# The police platform's keys (made for this demo; the desk's private key is in
+# {workdir}/platform/): only what they sign is believed.
+[[trust.platform_keys]]
+key_id = "demo-duty-desk"
+public_key = "{desk_key}"
+roles = ["ack"]
+
+[[trust.platform_keys]]
+key_id = "demo-admin"
+public_key = "{admin_key}"
+roles = ["ack", "command"]
 
 [uplink]
 heartbeat_interval = 15
@@ -115,8 +128,15 @@ class Demo:
     def start(self) -> None:
         self.broker.start()
         write_video(self.workdir / "gate-camera.avi", [("counter", 60.0)], fps=10.0)
-        self.config_path.write_text(DEMO_CONFIG.format(port=self.broker.port,
-                                                       workdir=self.workdir))
+        keys = self.workdir / "platform"
+        keys.mkdir(mode=0o700, exist_ok=True)
+        self.desk = PlatformSigner.generate("demo-duty-desk")
+        self.admin = PlatformSigner.generate("demo-admin")
+        for signer in (self.desk, self.admin):
+            signer.save(keys / f"{signer.key_id}.key")
+        self.config_path.write_text(DEMO_CONFIG.format(
+            port=self.broker.port, workdir=self.workdir, desk_key=self.desk.public_key,
+            admin_key=self.admin.public_key))
         self.config = load_config(self.config_path)
         self.listener = NotifyListener(self.workdir / "demo.notify")
         self.device = subprocess.Popen(
@@ -130,7 +150,8 @@ class Demo:
             os.close(pidfd)
         self.watcher = Watcher(self.config.broker, self.config.uplink.topic_root,
                                self.config.device.site_id, ack=True, by="110 duty officer",
-                               client_id="demo-police-platform", prefix="[police 110] ")
+                               client_id="demo-police-platform", prefix="[police 110] ",
+                               signer=self.desk)
         self.watcher.start()
 
     def stop(self) -> None:

@@ -2,7 +2,9 @@
 
 It subscribes to a site's subtree, prints every message as it arrives and, with
 ``--ack``, acknowledges each event that asks for it (alarms and tests) the way the
-platform would: a JSON acknowledgement on the device's ``ack`` topic. It keeps a
+platform would: an acknowledgement signed with a platform key (``--key``, ``--key-id``:
+one the device's ``[[trust.platform_keys]]`` lists with the role ``ack``) on the device's
+``ack`` topic. It keeps a
 persistent session so that nothing published while it was away is missed, notices
 duplicates (delivery is at least once) and gaps in the sequence numbers.
 """
@@ -21,7 +23,7 @@ from typing import TextIO
 import paho.mqtt.client as paho
 
 from edge.config import BrokerConfig
-from edge.contract.messages import ack_payload
+from edge.platform import PlatformSigner
 from edge.runtime.mqtt import connect, make_client
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,16 @@ class Watcher:
 
     def __init__(self, broker: BrokerConfig, topic_root: str, site: str, *, ack: bool,
                  as_json: bool = False, count: int | None = None, client_id: str | None = None,
-                 by: str = "guardpost watch", out: TextIO = sys.stdout, prefix: str = ""):
+                 by: str = "guardpost watch", out: TextIO = sys.stdout, prefix: str = "",
+                 signer: PlatformSigner | None = None):
         self.broker = broker
         self.filter = f"{topic_root}/{site}/#"
         self.topic_root = topic_root
+        if ack and signer is None:
+            raise ValueError("acknowledging needs a platform key (a device believes only "
+                             "signed acknowledgements)")
         self.ack = ack
+        self.signer = signer
         self.as_json = as_json
         self.count = count
         self.by = by
@@ -115,8 +122,8 @@ class Watcher:
                         + self._describe(site, device, leaf, body))
         if leaf.startswith("event/") and isinstance(body, dict):
             if self.ack and body.get("ack_required"):
-                client.publish(f"{self.topic_root}/{site}/{device}/ack",
-                               ack_payload(body["id"], by=self.by), qos=1)
+                client.publish(*self.signer.ack(f"{self.topic_root}/{site}/{device}",
+                                                body["id"], by=self.by), qos=1)
                 if not self.as_json:
                     self._print(f"{' ' * 12}  -> acknowledged {body['kind']} seq {body['seq']}")
             with self.arrived:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.contract.messages import ack_payload
 from tests.support.contract import problems, schema_for_topic
+from tests.support.trust import ADMIN, DUTY_DESK
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ class PlatformStandIn:
             self.schema_problems += [f"{message.topic}: {p}" for p in problems(schema, body)]
         if (self.ack and leaf.startswith("event/") and isinstance(body, dict)
                 and body.get("ack_required")):
-            client.publish(f"{self.prefix}/ack", ack_payload(body["id"], by="test platform"),
-                           qos=1)
+            client.publish(*DUTY_DESK.ack(self.prefix, body["id"], by="test platform"), qos=1)
             self.acked.append(body["id"])
         with self._cond:
             self.messages.append(received)
@@ -166,5 +165,19 @@ class PlatformStandIn:
     def on(self, leaf: str) -> list[dict]:
         return [m.body for m in list(self.messages) if m.leaf == leaf]
 
-    def publish(self, leaf: str, payload: bytes) -> None:
-        self.client.publish(f"{self.prefix}/{leaf}", payload, qos=1).wait_for_publish(5)
+    def publish(self, leaf: str, payload: bytes, **kwargs) -> None:
+        """Exactly these bytes (a test's forgery, or a malformed message)."""
+        self.client.publish(f"{self.prefix}/{leaf}", payload, qos=1,
+                            **kwargs).wait_for_publish(5)
+
+    def acknowledge(self, event_id: str, by: str | None = None, signer=DUTY_DESK,
+                    **kwargs) -> None:
+        """A signed acknowledgement, as the platform sends it."""
+        topic, payload = signer.ack(self.prefix, event_id, by=by)
+        self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
+
+    def command(self, name: str, body: dict, signer=ADMIN, **kwargs) -> bytes:
+        """A signed command ``cmd/{name}``; returns what was sent (to send it again)."""
+        topic, payload = signer.command(self.prefix, name, body)
+        self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
+        return payload

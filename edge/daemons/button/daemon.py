@@ -289,7 +289,21 @@ class ButtonDaemon(Daemon):
         if op == "relay-test":
             self.tester.outcome_wait_s = self.outcome_wait_s
             return self.tester.run(request)
+        if op == "silence":
+            return self._silence(request)
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _silence(self, request: dict) -> dict:
+        """The platform's cmd/silence (through the uplink): the siren stops; the alarm
+        stays latched, only a reset clears it."""
+        relay = self.indicators.siren_relay if self.indicators is not None else None
+        if relay is None:
+            return {"ok": True, "siren": "none"}
+        was_on = bool(relay.value)
+        self.indicators.silence_siren()
+        by = request.get("by")
+        log.warning("siren silenced by %s", by if isinstance(by, str) else "the platform")
+        return {"ok": True, "siren": "silenced" if was_on else "was off"}
 
     def _await_test_press(self, request: dict, client_alive) -> dict:
         """Wait for the installer to press one panic input (``input``; by default the

@@ -361,7 +361,7 @@ class UplinkDaemon(Daemon):
         return self._props
 
     def _health_extras(self) -> dict:
-        return {"inbound": dict(self.inbound.counts), "delivery": self.window.stats()}
+        return {"inbound": self.inbound.health(), "delivery": self.window.stats()}
 
     def _show_unheard(self) -> None:
         """Nobody subscribes: say so where ``guardpost status`` looks, until it changes."""
@@ -391,7 +391,7 @@ class UplinkDaemon(Daemon):
             "broker_rtt_ms": self.housekeeping.broker_rtt_ms,
             "rtt_at": self.housekeeping.rtt_at,
             "connect_timeout_s": self.connection.timeout.current,
-            "delivery": self.window.stats(), "inbound": dict(self.inbound.counts),
+            "delivery": self.window.stats(), "inbound": self.inbound.health(),
         }
         self.save_state(self._outbox, state)
 

@@ -1,6 +1,12 @@
 """Messages from the broker: the platform's acknowledgements and commands, and anything else
 anyone manages to publish to this device. Each is handled in isolation.
 
+Only a signed message is believed (:mod:`edge.daemons.uplink.gate`): signed by a platform
+key the configuration lists, for exactly this topic, by a key whose roles allow it (``ack``
+on ``ack``, ``command`` on ``cmd/...``), within the time window, with a nonce never
+accepted before. Anything else is rejected with the reason and changes nothing; the
+reasons are counted in health (``inbound.untrusted``).
+
 paho calls :meth:`Inbound.on_message` from inside its read loop. Nothing may escape from
 there: an exception would stop the uplink, and since a message is acknowledged to the
 broker only once it is handled (manual acks), the broker would hand the same message
@@ -19,14 +25,15 @@ raises is a rejection too.
   asks the broker not to send them at all); oversized ones are refused by the guarded
   client before they are held in memory.
 - The platform's tests are rate-limited (``alarm_test.min_interval_s``) besides the limit
-  of tests waiting to run.
+  of tests waiting to run; the other commands (:mod:`edge.daemons.uplink.commands`) by
+  ``COMMAND_LIMITS``.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import paho.mqtt.client as paho
@@ -39,15 +46,19 @@ from edge.contract.messages import (
     MAX_WAITING_TESTS,
     REQUEST_ID_MEMORY_H,
     Acknowledgement,
+    Command,
     RejectedInput,
     TestRequest,
     Topics,
-    parse_ack,
-    parse_test_command,
+    ack_from_body,
+    command_from_body,
     rejection_payload,
     reply_payload,
 )
+from edge.contract.signing import Opened, Rejected
 from edge.daemons.selftest.alarmtest import request_test
+from edge.daemons.uplink.commands import Answer, Commands
+from edge.daemons.uplink.gate import Gate
 from edge.daemons.uplink.lane import SideLane, SideMessage, TokenBucket
 from edge.daemons.uplink.resend import Resend
 from edge.runtime.mqtt import OversizedMessage, is_v5
@@ -80,6 +91,7 @@ class _Refusal:
     size: int | None = None
     request_id: str | None = None
     event_id: str | None = None
+    opened: Opened | None = None    # a signed message's nonce, spent by the refusal
 
 
 class Inbound:
@@ -94,8 +106,12 @@ class Inbound:
         self._v5 = is_v5(config.broker)
         self.counts = {"received": 0, "accepted": 0, "refused": 0, "rejected": 0,
                        "too_large": 0, "unanswered": 0}
-        self._acks: list[tuple[Acknowledgement, _Received]] = []
-        self._commands: list[tuple[TestRequest, str, str | None, _Received]] = []
+        self.gate = Gate(config.trust.keyring())
+        self.commands = Commands(config, self._reply_command)
+        self._acks: list[tuple[Acknowledgement, _Received, Opened]] = []
+        self._commands: list[tuple[TestRequest | Command, str, str | None, _Received,
+                                   Opened]] = []
+        self._replies_to: dict[int, tuple[str, str | None]] = {}  # id(command) -> where
         self._refusals: list[_Refusal] = []
         self._retry_at = 0.0
         self._suppressed = 0                 # rejections not answered since the last answer
@@ -103,9 +119,14 @@ class Inbound:
         self._tests_not_before = 0.0         # monotonic: the next platform test may run then
         self._arrivals = 0
 
+    def health(self) -> dict:
+        """The counts, and why messages were not believed (``untrusted``, by kind)."""
+        return {**self.counts, "untrusted": self.gate.health()}
+
     def start(self, outbox: Outbox, now: float) -> None:
         """The platform's last test counts across a restart (clamped: a wall clock that
         jumps cannot block tests for longer than the interval)."""
+        self.gate.load(outbox)
         last = outbox.alarm_tests.last_platform_request_at()
         if last is not None:
             interval = self.config.alarm_test.min_interval_s
@@ -145,21 +166,31 @@ class Inbound:
                 received, "retained message refused: acknowledgements and commands are sent "
                           "once (clear it with an empty retained message)"))
             return
+        name = self.topics.command_of(received.topic)
+        if received.topic != self.topics.ack and name is None:
+            self._refusals.append(_Refusal(received, "not a topic this device reads"))
+            return
         try:
-            if received.topic == self.topics.ack:
-                self._acks.append((parse_ack(received.payload), received))
-            elif received.topic == self.topics.cmd_test:
-                reply_topic = _reply_topic(message, self.topics)
-                self._commands.append((parse_test_command(received.payload), reply_topic,
+            opened = self.gate.open(received.payload, received.topic,
+                                    "ack" if name is None else "command")
+        except Rejected as err:
+            self._refusals.append(_Refusal(received, f"not believed: {err.reason}"))
+            return
+        try:
+            if name is None:
+                self._acks.append((ack_from_body(opened.body), received, opened))
+            else:
+                # Say so if the command is unknown, not nothing: a platform newer than this
+                # device learns it at once.
+                command = command_from_body(name, opened.body)
+                self._commands.append((command, _reply_topic(message, self.topics, name),
                                        received.correlation.hex()
                                        if received.correlation is not None else None,
-                                       received))
-            else:
-                # Say so, not nothing: a platform newer than this device learns it at once.
-                self._refusals.append(_Refusal(received, "unknown command"))
+                                       received, opened))
         except RejectedInput as err:
+            # Signed, but not what the contract says: its nonce is spent all the same.
             self._refusals.append(_Refusal(received, str(err), request_id=err.request_id,
-                                           event_id=err.event_id))
+                                           event_id=err.event_id, opened=opened))
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -169,25 +200,54 @@ class Inbound:
         recorded = False
         if now >= self._retry_at:
             try:
+                self._refuse_replays(outbox)
                 recorded = self._settle_acks(client, outbox, resend)
                 self._settle_commands(client, outbox, now)
+                self._settle_refusals(outbox)
             except STORAGE_ERRORS as err:
                 self._retry_at = now + RETRY_S
                 log.error("could not record what the platform sent (%s): it is not "
                           "acknowledged to the broker; trying again in %.0f s", err, RETRY_S)
-        refusals, self._refusals = self._refusals, []
+        for command, answer in self.commands.finished():
+            self._reply_command(command, answer)
+        refusals = [r for r in self._refusals if r.opened is None]
+        self._refusals = [r for r in self._refusals if r.opened is not None]
         for refusal in sorted(refusals, key=lambda r: r.received.order):
             client.ack(refusal.received.mid, refusal.received.qos)  # it must not come back
             self.counts["rejected"] += 1
             self._answer(refusal, now)
         return recorded
 
+    def _refuse_replays(self, outbox: Outbox) -> None:
+        """Signed messages whose nonce an earlier run accepted: replays (or the broker's
+        second delivery of a message acted on just before a restart)."""
+        opened = [item[-1] for item in (*self._acks, *self._commands)]
+        if not opened:
+            return
+        replayed = self.gate.replays(outbox, opened)
+        if not replayed:
+            return
+        reason = "not believed: nonce already used (a replay, or the same message delivered again)"
+        for pending in (self._acks, self._commands):
+            for item in [i for i in pending if i[-1].nonce in replayed]:
+                pending.remove(item)
+                self.gate.settled([item[-1]])
+                self._refusals.append(_Refusal(item[-2], reason))
+
+    def _settle_refusals(self, outbox: Outbox) -> None:
+        """Signed messages refused for their content: their nonces are spent too."""
+        spent = [r.opened for r in self._refusals if r.opened is not None]
+        self.gate.record(outbox, spent)
+        self._refusals = [replace(r, opened=None) for r in self._refusals]
+
     def _settle_acks(self, client: paho.Client, outbox: Outbox, resend: Resend) -> bool:
         if not self._acks:
             return False
         try:
             results = outbox.mark_acknowledged(
-                (ack.event_id, ack.acknowledged_at or utc_now(), ack.by) for ack, _ in self._acks)
+                [(ack.event_id, ack.acknowledged_at or utc_now(), ack.by)
+                 for ack, _, _ in self._acks],
+                [(o.nonce, o.key_id, o.signed_at) for _, _, o in self._acks])
         except STORAGE_ERRORS:
             raise
         except Exception:  # a defect of ours: isolate the message it concerns
@@ -202,13 +262,14 @@ class Inbound:
                         raise
                 return recorded
             log.exception("an acknowledgement could not be recorded; it is rejected")
-            [(ack, received)] = self._acks
+            [(ack, received, opened)] = self._acks
             self._acks = []
             self._refusals.append(_Refusal(received, "could not be recorded",
-                                           event_id=ack.event_id))
+                                           event_id=ack.event_id, opened=opened))
             return False
         acks, self._acks = self._acks, []
-        for (ack, received), result in zip(acks, results, strict=True):
+        self.gate.settled(o for _, _, o in acks)
+        for (ack, received, _), result in zip(acks, results, strict=True):
             if not result.known:
                 # Durably nothing to do: refused with the others (it is acknowledged then).
                 self._refusals.append(_Refusal(received, f"unknown event id {ack.event_id}",
@@ -219,22 +280,32 @@ class Inbound:
                 log.info("platform acknowledged event %s%s", ack.event_id,
                          f" ({ack.by})" if ack.by else "")
             client.ack(received.mid, received.qos)  # only now: the acknowledgement is durable
-        resend.acknowledged(ack.event_id for ack, _ in acks)
+        resend.acknowledged(ack.event_id for ack, _, _ in acks)
         return True
 
     def _settle_commands(self, client: paho.Client, outbox: Outbox, now: float) -> None:
         while self._commands:
-            command, reply_topic, correlation, received = self._commands[0]
+            command, reply_topic, correlation, received, opened = self._commands[0]
             try:
-                self._take_test(outbox, command, reply_topic, correlation, now)
+                if isinstance(command, TestRequest):
+                    self._take_test(outbox, command, reply_topic, correlation, now)
+                else:
+                    answer = self.commands.take(outbox, command, now)
+                    self.counts["accepted"] += answer.status in ("accepted", "done")
+                    self._replies_to[id(command)] = (reply_topic, correlation)
+                    self._reply_command(command, answer)
             except STORAGE_ERRORS:
                 raise  # ours: tried again, not acknowledged meanwhile
             except Exception:  # a defect of ours must not become a crash loop
-                log.exception("a test request could not be handled; it is rejected")
+                log.exception("cmd/%s could not be handled; it is rejected",
+                              "test" if isinstance(command, TestRequest) else command.name)
                 self._commands.pop(0)
                 self._refusals.append(_Refusal(received, "could not be handled",
-                                               request_id=command.request_id))
+                                               request_id=command.request_id, opened=opened))
                 continue
+            # Done: its nonce is spent (a second delivery is refused as a replay; the
+            # test's request id makes one harmless even if this write is lost).
+            self.gate.record(outbox, [opened])
             self._commands.pop(0)
             client.ack(received.mid, received.qos)  # only now: the request is durable
 
@@ -244,6 +315,7 @@ class Inbound:
         self._acks.clear()
         self._commands.clear()
         self._refusals.clear()
+        self.gate.forget_pending()
         self._retry_at = 0.0
 
     # -- the platform's tests --------------------------------------------------------------
@@ -296,6 +368,24 @@ class Inbound:
         self.lane.add(SideMessage(request["reply_topic"], reply_payload(
             self.config.identity, command="test", request_id=request["request_id"],
             status=status, **fields), self.reply_properties(request), reply=True))
+
+    def _reply_command(self, command: Command, answer: Answer) -> None:
+        """Answer a command other than the test (a first answer, or a later one)."""
+        if answer.status in ("refused", "failed"):
+            self.counts["refused"] += answer.status == "refused"
+            log.info("cmd/%s %s %s: %s", command.name, command.request_id, answer.status,
+                     answer.fields.get("reason"))
+        where = self._replies_to.get(id(command))
+        if where is None:
+            return
+        if answer.status != "accepted":
+            self._replies_to.pop(id(command))
+        reply_topic, correlation = where
+        request = {"reply_topic": reply_topic, "correlation": correlation,
+                   "request_id": command.request_id}
+        self.lane.add(SideMessage(reply_topic, reply_payload(
+            self.config.identity, command=command.name, request_id=command.request_id,
+            status=answer.status, **answer.fields), self.reply_properties(request), reply=True))
 
     def reply_properties(self, request: dict) -> Properties | None:
         """MQTT 5: JSON, with the request's correlation data."""
@@ -356,13 +446,13 @@ def _received(message: paho.MQTTMessage, v5: bool, order: int) -> _Received:
                      bytes(correlation) if correlation is not None else None, order)
 
 
-def _reply_topic(message: paho.MQTTMessage, topics: Topics) -> str:
+def _reply_topic(message: paho.MQTTMessage, topics: Topics, command: str) -> str:
     """Where the answers go: the request's MQTT 5 Response Topic if it lies under our
     ``reply/`` (the only place the broker's ACL lets a device write answers), else
-    ``reply/test``."""
+    ``reply/{command}``."""
     props = getattr(message, "properties", None)
     topic = getattr(props, "ResponseTopic", None) if props else None
     if (not topic or not topic.startswith(topics.below("reply/"))
             or any(c in topic for c in "+#\x00")):
-        topic = topics.reply_test
+        topic = topics.reply(command)
     return topic

@@ -56,6 +56,10 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self) -> float:
+        """Seconds until :meth:`take` would succeed (after one that did not)."""
+        return max(0.0, (1 - self._tokens) / self.rate)
+
 
 class SideLane:
     """Answers and rejections waiting for a slot no event wants."""

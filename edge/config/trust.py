@@ -1,0 +1,79 @@
+"""Whom the device believes: the police platform's signing keys and their roles.
+
+An acknowledgement or a command is believed only when one of these keys signed it
+(:mod:`edge.contract.signing`), and only for what that key's roles allow: ``ack`` to
+acknowledge an event, ``command`` to command the device (tests, resets, snapshots,
+silencing the siren, ping). Several keys may be listed: that is how a key is rotated
+(docs/contract.md, "Key rotation").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edge.config.base import Strict
+
+Role = Literal["ack", "command"]
+
+
+def _unb64url(text: str) -> bytes:
+    if not text.isascii() or "=" in text:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class PlatformKeyConfig(Strict):
+    key_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+                        description="The name the platform puts in each message it signs")
+    public_key: str = Field(
+        description="The key's Ed25519 public key: base64url of its 32 raw bytes (43 characters)")
+    roles: list[Role] = Field(min_length=1, description="'ack', 'command' or both")
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519_public_key(cls, value: str) -> str:
+        try:
+            raw = _unb64url(value)
+        except (ValueError, binascii.Error):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be base64url of 32 bytes (an Ed25519 public key, "
+                             "43 characters)")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each role once")
+        return value
+
+
+class TrustConfig(Strict):
+    platform_keys: list[PlatformKeyConfig] = Field(
+        min_length=1, description="The platform keys whose signatures the device believes")
+
+    @model_validator(mode="after")
+    def _usable(self) -> TrustConfig:
+        ids = [key.key_id for key in self.platform_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("platform_keys: each key_id once")
+        if not any("ack" in key.roles for key in self.platform_keys):
+            # Without it no alarm could ever be acknowledged: every one would go out by
+            # SMS and the LED would never say "police received it".
+            raise ValueError("platform_keys: no key may acknowledge (role 'ack')")
+        return self
+
+    def keyring(self):
+        """The keys as :class:`edge.contract.signing.Keyring`."""
+        # Imported here: the button daemon reads this section but never loads cryptography.
+        from edge.contract.signing import Keyring
+
+        ring = Keyring()
+        for key in self.platform_keys:
+            ring.add(key.key_id, _unb64url(key.public_key), key.roles)
+        return ring
