@@ -101,6 +101,7 @@ def test_scheduled_alarm_test_across_jumps_runs_each_slot_once_and_never_a_burst
     path, config = make_config(outputs=RELAY, alarm_test={"schedule": "0 * * * *",
                                                           "ack_timeout_s": 5})
     police = platform(config, ack=True)
+    police.clock_offset_s = lambda: clock.offset_s  # NTP keeps the platform's clock too
     daemons("button", path, extra_env=clock.env())
     daemons("uplink", path, extra_env=clock.env())
     selftest = daemons("selftest", path, extra_env=clock.env())

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 
 from edge.contract.events import utc_iso
 from edge.contract.messages import (
+    COMMANDS,
     EARLIEST,
     LATEST,
     Acknowledgement,
     RejectedInput,
     TestRequest,
+    command_from_body,
     parse_ack,
     parse_test_command,
     rejection_payload,
@@ -141,3 +143,32 @@ def test_a_rejection_quotes_any_payload_verbatim_and_follows_its_schema(payload,
     else:
         quoted = body["payload_excerpt"].encode()
         assert payload.startswith(quoted) and len(payload[:200]) - len(quoted) <= 3
+
+
+other_commands = st.fixed_dictionaries(
+    {"request_id": st.text(max_size=70) | json_values},
+    optional={"schema": st.sampled_from([f"guardpost/cmd-{c}@1" for c in COMMANDS])
+              | json_values,
+              "by": st.text(st.characters(codec=None, exclude_categories=()),
+                            max_size=250) | json_values,
+              "input": st.text(max_size=70) | json_values,
+              "camera": st.text(max_size=70) | json_values})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([*COMMANDS, "reboot", ""]), other_commands | json_values)
+def test_every_command_body_becomes_a_normalised_command_or_a_rejection(name, body):
+    """What a signed envelope carries (its signature says nothing about its content)."""
+    try:
+        command = command_from_body(name, body) if isinstance(body, dict) else None
+    except RejectedInput as rejected:
+        assert str(rejected)
+        return
+    if command is None:
+        return
+    assert name in COMMANDS and 1 <= len(command.request_id) <= 64
+    assert body["schema"] == f"guardpost/cmd-{name}@1"
+    if command.by is not None:
+        command.by.encode("utf-8")  # storable
+    if name not in ("test", "reset"):
+        assert getattr(command, "input", None) is None

@@ -205,3 +205,20 @@ def test_the_health_schema_names_every_kind_of_untrusted_message():
     schema = validator("health").schema
     untrusted = schema["properties"]["inbound"]["properties"]["untrusted"]
     assert sorted(untrusted["required"]) == sorted(KINDS)
+
+
+def test_what_the_platform_module_signs_follows_the_published_schemas():
+    from edge.contract.messages import COMMANDS, command_from_body
+    from tests.support.contract import problems
+    from tests.support.trust import ADMIN
+
+    prefix = "guardpost/v1/test-school/gate-1"
+    _, ack = DUTY_DESK.ack(prefix, "01a23c19-d487-73b4-8000-0000009b4fd0", by="110 desk")
+    envelope = json.loads(ack)
+    assert problems("signed", envelope) == [] and problems("ack", envelope["body"]) == []
+    for name in COMMANDS:
+        body = {"schema": f"guardpost/cmd-{name}@1", "request_id": f"{name}-1", "by": "admin"}
+        envelope = json.loads(ADMIN.command(prefix, name, body)[1])
+        assert problems("signed", envelope) == []
+        assert problems("cmd-test" if name == "test" else "cmd", envelope["body"]) == []
+        assert command_from_body(name, envelope["body"]).request_id == f"{name}-1"

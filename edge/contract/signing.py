@@ -195,9 +195,11 @@ def open_envelope(raw: bytes, topic: str, keyring: Keyring, role: str, *, now: d
         raise Rejected("signed more than 40 s before a message already accepted from this "
                        "key (a replay?)", "stale")
     if clock_synced and signed_at < now - PAST:
-        raise Rejected("signed more than 40 s ago by the device's clock (expired)", "stale")
+        raise Rejected(f"signed more than 40 s ago by the device's clock (expired; the "
+                       f"device's clock reads {utc_iso(now)})", "stale")
     if clock_synced and signed_at > now + FUTURE:
-        raise Rejected("signed more than 20 s ahead of the device's clock", "future")
+        raise Rejected(f"signed more than 20 s ahead of the device's clock (it reads "
+                       f"{utc_iso(now)})", "future")
     if seen_nonce(nonce):
         raise Rejected("nonce already used (a replay, or the same message delivered again)",
                        "replay")

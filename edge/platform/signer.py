@@ -74,7 +74,8 @@ class PlatformSigner:
         return seal(self.private_key, self.key_id, topic, body, at or utc_now(), nonce)
 
     def ack(self, prefix: str, event_id: str, *, by: str | None = None,
-            acknowledged_at: datetime | None = None) -> tuple[str, bytes]:
+            acknowledged_at: datetime | None = None,
+            signed_at: datetime | None = None) -> tuple[str, bytes]:
         """``(topic, payload)`` acknowledging ``event_id`` to the device at ``prefix``
         (``{root}/{site_id}/{device_id}``)."""
         body: dict[str, Any] = {"schema": ACK_SCHEMA, "event_id": event_id,
@@ -82,10 +83,11 @@ class PlatformSigner:
         if by:
             body["by"] = by
         topic = f"{prefix}/ack"
-        return topic, self.sign(topic, body)
+        return topic, self.sign(topic, body, at=signed_at)
 
-    def command(self, prefix: str, name: str, body: Mapping[str, Any]) -> tuple[str, bytes]:
+    def command(self, prefix: str, name: str, body: Mapping[str, Any], *,
+                signed_at: datetime | None = None) -> tuple[str, bytes]:
         """``(topic, payload)`` of the command ``name`` (``test``, ``snapshot``, ``reset``,
         ``silence``, ``ping``) to the device at ``prefix``."""
         topic = f"{prefix}/cmd/{name}"
-        return topic, self.sign(topic, body)
+        return topic, self.sign(topic, body, at=signed_at)

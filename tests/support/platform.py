@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -47,6 +48,9 @@ class PlatformStandIn:
         self._event_ids: set[str] = set()
         self.schema_problems: list[str] = []
         self.acked: list[str] = []
+        # The platform's clock, as its signatures give it: a test that moves the device's
+        # clock (tests/support/sim_clock.py) moves this one with it, as NTP keeps both.
+        self.clock_offset_s: Callable[[], float] = lambda: 0.0
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self._host, self._port, self._protocol = host, port, protocol
@@ -107,7 +111,8 @@ class PlatformStandIn:
             self.schema_problems += [f"{message.topic}: {p}" for p in problems(schema, body)]
         if (self.ack and leaf.startswith("event/") and isinstance(body, dict)
                 and body.get("ack_required")):
-            client.publish(*DUTY_DESK.ack(self.prefix, body["id"], by="test platform"), qos=1)
+            client.publish(*DUTY_DESK.ack(self.prefix, body["id"], by="test platform",
+                                          signed_at=self.now()), qos=1)
             self.acked.append(body["id"])
         with self._cond:
             self.messages.append(received)
@@ -170,14 +175,17 @@ class PlatformStandIn:
         self.client.publish(f"{self.prefix}/{leaf}", payload, qos=1,
                             **kwargs).wait_for_publish(5)
 
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset_s())
+
     def acknowledge(self, event_id: str, by: str | None = None, signer=DUTY_DESK,
                     **kwargs) -> None:
         """A signed acknowledgement, as the platform sends it."""
-        topic, payload = signer.ack(self.prefix, event_id, by=by)
+        topic, payload = signer.ack(self.prefix, event_id, by=by, signed_at=self.now())
         self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
 
     def command(self, name: str, body: dict, signer=ADMIN, **kwargs) -> bytes:
         """A signed command ``cmd/{name}``; returns what was sent (to send it again)."""
-        topic, payload = signer.command(self.prefix, name, body)
+        topic, payload = signer.command(self.prefix, name, body, signed_at=self.now())
         self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
         return payload

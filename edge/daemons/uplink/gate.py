@@ -56,8 +56,8 @@ class Gate:
         """Recorded in the outbox (by the caller, in the transaction of what they did)."""
         for o in opened:
             self._pending.discard(o.nonce)
-            if o.signed_at > self._newest.get(o.key_id, o.signed_at.min.replace(
-                    tzinfo=o.signed_at.tzinfo)):
+            newest = self._newest.get(o.key_id)
+            if newest is None or o.signed_at > newest:
                 self._newest[o.key_id] = o.signed_at
 
     def record(self, outbox: Outbox, opened: list[Opened]) -> None:
