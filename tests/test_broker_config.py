@@ -11,6 +11,7 @@ revocation, which changes its files, gets one of its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import os
 import subprocess
@@ -272,6 +273,19 @@ def test_revoking_a_device_refuses_it_at_once_after_a_reload(site, connect, tmp_
         answer = broker_answer(broker.host, broker.port, site.pki.ca.cert,
                                site.pki.identities["north"])
         assert answer == "refused: SSLV3_ALERT_CERTIFICATE_REVOKED"
+    finally:
+        broker.stop()
+
+
+def test_a_crl_past_its_next_update_refuses_every_certificate(site, tmp_path):
+    """Why the README says to keep the CRL current: OpenSSL then trusts no certificate."""
+    crl = tmp_path / "crl.pem"
+    write_crl(crl, site.pki.ca, [], next_update=dt.timedelta(seconds=-1))
+    broker = start_shipped(tmp_path / "broker", site.pki, site.workdir / "acl", crl)
+    try:
+        answer = broker_answer(broker.host, broker.port, site.pki.ca.cert,
+                               site.pki.identities["north"])
+        assert answer == "refused: SSLV3_ALERT_CERTIFICATE_EXPIRED"
     finally:
         broker.stop()
 
