@@ -55,23 +55,26 @@ class IdentitiesError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+def _no_repeats(values: list[str] | None) -> list[str] | None:
+    repeated = sorted({v for v in values or () if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"listed more than once: {', '.join(repeated)}")
+    return values
+
+
 class Site(Strict):
     id: Identifier
     devices: list[Identifier] = Field(min_length=1)
 
-    @field_validator("devices")
-    @classmethod
-    def _unique(cls, devices: list[str]) -> list[str]:
-        repeated = sorted({d for d in devices if devices.count(d) > 1})
-        if repeated:
-            raise ValueError(f"listed more than once: {', '.join(repeated)}")
-        return devices
+    _unique_devices = field_validator("devices")(_no_repeats)
 
 
 class PlatformIdentity(Strict):
     name: Identifier
     roles: list[Literal["ack", "command"]] = Field(min_length=1)
     sites: list[Identifier] | None = Field(None, min_length=1)
+
+    _unique = field_validator("roles", "sites")(_no_repeats)
 
 
 class Identities(Strict):
