@@ -160,8 +160,8 @@ def connect(site):
     """Connect as an identity; every client is closed at the end of the test."""
     opened: list[IdentityClient] = []
 
-    def open_(who: str, *, client_id: str = "any-client-id", broker: LocalBroker | None = None,
-              ) -> IdentityClient:
+    def open_(who: str, *, client_id: str = "any-client-id",
+              broker: LocalBroker | None = None) -> IdentityClient:
         broker = broker or site.broker
         client = IdentityClient(broker.host, broker.port, site.pki.ca.cert,
                                 site.pki.identities[who], client_id=client_id)
