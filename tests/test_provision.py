@@ -55,7 +55,7 @@ def test_a_new_device_gets_a_private_key_and_a_signing_request(etc, pki):
     request = x509.load_pem_x509_csr((etc / "device.csr").read_bytes())
     assert request.is_signature_valid
     [common_name] = request.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    assert common_name.value == "school-330106-0042.gate-south-1"
+    assert common_name.value == "school-330106-0042/gate-south-1"  # the broker's user name
     assert "send" in result.stdout and "device.csr" in result.stdout
     text = (etc / "guardpost.toml").read_text()
     assert text.startswith("# Guardpost configuration")  # the installer's comments stay
@@ -87,6 +87,8 @@ def test_a_pkcs12_bundle_from_the_platform(etc, pki):
     assert result.returncode == 0, result.stderr
     assert load_config(etc / "guardpost.toml").broker.tls is not None
     assert (etc / "tls" / "ca.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE")
+    # Its CN is "device": installed, with a word that the shipped broker will refuse it.
+    assert "not school-330106-0042/gate-south-1" in result.stdout
 
 
 @pytest.mark.parametrize(("change", "expected"), [

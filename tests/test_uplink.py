@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -17,9 +17,11 @@ from edge.daemons.uplink.resend import Resend
 from edge.daemons.uplink.window import InFlight, PublishWindow
 from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
-from edge.tools.localbroker import LocalBroker
+from edge.tools.broker_acl import Identities, PlatformIdentity, Site, acl_text
+from edge.tools.localbroker import BrokerTls, LocalBroker
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
+from tests.support.pki import BrokerPki, write_broker_pki
 from tests.support.platform import PlatformStandIn
 from tests.support.trust import DUTY_DESK
 from tests.test_alarm_path import online
@@ -175,37 +177,47 @@ def test_an_uplink_restart_resends_only_what_was_not_confirmed(make_config, daem
     assert police.event_copies == 2
 
 
-# -- the broker ACL template -------------------------------------------------------------
+# -- the broker ACL, as `guardpost broker-acl` writes it ----------------------------------
 
-ACL_TEMPLATE = Path(__file__).resolve().parents[1] / "config" / "mosquitto-acl.example"
+@dataclass
+class AclSite:
+    broker: LocalBroker
+    pki: BrokerPki
+
+    def device_tls(self, who: str) -> dict:
+        """[broker.tls] of a device configuration that connects with ``who``'s certificate."""
+        credential = self.pki.identities[who]
+        return {"tls": {"ca_file": str(self.pki.ca.cert), "cert_file": str(credential.cert),
+                        "key_file": str(credential.key)}}
+
+    def platform(self, prefix: str, **kwargs) -> PlatformStandIn:
+        police = self.pki.identities["police"]
+        return PlatformStandIn(self.broker.host, self.broker.port, prefix, tls={
+            "ca_certs": str(self.pki.ca.cert), "certfile": str(police.cert),
+            "keyfile": str(police.key)}, **kwargs).start()
 
 
-def _acl_broker(tmp_path: Path) -> LocalBroker:
-    """A broker that authenticates by password and applies config/mosquitto-acl.example,
-    rewritten for the test device's identity."""
-    acl = ACL_TEMPLATE.read_text().replace("school-330106-0042", "test-school")
-    acl = acl.replace("gate-south-1", "gate-1")
-    (tmp_path / "acl").write_text(acl)
-    passwords = tmp_path / "passwords"
-    for n, (user, password) in enumerate([("test-school.gate-1", "device-secret"),
-                                          ("police-platform", "platform-secret"),
-                                          ("test-school.gate-2", "other-secret")]):
-        subprocess.run(["mosquitto_passwd", *(["-c"] if n == 0 else []), "-b", str(passwords),
-                        user, password], check=True, capture_output=True)
-    return LocalBroker(tmp_path / "acl-broker", password_file=passwords,
-                       acl_file=tmp_path / "acl")
+def _acl_broker(tmp_path: Path) -> AclSite:
+    """A broker that takes each certificate's CN as user name and client id and applies
+    the ACL that `guardpost broker-acl` writes for the test site."""
+    pki = write_broker_pki(tmp_path / "pki", {"device": "test-school/gate-1",
+                                              "other": "test-school/gate-2",
+                                              "police": "platform:police"})
+    identities = Identities(sites=[Site(id="test-school", devices=["gate-1", "gate-2"])],
+                            platforms=[PlatformIdentity(name="police", roles=["ack"])])
+    (tmp_path / "acl").write_text(acl_text(identities))
+    tls = BrokerTls(ca_file=pki.ca.cert, cert_file=pki.broker.cert, key_file=pki.broker.key)
+    return AclSite(LocalBroker(tmp_path / "acl-broker", tls=tls, acl_file=tmp_path / "acl",
+                               extra_config="use_identity_as_username true\n"
+                                            "use_username_as_clientid true"), pki)
 
 
-def test_the_acl_template_lets_a_device_do_its_job_and_nothing_else(tmp_path, daemons):
-    (tmp_path / "device-password").write_text("device-secret\n")
-    with _acl_broker(tmp_path) as guarded:
-        doc = sim_document(tmp_path, guarded.port, broker={
-            "username": "test-school.gate-1",
-            "password_file": str(tmp_path / "device-password")})
+def test_the_written_acl_lets_a_device_do_its_job_and_nothing_else(tmp_path, daemons):
+    site = _acl_broker(tmp_path)
+    with site.broker as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker=site.device_tls("device"))
         config = load_config(write_toml(tmp_path / "acl.toml", doc))
-        police = PlatformStandIn(guarded.host, guarded.port, config.topic_prefix, ack=True,
-                                 client_id="platform-acl", username="police-platform",
-                                 password="platform-secret").start()
+        police = site.platform(config.topic_prefix, ack=True)
         try:
             daemons("uplink", tmp_path / "acl.toml")
             online(police)
@@ -216,13 +228,11 @@ def test_the_acl_template_lets_a_device_do_its_job_and_nothing_else(tmp_path, da
 
 
 def test_a_publish_the_broker_refuses_stays_queued_and_is_reported(tmp_path, daemons):
-    """A device given another device's credentials: MQTT 5 tells it 'not authorised' in
+    """A device given another device's certificate: MQTT 5 tells it 'not authorised' in
     the PUBACK; the alarm is neither lost nor marked sent, and the log says why."""
-    (tmp_path / "wrong-password").write_text("other-secret\n")
-    with _acl_broker(tmp_path) as guarded:
-        doc = sim_document(tmp_path, guarded.port, broker={
-            "username": "test-school.gate-2",
-            "password_file": str(tmp_path / "wrong-password")})
+    site = _acl_broker(tmp_path)
+    with site.broker as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker=site.device_tls("other"))
         config = load_config(write_toml(tmp_path / "wrong.toml", doc))
         uplink = daemons("uplink", tmp_path / "wrong.toml")
         uplink.wait_for_line("connected to")
@@ -260,20 +270,15 @@ def test_a_snapshot_the_broker_refuses_is_dropped_not_retried_forever(tmp_path, 
     from edge.store.snapshots import SnapshotStore
     from tests.test_camera import _snapshot
 
-    (tmp_path / "device-password").write_text("device-secret\n")
-    broker = _acl_broker(tmp_path)
+    site = _acl_broker(tmp_path)
     acl = (tmp_path / "acl").read_text()
     (tmp_path / "acl").write_text("\n".join(line for line in acl.splitlines()
                                             if "snapshot" not in line) + "\n")
-    with broker as guarded:
-        doc = sim_document(tmp_path, guarded.port, broker={
-            "username": "test-school.gate-1",
-            "password_file": str(tmp_path / "device-password")})
+    with site.broker as guarded:
+        doc = sim_document(tmp_path, guarded.port, broker=site.device_tls("device"))
         config = load_config(write_toml(tmp_path / "acl.toml", doc))
         # Someone listens: an event nobody subscribes to is not delivered (PUBACK 0x10).
-        police = PlatformStandIn(guarded.host, guarded.port, config.topic_prefix,
-                                 client_id="platform-acl", username="police-platform",
-                                 password="platform-secret").start()
+        police = site.platform(config.topic_prefix)
         alarm_id = commit_alarm(config)
         with Outbox(config.storage.database, config.identity) as outbox:
             store = SnapshotStore(outbox, config.storage.spool_dir, 10_000_000)

@@ -7,6 +7,7 @@
     guardpost status [--json]             the device, its daemons, its alarm state
     guardpost config check FILE           validate a configuration file
     guardpost provision --site ...        write the identity, broker and keys
+    guardpost broker-acl LIST [-o FILE]   the broker's ACL file from the list of identities
     guardpost doctor [--json]             commissioning check, step by step
     guardpost test-alarm                  the end-to-end alarm test, now, stage by stage
     guardpost report --month YYYY-MM      the monthly record (Markdown, CSV or JSON)
@@ -280,6 +281,43 @@ def cmd_provision(args) -> int:
     return 0
 
 
+# -- the broker's ACL (issue 13) ---------------------------------------------------------
+
+def cmd_broker_acl(args) -> int:
+    from edge.tools.broker_acl import (
+        IdentitiesError,
+        acl_text,
+        certificate_names,
+        load_identities,
+        write_atomically,
+    )
+
+    try:
+        identities = load_identities(args.identities)
+    except IdentitiesError as err:
+        print(f"{err.source}: not a valid list of identities (nothing was written):",
+              file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EX_CONFIG
+    text = acl_text(identities, args.identities.name)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        write_atomically(args.output, text)
+    except OSError as err:
+        print(f"broker-acl: cannot write {args.output}: {err.strerror}; nothing was written",
+              file=sys.stderr)
+        return 1
+    names = certificate_names(identities)
+    print(f"wrote {args.output}; each certificate must have this name (CN):")
+    width = max(len(name) for name, _ in names)
+    for name, what in names:
+        print(f"  {name:<{width}}  {what}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from edge.tools.doctor import run_doctor
 
@@ -440,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--bundle", type=Path, help="PKCS#12 bundle: key, certificate, CA")
     provision.add_argument("--new-key", action="store_true", help="replace the device's key")
     provision.set_defaults(func=cmd_provision)
+
+    broker_acl = commands.add_parser(
+        "broker-acl", help="write the broker's ACL file from the list of identities")
+    broker_acl.add_argument("identities", type=Path,
+                            help="the list (TOML; see config/mosquitto/identities.example.toml)")
+    broker_acl.add_argument("-o", "--output", type=Path,
+                            help="the ACL file to replace (default: print it)")
+    broker_acl.set_defaults(func=cmd_broker_acl)
 
     doctor = with_config(commands.add_parser(
         "doctor", help="commissioning check: every part, PASS or FAIL with the reason"))

@@ -2,7 +2,9 @@
 
 It runs Debian's ``mosquitto`` binary with its own configuration file on 127.0.0.1 and
 a free port, waits for the broker to say it is running (no sleeping), and can be
-stopped and started again on the same port to simulate a network outage.
+stopped and started again on the same port to simulate a network outage. It can also
+run a configuration given whole (``config_text``: the shipped one, in the broker tests)
+and reload it as ``systemctl reload mosquitto`` does (:meth:`LocalBroker.reload`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ class LocalBroker:
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: BrokerTls | None = None,
                  persistence: bool = True, password_file: Path | None = None,
-                 acl_file: Path | None = None, extra_config: str = ""):
+                 acl_file: Path | None = None, extra_config: str = "",
+                 config_text: str | None = None):
+        """``config_text``, if given, is the whole configuration, used as it is: it must
+        listen on ``port`` at 127.0.0.1 and log to stderr (Mosquitto's default)."""
+        if config_text is not None and port is None:
+            raise ValueError("a configuration given whole needs its port")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -63,15 +70,22 @@ class LocalBroker:
         self.password_file = password_file
         self.acl_file = acl_file
         self.extra_config = extra_config
+        self.config_text = config_text
         self.log_path = self.workdir / "mosquitto.log"
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._reloads = 0
+        self._reloaded = threading.Condition()
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     def _write_config(self) -> Path:
+        path = self.workdir / "mosquitto.conf"
+        if self.config_text is not None:
+            path.write_text(self.config_text)
+            return path
         anonymous = self.password_file is None
         lines = [f"listener {self.port} {self.host}", f"allow_anonymous {str(anonymous).lower()}",
                  "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
@@ -96,7 +110,6 @@ class LocalBroker:
                       f"require_certificate {str(self.tls.require_client_certificate).lower()}"]
         if self.extra_config:
             lines.append(self.extra_config)
-        path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -120,6 +133,10 @@ class LocalBroker:
                         ready.set()
                     elif "Error" in text:
                         failure.append(text.strip())
+                    elif "Reloading config." in text:
+                        with self._reloaded:
+                            self._reloads += 1
+                            self._reloaded.notify_all()
             ready.set()  # the process ended: wake the waiter either way
 
         self._reader = threading.Thread(target=read_log, name="mosquitto-log", daemon=True)
@@ -129,6 +146,18 @@ class LocalBroker:
             self.stop()
             detail = "; ".join(failure) or f"see {self.log_path}"
             raise BrokerUnavailable(f"mosquitto did not start on port {self.port}: {detail}")
+
+    def reload(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """SIGHUP, as ``systemctl reload mosquitto``: the ACL, the CRL and the certificates
+        are read again. Returns once the broker has done it (it reloads between two
+        passes of its single-threaded loop, so every connection after this sees it)."""
+        if not self.running:
+            raise BrokerUnavailable("the broker is not running")
+        with self._reloaded:
+            before = self._reloads
+            self._process.send_signal(signal.SIGHUP)
+            if not self._reloaded.wait_for(lambda: self._reloads > before, timeout):
+                raise BrokerUnavailable(f"mosquitto did not reload within {timeout} s")
 
     def stop(self) -> None:
         """Terminate the broker (it saves its persistence file first) and wait for it."""

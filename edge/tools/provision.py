@@ -6,7 +6,8 @@
 - The identity and the broker go into the configuration file; its comments and every
   other setting are kept (tomlkit edits the document in place).
 - Without a certificate, a new private key (EC P-256) and a certificate signing request
-  (CN = ``{site}.{device}``) are created; the installer sends the CSR to the platform and
+  (CN = ``{site}/{device}``, the name the broker knows the device by: see
+  ``guardpost broker-acl``) are created; the installer sends the CSR to the platform and
   runs ``provision --cert`` with what comes back. The key is reused on later runs.
 - With a certificate (PEM, or a PKCS#12 bundle the platform issued), it must match the
   key, be valid now, and chain to the CA given.
@@ -40,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge.config import ConfigError, parse_config
 from edge.runtime.clock import wall_now
 from edge.runtime.durable import fsync_directory
+from edge.tools.broker_acl import device_name
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "guardpost.example.toml"
 
@@ -127,14 +129,17 @@ def _check_certificate(cert: x509.Certificate, key, ca: list[x509.Certificate],
         raise ProvisionError(f"{source}: the certificate is not for TLS clients "
                              "(its extended key usage lacks clientAuth)")
     names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if expected_name not in names:
-        # Platforms name devices their own way; say it, do not refuse it.
-        notes.append(f"note: the certificate names {names or 'no common name'}, "
-                     f"not {expected_name}")
+    if names[:1] != [expected_name]:
+        # A broker set up as Guardpost ships it takes the (first) CN as the device's user
+        # name and client id, and its ACL grants the device's topics to {site}/{device}
+        # only. Another platform may name devices its own way: say it, do not refuse it.
+        notes.append(f"note: the certificate names {names or 'no common name'}, not "
+                     f"{expected_name}: a broker configured as Guardpost ships it "
+                     "(config/mosquitto) will let this device publish nothing")
 
 
 def make_csr(key, site: str, device: str) -> bytes:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{site}.{device}"),
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_name(site, device)),
                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, site)])
     request = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
         key, hashes.SHA256())
@@ -201,7 +206,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
     elif (tls_dir / "ca.pem").exists():
         ca_certs = _load_certificates(_read(tls_dir / "ca.pem", "CA certificate"),
                                       str(tls_dir / "ca.pem"))
-    expected_name = f"{site}.{device}"
+    expected_name = device_name(site, device)
 
     if bundle is not None:
         try:
