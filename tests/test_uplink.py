@@ -222,6 +222,19 @@ def test_the_written_acl_lets_a_device_do_its_job_and_nothing_else(tmp_path, dae
             daemons("uplink", tmp_path / "acl.toml")
             online(police)
             alarm_is_delivered_and_acknowledged(police, config, "through the ACL")
+            # The doctor checks the broker without connecting as the device: on this
+            # broker (client id = the certificate's CN) that would drop the uplink's
+            # connection and, with a clean start, the session the broker keeps for it.
+            from edge.runtime.mqtt import tls_handshake
+            from edge.tools.doctor import Doctor, Step
+
+            doctor, step = Doctor(tmp_path / "acl.toml"), Step("broker over TLS")
+            doctor.config = config
+            doctor.check_broker(step)
+            assert step.status == "PASS" and "the uplink is connected" in step.detail
+            assert tls_handshake(config.broker) is None  # what it does without an uplink
+            alarm_is_delivered_and_acknowledged(police, config, "after the doctor's checks")
+            assert len([s for s in police.on("status") if s["state"] == "online"]) == 1
         finally:
             police.stop()
         assert not police.schema_problems

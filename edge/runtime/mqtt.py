@@ -339,3 +339,32 @@ def connect(client: paho.Client, broker: BrokerConfig, *, persistent: bool,
     rc = client.connect(broker.host, broker.port, keepalive=broker.keepalive, **kwargs)
     if rc != paho.MQTTErrorCode.MQTT_ERR_SUCCESS:  # CONNECT could not be written
         raise ConnectionError(paho.error_string(rc))
+
+
+def tls_handshake(broker: BrokerConfig, listen_s: float = 0.5) -> str | None:
+    """A TLS handshake with the broker, as the device makes it (its CA, its certificate),
+    and no MQTT: None if it is accepted, else why not. With TLS 1.3 a broker refuses a
+    client certificate only after the handshake: the refusal is read for ``listen_s``."""
+    tls = broker.tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+        if tls.cert_file is not None:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (OSError, ssl.SSLError) as err:
+        return f"cannot load the device's TLS files: {err}"
+    try:
+        with socket.create_connection((broker.host, broker.port),
+                                      timeout=broker.connect_timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=broker.host) as sock:
+            sock.settimeout(listen_s)
+            try:
+                if sock.recv(1) == b"":
+                    return "the broker closed the connection after the TLS handshake"
+            except TimeoutError:
+                pass  # waiting for our CONNECT: the certificate was accepted
+    except ssl.SSLCertVerificationError as err:
+        return f"the broker's certificate is not trusted: {err.verify_message}"
+    except (OSError, ssl.SSLError) as err:
+        return f"cannot reach it: {err}"
+    return None

@@ -32,7 +32,7 @@ from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
 from edge.daemons.selftest.alarmtest import follow_event
 from edge.runtime.clock import boot_id, clock_synchronised
 from edge.runtime.control import ControlUnavailable, request
-from edge.runtime.mqtt import connect, make_client
+from edge.runtime.mqtt import tls_handshake
 from edge.runtime.wake import wake
 from edge.store.outbox import Outbox
 from edge.store.reserve import MIB, SpaceReserve, alarms_per_reserve
@@ -191,44 +191,48 @@ class Doctor:
         step.detail = "; ".join(failed + good)
 
     def check_broker(self, step: Step) -> None:
+        """The uplink's own word when it is running; else a TLS handshake with the device
+        certificate, and no MQTT. The doctor never connects as the device: a broker that
+        binds the client id to the certificate (config/mosquitto) would drop the uplink's
+        connection for it, and a clean start would discard the device's stored session
+        with the acknowledgements the broker keeps for it."""
         broker = self.config.broker
+        where = f"{broker.host}:{broker.port}"
         if broker.tls is None:
             step.status = FAIL
-            step.detail = (f"{broker.host}:{broker.port} is configured without TLS: alarms "
-                           "must travel encrypted (add [broker.tls])")
+            step.detail = (f"{where} is configured without TLS: alarms must travel encrypted "
+                           "(add [broker.tls])")
             return
-        connected = threading.Event()
-        outcome: dict = {}
-        client = make_client(broker, f"{self.config.client_id}-doctor", persistent=False)
-
-        def on_connect(client, userdata, flags, reason_code, properties):
-            outcome["reason"] = str(reason_code)
-            outcome["ok"] = not reason_code.is_failure
-            connected.set()
-
-        def on_disconnect(client, userdata, flags, reason_code, properties):
-            outcome.setdefault("reason", f"closed by the broker ({reason_code})")
-            connected.set()
-
-        client.on_connect, client.on_disconnect = on_connect, on_disconnect
-        try:
-            connect(client, broker, persistent=False)
-        except (OSError, ValueError) as err:
-            step.status, step.detail = FAIL, f"cannot reach {broker.host}:{broker.port}: {err}"
+        uplink = self._uplink_report()
+        if uplink is not None and uplink.get("connected"):
+            step.status = PASS
+            step.detail = (f"{where} over TLS: the uplink is connected (session "
+                           f"{uplink.get('session')}, since {uplink.get('connected_at')})")
             return
-        client.loop_start()
-        try:
-            arrived = connected.wait(broker.connect_timeout + 5)
-        finally:
-            client.disconnect()
-            client.loop_stop()
-        if arrived and outcome.get("ok"):
-            mutual = " with the device certificate" if broker.tls.cert_file else ""
-            step.status, step.detail = PASS, f"{broker.host}:{broker.port} over TLS{mutual}"
-        else:
+        problem = tls_handshake(broker)
+        mutual = " with the device certificate" if broker.tls.cert_file else ""
+        if problem is not None:
+            step.status, step.detail = FAIL, f"{where}: {problem}"
+        elif uplink is not None:
             step.status = FAIL
-            step.detail = (f"{broker.host}:{broker.port}: "
-                           f"{outcome.get('reason', 'no answer to CONNECT in time')}")
+            step.detail = (f"{where} accepts a TLS connection{mutual}, but the uplink is not "
+                           f"connected: {uplink.get('last_error') or 'not yet'}")
+        else:
+            step.status = PASS
+            step.detail = (f"{where} over TLS{mutual} (a TLS handshake only: the uplink is "
+                           "not running)")
+
+    def _uplink_report(self) -> dict | None:
+        """The uplink's latest state, if it is running (reported recently)."""
+        from edge.tools.status import stale_after
+
+        with Outbox(self.config.storage.database, self.config.identity) as outbox:
+            state = outbox.daemons.all().get("uplink")
+        if state is None:
+            return None
+        raw, updated = state
+        age = (utc_now() - datetime.fromisoformat(updated)).total_seconds()
+        return None if age > stale_after(self.config) else json.loads(raw)
 
     def check_round_trip(self, step: Step) -> None:
         with Outbox(self.config.storage.database, self.config.identity) as outbox:

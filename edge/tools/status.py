@@ -56,7 +56,7 @@ def queue_json(summary: QueueSummary) -> str:
     return json.dumps(asdict(summary) | {"unsent": summary.unsent}, indent=2)
 
 
-def _stale_after(config: Config) -> float:
+def stale_after(config: Config) -> float:
     # The uplink records its state at every heartbeat and at every reconnect attempt
     # (at most reconnect_max apart); three missed reports mean it is not running.
     return 3 * max(config.uplink.heartbeat_interval, config.uplink.reconnect_max)
@@ -89,7 +89,7 @@ def collect_status(config: Config, outbox: Outbox) -> dict:
         raw, updated = states["uplink"]
         age = (now - datetime.fromisoformat(updated)).total_seconds()
         uplink = json.loads(raw) | {"updated_at": updated, "report_age_s": round(age, 1)}
-        uplink["stale"] = age > _stale_after(config)
+        uplink["stale"] = age > stale_after(config)
         status["uplink"] = uplink
     else:
         status["uplink"] = {"stale": True, "error": "the uplink has never run"}
