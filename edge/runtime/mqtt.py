@@ -315,27 +315,32 @@ def make_client(broker: BrokerConfig, client_id: str, *, persistent: bool,
 
 
 def connect_properties(broker: BrokerConfig, *, persistent: bool,
-                       max_inbound: int | None = None) -> Properties | None:
-    """MQTT 5 CONNECT properties: session expiry, and the largest packet we accept (the
-    broker then never sends a larger one)."""
+                       max_inbound: int | None = None,
+                       receive_maximum: int | None = None) -> Properties | None:
+    """MQTT 5 CONNECT properties: session expiry, the largest packet we accept (the
+    broker then never sends a larger one) and how many QoS 1 messages it may send us
+    before our PUBACKs (it holds the rest: a flood cannot pile up in our memory)."""
     if not is_v5(broker):
         return None
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = broker.session_expiry if persistent else 0
     if max_inbound is not None:
         props.MaximumPacketSize = max_inbound
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return props
 
 
 def connect(client: paho.Client, broker: BrokerConfig, *, persistent: bool,
-            max_inbound: int | None = None) -> None:
+            max_inbound: int | None = None, receive_maximum: int | None = None) -> None:
     """Open the connection (blocking up to ``client.connect_timeout`` for TCP, and again
     for TLS) and send CONNECT, or raise; CONNACK comes later."""
     kwargs = {}
     if is_v5(broker):
         kwargs["clean_start"] = not persistent
         kwargs["properties"] = connect_properties(broker, persistent=persistent,
-                                                  max_inbound=max_inbound)
+                                                  max_inbound=max_inbound,
+                                                  receive_maximum=receive_maximum)
     rc = client.connect(broker.host, broker.port, keepalive=broker.keepalive, **kwargs)
     if rc != paho.MQTTErrorCode.MQTT_ERR_SUCCESS:  # CONNECT could not be written
         raise ConnectionError(paho.error_string(rc))

@@ -38,7 +38,7 @@ from edge.contract.events import utc_iso, utc_now
 from edge.contract.messages import Topics, status_payload
 from edge.daemons.uplink.connection import Backoff, Connection, Phase
 from edge.daemons.uplink.housekeeping import Housekeeping
-from edge.daemons.uplink.inbound import Inbound
+from edge.daemons.uplink.inbound import RECEIVE_MAXIMUM, Inbound
 from edge.daemons.uplink.lane import SideLane
 from edge.daemons.uplink.linkstate import LinkStateFile
 from edge.daemons.uplink.resend import Resend
@@ -197,6 +197,8 @@ class UplinkDaemon(Daemon):
     def _select_timeout(self, now: float) -> float:
         """How long the loop may wait for the network before it has work of its own."""
         connection = self.connection
+        if self.inbound.pending():
+            return 0.0  # signatures still to check, a few each round
         times = [LOOP_TICK_S]
         if connection.phase is Phase.HANDSHAKE:
             times.append(connection.connack_deadline - now)
@@ -262,7 +264,8 @@ class UplinkDaemon(Daemon):
             self.identity, state="offline", session=self._session, reason="connection lost"),
             qos=1, retain=True, properties=will)
         self.connection.start(lambda: connect(self.client, cfg.broker, persistent=True,
-                                              max_inbound=cfg.uplink.max_inbound_bytes))
+                                              max_inbound=cfg.uplink.max_inbound_bytes,
+                                              receive_maximum=RECEIVE_MAXIMUM))
 
     def _note_error(self, message: str) -> None:
         if message != self._last_error:

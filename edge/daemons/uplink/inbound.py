@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -69,6 +71,11 @@ log = logging.getLogger(__name__)
 
 STORAGE_ERRORS = (sqlite3.Error, OSError)  # our side failed, not the message
 RETRY_S = 1.0        # a message our storage could not take is tried again after this
+# Signatures are checked for at most this long per round of the uplink's loop (an Ed25519
+# verification costs 0.1 to 0.3 ms): a flood of forgeries delays an alarm by one budget.
+OPEN_BUDGET_S = 0.005
+MAX_UNOPENED = 1000  # messages waiting for that check; QoS 0 floods beyond it are refused
+RECEIVE_MAXIMUM = 64  # MQTT 5: QoS 1 messages the broker may send us before our PUBACKs
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class Inbound:
         self._commands: list[tuple[TestRequest | Command, str, str | None, _Received,
                                    Opened]] = []
         self._replies_to: dict[int, tuple[str, str | None]] = {}  # id(command) -> where
+        self._unopened: deque[tuple[_Received, str | None, str]] = deque()  # to be checked
         self._refusals: list[_Refusal] = []
         self._retry_at = 0.0
         self._suppressed = 0                 # rejections not answered since the last answer
@@ -170,6 +178,34 @@ class Inbound:
         if received.topic != self.topics.ack and name is None:
             self._refusals.append(_Refusal(received, "not a topic this device reads"))
             return
+        if len(self._unopened) >= MAX_UNOPENED:
+            # Only messages sent at QoS 0 can pile up here (the broker sends no more QoS 1
+            # ones than our Receive Maximum): a flood, refused without the dear check.
+            self._refusals.append(_Refusal(received, f"over {MAX_UNOPENED} messages wait to "
+                                                     "be checked: refused unread"))
+            return
+        reply_topic = _reply_topic(message, self.topics, name) if name is not None else ""
+        self._unopened.append((received, name, reply_topic))
+
+    def _open_some(self, deadline: float) -> None:
+        """Check signatures until ``deadline`` (at least one message): a flood of forgeries
+        costs each round of the loop a bounded time, and the round still publishes."""
+        while self._unopened:
+            received, name, reply_topic = self._unopened.popleft()
+            try:
+                self._open(received, name, reply_topic)
+            except Exception as err:  # a defect of ours must not become a crash loop
+                log.exception("a message could not be handled; it is rejected")
+                self._refusals.append(_Refusal(
+                    received, f"could not be handled ({type(err).__name__})"))
+            if time.monotonic() >= deadline:
+                return
+
+    def pending(self) -> bool:
+        """Messages still to be checked: the loop comes back at once for them."""
+        return bool(self._unopened)
+
+    def _open(self, received: _Received, name: str | None, reply_topic: str) -> None:
         try:
             opened = self.gate.open(received.payload, received.topic,
                                     "ack" if name is None else "command")
@@ -183,8 +219,7 @@ class Inbound:
                 # Say so if the command is unknown, not nothing: a platform newer than this
                 # device learns it at once.
                 command = command_from_body(name, opened.body)
-                self._commands.append((command, _reply_topic(message, self.topics, name),
-                                       received.correlation.hex()
+                self._commands.append((command, reply_topic, received.correlation.hex()
                                        if received.correlation is not None else None,
                                        received, opened))
         except RejectedInput as err:
@@ -198,6 +233,7 @@ class Inbound:
         """Commit what arrived, then acknowledge it to the broker; answer rejections.
         Returns True when acknowledgements were recorded (the button's LED shows them)."""
         recorded = False
+        self._open_some(time.monotonic() + OPEN_BUDGET_S)
         if now >= self._retry_at:
             try:
                 self._refuse_replays(outbox)
@@ -315,6 +351,7 @@ class Inbound:
         self._acks.clear()
         self._commands.clear()
         self._refusals.clear()
+        self._unopened.clear()
         self.gate.forget_pending()
         self._retry_at = 0.0
 
