@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,7 @@ class Installer:
         self.run("systemd-sysusers", *self.root_args(), "guardpost.conf")
         self.write_if_changed("/usr/lib/tmpfiles.d/guardpost.conf", TMPFILES.read_bytes(), 0o644)
         self.run("systemd-tmpfiles", "--create", *self.root_args(), "guardpost.conf")
+        self.share_state()
         self.install_config()
         self.install_venv()
         for unit in UNITS:
@@ -105,6 +107,27 @@ class Installer:
             if start:
                 self.run("systemctl", "start", "guardpost.target")
         self.say("done" + ("" if self.changed else ": nothing to change"))
+
+    def share_state(self) -> None:
+        """The state an earlier version left (one user for every daemon, files 0640 or
+        0600) is made the group's: each daemon is now its own user, and they share it."""
+        state = self.path("/var/lib/guardpost")
+        gid = self.gid("guardpost")
+        adjusted = 0
+        for entry in [state, *state.rglob("*")]:
+            info = entry.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            wanted = info.st_mode | (0o2070 if stat.S_ISDIR(info.st_mode) else 0o060)
+            if info.st_gid != gid:
+                os.chown(entry, -1, gid, follow_symlinks=False)
+                adjusted += 1
+            if stat.S_IMODE(wanted) != stat.S_IMODE(info.st_mode):
+                entry.chmod(stat.S_IMODE(wanted))
+                adjusted += 1
+        if adjusted:
+            self.changed.append("/var/lib/guardpost")
+            self.say("made /var/lib/guardpost the group guardpost's (files 0660, dirs 2770)")
 
     def install_config(self) -> None:
         config = self.path("/etc/guardpost/guardpost.toml")

@@ -190,11 +190,20 @@ def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
     subprocess.run(["systemd-sysusers", f"--root={root}", "--inline", "g gpio -",
                     'u guardpost - "Guardpost" /var/lib/guardpost', "m guardpost gpio"],
                    check=True, capture_output=True)
+    old_uid = int(ids(root)[0]["guardpost"][2])
+    (root / "var/lib/guardpost/spool").mkdir(parents=True)
+    (root / "var/lib/guardpost/spool").chmod(0o750)
+    (root / "var/lib/guardpost/outbox.db").write_bytes(b"events")
+    (root / "var/lib/guardpost/outbox.db").chmod(0o640)
+    os.chown(root / "var/lib/guardpost/outbox.db", old_uid, 0)
     install(root, "--quiet")
-    assert "guardpost" in ids(root)[0]  # an upgrade keeps it: it may still own files
+    assert "guardpost" in ids(root)[0]  # an upgrade keeps it: it still owns files
+    # ... and makes its state the group's, which every daemon's own user is in.
+    gid = int(ids(root)[1]["guardpost"][2])
+    for relative, mode in (("outbox.db", 0o660), ("spool", 0o2770), ("", 0o2770)):
+        info = (root / "var/lib/guardpost" / relative).stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (mode, gid), relative
     shadow_mode = stat.S_IMODE((root / "etc/shadow").stat().st_mode)
-    state = root / "var/lib/guardpost/outbox.db"
-    state.write_bytes(b"events")
     install(root, "--uninstall")
     left = {str(p.relative_to(root)) for p in root.rglob("*")}
     assert "var/lib/guardpost/outbox.db" in left and "etc/guardpost/guardpost.toml" in left
