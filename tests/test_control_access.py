@@ -67,10 +67,11 @@ def test_each_local_user_may_ask_the_button_daemon_only_what_it_needs(who, expec
     assert allowed(BUTTON_ACCESS, who) == expected
 
 
-def test_only_root_and_people_commissioning_take_the_cameras_pictures():
-    assert allowed(CAMERA_ACCESS, peer(0, 0)) == {"status", "frame"}
+def test_only_the_doctor_and_the_platforms_command_take_the_cameras_pictures():
+    assert allowed(CAMERA_ACCESS, peer(0, 0)) == {"status", "frame", "snapshot"}
     assert allowed(CAMERA_ACCESS, peer(INSTALLER, 1000, ADMIN_GID)) == {"status", "frame"}
-    for daemon in (SELFTEST, UPLINK, CAMERA, BUTTON):
+    assert allowed(CAMERA_ACCESS, peer(UPLINK)) == {"status", "snapshot"}
+    for daemon in (SELFTEST, CAMERA, BUTTON):
         assert allowed(CAMERA_ACCESS, peer(daemon)) == {"status"}
 
 

@@ -65,10 +65,12 @@ BUTTON_ACCESS: Mapping[str, frozenset[Who]] = {
 }
 
 # The camera daemon: `frame` writes a picture of every camera into the spool for the
-# doctor; nothing else needs it (the self-test only asks for the status).
+# doctor; `snapshot` is the platform's cmd/snapshot, which only the uplink receives (the
+# self-test only asks for the status).
 CAMERA_ACCESS: Mapping[str, frozenset[Who]] = {
     "status": frozenset({Who.ANYONE}),
     "frame": frozenset({Who.ROOT, Who.ADMIN}),
+    "snapshot": frozenset({Who.ROOT, Who.UPLINK}),
 }
 
 
