@@ -104,10 +104,15 @@ def _create_group_writable(path: Path) -> None:
 
     SQLite would create it 0644 less the umask, 0640 under the units' UMask=0007: the
     other daemons, each its own user in the group guardpost, could not write it. Its
-    journal files (-wal, -shm) take the database file's mode."""
+    journal files (-wal, -shm) take the database file's mode.
+
+    Only ever a file this call creates (O_EXCL): closing a descriptor of a file that
+    another connection of this process has open would drop that connection's POSIX
+    locks (SQLite's locking rests on them)."""
     try:
-        # Read-only: an existing file is left exactly as it is.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+    except FileExistsError:
+        return
     except OSError:
         return  # a full disk, a directory not ours: SQLite meets it next and says which
     os.close(fd)
