@@ -9,10 +9,13 @@
 Run from a copy of the repository. Only the Python standard library is needed (it runs
 before Guardpost exists). What it does, each step only if needed:
 
-- a ``guardpost`` system user in the groups gpio, video and dialout (systemd-sysusers);
+- a system user per daemon (``guardpost-button``, ``-uplink``, ``-selftest``,
+  ``-fallback``, ``-camera``), all in the group ``guardpost``, each with the hardware
+  group it needs, and the group ``guardpost-admin`` for people commissioning the device
+  (systemd-sysusers, ``systemd/guardpost.sysusers``);
 - ``/etc/guardpost`` (0750 root:guardpost) with the example configuration if there is
-  none, ``/etc/guardpost/credentials`` (0700 root), ``/var/lib/guardpost`` (0750
-  guardpost) (systemd-tmpfiles);
+  none, ``/etc/guardpost/credentials`` (0700 root), ``/var/lib/guardpost`` and
+  ``/run/guardpost`` (2770 root:guardpost) (systemd-tmpfiles, ``systemd/guardpost.tmpfiles``);
 - Guardpost in its own virtual environment, ``/opt/guardpost/venv``;
 - the units in ``/etc/systemd/system``, enabled (``guardpost.target`` at boot).
 
@@ -25,6 +28,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -36,25 +40,16 @@ ENABLE = ("guardpost.target", "guardpost-button.service", "guardpost-uplink.serv
           "guardpost-camera.service", "guardpost-selftest.service",
           "guardpost-fallback.service")
 
-SYSUSERS = """\
-# Guardpost's system user (systemd-sysusers). The groups give it the GPIO chip, the
-# cameras and the modem's serial port.
-g gpio - -
-g video - -
-g dialout - -
-u guardpost - "Guardpost alarm terminal" /var/lib/guardpost /usr/sbin/nologin
-m guardpost gpio
-m guardpost video
-m guardpost dialout
-"""
-
-TMPFILES = """\
-# Guardpost's directories (systemd-tmpfiles): configuration readable by the daemons only,
-# secrets by root only (handed to the uplink by LoadCredential=), state by guardpost.
-d /etc/guardpost 0750 root guardpost -
-d /etc/guardpost/credentials 0700 root root -
-d /var/lib/guardpost 0750 guardpost guardpost -
-"""
+# Shipped beside this file: the users and groups (systemd-sysusers), the directories
+# (systemd-tmpfiles).
+SYSUSERS = SOURCE / "systemd" / "guardpost.sysusers"
+TMPFILES = SOURCE / "systemd" / "guardpost.tmpfiles"
+# The accounts, in the order they can be removed (the group after its members); the
+# single `guardpost` user of earlier versions, where an upgrade left it, too.
+DAEMON_USERS = ("guardpost-button", "guardpost-uplink", "guardpost-selftest",
+                "guardpost-fallback", "guardpost-camera")
+OLD_USERS = ("guardpost",)
+GROUPS = ("guardpost", "guardpost-admin")
 
 
 class Installer:
@@ -94,10 +89,11 @@ class Installer:
 
     def install(self, start: bool) -> None:
         self.path("/etc").mkdir(parents=True, exist_ok=True)
-        self.write_if_changed("/usr/lib/sysusers.d/guardpost.conf", SYSUSERS.encode(), 0o644)
+        self.write_if_changed("/usr/lib/sysusers.d/guardpost.conf", SYSUSERS.read_bytes(), 0o644)
         self.run("systemd-sysusers", *self.root_args(), "guardpost.conf")
-        self.write_if_changed("/usr/lib/tmpfiles.d/guardpost.conf", TMPFILES.encode(), 0o644)
+        self.write_if_changed("/usr/lib/tmpfiles.d/guardpost.conf", TMPFILES.read_bytes(), 0o644)
         self.run("systemd-tmpfiles", "--create", *self.root_args(), "guardpost.conf")
+        self.share_state()
         self.install_config()
         self.install_venv()
         for unit in UNITS:
@@ -111,6 +107,27 @@ class Installer:
             if start:
                 self.run("systemctl", "start", "guardpost.target")
         self.say("done" + ("" if self.changed else ": nothing to change"))
+
+    def share_state(self) -> None:
+        """The state an earlier version left (one user for every daemon, files 0640 or
+        0600) is made the group's: each daemon is now its own user, and they share it."""
+        state = self.path("/var/lib/guardpost")
+        gid = self.gid("guardpost")
+        adjusted = 0
+        for entry in [state, *state.rglob("*")]:
+            info = entry.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            wanted = info.st_mode | (0o2070 if stat.S_ISDIR(info.st_mode) else 0o060)
+            if info.st_gid != gid:
+                os.chown(entry, -1, gid, follow_symlinks=False)
+                adjusted += 1
+            if stat.S_IMODE(wanted) != stat.S_IMODE(info.st_mode):
+                entry.chmod(stat.S_IMODE(wanted))
+                adjusted += 1
+        if adjusted:
+            self.changed.append("/var/lib/guardpost")
+            self.say("made /var/lib/guardpost the group guardpost's (files 0660, dirs 2770)")
 
     def install_config(self) -> None:
         config = self.path("/etc/guardpost/guardpost.toml")
@@ -176,6 +193,7 @@ class Installer:
         for unit in UNITS:
             self.remove(f"/etc/systemd/system/{unit}")
         self.remove("/opt/guardpost")
+        self.remove("/run/guardpost")  # sockets and locks only: nothing to keep
         self.remove("/usr/lib/tmpfiles.d/guardpost.conf")
         self.remove("/usr/lib/sysusers.d/guardpost.conf")
         if purge:
@@ -198,15 +216,18 @@ class Installer:
         self.say(f"removed {absolute}")
 
     def remove_user(self) -> None:
-        """Drop the guardpost user and its group with the shadow tools, which keep the
-        files' owners, modes and locks right (the shared groups stay)."""
+        """Drop Guardpost's users, then its groups, with the shadow tools, which keep the
+        files' owners, modes and locks right (the shared hardware groups stay)."""
         root = ["--root", str(self.root)] if self.root != Path("/") else []
-        for tool, database in (("userdel", "passwd"), ("groupdel", "group")):
-            entries = self.path(f"/etc/{database}")
-            if entries.exists() and any(line.startswith("guardpost:")
-                                        for line in entries.read_text().splitlines()):
-                self.run(tool, *root, "guardpost")
-        self.say("removed the guardpost user and group")
+        for tool, database, names in (("userdel", "passwd", DAEMON_USERS + OLD_USERS),
+                                      ("groupdel", "group", GROUPS)):
+            for name in names:
+                # Read again each time: removing the old user may take its group along.
+                entries = self.path(f"/etc/{database}").read_text().splitlines() \
+                    if self.path(f"/etc/{database}").exists() else []
+                if any(line.startswith(f"{name}:") for line in entries):
+                    self.run(tool, *root, name)
+        self.say("removed the guardpost users and groups")
 
 
 def _systemd_running() -> bool:

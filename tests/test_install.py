@@ -79,22 +79,48 @@ def installed(root) -> Path:
     return root
 
 
-def test_the_user_and_its_groups(installed):
+DAEMONS = ("button", "uplink", "selftest", "fallback", "camera")
+HARDWARE = {"button": "gpio", "fallback": "dialout", "camera": "video"}
+
+
+def test_one_user_per_daemon_in_the_shared_group_with_only_its_own_hardware(installed):
     users, groups = ids(installed)
-    user = users["guardpost"]
-    assert user[5:] == ["/var/lib/guardpost", "/usr/sbin/nologin"]
-    for group in ("gpio", "video", "dialout"):
-        assert "guardpost" in groups[group][3].split(","), group
+    shared = groups["guardpost"][2]
+    for daemon in DAEMONS:
+        user = users[f"guardpost-{daemon}"]
+        assert user[3] == shared, daemon  # primary group guardpost
+        assert user[5:] == ["/var/lib/guardpost", "/usr/sbin/nologin"]
+        member_of = {name for name, entry in groups.items()
+                     if f"guardpost-{daemon}" in entry[3].split(",")}
+        assert member_of == ({HARDWARE[daemon]} if daemon in HARDWARE else set()), daemon
+    assert "guardpost-admin" in groups and groups["guardpost-admin"][3] == ""
+    assert "guardpost" not in users  # no shared user any more
+
+
+def test_each_unit_runs_as_its_daemons_user_with_the_groups_the_sysusers_file_gives():
+    for daemon in DAEMONS:
+        lines = (REPO / "systemd" / f"guardpost-{daemon}.service").read_text().splitlines()
+        assert f"User=guardpost-{daemon}" in lines and "Group=guardpost" in lines
+        supplementary = [line for line in lines if line.startswith("SupplementaryGroups=")]
+        assert supplementary == ([f"SupplementaryGroups={HARDWARE[daemon]}"]
+                                 if daemon in HARDWARE else []), daemon
+        # Shared by users that differ: systemd would chown them to each unit in turn.
+        assert not [line for line in lines if line.startswith(
+            ("StateDirectory", "RuntimeDirectory"))], daemon
+        assert "ReadWritePaths=/var/lib/guardpost /run/guardpost" in lines
+        assert "UMask=0007" in lines
 
 
 def test_directories_and_files_have_the_promised_modes_and_owners(installed):
-    users, groups = ids(installed)
-    uid, gid = int(users["guardpost"][2]), int(groups["guardpost"][2])
+    _, groups = ids(installed)
+    gid = int(groups["guardpost"][2])
     expected = {
         "etc/guardpost": (0o750, 0, gid),
         "etc/guardpost/credentials": (0o700, 0, 0),
         "etc/guardpost/guardpost.toml": (0o640, 0, gid),
-        "var/lib/guardpost": (0o750, uid, gid),
+        # Every daemon writes here, each its own user: the group's, setgid.
+        "var/lib/guardpost": (0o2770, 0, gid),
+        "run/guardpost": (0o2770, 0, gid),
     }
     for relative, (mode, owner, group) in expected.items():
         info = (installed / relative).stat()
@@ -145,7 +171,7 @@ def test_the_services_restart_but_not_on_a_bad_configuration():
     for unit in SERVICES:
         text = (REPO / "systemd" / unit).read_text()
         for line in ("Type=notify", "Restart=always", "RestartPreventExitStatus=78",
-                     "User=guardpost", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+                     "NoNewPrivileges=yes", "ProtectSystem=strict"):
             assert line in text.splitlines(), (unit, line)
         assert re.search(r"^WatchdogSec=\d+$", text, re.M), unit
     button = (REPO / "systemd/guardpost-button.service").read_text()
@@ -159,22 +185,38 @@ def test_the_services_restart_but_not_on_a_bad_configuration():
 
 def test_uninstall_keeps_only_the_data_then_purge_removes_everything(tmp_path):
     root = tmp_path / "root"
+    # Installed first by a version with one shared user, then upgraded.
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(["systemd-sysusers", f"--root={root}", "--inline", "g gpio -",
+                    'u guardpost - "Guardpost" /var/lib/guardpost', "m guardpost gpio"],
+                   check=True, capture_output=True)
+    old_uid = int(ids(root)[0]["guardpost"][2])
+    (root / "var/lib/guardpost/spool").mkdir(parents=True)
+    (root / "var/lib/guardpost/spool").chmod(0o750)
+    (root / "var/lib/guardpost/outbox.db").write_bytes(b"events")
+    (root / "var/lib/guardpost/outbox.db").chmod(0o640)
+    os.chown(root / "var/lib/guardpost/outbox.db", old_uid, 0)
     install(root, "--quiet")
+    assert "guardpost" in ids(root)[0]  # an upgrade keeps it: it still owns files
+    # ... and makes its state the group's, which every daemon's own user is in.
+    gid = int(ids(root)[1]["guardpost"][2])
+    for relative, mode in (("outbox.db", 0o660), ("spool", 0o2770), ("", 0o2770)):
+        info = (root / "var/lib/guardpost" / relative).stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (mode, gid), relative
     shadow_mode = stat.S_IMODE((root / "etc/shadow").stat().st_mode)
-    state = root / "var/lib/guardpost/outbox.db"
-    state.write_bytes(b"events")
     install(root, "--uninstall")
     left = {str(p.relative_to(root)) for p in root.rglob("*")}
     assert "var/lib/guardpost/outbox.db" in left and "etc/guardpost/guardpost.toml" in left
     for gone in ("opt/guardpost", "etc/systemd/system/guardpost.target",
                  "etc/systemd/system/multi-user.target.wants/guardpost.target",
-                 "usr/lib/sysusers.d/guardpost.conf", "usr/lib/tmpfiles.d/guardpost.conf"):
+                 "usr/lib/sysusers.d/guardpost.conf", "usr/lib/tmpfiles.d/guardpost.conf",
+                 "run/guardpost"):
         assert gone not in left, gone
     install(root, "--uninstall", "--purge")
     left = {str(p.relative_to(root)) for p in root.rglob("*")}
     assert not [p for p in left if "guardpost" in p]
     users, groups = ids(root)
-    assert "guardpost" not in users and "guardpost" not in groups
+    assert not [name for name in [*users, *groups] if name.startswith("guardpost")]
     assert "guardpost" not in groups["gpio"][3]
     assert stat.S_IMODE((root / "etc/shadow").stat().st_mode) == shadow_mode
 

@@ -4,8 +4,14 @@ nothing other users can read."""
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from edge.config import load_config
@@ -35,18 +41,46 @@ def test_without_tls_the_check_does_not_apply(tmp_path):
     assert HealthChecks(config, outbox=None).check_certificates(datetime.now(UTC)).ok is None
 
 
-def test_a_daemon_run_by_hand_creates_nothing_other_users_can_read(make_config, daemons):
-    import os
-    import stat
+def created(*directories: Path) -> dict[str, int]:
+    """Every file, socket and directory below these, with its mode."""
+    return {str(path): stat.S_IMODE(path.lstat().st_mode)
+            for directory in directories for path in [directory, *directory.rglob("*")]}
 
-    old = os.umask(0o022)  # a person's usual umask: files would be world-readable
+
+def test_a_daemon_run_by_hand_creates_nothing_other_users_can_read(make_config, daemons):
+    """Whatever the person's umask, the daemons create what the units would (UMask=0007):
+    nothing for other users, and the files the daemons share (each its own user, all in
+    the group guardpost) writable by the group. A umask of 0077 used to leave the outbox
+    0600: the uplink, another user, could not have opened it."""
+    old = os.umask(0o077)  # a careful person's umask: the other daemons would be locked out
     try:
         path, config = make_config()
         daemons("button", path)
+        daemons("uplink", path)
     finally:
         os.umask(old)
-    state = config.storage.database.parent
-    made = [p for p in [*state.iterdir(), *config.storage.runtime_dir.iterdir()]
-            if p.is_file() or p.is_socket()]
-    assert made and all(stat.S_IMODE(p.stat().st_mode) & 0o007 == 0 for p in made), \
-        {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in made}
+    state, run = config.storage.database.parent, config.storage.runtime_dir
+    modes = created(state, run)
+    assert all(mode & 0o007 == 0 for mode in modes.values()), modes
+    shared = [p for p in modes if Path(p).name.startswith("outbox.db")
+              or Path(p).suffix in (".ctl", ".wake") or Path(p).is_dir()]
+    assert len(shared) >= 5, modes
+    assert all(modes[p] & 0o060 == 0o060 for p in shared), modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_commands_run_by_hand_create_files_with_the_units_modes(tmp_path, umask):
+    """`guardpost reset`, `test-alarm`, `report -o` on a device whose outbox does not
+    exist yet (the installer's first commands): the outbox, its lock and mark, the test's
+    lock, the report: 0660, their directories 0770."""
+    config = write_toml(tmp_path / "g.toml", sim_document(tmp_path, 9))  # no broker
+    commands = (["reset"], ["test-alarm", "--ack-timeout", "0.1"],
+                ["report", "--month", "2026-01", "-o", str(tmp_path / "state" / "r.md")])
+    for command in commands:
+        subprocess.run([sys.executable, "-m", "edge", *command, "--config", str(config)],
+                       umask=umask, capture_output=True, timeout=120, check=False)
+    modes = created(tmp_path / "state", tmp_path / "run")
+    assert {"outbox.db", "outbox.db-wal", "outbox.db.writelock", "alarm-test.lock",
+            "r.md"} <= {Path(p).name for p in modes}, modes
+    assert {mode for p, mode in modes.items() if Path(p).is_dir()} == {0o770}, modes
+    assert {mode for p, mode in modes.items() if not Path(p).is_dir()} == {0o660}, modes

@@ -119,6 +119,7 @@ def test_pin_wrong_then_right(sim):
             modem.enter_pin("1111")
         assert (wrong.value.kind, wrong.value.code) == ("CME", 16)
         assert "incorrect password" in str(wrong.value)
+        assert "1111" not in str(wrong.value) and wrong.value.command == "AT+CPIN=***"
         modem.enter_pin("4321")
         assert modem.sim_state().ready
 

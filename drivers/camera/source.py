@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,9 +163,9 @@ class CameraSource:
             try:
                 capture = self._open()
             except Exception as err:  # cv2.error from a backend: treated as "cannot open"
-                log.exception("camera %s: opening failed", self.name)
+                # Its text may quote the URL, password and all: no traceback, scrubbed.
                 capture = None
-                self._failed(f"opening failed: {err}")
+                self._failed(f"opening failed: {type(err).__name__}: {err}")
             if capture is None:
                 self._failed(f"cannot open {_redact(self.source)}")
                 self._stop.wait(delay)
@@ -175,8 +176,7 @@ class CameraSource:
             try:
                 self._read_stream(capture)
             except Exception as err:  # an OpenCV or encoder surprise: reopen, never die
-                log.exception("camera %s: reading failed", self.name)
-                self._failed(f"reading failed: {err}")
+                self._failed(f"reading failed: {type(err).__name__}: {err}")
             finally:
                 capture.release()
                 self.connected = False
@@ -189,6 +189,9 @@ class CameraSource:
             delay = min(REOPEN_MAX_S, delay * 2)
 
     def _failed(self, reason: str) -> None:
+        """Record why the camera gives no picture (shown by `status`, stored, logged),
+        with the source's password taken out wherever the reason quotes it."""
+        reason = _scrub(reason, self.source)
         if reason != self.last_error:
             log.warning("camera %s: %s", self.name, reason)
         self.last_error = reason
@@ -247,3 +250,18 @@ def _redact(source: str) -> str:
     credentials, _, host = authority.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
+def _scrub(text: str, source: str) -> str:
+    """``text`` with the password of ``source`` replaced, also percent-decoded or
+    encoded (a backend's message may quote the URL in either form)."""
+    redacted = _redact(source)
+    if redacted == source:
+        return text
+    text = text.replace(source, redacted)
+    password = source.split("://", 1)[1].partition("/")[0].rpartition("@")[0]
+    password = password.split(":", 1)[1] if ":" in password else ""
+    for form in {password, urllib.parse.unquote(password), urllib.parse.quote(password)}:
+        if form:
+            text = text.replace(form, "***")
+    return text

@@ -54,11 +54,25 @@ MAX_DRAIN_S = 2.0  # ... and it may talk no longer than this
 PORT_ERRORS = (OSError, termios.error)
 
 
+# Commands that carry a password (the SIM PIN, facility locks): shown without it in
+# errors and logs, which end up in the journal, `guardpost status` and the outbox.
+_WITH_PASSWORD = ("AT+CPIN=", "AT+CPIN2=", "AT+CPWD=", "AT+CLCK=")
+
+
+def shown(command: str) -> str:
+    """``AT+CPIN=1234`` -> ``AT+CPIN=***``: a command as errors and logs may show it."""
+    for prefix in _WITH_PASSWORD:
+        if command.upper().startswith(prefix):
+            return command[:len(prefix)] + "***"
+    return command
+
+
 class ModemError(Exception):
     """The module answered with an error (or cannot be talked to)."""
 
     def __init__(self, command: str, answer: str, code: int | None = None,
                  kind: str | None = None):
+        command = shown(command)
         self.command, self.answer, self.code, self.kind = command, answer, code, kind
         meaning = ""
         if code is not None:
@@ -186,7 +200,7 @@ class AtChannel:
 
     def _exchange(self, command: str, seconds: float, data: bytes | None) -> Answer:
         deadline = time.monotonic() + seconds
-        self._command = command
+        self._command = shown(command)  # for the logs of a late answer
         self._buffer = b""
         self._io(command, self.port.reset_input_buffer)
         self._io(command, self.port.write, command.encode("ascii") + b"\r")

@@ -33,6 +33,7 @@ from drivers.camera import CameraSource, PictureCheck, assess
 from edge import __version__
 from edge.config import CameraConfig, Config
 from edge.contract.events import ContactId, EventDraft, EventKind, Qualifier, utc_iso, utc_now
+from edge.runtime.access import CAMERA_ACCESS, AccessPolicy
 from edge.runtime.clock import boot_id, clock_synchronised, wall_now, wall_time
 from edge.runtime.control import ControlServer
 from edge.runtime.daemon import Daemon
@@ -175,7 +176,8 @@ class CameraDaemon(Daemon):
             stack.callback(source.close)
             self.sources[name] = source
             self.health[name] = _Health(name, spec, now)
-        control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control)
+        control = ControlServer(cfg.storage.runtime_dir / "camera.ctl", self._handle_control,
+                                AccessPolicy("camera.ctl", CAMERA_ACCESS))
         control.start()
         stack.callback(control.close)
         self._restore_faults(outbox)

@@ -1,9 +1,10 @@
 """A daemon's local control socket: one JSON request per line, one JSON reply per line.
 
 The button daemon serves ``{runtime_dir}/button.ctl`` for ``guardpost status`` and, in
-simulation, ``guardpost sim press``. Access is limited by the file mode of the socket
-(the ``guardpost`` group); a malformed request gets an error reply and the daemon
-carries on.
+simulation, ``guardpost sim press``. Who may connect is decided by the file mode of the
+socket (the ``guardpost`` group); who may ask for each operation, by the socket's
+:class:`~edge.runtime.access.AccessPolicy` on the peer's kernel credentials. A refused
+or malformed request gets an error reply and the daemon carries on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import socketserver
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from edge.runtime.access import AccessPolicy, peer_of
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class _RequestHandler(socketserver.StreamRequestHandler):
         except ValueError as err:
             reply = {"ok": False, "error": f"malformed request: {err}"}
         else:
+            reply = self._refusal(request["op"])
+        if reply is None:
             try:
                 reply = self.server.handle_request_dict(  # type: ignore[attr-defined]
                     request, lambda: _client_still_there(self.connection))
@@ -70,11 +75,22 @@ class _RequestHandler(socketserver.StreamRequestHandler):
                 reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         self.wfile.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
 
+    def _refusal(self, op: str) -> dict | None:
+        """An error reply if this peer may not ask for ``op``; nothing has happened then."""
+        policy: AccessPolicy = self.server.policy  # type: ignore[attr-defined]
+        peer = peer_of(self.connection)
+        reason = policy.refusal(op, peer)
+        if reason is None:
+            return None
+        log.warning("%s: refused %r from pid %d: %s", policy.socket_name, op, peer.pid,
+                    reason)
+        return {"ok": False, "error": reason}
+
 
 class ControlServer:
     """Serves requests on a Unix stream socket, each in its own short-lived thread."""
 
-    def __init__(self, path: Path, handler: Handler):
+    def __init__(self, path: Path, handler: Handler, policy: AccessPolicy):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -82,6 +98,8 @@ class ControlServer:
         self._server = _Server(str(self.path), _RequestHandler)
         os.chmod(self.path, 0o660)
         self._server.handle_request_dict = handler  # type: ignore[attr-defined]
+        self._server.policy = policy  # type: ignore[attr-defined]
+        policy.announce()
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
             "poll_interval": 0.5}, name=f"control:{self.path.name}", daemon=True)
 

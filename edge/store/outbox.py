@@ -101,6 +101,25 @@ class _Trouble:
     damaged: str | None = None
 
 
+def _create_group_writable(path: Path) -> None:
+    """Create the outbox file 0660 if it is missing (an empty file is an empty database).
+
+    SQLite would create it 0644 less the umask, 0640 under the units' UMask=0007: the
+    other daemons, each its own user in the group guardpost, could not write it. Its
+    journal files (-wal, -shm) take the database file's mode.
+
+    Only ever a file this call creates (O_EXCL): closing a descriptor of a file that
+    another connection of this process has open would drop that connection's POSIX
+    locks (SQLite's locking rests on them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # a full disk, a directory not ours: SQLite meets it next and says which
+    os.close(fd)
+
+
 class Outbox:
     """One connection to the outbox database.
 
@@ -163,6 +182,7 @@ class Outbox:
         while True:
             inode = None
             try:
+                _create_group_writable(self.path)
                 # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
                 self.db = sqlite3.connect(self.path, isolation_level=None,
                                           timeout=WRITE_TIMEOUT_S, cached_statements=256)

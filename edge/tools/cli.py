@@ -76,11 +76,6 @@ def _run_until_signalled(daemon, before=None) -> int:
 def cmd_run(args) -> int:
     from drivers.gpio import PinFactoryError
 
-    # Files the daemons create (the outbox, its mark, pid files, sockets) get the modes
-    # the units give them (UMask=0007) also when a person runs a daemon by hand: nothing
-    # of the device's state is readable by other users. A stricter umask is kept.
-    os.umask(os.umask(0o007) | 0o007)
-
     # `run all` leaves the broker's files to the uplink child: the button must run anyway.
     config = _load(args.config, broker_files=args.daemon == "uplink")
     if args.daemon == "all":
@@ -521,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Files any command creates (the outbox and its lock, mark and reserve, pid files,
+    # sockets, snapshots, a report) get the modes the units give them (UMask=0007) also
+    # when a person runs it by hand: nothing for other users, read and write for the
+    # group guardpost. Exactly that, not the person's own: 0022 would leave the outbox
+    # world-readable, 0077 would lock the other daemons, each its own user, out of it.
+    os.umask(0o007)
     tag = f"{args.daemon}" if args.command == "run" else args.command
     _setup_logging(args.log_level, tag)
     try:

@@ -43,6 +43,7 @@ from edge.daemons.button.windows import (
     new_waiter,
     tell,
 )
+from edge.runtime.access import BUTTON_ACCESS, AccessPolicy
 from edge.runtime.control import ControlServer
 from edge.runtime.daemon import Daemon
 from edge.runtime.wake import wake
@@ -142,7 +143,8 @@ class ButtonDaemon(Daemon):
                                   self.recorder, self._latched_inputs, self.stop_event)
         self.tester.outcome_wait_s = self.outcome_wait_s
         self.inputs.start()
-        control = ControlServer(cfg.storage.runtime_dir / "button.ctl", self._handle_control)
+        control = ControlServer(cfg.storage.runtime_dir / "button.ctl", self._handle_control,
+                                AccessPolicy("button.ctl", BUTTON_ACCESS))
         control.start()
         stack.callback(control.close)
 
