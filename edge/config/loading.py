@@ -65,7 +65,8 @@ def _resolve_credentials(config: Config, store: CredentialStore) -> Config:
         tls = broker.tls.model_copy(update={name: resolve(getattr(broker.tls, name))
                                             for name in ("ca_file", "cert_file", "key_file")})
         broker = broker.model_copy(update={"tls": tls})
-    return config.model_copy(update={"broker": broker})
+    trust = config.trust.model_copy(update={"event_key": resolve(config.trust.event_key)})
+    return config.model_copy(update={"broker": broker, "trust": trust})
 
 
 def _check_files(config: Config) -> list[str]:
@@ -76,15 +77,32 @@ def _check_files(config: Config) -> list[str]:
         tls = config.broker.tls
         named += [("broker.tls.ca_file", tls.ca_file), ("broker.tls.cert_file", tls.cert_file),
                   ("broker.tls.key_file", tls.key_file)]
+    named.append(("trust.event_key", config.trust.event_key))
     for key, path in named:
-        if path is None:
-            continue
+        if path is None or str(path).startswith(CREDENTIAL_PREFIX):
+            continue  # no credential store was given to resolve it: nothing to check
         try:
-            with open(path, "rb"):
-                pass
+            with open(path, "rb") as file:
+                content = file.read() if key == "trust.event_key" else b""
         except OSError as err:
-            problems.append(f"{key}: cannot read {path}: {err.strerror}")
+            hint = " (guardpost provision creates it)" if key == "trust.event_key" else ""
+            problems.append(f"{key}: cannot read {path}: {err.strerror}{hint}")
+            continue
+        if key == "trust.event_key":
+            problems += _event_key_problems(content, path)
     return problems
+
+
+def _event_key_problems(pem: bytes, path: Path) -> list[str]:
+    """The event-signing key must be usable now, not at the first alarm's publication."""
+    # Imported here: only what talks to the broker (the uplink) loads cryptography.
+    from edge.contract.event_signature import load_private_key
+
+    try:
+        load_private_key(pem, str(path))
+    except ValueError as err:
+        return [f"trust.event_key: {err} (guardpost provision creates one)"]
+    return []
 
 
 def _describe(error: dict) -> str:

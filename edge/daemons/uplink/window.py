@@ -17,6 +17,10 @@
   and go after the live rows of their priority.
 - Event properties (content type, response topic) are encoded once; each event adds its
   id as MQTT 5 Correlation Data, as the contract says.
+- Every event payload is signed here, as it is published, with the device's event key
+  (:mod:`edge.contract.event_signature`): the key stays in this process and the alarm
+  path in the button daemon does no cryptography. Ed25519 is deterministic: an event
+  published again is the same bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import Config
+from edge.contract.event_signature import EventSigner
 from edge.contract.events import ACK_REQUIRED, Priority
 from edge.contract.messages import Topics, snapshot_description
 from edge.daemons.uplink.resend import Resend
@@ -121,6 +126,7 @@ class PublishWindow:
         self._event_props: PackedProperties | None = None
         self._recovered_props: PackedProperties | None = None
         self._drain = _DrainLog()
+        self._signer = EventSigner.from_file(config.trust.event_key)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -220,11 +226,12 @@ class PublishWindow:
                       again: bool) -> None:
         # (The hot loop of a drain: names looked up once.)
         template, prefix, inflight = self._event_properties(), self.topics.prefix, self.inflight
+        sign = self._signer.sign
         for row in rows:
             if row.recovered and template is not None:
                 template = self._event_properties(recovered=True)
             info = client.publish(
-                f"{prefix}/{row.topic}", row.payload, qos=1,
+                f"{prefix}/{row.topic}", sign(row.payload), qos=1,
                 properties=template.with_correlation(row.id.encode()) if template else None)
             if row.recovered:
                 template = self._event_props
