@@ -46,6 +46,7 @@ from edge.runtime.control import request  # noqa: E402
 from edge.runtime.sdnotify import NotifyListener  # noqa: E402
 from edge.store.outbox import Outbox  # noqa: E402
 from edge.tools.localbroker import LocalBroker  # noqa: E402
+from tests.support.device_keys import EVENT_SIGNER, write_event_key  # noqa: E402
 from tests.support.trust import trust_toml  # noqa: E402
 
 TARGETS = {"latency_p50_ms": 2.0, "latency_p99_ms": 10.0, "drain_ratio": 0.5,
@@ -120,6 +121,7 @@ pin = 17
 min_press_ms = {min_press_ms}
 bounce_ms = {5 if min_press_ms else 0}
 """)
+        write_event_key(workdir / "credentials")  # the uplink signs every event with it
         self.config = load_config(self.config_path)
         if backlog:
             prefill(self.config, backlog)
@@ -349,7 +351,9 @@ def main() -> int:
         drained = drain(broker.port, work / "drain", backlog, live_alarms=False)
         listening = Subscriber(broker.port, "bench/pipelined", quiet=True)  # as in the drain
         try:
-            raw_rate = raw_paho_pipelined(broker.port, backlog, window, drained["payload"])
+            # The bytes the uplink puts on the wire: the event with its signature.
+            raw_rate = raw_paho_pipelined(broker.port, backlog, window,
+                                          EVENT_SIGNER.sign(drained["payload"]))
         finally:
             listening.stop()
         ratio = drained["rate"] / raw_rate
