@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from edge.contract import event_signature
 from edge.contract.event_signature import EventSigner
 from edge.platform import EventNotVerified, verify_event
 from tests.support.device_keys import EVENT_PUBLIC_KEY, EVENT_SIGNER, OTHER_KEY
@@ -65,3 +66,38 @@ def test_an_alarm_arrives_signed_by_its_device_and_again_as_the_same_bytes(
     damaged = first.payload.replace(b'"kind":"alarm"', b'"kind":"test" ')
     assert guardpost("verify", "--device-keys", str(registry), stdin=damaged).returncode == 1
     assert guardpost("verify", "--public-key", "not-a-key", stdin=b"").returncode == 64
+
+
+def test_the_console_verifies_every_event_and_marks_one_that_does_not_verify_loudly(
+        make_config, daemons, platform, tmp_path):
+    path, config = make_config()
+    police = platform(config, ack=True)
+    daemons("button", path)
+    daemons("uplink", path)
+    registry = tmp_path / "device-keys.json"
+    registry.write_text(json.dumps({"devices": {"test-school/gate-1": EVENT_SIGNER.public_key}}))
+    watch = subprocess.Popen([sys.executable, "-m", "edge", "watch", "--device-keys",
+                              str(registry), "--count", "2", "-c", str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        # Subscribed (persistent session) once the retained birth comes through.
+        while "STATUS online" not in watch.stdout.readline():
+            pass
+        alarm = press(config)
+        [real] = police.wait_for(lambda p: [m for m in list(p.messages)
+                                            if m.leaf == "event/alarm"], what="the alarm")
+        # The same event, signed by a key that is not the device's.
+        recorded = real.payload[:-event_signature.SUFFIX_BYTES] + b"}"
+        police.publish("event/alarm", EventSigner(OTHER_KEY).sign(recorded))
+        lines = list(watch.stdout)
+        assert watch.wait(30) == 0
+    finally:
+        watch.kill()
+    events = [line for line in lines if "ALARM" in line]
+    assert len(events) == 2 and all(alarm["id"] in line for line in events)
+    assert events[0].rstrip().endswith("[signature verified]")
+    assert "!! NOT VERIFIED (bad signature: not signed by this device's key) !!" in events[1]
+    # The stand-in caught the same forgery (it verifies every event); nothing else.
+    assert police.schema_problems == [f"{real.topic}: device signature: bad signature: not "
+                                      "signed by this device's key"]
+    police.schema_problems.clear()
