@@ -8,7 +8,7 @@ key belongs to which device, read from a small TOML or JSON file::
     # (base64url of the 32 raw bytes, as `guardpost provision` prints it), or a list of
     # keys while a device's key is being replaced.
     [devices]
-    "school-330106-0042/gate-south-1" = "MCowBQYDK2VwAyEA..."
+    "school-330106-0042/gate-south-1" = "JUO5L_EJVRFHatyDadtt3JM2ZaEZeN2hQE7hBmypVZ0"
 
 The format and the verification steps are in docs/contract.md ("Signed events").
 """
