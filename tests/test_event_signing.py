@@ -20,7 +20,7 @@ from edge.config.loading import credential_store
 from edge.contract import event_signature
 from edge.contract.event_signature import EventSigner, private_key_pem
 from edge.contract.events import ContactId, Event, EventDraft, EventKind, Identity, Qualifier
-from edge.platform import DeviceKeys, EventNotVerified, verify_event
+from edge.platform import DeviceKeys, EventNotVerified, verify_event, verify_snapshot
 from edge.tools.provision import apply, plan_provision
 from tests.conftest import sim_document
 from tests.support.device_keys import EVENT_PUBLIC_KEY, EVENT_SIGNER, OTHER_KEY, write_event_key
@@ -59,6 +59,15 @@ def test_the_test_vector_of_the_contract_verifies_and_is_reproduced():
         assert vector["signing_input"] == ("guardpost/event@1\n" + vector["message"][:-109]
                                            + "}")
         assert list(json.loads(vector["message"]))[-1] == "device_signature"
+    for vector in json.loads(VECTORS.read_text())["snapshots"]:
+        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vector["private_key"]))
+        jpeg, signed = bytes.fromhex(vector["jpeg"]), vector["description"]
+        unsigned = {k: v for k, v in signed.items() if k not in ("sha256", "device_signature")}
+        assert EventSigner(key).sign_snapshot(unsigned, jpeg) == signed
+        assert event_signature.snapshot_signing_input(signed).decode() == vector["signing_input"]
+        properties = {name: str(value) for name, value in signed.items()}  # as MQTT 5 has it
+        assert verify_snapshot(properties, jpeg, vector["public_key_base64url"],
+                               topic=vector["topic"])
 
 
 def test_a_signed_event_verifies_with_its_devices_key_only():
@@ -212,3 +221,38 @@ def test_provisioning_creates_the_event_key_once_and_prints_its_public_key(tmp_p
     assert key_path not in [path for path, _, _ in again.files]  # kept, never replaced
     assert any(signer.public_key in note for note in again.notes)
 
+
+
+# -- camera snapshots ----------------------------------------------------------------------
+
+DESCRIPTION = {"schema": "guardpost/snapshot@1", "site_id": "test-school", "device_id": "gate-1",
+               "event_id": "01a23c19-d487-73b4-8000-0000009b4fd0", "camera": "gate-outside",
+               "index": 3, "phase": "pre", "captured_at": "2026-12-03T14:59:58.000000Z",
+               "offset_s": -2.0, "width": 640, "height": 480}
+JPEG = b"\xff\xd8\xff\xe0 a picture \xff\xd9"
+SNAPSHOT_TOPIC = "guardpost/v1/test-school/gate-1/snapshot/01a23c19-d487-73b4-8000-0000009b4fd0"
+
+
+def test_a_snapshot_description_is_signed_with_its_jpegs_digest_over_either_transport():
+    signed = EVENT_SIGNER.sign_snapshot(DESCRIPTION, JPEG)
+    assert set(signed) == set(DESCRIPTION) | {"sha256", "device_signature"}
+    as_json_line = json.loads(json.dumps(signed))                        # MQTT 3.1.1
+    as_properties = {key: str(value) for key, value in signed.items()}   # MQTT 5
+    for description in (as_json_line, as_properties):
+        assert verify_snapshot(description, JPEG, EVENT_PUBLIC_KEY, topic=SNAPSHOT_TOPIC)
+    with pytest.raises(EventNotVerified, match="sha256 differs"):
+        verify_snapshot(as_properties, JPEG + b"\x00", EVENT_PUBLIC_KEY)
+    with pytest.raises(EventNotVerified, match="bad signature"):
+        verify_snapshot(as_properties, JPEG, OTHER_KEY.public_key())
+    for member, value in (("index", "4"), ("event_id", "01a23c19-0000-7000-8000-00000000000"),
+                          ("phase", "post"), ("sha256", "0" * 64)):
+        with pytest.raises(EventNotVerified, match="bad signature"):
+            verify_snapshot({**as_properties, member: value}, JPEG, EVENT_PUBLIC_KEY)
+    with pytest.raises(EventNotVerified, match="not signed: no device_signature"):
+        verify_snapshot({k: v for k, v in signed.items() if k != "device_signature"}, JPEG,
+                        EVENT_PUBLIC_KEY)
+    with pytest.raises(EventNotVerified, match="another topic"):
+        verify_snapshot(as_properties, JPEG, EVENT_PUBLIC_KEY,
+                        topic=SNAPSHOT_TOPIC.replace("/gate-1/", "/gate-2/"))
+    registry = DeviceKeys.from_mapping({"test-school/gate-1": EVENT_SIGNER.public_key})
+    assert registry.verify_snapshot(as_json_line, JPEG)["index"] == 3

@@ -22,14 +22,24 @@ one last member appended::
   device's key by its site and device; during a rotation it tries each listed key).
 - Ed25519 is deterministic: an event published again is the same bytes, as long as the
   key has not changed.
+
+Camera snapshots are signed too (:meth:`EventSigner.sign_snapshot`): their description
+(MQTT 5 user properties, or the JSON line before the JPEG with MQTT 3.1.1) gains
+``sha256`` (of the JPEG, hex) and ``device_signature``, Ed25519 over
+``b"guardpost/snapshot@1\n"`` followed by the canonical JSON (keys sorted, no spaces) of
+the members :data:`SNAPSHOT_SIGNED`, every value as a string (integers in decimal: the
+form user properties have). ``offset_s``, a floating-point number, is left out (it follows
+from ``captured_at`` and the event's time); the topic is not signed, as for events.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -45,6 +55,11 @@ _HEAD = b',"' + MEMBER.encode() + b'":"'
 _TAIL = b'"}'
 SIGNATURE_CHARS = 86
 SUFFIX_BYTES = len(_HEAD) + SIGNATURE_CHARS + len(_TAIL)  # 109
+
+
+SNAPSHOT_DOMAIN = b"guardpost/snapshot@1\n"
+SNAPSHOT_SIGNED = ("schema", "site_id", "device_id", "event_id", "camera", "index", "phase",
+                   "captured_at", "width", "height", "sha256")
 
 
 class SignatureError(ValueError):
@@ -96,6 +111,44 @@ def verify(payload: bytes, public_keys: Ed25519PublicKey | Iterable[Ed25519Publi
                          + (" (none of its keys)" if len(keys) > 1 else ""))
 
 
+def snapshot_signing_input(description: Mapping) -> bytes:
+    """What a snapshot's signature covers; KeyError if a signed member is missing."""
+    fields = {}
+    for name in SNAPSHOT_SIGNED:
+        value = description[name]
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise SignatureError(f"{name}: must be a string or an integer")
+        fields[name] = str(value)
+    return SNAPSHOT_DOMAIN + json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                                        ensure_ascii=False).encode()
+
+
+def verify_snapshot(description: Mapping, jpeg: bytes,
+                    public_keys: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
+    """:class:`SignatureError` unless one of ``public_keys`` signed this description and
+    the JPEG is the one it names."""
+    try:
+        signing_input = snapshot_signing_input(description)
+        text = description[MEMBER]
+    except KeyError as err:
+        raise SignatureError(f"not signed: no {err.args[0]} in the description") from None
+    if not isinstance(text, str) or not text.isascii():
+        raise SignatureError("device_signature is not base64url text")
+    signature = _signature_bytes(text.encode())
+    keys = [public_keys] if isinstance(public_keys, Ed25519PublicKey) else list(public_keys)
+    for key in keys:
+        try:
+            key.verify(signature, signing_input)
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise SignatureError("bad signature: not signed by this device's key")
+    if hashlib.sha256(jpeg).hexdigest() != description["sha256"]:
+        raise SignatureError("the JPEG is not the one the signed description names "
+                             "(sha256 differs)")
+
+
 class EventSigner:
     """The device's event-signing key (held by the uplink alone)."""
 
@@ -113,6 +166,12 @@ class EventSigner:
             raise ValueError("an event payload is a JSON object with at least one member")
         signature = self._key.sign(DOMAIN + payload)
         return b"".join((payload[:-1], _HEAD, b64url(signature).encode(), _TAIL))
+
+    def sign_snapshot(self, description: Mapping, jpeg: bytes) -> dict:
+        """``description`` with the JPEG's ``sha256`` and its ``device_signature``."""
+        signed = {**description, "sha256": hashlib.sha256(jpeg).hexdigest()}
+        signed[MEMBER] = b64url(self._key.sign(snapshot_signing_input(signed)))
+        return signed
 
     @property
     def public_key(self) -> str:

@@ -1,8 +1,9 @@
 """Verifying what devices publish: every event carries the device's Ed25519 signature.
 
 :func:`verify_event` checks one payload against one device's public key (or the few keys
-listed for it during a rotation); :class:`DeviceKeys` is the platform's registry of which
-key belongs to which device, read from a small TOML or JSON file::
+listed for it during a rotation), :func:`verify_snapshot` a camera snapshot's signed
+description and its JPEG; :class:`DeviceKeys` is the platform's registry of which key
+belongs to which device, read from a small TOML or JSON file::
 
     # guardpost-device-keys.toml: "site_id/device_id" = its event-signing public key
     # (base64url of the 32 raw bytes, as `guardpost provision` prints it), or a list of
@@ -82,6 +83,26 @@ def verify_event(payload: bytes, device_public_key: PublicKeyLike | Iterable[Pub
     return event
 
 
+def verify_snapshot(description: dict, jpeg: bytes,
+                    device_public_key: PublicKeyLike | Iterable[PublicKeyLike], *,
+                    topic: str | None = None) -> dict[str, Any]:
+    """The description of a camera snapshot (MQTT 5 user properties as a dict, or the
+    MQTT 3.1.1 JSON line parsed) if the device signed it and ``jpeg`` is the picture it
+    names; else :class:`EventNotVerified`."""
+    if not isinstance(description, dict):
+        raise EventNotVerified("not a snapshot description")
+    try:
+        event_signature.verify_snapshot(description, jpeg, _keys(device_public_key))
+    except event_signature.SignatureError as err:
+        raise EventNotVerified(str(err)) from None
+    if topic is not None:
+        expected = (f"/{description['site_id']}/{description['device_id']}/snapshot/"
+                    f"{description['event_id']}")
+        if not topic.endswith(expected):
+            raise EventNotVerified(f"signed for another topic: it names {expected[1:]}")
+    return description
+
+
 class DeviceKeys:
     """Which event-signing public key(s) each device has, by site and device id."""
 
@@ -150,3 +171,14 @@ class DeviceKeys:
         if (event.get("site_id"), event.get("device_id")) != (site, device):
             raise EventNotVerified("the signed event names another device")  # duplicate keys
         return event
+
+    def verify_snapshot(self, description: dict, jpeg: bytes, *,
+                        topic: str | None = None) -> dict[str, Any]:
+        """A snapshot's description, verified with the key(s) of the device it names."""
+        site, device = (description.get("site_id"), description.get("device_id")) \
+            if isinstance(description, dict) else (None, None)
+        keys = self.keys_of(site, device) if isinstance(site, str) and isinstance(
+            device, str) else []
+        if not keys:
+            raise EventNotVerified(f"no key registered for device {site}/{device}")
+        return verify_snapshot(description, jpeg, keys, topic=topic)

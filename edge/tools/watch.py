@@ -177,19 +177,39 @@ class Watcher:
                 about = {}
             if not isinstance(about, dict):  # valid JSON, but not the description
                 about = {}
+        verdict = self._verify_snapshot(about, bytes(jpeg), message.topic)
         with self.arrived:
             self.snapshots.append(about)
             self.arrived.notify_all()
         if self.as_json:
-            self._print(json.dumps({"topic": message.topic, "received_at": received.isoformat(),
-                                    "snapshot": about, "jpeg_bytes": len(jpeg)},
-                                   ensure_ascii=False))
+            record = {"topic": message.topic, "received_at": received.isoformat(),
+                      "snapshot": about, "jpeg_bytes": len(jpeg)}
+            if verdict is not None:
+                record["verified"] = verdict is True
+                if verdict is not True:
+                    record["not_verified"] = verdict
+            self._print(json.dumps(record, ensure_ascii=False))
             return
-        self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  SNAPSHOT "
-                    f"{about.get('camera')} {about.get('phase')} #{about.get('index')} "
-                    f"({float(about.get('offset_s', 0)):+.1f} s) {about.get('width')}x"
-                    f"{about.get('height')} {len(jpeg) // 1024} kB for "
-                    f"{str(about.get('event_id'))[:13]}…")
+        line = (f"SNAPSHOT {about.get('camera')} {about.get('phase')} #{about.get('index')} "
+                f"({float(about.get('offset_s', 0)):+.1f} s) {about.get('width')}x"
+                f"{about.get('height')} {len(jpeg) // 1024} kB for "
+                f"{str(about.get('event_id'))[:13]}…")
+        if verdict is True:
+            line += "  [signature verified]"
+        elif verdict is not None:
+            line = f"!! NOT VERIFIED ({verdict}) !! {line}"
+        self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  {line}")
+
+    def _verify_snapshot(self, about: dict, jpeg: bytes, topic: str) -> bool | str | None:
+        if self.device_keys is None:
+            return None
+        try:
+            self.device_keys.verify_snapshot(about, jpeg, topic=topic)
+        except EventNotVerified as err:
+            with self.arrived:
+                self.unverified.append((topic, str(err)))
+            return str(err)
+        return True
 
     def _describe(self, site: str, device: str, leaf: str, body) -> str:
         if not isinstance(body, dict):

@@ -2,7 +2,8 @@
 
 It records every message, validates each one against the published schema of its
 topic (so every payload any test makes the device emit is checked), verifies every
-event's device signature (the test devices' key, tests/support/device_keys.py), optionally
+event's and snapshot's device signature (the test devices' key,
+tests/support/device_keys.py), optionally
 acknowledges alarms and tests, and lets tests wait on conditions over what arrived
 (woken by each message, no sleeping).
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.platform import EventNotVerified, verify_event
+from edge.platform import EventNotVerified, verify_event, verify_snapshot
 from tests.support.contract import problems, schema_for_topic
 from tests.support.device_keys import EVENT_PUBLIC_KEY
 from tests.support.trust import ADMIN, DUTY_DESK
@@ -146,6 +147,10 @@ class PlatformStandIn:
                                                                             description)]
         if leaf != f"snapshot/{description.get('event_id')}":
             self.schema_problems.append(f"{message.topic}: event_id does not match the topic")
+        try:
+            verify_snapshot(description, bytes(jpeg), self.device_key, topic=message.topic)
+        except EventNotVerified as err:
+            self.schema_problems.append(f"{message.topic}: device signature: {err}")
         with self._cond:
             self.snapshots.append((description, bytes(jpeg), time.monotonic()))
             self._cond.notify_all()

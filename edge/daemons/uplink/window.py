@@ -20,7 +20,8 @@
 - Every event payload is signed here, as it is published, with the device's event key
   (:mod:`edge.contract.event_signature`): the key stays in this process and the alarm
   path in the button daemon does no cryptography. Ed25519 is deterministic: an event
-  published again is the same bytes.
+  published again is the same bytes. A snapshot's description carries its JPEG's
+  ``sha256`` and a signature too.
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ class PublishWindow:
         except OSError as err:
             self._snapshots.forget(snapshot.id, f"{snapshot.path}: {err.strerror}")
             return 0
-        description = snapshot_description(self.config.identity, snapshot)
+        description = self._signer.sign_snapshot(
+            snapshot_description(self.config.identity, snapshot), jpeg)
         if is_v5(self.config.broker):
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "image/jpeg"
