@@ -77,29 +77,29 @@ def _check_files(config: Config) -> list[str]:
         tls = config.broker.tls
         named += [("broker.tls.ca_file", tls.ca_file), ("broker.tls.cert_file", tls.cert_file),
                   ("broker.tls.key_file", tls.key_file)]
-    named.append(("trust.event_key", config.trust.event_key))
     for key, path in named:
         if path is None or str(path).startswith(CREDENTIAL_PREFIX):
             continue  # no credential store was given to resolve it: nothing to check
         try:
-            with open(path, "rb") as file:
-                content = file.read() if key == "trust.event_key" else b""
+            with open(path, "rb"):
+                pass
         except OSError as err:
-            hint = " (guardpost provision creates it)" if key == "trust.event_key" else ""
-            problems.append(f"{key}: cannot read {path}: {err.strerror}{hint}")
-            continue
-        if key == "trust.event_key":
-            problems += _event_key_problems(content, path)
-    return problems
+            problems.append(f"{key}: cannot read {path}: {err.strerror}")
+    return problems + _event_key_problems(config.trust.event_key)
 
 
-def _event_key_problems(pem: bytes, path: Path) -> list[str]:
+def _event_key_problems(path: Path) -> list[str]:
     """The event-signing key must be usable now, not at the first alarm's publication."""
+    if str(path).startswith(CREDENTIAL_PREFIX):
+        return []  # no credential store was given to resolve it
     # Imported here: only what talks to the broker (the uplink) loads cryptography.
     from edge.contract.event_signature import load_private_key
 
     try:
-        load_private_key(pem, str(path))
+        load_private_key(Path(path).read_bytes(), str(path))
+    except OSError as err:
+        return [f"trust.event_key: cannot read {path}: {err.strerror} (guardpost provision "
+                "creates it)"]
     except ValueError as err:
         return [f"trust.event_key: {err} (guardpost provision creates one)"]
     return []
