@@ -17,6 +17,7 @@ from bench._proc import children, command_line
 from edge.config import Config, load_config
 from edge.runtime.control import request
 from edge.runtime.sdnotify import NotifyListener
+from tests.support.device_keys import write_event_key
 from tests.support.platform import PlatformStandIn
 from tests.support.trust import trust_toml
 
@@ -74,6 +75,7 @@ def write_config(workdir: Path, port: int, *, video: Path | None = None,
         text += MODEM.format(port=modem_port)
     path = workdir / "guardpost.toml"
     path.write_text(text)
+    write_event_key(workdir / "credentials")  # the uplink signs every event with it
     return path
 
 

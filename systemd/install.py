@@ -96,6 +96,7 @@ class Installer:
         self.share_state()
         self.install_config()
         self.install_venv()
+        self.ensure_event_key()
         for unit in UNITS:
             self.write_if_changed(f"/etc/systemd/system/{unit}",
                                   (SOURCE / "systemd" / unit).read_bytes(), 0o644)
@@ -173,6 +174,21 @@ class Installer:
         stamp.write_text(fingerprint + "\n")
         self.changed.append("/opt/guardpost")
 
+    def ensure_event_key(self) -> None:
+        """The device's event-signing key (the uplink signs every event with it): an
+        update from a version before signed events has none, and its uplink would not
+        start without one. Made with the Guardpost just installed; its public key is
+        printed for the platform (``guardpost provision`` prints it again)."""
+        key = self.path("/etc/guardpost/credentials/event-signing.key")
+        if key.exists():
+            return
+        python = self.path("/opt/guardpost/venv/bin/python")
+        result = subprocess.run([str(python), "-c", MAKE_EVENT_KEY, str(key)],
+                                capture_output=True, text=True, check=True)
+        self.changed.append("/etc/guardpost/credentials/event-signing.key")
+        self.say(f"created the event-signing key; its public key (register it with the "
+                 f"platform): {result.stdout.strip()}")
+
     def enable(self) -> None:
         wants = self.path("/etc/systemd/system/multi-user.target.wants/guardpost.target")
         if wants.is_symlink() and all(self.path(
@@ -228,6 +244,19 @@ class Installer:
                 if any(line.startswith(f"{name}:") for line in entries):
                     self.run(tool, *root, name)
         self.say("removed the guardpost users and groups")
+
+
+# Run by the installed venv's Python: this installer itself uses the standard library only.
+MAKE_EVENT_KEY = """
+import os, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edge.contract.event_signature import EventSigner, private_key_pem
+key = Ed25519PrivateKey.generate()
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+with os.fdopen(fd, "wb") as file:
+    file.write(private_key_pem(key))
+print(EventSigner(key).public_key)
+"""
 
 
 def _systemd_running() -> bool:

@@ -14,6 +14,7 @@ from edge.runtime.sdnotify import NotifyListener
 from edge.store.outbox import Outbox
 from edge.tools.localbroker import BrokerTls, LocalBroker
 from tests.support.daemons import DaemonProcess
+from tests.support.device_keys import write_event_key
 from tests.support.pki import write_pki
 from tests.support.platform import PlatformStandIn
 from tests.support.trust import trust_section
@@ -28,8 +29,10 @@ def pytest_addoption(parser):
 
 
 def write_toml(path: Path, document: dict) -> Path:
-    """Write a configuration document as TOML."""
+    """Write a configuration document as TOML, and the device's event-signing key where
+    it finds it by default (``credentials/`` beside it: signed events)."""
     path.write_text(tomlkit.dumps(document))
+    write_event_key(path.parent / "credentials")
     return path
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from edge.config import EX_CONFIG, ConfigError, credential_store, load_config, parse_config
 from tests.conftest import sim_document, write_toml
+from tests.support.device_keys import KEY_FILE, write_event_key
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "guardpost.example.toml"
 
@@ -30,6 +31,7 @@ def test_the_annotated_example_is_valid_once_its_files_exist(tmp_path):
     for name in ("ca.pem", "device.pem", "device.key"):
         (tmp_path / name).write_text("placeholder")
         text = text.replace(f"/etc/guardpost/tls/{name}", str(tmp_path / name))
+    write_event_key(tmp_path / "credentials")
     path = tmp_path / "guardpost.toml"
     path.write_text(text)
     config = load_config(path)
@@ -142,7 +144,7 @@ def test_secrets_named_as_credentials_come_from_systemd_or_beside_the_configurat
     doc = sim_document(tmp_path, 1883, broker={
         "username": "gate-1", "password_file": "credential:mqtt-password"})
     by_hand = credential_store(tmp_path / "guardpost.toml", environ={})
-    (tmp_path / "credentials").mkdir()
+    write_event_key(tmp_path / "credentials")  # the default trust.event_key
     (tmp_path / "credentials" / "mqtt-password").write_text("secret\n")
     config = parse_config(doc, credentials=by_hand)
     assert config.broker.password_file == tmp_path / "credentials" / "mqtt-password"
@@ -150,6 +152,7 @@ def test_secrets_named_as_credentials_come_from_systemd_or_beside_the_configurat
     systemd_dir = tmp_path / "run-credentials"
     systemd_dir.mkdir()
     (systemd_dir / "gp_mqtt-password").write_text("secret\n")  # LoadCredential=gp:<dir>
+    write_event_key(systemd_dir, f"gp_{KEY_FILE}")
     as_unit = credential_store(tmp_path / "guardpost.toml",
                                environ={"CREDENTIALS_DIRECTORY": str(systemd_dir)})
     assert parse_config(doc, credentials=as_unit).broker.password_file == \

@@ -117,6 +117,8 @@ def test_directories_and_files_have_the_promised_modes_and_owners(installed):
     expected = {
         "etc/guardpost": (0o750, 0, gid),
         "etc/guardpost/credentials": (0o700, 0, 0),
+        # Made by the installer, so that an update's uplink finds it (signed events).
+        "etc/guardpost/credentials/event-signing.key": (0o600, 0, 0),
         "etc/guardpost/guardpost.toml": (0o640, 0, gid),
         # Every daemon writes here, each its own user: the group's, setgid.
         "var/lib/guardpost": (0o2770, 0, gid),

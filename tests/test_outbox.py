@@ -91,8 +91,11 @@ def test_the_stored_payload_is_exactly_the_published_one_and_follows_the_schema(
     assert message.payload == event.payload(IDENTITY, outbox.epoch)
     import json
 
+    from tests.support.device_keys import EVENT_SIGNER
+
+    # Published with its device signature appended (the uplink signs as it publishes).
+    assert problems("event", json.loads(EVENT_SIGNER.sign(message.payload))) == []
     body = json.loads(message.payload)
-    assert problems("event", body) == []
     assert body["seq"] == event.seq and body["id"] == event.id and body["location"] == "South gate"
 
 

@@ -23,6 +23,7 @@ from edge.store import salvage
 from edge.store.outbox import Outbox
 from edge.store.reserve import MIB, SpaceReserve
 from tests.support.daemons import poll_until
+from tests.support.device_keys import EVENT_SIGNER
 from tests.support.disk import damage, fill, free_bytes, small_disk
 from tests.test_alarm_path import press
 
@@ -109,7 +110,8 @@ def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_com
     before = [press(config)["id"] for _ in range(6)]   # queued: no uplink yet
     button.stop()
     with Outbox(database, config.identity) as outbox:
-        published = {i: outbox.event(i).payload for i in before}
+        # As recorded, signed as the uplink publishes it (deterministic: the same bytes).
+        published = {i: EVENT_SIGNER.sign(outbox.event(i).payload) for i in before}
         if how == "cut in half":
             # Later events fill the second half (what is cut off is gone for good).
             outbox.commit_events([EventDraft(

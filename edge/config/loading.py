@@ -65,7 +65,8 @@ def _resolve_credentials(config: Config, store: CredentialStore) -> Config:
         tls = broker.tls.model_copy(update={name: resolve(getattr(broker.tls, name))
                                             for name in ("ca_file", "cert_file", "key_file")})
         broker = broker.model_copy(update={"tls": tls})
-    return config.model_copy(update={"broker": broker})
+    trust = config.trust.model_copy(update={"event_key": resolve(config.trust.event_key)})
+    return config.model_copy(update={"broker": broker, "trust": trust})
 
 
 def _check_files(config: Config) -> list[str]:
@@ -77,14 +78,31 @@ def _check_files(config: Config) -> list[str]:
         named += [("broker.tls.ca_file", tls.ca_file), ("broker.tls.cert_file", tls.cert_file),
                   ("broker.tls.key_file", tls.key_file)]
     for key, path in named:
-        if path is None:
-            continue
+        if path is None or str(path).startswith(CREDENTIAL_PREFIX):
+            continue  # no credential store was given to resolve it: nothing to check
         try:
             with open(path, "rb"):
                 pass
         except OSError as err:
             problems.append(f"{key}: cannot read {path}: {err.strerror}")
-    return problems
+    return problems + _event_key_problems(config.trust.event_key)
+
+
+def _event_key_problems(path: Path) -> list[str]:
+    """The event-signing key must be usable now, not at the first alarm's publication."""
+    if str(path).startswith(CREDENTIAL_PREFIX):
+        return []  # no credential store was given to resolve it
+    # Imported here: only what talks to the broker (the uplink) loads cryptography.
+    from edge.contract.event_signature import load_private_key
+
+    try:
+        load_private_key(Path(path).read_bytes(), str(path))
+    except OSError as err:
+        return [f"trust.event_key: cannot read {path}: {err.strerror} (guardpost provision "
+                "creates it)"]
+    except ValueError as err:
+        return [f"trust.event_key: {err} (guardpost provision creates one)"]
+    return []
 
 
 def _describe(error: dict) -> str:

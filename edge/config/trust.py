@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -56,6 +57,12 @@ class PlatformKeyConfig(Strict):
 class TrustConfig(Strict):
     platform_keys: list[PlatformKeyConfig] = Field(
         min_length=1, description="The platform keys whose signatures the device believes")
+    # -- signed events (docs/contract.md, "Signed events") ----------------------------
+    event_key: Path = Field(
+        Path("credential:event-signing.key"),
+        description="The device's Ed25519 private key (PEM) that signs every event it "
+                    "publishes; only the uplink reads it. 'credential:NAME' is resolved "
+                    "like the TLS key; guardpost provision creates it")
 
     @model_validator(mode="after")
     def _usable(self) -> TrustConfig:

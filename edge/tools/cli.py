@@ -12,6 +12,7 @@
     guardpost test-alarm                  the end-to-end alarm test, now, stage by stage
     guardpost report --month YYYY-MM      the monthly record (Markdown, CSV or JSON)
     guardpost watch [--ack]               a minimal stand-in for the police platform
+    guardpost verify [FILE]               check a captured event's device signature
     guardpost demo [--auto]               the whole device in simulation, with a local broker
 
 Exit codes: 0 success; 1 failure or unhealthy; 69 a daemon is not running;
@@ -230,9 +231,19 @@ def cmd_watch(args) -> int:
         except (OSError, ValueError) as err:
             print(f"--key: {err}", file=sys.stderr)
             return EX_USAGE
+    device_keys = None
+    if args.device_keys:
+        from edge.platform import DeviceKeys
+
+        try:
+            device_keys = DeviceKeys.load(args.device_keys)
+        except (OSError, ValueError) as err:
+            print(f"--device-keys: {err}", file=sys.stderr)
+            return EX_USAGE
     watcher = Watcher(config.broker, config.uplink.topic_root, args.site or config.device.site_id,
                       ack=args.ack, as_json=args.json, count=args.count,
-                      client_id=args.client_id, by=args.by, signer=signer)
+                      client_id=args.client_id, by=args.by, signer=signer,
+                      device_keys=device_keys)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -250,6 +261,13 @@ def cmd_watch(args) -> int:
     watcher.done.wait()
     watcher.stop()
     return 0
+
+
+def cmd_verify(args) -> int:
+    from edge.tools.verify import run_verify
+
+    return run_verify(args.file, public_key_text=args.public_key, device_keys=args.device_keys,
+                      config_path=args.config, topic=args.topic, as_json=args.json)
 
 
 def cmd_provision(args) -> int:
@@ -459,7 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--key", help="with --ack: the platform's Ed25519 private key (PEM)")
     watch.add_argument("--key-id", help="with --ack: the key's id in the device's "
                                         "[[trust.platform_keys]]")
+    watch.add_argument("--device-keys", help="verify every event's device signature with "
+                                             "this registry (TOML or JSON)")
     watch.set_defaults(func=cmd_watch)
+
+    verify = with_config(commands.add_parser(
+        "verify", help="check that a captured event was signed by its device"))
+    verify.add_argument("file", nargs="?", help="the event payload as published (default: "
+                                                "standard input)")
+    keys = verify.add_mutually_exclusive_group()
+    keys.add_argument("--public-key", help="the device's event-signing public key (base64url)")
+    keys.add_argument("--device-keys", help="a registry of device keys (TOML or JSON): the "
+                                            "event's site and device pick the key")
+    verify.add_argument("--topic", help="the topic it arrived on (must name its device)")
+    verify.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    verify.set_defaults(func=cmd_verify)
 
     provision = with_config(commands.add_parser(
         "provision", help="write the device's identity, broker and keys"))

@@ -6,7 +6,8 @@ and plays the police platform with ``guardpost watch --ack`` in this process. Th
 either you press the simulated button (interactive), or ``--auto`` plays the story
 the product promises: a glitch ignored, a press acknowledged, three presses during a
 network outage delivered in order when it returns, a reset. ``--auto`` exits 0 only
-if every event arrived, in order, without gaps, and every alarm was acknowledged.
+if every event arrived, in order, without gaps, signed by the device (the police side
+verifies each one with the device's public key), and every alarm was acknowledged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from drivers.camera.testcard import write_video
 from edge.config import Config, load_config
+from edge.contract.event_signature import write_private_key
 from edge.daemons.button.latch import reset_alarms
 from edge.platform import PlatformSigner
 from edge.runtime.clock import wall_now
@@ -33,6 +35,7 @@ from edge.store.outbox import Outbox
 from edge.tools.localbroker import BrokerUnavailable, LocalBroker
 from edge.tools.report import build_report, render_markdown
 from edge.tools.status import collect_status, queue_text, status_text
+from edge.tools.verify import own_device_keys
 from edge.tools.watch import Watcher
 
 DEMO_CONFIG = """\
@@ -137,6 +140,11 @@ class Demo:
         self.config_path.write_text(DEMO_CONFIG.format(
             port=self.broker.port, workdir=self.workdir, desk_key=self.desk.public_key,
             admin_key=self.admin.public_key))
+        # The device's own key signs every event (trust.event_key's default place, as
+        # `guardpost provision` makes it); the police side verifies with its public key.
+        event_key = self.workdir / "credentials" / "event-signing.key"
+        if not event_key.exists():
+            write_private_key(event_key)
         self.config = load_config(self.config_path)
         self.listener = NotifyListener(self.workdir / "demo.notify")
         self.device = subprocess.Popen(
@@ -151,7 +159,7 @@ class Demo:
         self.watcher = Watcher(self.config.broker, self.config.uplink.topic_root,
                                self.config.device.site_id, ack=True, by="110 duty officer",
                                client_id="demo-police-platform", prefix="[police 110] ",
-                               signer=self.desk)
+                               signer=self.desk, device_keys=own_device_keys(self.config))
         self.watcher.start()
 
     def stop(self) -> None:
@@ -235,6 +243,8 @@ class Demo:
         ok &= self.watcher.wait_for_events(1, 10)
         ok &= self.wait_until(lambda: self.led() == "steady", "the police acknowledgement")
         print(f"   status LED: {self.led()} (police received it)")
+        print(f"   the police verified the alarm's signature with the device's public key: "
+              f"{'yes' if self.watcher.verified and not self.watcher.unverified else 'NO'}")
         alarm_id = first.get("event", {}).get("id")
         ok &= self.wait_until(lambda: len(self.snapshots_of(alarm_id)) >= 7,
                               "the camera snapshots")
@@ -287,11 +297,15 @@ class Demo:
         print("   " + summary.strip().replace("\n", "\n   "))
         ok &= arrival == list(range(1, EVENTS + 1))
         ok &= status["outbox"]["queued"] == 0 and status["outbox"]["sent_unacknowledged"] == 0
+        unverified = list(self.watcher.unverified)
+        ok &= not unverified and self.watcher.verified >= len(arrival)
         if ok:
             print(f"\nPASS: {len(arrival)} events delivered in order (seq 1..{EVENTS}), none "
-                  "missing, every alarm and test acknowledged")
+                  "missing, every one signed by the device and verified, every alarm and "
+                  "test acknowledged")
         else:
-            print(f"\nFAIL: sequence numbers as they arrived: {arrival}; outbox {status['outbox']}")
+            print(f"\nFAIL: sequence numbers as they arrived: {arrival}; outbox {status['outbox']};"
+                  f" {self.watcher.verified} signature(s) verified, not verified: {unverified}")
         return 0 if ok else 1
 
     # -- interactive ---------------------------------------------------------------------

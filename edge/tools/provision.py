@@ -17,6 +17,10 @@ private key in ``/etc/guardpost/credentials/device.key`` (0600 root), which syst
 to the uplink through ``LoadCredential=``; the configuration names it
 ``credential:device.key``.
 
+The device's event-signing key (Ed25519, ``credentials/event-signing.key``, 0600: every
+event the device publishes is signed with it) is created when missing and kept on later
+runs; its public key is printed every time, for the platform to register the device.
+
 Everything is checked before anything is written; files are written under temporary
 names and renamed into place, the configuration last. Bad input writes nothing.
 """
@@ -35,10 +39,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.config import ConfigError, parse_config
+from edge.contract.event_signature import EventSigner, load_private_key, private_key_pem
 from edge.runtime.clock import wall_now
 from edge.runtime.durable import fsync_directory
 from edge.tools.broker_acl import device_name
@@ -268,8 +274,30 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         plan.notes.append(f"send {etc / 'device.csr'} to the platform, then run "
                           "guardpost provision ... --cert <the certificate it returns>, "
                           "then: systemctl restart guardpost.target")
+    _plan_event_key(plan, credentials / "event-signing.key", document, site, device)
     plan.add(config_path, rendered.encode(), 0o640)
     return plan
+
+
+def _plan_event_key(plan: Plan, default_path: Path, document, site: str, device: str) -> None:
+    """The event-signing key: kept if there is one, else a new one (signed events)."""
+    named = str(document.get("trust", {}).get("event_key", "credential:event-signing.key"))
+    if named != "credential:event-signing.key":
+        plan.notes.append(f"note: trust.event_key names {named}: provision leaves it alone")
+        return
+    if default_path.exists():
+        try:
+            signer = EventSigner(load_private_key(_read(default_path, "event-signing key"),
+                                                  str(default_path)))
+        except ValueError as err:
+            raise ProvisionError(f"{err}; remove it to have a new one made") from None
+    else:
+        key = Ed25519PrivateKey.generate()
+        signer = EventSigner(key)
+        plan.add(default_path, private_key_pem(key), 0o600)
+        plan.notes.append(f"created the event-signing key {default_path}")
+    plan.notes.append(f"event-signing public key of {site}/{device} (register it with the "
+                      f"platform): {signer.public_key}")
 
 
 def apply(plan: Plan) -> None:

@@ -7,6 +7,11 @@ one the device's ``[[trust.platform_keys]]`` lists with the role ``ack``) on the
 ``ack`` topic. It keeps a
 persistent session so that nothing published while it was away is missed, notices
 duplicates (delivery is at least once) and gaps in the sequence numbers.
+
+Given the devices' event-signing keys (``--device-keys``, a registry as
+:mod:`edge.platform.events` reads it), it verifies every event's signature and marks one
+that does not verify loudly (it still acknowledges it: the message did arrive, and a
+genuine alarm must not wait for the SMS path because of a registry's mistake).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import TextIO
 import paho.mqtt.client as paho
 
 from edge.config import BrokerConfig
-from edge.platform import PlatformSigner
+from edge.platform import DeviceKeys, EventNotVerified, PlatformSigner
 from edge.runtime.mqtt import connect, make_client
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ class Watcher:
     def __init__(self, broker: BrokerConfig, topic_root: str, site: str, *, ack: bool,
                  as_json: bool = False, count: int | None = None, client_id: str | None = None,
                  by: str = "guardpost watch", out: TextIO = sys.stdout, prefix: str = "",
-                 signer: PlatformSigner | None = None):
+                 signer: PlatformSigner | None = None, device_keys: DeviceKeys | None = None):
         self.broker = broker
         self.filter = f"{topic_root}/{site}/#"
         self.topic_root = topic_root
@@ -57,6 +62,9 @@ class Watcher:
         self.out = out
         self.prefix = prefix
         self.events: list[dict] = []  # every event payload received, in arrival order
+        self.device_keys = device_keys
+        self.verified = 0             # events whose device signature verified
+        self.unverified: list[tuple[str, str]] = []  # (topic, why) of those that did not
         self.snapshots: list[dict] = []  # the description of every snapshot received
         self.arrived = threading.Condition()
         self.done = threading.Event()
@@ -113,13 +121,22 @@ class Watcher:
             body = json.loads(message.payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
+        verdict = self._verify(message) if leaf.startswith("event/") else None
         if self.as_json:
-            self._print(json.dumps({"topic": message.topic, "received_at": received.isoformat(),
-                                    "retained": bool(message.retain), "payload": body},
-                                   ensure_ascii=False))
+            record = {"topic": message.topic, "received_at": received.isoformat(),
+                      "retained": bool(message.retain), "payload": body}
+            if verdict is not None:
+                record["verified"] = verdict is True
+                if verdict is not True:
+                    record["not_verified"] = verdict
+            self._print(json.dumps(record, ensure_ascii=False))
         else:
-            self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  "
-                        + self._describe(site, device, leaf, body))
+            line = self._describe(site, device, leaf, body)
+            if verdict is True:
+                line += "  [signature verified]"
+            elif verdict is not None:
+                line = f"!! NOT VERIFIED ({verdict}) !! {line}"
+            self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  " + line)
         if leaf.startswith("event/") and isinstance(body, dict):
             if self.ack and body.get("ack_required"):
                 client.publish(*self.signer.ack(f"{self.topic_root}/{site}/{device}",
@@ -131,6 +148,20 @@ class Watcher:
                 self.arrived.notify_all()
             if self.count is not None and len(self.events) >= self.count:
                 self.done.set()
+
+    def _verify(self, message: paho.MQTTMessage) -> bool | str | None:
+        """True if the event's device signature verifies, else why not; None unchecked."""
+        if self.device_keys is None:
+            return None
+        try:
+            self.device_keys.verify(message.payload, topic=message.topic)
+        except EventNotVerified as err:
+            with self.arrived:
+                self.unverified.append((message.topic, str(err)))
+            return str(err)
+        with self.arrived:
+            self.verified += 1
+        return True
 
     def _on_snapshot(self, message: paho.MQTTMessage, received: datetime, site: str,
                      device: str) -> None:
@@ -146,19 +177,39 @@ class Watcher:
                 about = {}
             if not isinstance(about, dict):  # valid JSON, but not the description
                 about = {}
+        verdict = self._verify_snapshot(about, bytes(jpeg), message.topic)
         with self.arrived:
             self.snapshots.append(about)
             self.arrived.notify_all()
         if self.as_json:
-            self._print(json.dumps({"topic": message.topic, "received_at": received.isoformat(),
-                                    "snapshot": about, "jpeg_bytes": len(jpeg)},
-                                   ensure_ascii=False))
+            record = {"topic": message.topic, "received_at": received.isoformat(),
+                      "snapshot": about, "jpeg_bytes": len(jpeg)}
+            if verdict is not None:
+                record["verified"] = verdict is True
+                if verdict is not True:
+                    record["not_verified"] = verdict
+            self._print(json.dumps(record, ensure_ascii=False))
             return
-        self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  SNAPSHOT "
-                    f"{about.get('camera')} {about.get('phase')} #{about.get('index')} "
-                    f"({float(about.get('offset_s', 0)):+.1f} s) {about.get('width')}x"
-                    f"{about.get('height')} {len(jpeg) // 1024} kB for "
-                    f"{str(about.get('event_id'))[:13]}…")
+        line = (f"SNAPSHOT {about.get('camera')} {about.get('phase')} #{about.get('index')} "
+                f"({float(about.get('offset_s', 0)):+.1f} s) {about.get('width')}x"
+                f"{about.get('height')} {len(jpeg) // 1024} kB for "
+                f"{str(about.get('event_id'))[:13]}…")
+        if verdict is True:
+            line += "  [signature verified]"
+        elif verdict is not None:
+            line = f"!! NOT VERIFIED ({verdict}) !! {line}"
+        self._print(f"{received:%H:%M:%S.%f}"[:-3] + f"  {site}/{device}  {line}")
+
+    def _verify_snapshot(self, about: dict, jpeg: bytes, topic: str) -> bool | str | None:
+        if self.device_keys is None:
+            return None
+        try:
+            self.device_keys.verify_snapshot(about, jpeg, topic=topic)
+        except EventNotVerified as err:
+            with self.arrived:
+                self.unverified.append((topic, str(err)))
+            return str(err)
+        return True
 
     def _describe(self, site: str, device: str, leaf: str, body) -> str:
         if not isinstance(body, dict):

@@ -23,6 +23,7 @@ from edge.contract.events import (
 from edge.contract.messages import status_payload
 from tests.proof.judge import Judge
 from tests.proof.presser import CONFIRMED, UNREACHABLE, Press
+from tests.support.device_keys import EVENT_SIGNER
 
 IDENTITY = Identity("test-school", "gate-1", "测试 South gate")
 PREFIX = "guardpost/v1/test-school/gate-1"
@@ -45,7 +46,8 @@ class FakeDevice:
         self.session = 0
 
     def event(self, event: Event, payload: bytes | None = None) -> None:
-        payload = payload or event.payload(IDENTITY)
+        # Signed as the uplink signs (the judge verifies every event's signature).
+        payload = EVENT_SIGNER.sign(payload or event.payload(IDENTITY))
         self.client.publish(f"{PREFIX}/{event.topic_suffix}", payload, qos=1).wait_for_publish(5)
 
     def birth(self) -> None:

@@ -1,7 +1,9 @@
 """A police platform stand-in for tests: a real paho subscriber on the real broker.
 
 It records every message, validates each one against the published schema of its
-topic (so every payload any test makes the device emit is checked), optionally
+topic (so every payload any test makes the device emit is checked), verifies every
+event's and snapshot's device signature (the test devices' key,
+tests/support/device_keys.py), optionally
 acknowledges alarms and tests, and lets tests wait on conditions over what arrived
 (woken by each message, no sleeping).
 """
@@ -19,7 +21,9 @@ from datetime import UTC, datetime, timedelta
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.platform import EventNotVerified, verify_event, verify_snapshot
 from tests.support.contract import problems, schema_for_topic
+from tests.support.device_keys import EVENT_PUBLIC_KEY
 from tests.support.trust import ADMIN, DUTY_DESK
 
 
@@ -38,8 +42,9 @@ class PlatformStandIn:
     def __init__(self, host: str, port: int, prefix: str, *, ack: bool = False,
                  protocol: int = paho.MQTTv5, client_id: str = "test-platform",
                  tls: dict | None = None, username: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, device_key=EVENT_PUBLIC_KEY):
         self.prefix = prefix
+        self.device_key = device_key  # every event must verify with it
         self.ack = ack
         self.messages: list[Received] = []
         self.snapshots: list[tuple[dict, bytes, float]] = []  # (description, JPEG, arrival)
@@ -109,6 +114,11 @@ class PlatformStandIn:
             self.schema_problems.append(f"{message.topic}: payload is not JSON")
         else:
             self.schema_problems += [f"{message.topic}: {p}" for p in problems(schema, body)]
+        if leaf.startswith("event/"):
+            try:
+                verify_event(message.payload, self.device_key, topic=message.topic)
+            except EventNotVerified as err:
+                self.schema_problems.append(f"{message.topic}: device signature: {err}")
         if (self.ack and leaf.startswith("event/") and isinstance(body, dict)
                 and body.get("ack_required")):
             client.publish(*DUTY_DESK.ack(self.prefix, body["id"], by="test platform",
@@ -142,6 +152,10 @@ class PlatformStandIn:
                                                                             description)]
         if leaf != f"snapshot/{description.get('event_id')}":
             self.schema_problems.append(f"{message.topic}: event_id does not match the topic")
+        try:
+            verify_snapshot(description, bytes(jpeg), self.device_key, topic=message.topic)
+        except EventNotVerified as err:
+            self.schema_problems.append(f"{message.topic}: device signature: {err}")
         with self._cond:
             self.snapshots.append((description, bytes(jpeg), time.monotonic()))
             self._cond.notify_all()

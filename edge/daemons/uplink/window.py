@@ -17,6 +17,11 @@
   and go after the live rows of their priority.
 - Event properties (content type, response topic) are encoded once; each event adds its
   id as MQTT 5 Correlation Data, as the contract says.
+- Every event payload is signed here, as it is published, with the device's event key
+  (:mod:`edge.contract.event_signature`): the key stays in this process and the alarm
+  path in the button daemon does no cryptography. Ed25519 is deterministic: an event
+  published again is the same bytes. A snapshot's description carries its JPEG's
+  ``sha256`` and a signature too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import Config
+from edge.contract.event_signature import EventSigner
 from edge.contract.events import ACK_REQUIRED, Priority
 from edge.contract.messages import Topics, snapshot_description
 from edge.daemons.uplink.resend import Resend
@@ -121,6 +127,7 @@ class PublishWindow:
         self._event_props: PackedProperties | None = None
         self._recovered_props: PackedProperties | None = None
         self._drain = _DrainLog()
+        self._signer = EventSigner.from_file(config.trust.event_key)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -220,11 +227,12 @@ class PublishWindow:
                       again: bool) -> None:
         # (The hot loop of a drain: names looked up once.)
         template, prefix, inflight = self._event_properties(), self.topics.prefix, self.inflight
+        sign = self._signer.sign
         for row in rows:
             if row.recovered and template is not None:
                 template = self._event_properties(recovered=True)
             info = client.publish(
-                f"{prefix}/{row.topic}", row.payload, qos=1,
+                f"{prefix}/{row.topic}", sign(row.payload), qos=1,
                 properties=template.with_correlation(row.id.encode()) if template else None)
             if row.recovered:
                 template = self._event_props
@@ -253,7 +261,8 @@ class PublishWindow:
         except OSError as err:
             self._snapshots.forget(snapshot.id, f"{snapshot.path}: {err.strerror}")
             return 0
-        description = snapshot_description(self.config.identity, snapshot)
+        description = self._signer.sign_snapshot(
+            snapshot_description(self.config.identity, snapshot), jpeg)
         if is_v5(self.config.broker):
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "image/jpeg"
