@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomlkit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -74,6 +75,29 @@ def test_the_issued_certificate_completes_a_valid_configuration(etc, pki):
     assert config.device.device_id == "gate-south-1"
     assert (config.broker.host, config.broker.port) == ("alarm-mqtt.example.gov.cn", 8883)
     assert config.broker.tls.key_file == etc / "credentials" / "device.key"
+    assert "still holds the example's placeholders" in result.stdout
+
+
+def test_the_platforms_keys_replace_the_examples_placeholders(etc, pki):
+    from tests.support.trust import ADMIN, DUTY_DESK
+
+    keys = etc.parent / "platform-keys.toml"
+    keys.write_text(tomlkit.dumps({"trust": {"platform_keys": [
+        DUTY_DESK.trust_entry(["ack"]), ADMIN.trust_entry(["ack", "command"])]}}))
+    result = provision(etc / "guardpost.toml", *IDENTITY, "--ca", str(pki["ca"][0]),
+                       "--platform-keys", str(keys))
+    assert result.returncode == 0, result.stderr
+    assert "platform keys: test-duty-desk (ack), test-admin (ack+command)" in result.stdout
+    text = (etc / "guardpost.toml").read_text()
+    assert DUTY_DESK.public_key in text and "placeholder" not in result.stdout
+    ring = load_config(etc / "guardpost.toml", check_broker_files=False).trust.keyring()
+    assert ring.keys["test-admin"].roles == {"ack", "command"}
+
+    keys.write_text('[[trust.platform_keys]]\nkey_id = "x"\npublic_key = "short"\n'
+                    'roles = ["ack"]\n')
+    before = tree(etc)
+    bad = provision(etc / "guardpost.toml", *IDENTITY, "--platform-keys", str(keys))
+    assert bad.returncode == 1 and "public_key" in bad.stderr and tree(etc) == before
 
 
 def test_a_pkcs12_bundle_from_the_platform(etc, pki):

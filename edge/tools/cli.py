@@ -277,7 +277,7 @@ def cmd_provision(args) -> int:
         plan = plan_provision(Path(args.config), site=args.site, device=args.device,
                               location=args.location, broker=args.broker, ca=args.ca,
                               cert=args.cert, key=args.key, bundle=args.bundle,
-                              new_key=args.new_key)
+                              new_key=args.new_key, platform_keys=args.platform_keys)
     except ProvisionError as err:
         print(f"provision: {err}; nothing was written", file=sys.stderr)
         return 1
@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--key", type=Path, help="an existing private key to use")
     provision.add_argument("--bundle", type=Path, help="PKCS#12 bundle: key, certificate, CA")
     provision.add_argument("--new-key", action="store_true", help="replace the device's key")
+    provision.add_argument("--platform-keys", type=Path,
+                           help="the platform's public keys it hands out: a TOML file of "
+                                "[[trust.platform_keys]] (key_id, public_key, roles)")
     provision.set_defaults(func=cmd_provision)
 
     broker_acl = commands.add_parser(

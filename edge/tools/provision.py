@@ -159,7 +159,8 @@ def _key_pem(key) -> bytes:
 
 def plan_provision(config_path: Path, *, site: str, device: str, location: str, broker: str,
                    ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
-                   bundle: Path | None = None, new_key: bool = False) -> Plan:
+                   bundle: Path | None = None, new_key: bool = False,
+                   platform_keys: Path | None = None) -> Plan:
     """Check everything and return what to write; raises :class:`ProvisionError`."""
     config_path = Path(config_path)
     etc = config_path.parent
@@ -195,6 +196,12 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
     tls["cert_file"] = str(tls_dir / "device.pem")
     tls["key_file"] = "credential:device.key"
     document["broker"]["tls"] = tls
+    if platform_keys is not None:
+        _take_platform_keys(document, platform_keys, plan)
+    elif _placeholder_keys(document):
+        plan.notes.append("note: [[trust.platform_keys]] still holds the example's "
+                          "placeholders: until the platform's keys are given "
+                          "(--platform-keys FILE), no acknowledgement is believed")
     rendered = tomlkit.dumps(document)
     try:
         parse_config(tomllib.loads(rendered), str(config_path))
@@ -277,6 +284,45 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
     _plan_event_key(plan, credentials / "event-signing.key", document, site, device)
     plan.add(config_path, rendered.encode(), 0o640)
     return plan
+
+
+def _take_platform_keys(document, source: Path, plan: Plan) -> None:
+    """The platform's public keys, as it hands them out: a TOML file of
+    ``[[trust.platform_keys]]`` (or ``[[platform_keys]]``) entries, checked here."""
+    from pydantic import ValidationError
+
+    from edge.config.trust import PlatformKeyConfig
+
+    try:
+        given = tomllib.loads(_read(source, "platform keys").decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ProvisionError(f"{source}: not TOML ({err})") from None
+    entries = given.get("trust", given).get("platform_keys")
+    if not isinstance(entries, list) or not entries:
+        raise ProvisionError(f"{source}: no [[trust.platform_keys]] in it")
+    try:
+        keys = [PlatformKeyConfig.model_validate(entry) for entry in entries]
+    except ValidationError as err:
+        raise ProvisionError(f"{source}: {err.errors()[0]['loc']}: "
+                             f"{err.errors()[0]['msg']}") from None
+    trust = document.setdefault("trust", tomlkit.table())
+    array = tomlkit.aot()
+    for key in keys:
+        table = tomlkit.table()
+        table.update({"key_id": key.key_id, "public_key": key.public_key,
+                      "roles": list(key.roles)})
+        array.append(table)
+    trust["platform_keys"] = array
+    plan.notes.append("platform keys: " + ", ".join(
+        f"{k.key_id} ({'+'.join(k.roles)})" for k in keys))
+
+
+def _placeholder_keys(document) -> bool:
+    """Whether the configuration still lists the example's keys (nobody holds them)."""
+    example = tomllib.loads(EXAMPLE.read_text())["trust"]["platform_keys"]
+    placeholders = {entry["public_key"] for entry in example}
+    listed = document.get("trust", {}).get("platform_keys", [])
+    return any(entry.get("public_key") in placeholders for entry in listed)
 
 
 def _plan_event_key(plan: Plan, default_path: Path, document, site: str, device: str) -> None:
