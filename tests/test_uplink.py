@@ -50,6 +50,9 @@ def test_birth_heartbeat_and_clean_offline_share_one_session_counter(make_config
     uplink = daemons("uplink", path)
     birth = online(police)[0]
     assert birth["version"] and birth["config"] == config.fingerprint()
+    # How to judge its silence (issue 14): its own settings, not a fleet-wide guess.
+    assert (birth["heartbeat_interval_s"], birth["keepalive_s"], birth["dark_after_s"]) == \
+        (1.0, config.broker.keepalive, 1.5 * config.broker.keepalive)
     beats = police.wait_for(lambda p: len(p.on("health")) >= 2 and p.on("health"),
                             what="two heartbeats")
     assert {b["session"] for b in beats} == {birth["session"]}

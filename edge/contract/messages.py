@@ -78,6 +78,14 @@ def _dump(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def dark_after_s(config) -> float:
+    """How long a platform may hear nothing from this device before it is dark: two
+    heartbeat intervals (the contract's rule), never less than the broker's will delay
+    (1.5 x keepalive). Carried in the birth, so a platform judges each device by its own
+    settings rather than a fleet-wide guess."""
+    return round(max(2 * config.uplink.heartbeat_interval, 1.5 * config.broker.keepalive), 1)
+
+
 def status_payload(identity: Identity, *, state: str, session: int, **fields: Any) -> bytes:
     """Birth (``online``), will and clean shutdown (``offline``): same session counter.
 

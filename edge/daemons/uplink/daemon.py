@@ -35,7 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge import __version__
 from edge.config import Config
 from edge.contract.events import utc_iso, utc_now
-from edge.contract.messages import Topics, status_payload
+from edge.contract.messages import Topics, dark_after_s, status_payload
 from edge.daemons.uplink.connection import Backoff, Connection, Phase
 from edge.daemons.uplink.housekeeping import Housekeeping
 from edge.daemons.uplink.inbound import RECEIVE_MAXIMUM, Inbound
@@ -296,11 +296,15 @@ class UplinkDaemon(Daemon):
                  "resumed" if flags.session_present else "new broker session", window,
                  self.connection.round_trip * 1000)
         # Published from inside the callback so the birth precedes paho's re-sends.
+        cfg_uplink = self.config.uplink
         client.publish(self.topics.status, status_payload(
             self.identity, state="online", session=self._session, version=__version__,
             config=self.config.fingerprint(), boot_id=boot_id(),
             protocol=self.config.broker.protocol, connected_at=self._connected_at,
-            epoch=self._outbox.epoch, last_seq=self._outbox.last_seq()),
+            epoch=self._outbox.epoch, last_seq=self._outbox.last_seq(),
+            heartbeat_interval_s=cfg_uplink.heartbeat_interval,
+            keepalive_s=self.config.broker.keepalive,
+            dark_after_s=dark_after_s(self.config)),
             qos=1, retain=True, properties=self._json_props())
         if is_v5(self.config.broker):
             # A retained acknowledgement or command would be replayed at every
