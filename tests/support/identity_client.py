@@ -89,7 +89,7 @@ class IdentityClient:
 
     # -- what a test does --------------------------------------------------------------------
 
-    def wait_for(self, predicate, what: str, timeout: float = 10.0):
+    def wait_for(self, predicate, what: str, timeout: float = 30.0):
         with self._cond:
             if not self._cond.wait_for(predicate, timeout):
                 raise AssertionError(f"timed out waiting for {what}")
