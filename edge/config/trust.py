@@ -9,22 +9,15 @@ silencing the siren, ping). Several keys may be listed: that is how a key is rot
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from edge.config.base import Strict
+from edge.contract.b64url import unb64url
 
 Role = Literal["ack", "command"]
-
-
-def _unb64url(text: str) -> bytes:
-    if not text.isascii() or "=" in text:
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class PlatformKeyConfig(Strict):
@@ -38,12 +31,10 @@ class PlatformKeyConfig(Strict):
     @classmethod
     def _ed25519_public_key(cls, value: str) -> str:
         try:
-            raw = _unb64url(value)
-        except (ValueError, binascii.Error):
-            raw = b""
-        if len(raw) != 32:
+            unb64url(value, 32)
+        except ValueError:
             raise ValueError("must be base64url of 32 bytes (an Ed25519 public key, "
-                             "43 characters)")
+                             "43 characters)") from None
         return value
 
     @field_validator("roles")
@@ -82,5 +73,5 @@ class TrustConfig(Strict):
 
         ring = Keyring()
         for key in self.platform_keys:
-            ring.add(key.key_id, _unb64url(key.public_key), key.roles)
+            ring.add(key.key_id, unb64url(key.public_key), key.roles)
         return ring

@@ -34,8 +34,6 @@ from ``captured_at`` and the event's time); the topic is not signed, as for even
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -48,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from edge.contract.b64url import b64url, unb64url
 
 DOMAIN = b"guardpost/event@1\n"
 MEMBER = "device_signature"
@@ -66,21 +66,14 @@ class SignatureError(ValueError):
     """The payload is not a validly signed event; the message says why."""
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _signature_bytes(text: bytes) -> bytes:
-    try:
-        raw = base64.urlsafe_b64decode(text + b"==")
-    except (binascii.Error, ValueError):
-        raw = b""
     # Only the one canonical spelling: 86 characters carry 4 bits more than 64 bytes,
     # and a signature whose text could change without failing would be malleable.
-    if len(raw) != 64 or b64url(raw).encode() != text:
+    try:
+        return unb64url(text, 64)
+    except ValueError:
         raise SignatureError("device_signature is not 86 base64url characters of a "
-                             "64-byte signature")
-    return raw
+                             "64-byte signature") from None
 
 
 def split(payload: bytes) -> tuple[bytes, bytes]:
@@ -194,7 +187,8 @@ def load_private_key(pem: bytes, source: str = "the key") -> Ed25519PrivateKey:
     return key
 
 
-def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+def private_key_pem(key) -> bytes:
+    """Any private key (Ed25519 here; the device's TLS key is EC) as unencrypted PKCS #8 PEM."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 

@@ -28,7 +28,6 @@ The envelope (JSON, UTF-8), published on the device's ``ack`` or ``cmd/...`` top
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from edge.contract.b64url import b64url, unb64url
 from edge.contract.events import utc_iso
 from edge.contract.messages import SIGNED_FUTURE, SIGNED_PAST
 
@@ -65,16 +65,6 @@ class Rejected(ValueError):
 # Why a message was not believed, as counted in health (``inbound.untrusted``).
 KINDS = ("malformed", "unknown_key", "bad_signature", "wrong_topic", "wrong_role", "stale",
          "future", "replay")
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def unb64url(text: str) -> bytes:
-    if not isinstance(text, str) or not text.isascii():
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def canonical(value) -> bytes:

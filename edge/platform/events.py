@@ -16,8 +16,6 @@ The format and the verification steps are in docs/contract.md ("Signed events").
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import tomllib
 from collections.abc import Iterable
@@ -27,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.contract import event_signature
+from edge.contract.b64url import unb64url
 from edge.contract.events import EVENT_SCHEMA
 
 PublicKeyLike = Ed25519PublicKey | bytes | str
@@ -42,10 +41,8 @@ def public_key(value: PublicKeyLike) -> Ed25519PublicKey:
         return value
     if isinstance(value, str):
         try:
-            if not value.isascii() or "=" in value:
-                raise ValueError
-            value = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        except (ValueError, binascii.Error):
+            value = unb64url(value, 32)
+        except ValueError:
             raise ValueError("a public key is base64url of 32 bytes (43 characters)") from None
     if not isinstance(value, bytes) or len(value) != 32:
         raise ValueError("a public key is base64url of 32 bytes (43 characters)")

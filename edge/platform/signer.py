@@ -19,9 +19,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge.contract.b64url import b64url
+from edge.contract.event_signature import private_key_pem
 from edge.contract.events import utc_iso, utc_now
 from edge.contract.messages import ACK_SCHEMA
-from edge.contract.signing import b64url, seal
+from edge.contract.signing import seal
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,7 @@ class PlatformSigner:
 
     def save(self, path: str | Path) -> None:
         """The private key as PEM, readable by its owner only."""
-        pem = self.private_key.private_bytes(serialization.Encoding.PEM,
-                                             serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption())
+        pem = private_key_pem(self.private_key)
         path = Path(path)
         temporary = path.with_name(path.name + ".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

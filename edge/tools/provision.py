@@ -152,11 +152,6 @@ def make_csr(key, site: str, device: str) -> bytes:
     return request.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 def plan_provision(config_path: Path, *, site: str, device: str, location: str, broker: str,
                    ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
                    bundle: Path | None = None, new_key: bool = False,
@@ -237,7 +232,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         _require_ca(ca_certs)
         _check_certificate(device_cert, device_key, ca_certs, str(bundle), expected_name,
                            plan.notes)
-        plan.add(key_path, _key_pem(device_key), 0o600)
+        plan.add(key_path, private_key_pem(device_key), 0o600)
         plan.add(tls_dir / "device.pem", device_cert.public_bytes(serialization.Encoding.PEM),
                  0o644)
     elif cert is not None:
@@ -257,7 +252,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         _check_certificate(device_cert, owner[1], ca_certs, str(cert), expected_name,
                            plan.notes)
         if owner[0] == pending_path or key is not None:
-            plan.add(key_path, _key_pem(owner[1]), 0o600)  # the new key takes over now
+            plan.add(key_path, private_key_pem(owner[1]), 0o600)  # the new key takes over now
             if pending_path.exists():
                 plan.removals.append(pending_path)
         plan.add(tls_dir / "device.pem", _read(cert, "certificate"), 0o644)
@@ -265,7 +260,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
         _require_ca(ca_certs)
         if key is not None:
             device_key = _load_key(_read(key, "private key"), str(key))
-            plan.add(key_path, _key_pem(device_key), 0o600)
+            plan.add(key_path, private_key_pem(device_key), 0o600)
         elif key_path.exists() and not new_key:
             device_key = _load_key(_read(key_path, "private key"), str(key_path))
         else:
@@ -273,7 +268,7 @@ def plan_provision(config_path: Path, *, site: str, device: str, location: str, 
             # A replacement waits beside the working key until its certificate comes:
             # the device keeps reaching the platform meanwhile.
             target = pending_path if key_path.exists() else key_path
-            plan.add(target, _key_pem(device_key), 0o600)
+            plan.add(target, private_key_pem(device_key), 0o600)
             plan.notes.append(f"created a new private key {target}")
         if not isinstance(device_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise ProvisionError("the device key must be an EC or RSA key")
