@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge.config import Config
 from edge.contract.events import utc_iso, utc_now, uuid7
@@ -52,22 +52,29 @@ class Answer:
     fields: dict = field(default_factory=dict)
 
 
-Reply = Callable[[Command, Answer], None]
+@dataclass(frozen=True)
+class HandOver:
+    """A command another daemon carries out: its control socket, the request, and what
+    the first answer (``accepted``) already says."""
+
+    socket_name: str
+    body: dict
+    result: dict | None = None
 
 
 class Commands:
-    """Runs the platform's commands; answers go through ``reply``."""
+    """Runs the platform's commands. Each comes with a ``ticket`` (where its answers go),
+    which :meth:`finished` hands back with the later answer of a handed-over command."""
 
-    def __init__(self, config: Config, reply: Reply):
+    def __init__(self, config: Config):
         self.config = config
-        self.reply = reply
         self._limits = {name: TokenBucket(rate, burst)
                         for name, (rate, burst) in COMMAND_LIMITS.items()}
         self._local: queue.Queue = queue.Queue(MAX_WAITING)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
-    def take(self, outbox: Outbox, command: Command, now: float) -> Answer:
+    def take(self, outbox: Outbox, command: Command, now: float, ticket: Any) -> Answer:
         """Run or hand over ``command``; returns the first answer (replied by the caller)."""
         bucket = self._limits[command.name]
         if not bucket.take(now):
@@ -75,7 +82,10 @@ class Commands:
             return Answer("refused", {
                 "reason": f"cmd/{command.name} is limited to {rate * 60:g} a minute "
                           f"({burst} at once)", "retry_after_s": bucket.wait()})
-        return getattr(self, f"_{command.name}")(outbox, command)
+        answer = getattr(self, f"_{command.name}")(outbox, command)
+        if isinstance(answer, HandOver):
+            return self._hand_over(command, ticket, answer)
+        return answer
 
     # -- at once, in the uplink's loop (no waiting on anything but the outbox) -------------
 
@@ -101,11 +111,10 @@ class Commands:
 
     # -- through another daemon, by the worker thread ---------------------------------------
 
-    def _silence(self, outbox: Outbox, command: Command) -> Answer:
-        return self._hand_over(command, "button.ctl", {"op": "silence",
-                                                       "by": command.by or "platform"})
+    def _silence(self, outbox: Outbox, command: Command) -> HandOver:
+        return HandOver("button.ctl", {"op": "silence", "by": command.by or "platform"})
 
-    def _snapshot(self, outbox: Outbox, command: Command) -> Answer:
+    def _snapshot(self, outbox: Outbox, command: Command) -> Answer | HandOver:
         cameras = self.config.cameras
         if not cameras:
             return Answer("refused", {"reason": "this device has no camera"})
@@ -113,21 +122,19 @@ class Commands:
             return Answer("refused", {"reason": f"no camera {command.camera!r} (cameras: "
                                                 f"{', '.join(sorted(cameras))})"})
         snapshot_id = str(uuid7(wall_ns()))
-        answer = self._hand_over(command, "camera.ctl", {
-            "op": "snapshot", "snapshot_id": snapshot_id, "camera": command.camera,
-            "request_id": command.request_id})
-        if answer.status == "accepted":
-            answer.fields["result"] = {"snapshot_id": snapshot_id}
-        return answer
+        return HandOver("camera.ctl", {"op": "snapshot", "snapshot_id": snapshot_id,
+                                       "camera": command.camera,
+                                       "request_id": command.request_id},
+                        {"snapshot_id": snapshot_id})
 
-    def _hand_over(self, command: Command, socket_name: str, body: dict) -> Answer:
+    def _hand_over(self, command: Command, ticket: Any, work: HandOver) -> Answer:
         self._start_worker()
         try:
-            self._local.put_nowait((command, socket_name, body))
+            self._local.put_nowait((command, ticket, work))
         except queue.Full:
             return Answer("refused", {"reason": "busy: too many commands wait for the "
                                                 "device's other daemons", "retry_after_s": 5})
-        return Answer("accepted")
+        return Answer("accepted", {"result": work.result} if work.result else {})
 
     def _start_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -137,28 +144,29 @@ class Commands:
 
     def _work(self) -> None:
         while True:
-            command, socket_name, body = self._local.get()
+            command, ticket, work = self._local.get()
             try:
-                reply = request(self.config.storage.runtime_dir / socket_name, body,
+                reply = request(self.config.storage.runtime_dir / work.socket_name, work.body,
                                 timeout=LOCAL_TIMEOUT_S)
             except (ControlUnavailable, OSError, ValueError) as err:
-                reply = {"ok": False, "error": f"{socket_name.split('.')[0]} daemon: {err}"}
+                reply = {"ok": False,
+                         "error": f"{work.socket_name.split('.')[0]} daemon: {err}"}
             except Exception as err:  # a defect of ours: the command failed, not the uplink
                 log.exception("cmd/%s could not be handed over", command.name)
                 reply = {"ok": False, "error": type(err).__name__}
-            self._done.put((command, reply))
+            self._done.put((command, ticket, reply))
 
-    def finished(self) -> list[tuple[Command, Answer]]:
+    def finished(self) -> list[tuple[Command, Any, Answer]]:
         """What the other daemons answered since the last call (the loop replies)."""
         answers = []
         while True:
             try:
-                command, reply = self._done.get_nowait()
+                command, ticket, reply = self._done.get_nowait()
             except queue.Empty:
                 return answers
             if reply.get("ok"):
                 result = {k: v for k, v in reply.items() if k != "ok"}
-                answers.append((command, Answer("done", {"result": result})))
+                answers.append((command, ticket, Answer("done", {"result": result})))
             else:
-                answers.append((command, Answer("failed", {
+                answers.append((command, ticket, Answer("failed", {
                     "reason": str(reply.get("error", "failed"))[:300]})))

@@ -114,11 +114,10 @@ class Inbound:
         self.counts = {"received": 0, "accepted": 0, "refused": 0, "rejected": 0,
                        "too_large": 0, "unanswered": 0}
         self.gate = Gate(config.trust.keyring())
-        self.commands = Commands(config, self._reply_command)
+        self.commands = Commands(config)
         self._acks: list[tuple[Acknowledgement, _Received, Opened]] = []
         self._commands: list[tuple[TestRequest | Command, str, str | None, _Received,
                                    Opened]] = []
-        self._replies_to: dict[int, tuple[str, str | None]] = {}  # id(command) -> where
         self._unopened: deque[tuple[_Received, str | None, str]] = deque()  # to be checked
         self._refusals: list[_Refusal] = []
         self._retry_at = 0.0
@@ -244,8 +243,8 @@ class Inbound:
                 self._retry_at = now + RETRY_S
                 log.error("could not record what the platform sent (%s): it is not "
                           "acknowledged to the broker; trying again in %.0f s", err, RETRY_S)
-        for command, answer in self.commands.finished():
-            self._reply_command(command, answer)
+        for command, ticket, answer in self.commands.finished():
+            self._reply_command(command, ticket, answer)
         refusals = [r for r in self._refusals if r.opened is None]
         self._refusals = [r for r in self._refusals if r.opened is not None]
         for refusal in sorted(refusals, key=lambda r: r.received.order):
@@ -326,10 +325,10 @@ class Inbound:
                 if isinstance(command, TestRequest):
                     self._take_test(outbox, command, reply_topic, correlation, now)
                 else:
-                    answer = self.commands.take(outbox, command, now)
+                    ticket = {"reply_topic": reply_topic, "correlation": correlation}
+                    answer = self.commands.take(outbox, command, now, ticket)
                     self.counts["accepted"] += answer.status in ("accepted", "done")
-                    self._replies_to[id(command)] = (reply_topic, correlation)
-                    self._reply_command(command, answer)
+                    self._reply_command(command, ticket, answer)
             except STORAGE_ERRORS:
                 raise  # ours: tried again, not acknowledged meanwhile
             except Exception:  # a defect of ours must not become a crash loop
@@ -406,23 +405,16 @@ class Inbound:
             self.config.identity, command="test", request_id=request["request_id"],
             status=status, **fields), self.reply_properties(request), reply=True))
 
-    def _reply_command(self, command: Command, answer: Answer) -> None:
-        """Answer a command other than the test (a first answer, or a later one)."""
+    def _reply_command(self, command: Command, ticket: dict, answer: Answer) -> None:
+        """Answer a command other than the test (a first answer, or a later one) where
+        its ``ticket`` says: the reply topic and correlation data of the request."""
         if answer.status in ("refused", "failed"):
             self.counts["refused"] += answer.status == "refused"
             log.info("cmd/%s %s %s: %s", command.name, command.request_id, answer.status,
                      answer.fields.get("reason"))
-        where = self._replies_to.get(id(command))
-        if where is None:
-            return
-        if answer.status != "accepted":
-            self._replies_to.pop(id(command))
-        reply_topic, correlation = where
-        request = {"reply_topic": reply_topic, "correlation": correlation,
-                   "request_id": command.request_id}
-        self.lane.add(SideMessage(reply_topic, reply_payload(
+        self.lane.add(SideMessage(ticket["reply_topic"], reply_payload(
             self.config.identity, command=command.name, request_id=command.request_id,
-            status=answer.status, **answer.fields), self.reply_properties(request), reply=True))
+            status=answer.status, **answer.fields), self.reply_properties(ticket), reply=True))
 
     def reply_properties(self, request: dict) -> Properties | None:
         """MQTT 5: JSON, with the request's correlation data."""
