@@ -18,15 +18,6 @@ def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(schema, format_checker=FormatChecker())
 
 
-def schema_for_topic(leaf: str) -> str | None:
-    """Which schema a device-to-platform topic leaf (below the device prefix) follows."""
-    if leaf.startswith("event/"):
-        return "event"
-    if leaf.startswith("reply/"):
-        return "reply"
-    return {"status": "status", "health": "health", "rejected": "rejected"}.get(leaf)
-
-
 def problems(name: str, document) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
             for e in validator(name).iter_errors(document)]

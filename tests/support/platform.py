@@ -1,7 +1,8 @@
 """A police platform stand-in for tests: a real paho subscriber on the real broker.
 
-It records every message, validates each one against the published schema of its
-topic (so every payload any test makes the device emit is checked), verifies every
+It records every message, validates each one against its channel in the contract's
+AsyncAPI document, docs/asyncapi.yaml (so every payload any test makes the device emit
+is checked, and a topic the document lacks is a problem), verifies every
 event's and snapshot's device signature (the test devices' key,
 tests/support/device_keys.py), optionally
 acknowledges alarms and tests, and lets tests wait on conditions over what arrived
@@ -22,7 +23,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.platform import EventNotVerified, verify_event, verify_snapshot
-from tests.support.contract import problems, schema_for_topic
+from tests.support.asyncapi import header_problems, payload_problems
 from tests.support.device_keys import EVENT_PUBLIC_KEY
 from tests.support.trust import ADMIN, DUTY_DESK
 
@@ -105,15 +106,13 @@ class PlatformStandIn:
             body = None
         received = Received(message.topic, leaf, message.payload, body, bool(message.retain),
                             time.monotonic(), message.properties)
-        schema = schema_for_topic(leaf)
         if leaf == "ack" or leaf.startswith("cmd/"):
             pass  # platform-to-device: ours (tests send malformed ones on purpose)
-        elif schema is None:
-            self.schema_problems.append(f"{message.topic}: no schema for this topic")
         elif body is None:
             self.schema_problems.append(f"{message.topic}: payload is not JSON")
-        else:
-            self.schema_problems += [f"{message.topic}: {p}" for p in problems(schema, body)]
+        else:  # its channel in docs/asyncapi.yaml, and that channel's payload schema
+            self.schema_problems += [f"{message.topic}: {p}"
+                                     for p in payload_problems(leaf, body)]
         if leaf.startswith("event/"):
             try:
                 verify_event(message.payload, self.device_key, topic=message.topic)
@@ -148,8 +147,9 @@ class PlatformStandIn:
         else:
             header, _, jpeg = message.payload.partition(b"\n")
             description = json.loads(header)
-        self.schema_problems += [f"{message.topic}: {p}" for p in problems("snapshot",
-                                                                            description)]
+        # The description: MQTT 5 user properties, or the 3.1.1 payload's first line.
+        self.schema_problems += [f"{message.topic}: {p}" for p in
+                                 header_problems(leaf, "snapshotMqtt5", description)]
         if leaf != f"snapshot/{description.get('event_id')}":
             self.schema_problems.append(f"{message.topic}: event_id does not match the topic")
         try:
