@@ -421,6 +421,39 @@ def cmd_demo(args) -> int:
     return run_demo(auto=args.auto, workdir=args.workdir, log_level=args.log_level)
 
 
+# -- the platform's side: a fleet of simulated devices (issue 14) -------------------------
+
+def cmd_fleet_sim(args) -> int:
+    from edge.tools import fleet_sim
+
+    return fleet_sim.main(args)
+
+
+def _fleet_sim_arguments(parser) -> None:
+    parser.add_argument("--devices", type=int, required=True, help="how many devices")
+    parser.add_argument("--broker", required=True, help="HOST[:PORT] (1883 by default)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds after every device is up (default: until SIGTERM)")
+    parser.add_argument("--alarm-every", type=float, default=5.0,
+                        help="mean seconds between two alarms in the whole fleet (0: none)")
+    parser.add_argument("--test-every", type=float, default=15.0,
+                        help="mean seconds between two tests in the whole fleet (0: none)")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="each device's heartbeat interval (the contract's default 30 s)")
+    parser.add_argument("--snapshots", type=int, default=2,
+                        help="snapshots after each alarm and test")
+    parser.add_argument("--snapshot-kb", type=int, default=60, help="size of each snapshot")
+    parser.add_argument("--root", default="guardpost/v1", help="topic root")
+    parser.add_argument("--site-prefix", default="fleet-school",
+                        help="site ids are PREFIX-00000, PREFIX-00001 ...")
+    parser.add_argument("--cafile", help="TLS: the broker's CA (enables TLS)")
+    parser.add_argument("--certfile", help="TLS: a client certificate")
+    parser.add_argument("--keyfile", help="TLS: its key")
+    parser.add_argument("--broker-pid", type=int, help="a local broker's pid: its CPU time")
+    parser.add_argument("--seed", type=int, help="for the same alarms and tests each run")
+    parser.add_argument("--json", help="also write the report to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_config = os.environ.get("GUARDPOST_CONFIG", DEFAULT_CONFIG)
     parser = argparse.ArgumentParser(
@@ -546,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="play a scripted story (press, outage, reconnect, reset) and exit")
     demo.add_argument("--workdir", type=Path, help="keep the demo's files here")
     demo.set_defaults(func=cmd_demo)
+
+    fleet = commands.add_parser(
+        "fleet-sim", help="N simulated devices in one process, with a platform that "
+                          "acknowledges, printing the alarm round trip and the broker's load")
+    _fleet_sim_arguments(fleet)
+    fleet.set_defaults(func=cmd_fleet_sim)
     return parser
 
 
