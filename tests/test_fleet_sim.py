@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.contract import problems, schema_for_topic
+from tests.support.asyncapi import header_problems, payload_problems
 
 ROOT = "guardpost/v1"
 DEVICES = 20
@@ -57,15 +57,10 @@ class FleetRecorder:
             self._snapshot(message, leaf)
             return
         body = json.loads(message.payload)
-        if leaf == "ack":  # the platform side's: a signed envelope around an ack
-            self.problems += [f"{message.topic}: {p}" for p in problems("signed", body)]
-            self.problems += [f"{message.topic}: {p}" for p in problems("ack", body["body"])]
+        # every message, the platform side's signed acks included, against its AsyncAPI channel
+        self.problems += [f"{message.topic}: {p}" for p in payload_problems(leaf, body)]
+        if leaf == "ack":
             return
-        name = schema_for_topic(leaf)
-        if name is None:
-            self.problems.append(f"{message.topic}: a topic the contract does not name")
-            return
-        self.problems += [f"{message.topic}: {p}" for p in problems(name, body)]
         with self._cond:
             if leaf == "status":
                 self.last_status[site] = body
@@ -84,7 +79,8 @@ class FleetRecorder:
         for key in ("index", "width", "height"):
             description[key] = int(description[key])
         description["offset_s"] = float(description["offset_s"])
-        self.problems += [f"{message.topic}: {p}" for p in problems("snapshot", description)]
+        self.problems += [f"{message.topic}: {p}"
+                          for p in header_problems(leaf, "snapshotMqtt5", description)]
         if leaf != f"snapshot/{description['event_id']}":
             self.problems.append(f"{message.topic}: event_id is not the topic's")
         with self._cond:
