@@ -51,9 +51,39 @@ class TlsConfig(Strict):
         return self
 
 
+def _endpoint(value: str) -> str:
+    """``host`` or ``host:port`` (``[v6addr]:port`` for an IPv6 address)."""
+    host, _ = split_endpoint(value, 1)
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ValueError(f"{value!r} is not host or host:port")
+    return value
+
+
+def split_endpoint(value: str, default_port: int) -> tuple[str, int]:
+    """``("mqtt2.example", 8883)`` for ``"mqtt2.example:8883"``; the port is ``default_port``
+    when not given; ValueError for a port that is not 1 to 65535."""
+    host, port = value, None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if not rest else "x")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
 class BrokerConfig(Strict):
     host: str = Field(min_length=1)
     port: int = Field(8883, ge=1, le=65535)
+    alternates: list[Annotated[str, AfterValidator(_endpoint)]] = Field(
+        default_factory=list, max_length=8,
+        description="Other brokers to move to when the one in use fails, tried in this order "
+                    "after host (DB15/T 3968's redundant links): 'host' or 'host:port', "
+                    "with host's TLS, credentials and protocol",
+    )
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive: int = Field(
         15, ge=5, le=3600,
@@ -72,6 +102,16 @@ class BrokerConfig(Strict):
         5.0, gt=0, le=10,
         description="TCP connect and TLS handshake, each; kept well under the watchdog's 60 s",
     )
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every broker, the primary first: ``[(host, port), ...]``."""
+        return [(self.host, self.port),
+                *(split_endpoint(a, self.port) for a in self.alternates)]
+
+    def at(self, host: str, port: int) -> BrokerConfig:
+        """This configuration for one of :attr:`endpoints`."""
+        return self.model_copy(update={"host": host, "port": port})
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> BrokerConfig:

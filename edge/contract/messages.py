@@ -12,6 +12,7 @@ validate every payload the code emits against those schemas.
                                                  silence, ping (signed, role "command")
     {root}/{site_id}/{device_id}/reply/{command} device -> platform: acceptance, result
     {root}/{site_id}/{device_id}/rejected        device -> platform: input it refused
+    {root}/_platform/{platform_id}/presence      platform -> devices: retained, signed
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from edge.contract.events import Identity, utc_iso, utc_now
+from edge.contract.presence import presence_filter
 
 STATUS_SCHEMA = "guardpost/status@1"
 HEALTH_SCHEMA = "guardpost/health@1"
@@ -61,6 +63,8 @@ class Topics:
         self.commands = f"{prefix}/cmd/#"
         self.cmd_test = f"{prefix}/cmd/test"
         self.reply_test = f"{prefix}/reply/test"
+        # every platform instance's presence (edge.contract.presence), beside the device tree
+        self.presence = presence_filter(prefix.rsplit("/", 2)[0])
 
     def command_of(self, topic: str) -> str | None:
         """``test`` for ``{prefix}/cmd/test``; None when ``topic`` is not a command's."""
@@ -99,11 +103,13 @@ def status_payload(identity: Identity, *, state: str, session: int, **fields: An
 
 def health_payload(identity: Identity, *, session: int, uptime_s: float, outbox: dict,
                    clock_synced: bool, latched: list[str], selftest: dict | None = None,
-                   inbound: dict | None = None, delivery: dict | None = None) -> bytes:
+                   inbound: dict | None = None, delivery: dict | None = None,
+                   broker: str | None = None, platform: dict | None = None) -> bytes:
     """The heartbeat; ``selftest`` is the self-test daemon's latest checks and last alarm
     test (absent while that daemon has not run); ``inbound`` counts what the platform (or
     anyone) sent and how it was answered, ``delivery`` what is held back or published
-    again (docs/schemas/health.schema.json)."""
+    again, ``broker`` the broker in use, ``platform`` the platform's presence as the device
+    knows it (docs/schemas/health.schema.json)."""
     body = {
         "schema": HEALTH_SCHEMA, "at": utc_iso(utc_now()), "session": session,
         "site_id": identity.site_id, "device_id": identity.device_id,
@@ -114,6 +120,10 @@ def health_payload(identity: Identity, *, session: int, uptime_s: float, outbox:
         body["inbound"] = inbound
     if delivery is not None:
         body["delivery"] = delivery
+    if broker is not None:
+        body["broker"] = broker
+    if platform is not None:
+        body["platform"] = platform
     if selftest is not None:
         body["checks"] = selftest.get("checks", {})
         body["checked_at"] = selftest.get("checked_at")

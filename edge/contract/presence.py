@@ -37,6 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PRESENCE_SCHEMA = "guardpost/presence@1"
+MAX_INSTANCES = 64   # platform instances a device keeps track of (more are ignored)
 PLATFORM_LEVEL = "_platform"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -114,10 +115,19 @@ class PresenceBoard:
         """Take ``presence`` if it is news; returns whether the overall state changed."""
         before = self.state
         known = self._latest.get(presence.platform_id)
+        if known is None and len(self._latest) >= MAX_INSTANCES:
+            return False
         if known is not None and (presence.session, presence.state == "offline") < (
                 known.session, known.state == "offline"):
             return False  # an older connection's word (a late will), or online after offline
         self._latest[presence.platform_id] = presence
+        return self.state != before
+
+    def withdraw(self, platform_id: str) -> bool:
+        """The instance's retained presence was cleared (an empty message): it is no longer
+        heard of. Returns whether the overall state changed."""
+        before = self.state
+        self._latest.pop(platform_id, None)
         return self.state != before
 
     def forget(self) -> None:

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from edge.config import Config
 from edge.contract.events import Priority, utc_now
+from edge.contract.presence import describe
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.selftest.alarmtest import latest_test
 from edge.runtime.control import ControlUnavailable, request
@@ -194,6 +195,14 @@ def status_text(status: dict) -> str:
         if u.get("connected_at") and u["connected"]:
             line += f", since {u['connected_at']}"
         lines.append(line)
+        if u["connected"] and "platform" in u:
+            platform = u["platform"]
+            text = describe(platform)
+            if platform.get("state") == "offline":
+                text = f"OFFLINE: {text}; alarms go by SMS at once"
+            elif platform.get("state") == "unknown":
+                text += " (no presence published: alarms go by SMS after the ack timeout)"
+            lines.append(f"platform {text}")
         if u.get("last_error"):
             lines.append(f"         last error: {u['last_error']}")
     if "camera" in status:

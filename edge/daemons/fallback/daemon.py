@@ -3,7 +3,8 @@
 Professional alarm transmitters use two paths, so that one failed network never silences an
 alarm. For every new alarm (not its repeats) this daemon starts a clock when the button
 daemon wakes it; if the police platform has not acknowledged the alarm within
-``fallback.ack_timeout_s`` (10 s), or at once while the uplink is not connected, it sends
+``fallback.ack_timeout_s`` (10 s), or at once while the uplink is not connected or the
+platform is known to be offline (its presence, :mod:`edge.contract.presence`), it sends
 an SMS to the duty numbers:
 
     watching --(platform acknowledged in time)--> acknowledged   (no SMS)
@@ -169,17 +170,21 @@ class FallbackDaemon(Daemon):
                                  remaining_s=timeout_s - age)
             outbox.set_counter("fallback_seen", max(last, start))
 
-    def _uplink_connected(self, outbox: Outbox, now: datetime) -> bool:
+    def _delivery_possible(self) -> tuple[bool, str]:
         """What the uplink says of its link right now (its link-state file, refreshed every
-        half second and on every change, which also wakes this daemon); a missing or stale file
-        or a dead uplink process is not connected."""
-        return read_link_state(self.config.storage.runtime_dir).connected
+        half second and on every change, which also wakes this daemon): whether an alarm
+        can reach the platform, and if not why. A missing or stale file or a dead uplink
+        process is not connected; a platform whose presence says offline cannot take it."""
+        reading = read_link_state(self.config.storage.runtime_dir)
+        if reading.can_deliver:
+            return True, ""
+        return False, ("platform offline" if reading.connected else "uplink down")
 
     def _settle(self, outbox: Outbox, watchdog: Watchdog) -> float:
         """Decide every open alarm; send what is due. Returns how long until the next
         decision is due (seconds)."""
         now = self.clock()
-        uplink_up = self._uplink_connected(outbox, now)
+        uplink_up, down_reason = self._delivery_possible()
         rows = outbox.sms.open()
         due: list[str] = []
         wait = MAX_WAIT_S
@@ -209,7 +214,7 @@ class FallbackDaemon(Daemon):
                     if left > 0 and uplink_up:
                         wait = min(wait, left)
                         continue
-                    reason = ("uplink down" if not uplink_up else
+                    reason = (down_reason if not uplink_up else
                               f"no acknowledgement within {self.config.fallback.ack_timeout_s:g} s")
                     outbox.sms.set_state(event_id, "due", reason=reason)
                 if next_attempt is not None and next_attempt > mono:

@@ -11,6 +11,11 @@
   every timeout up to ``connect_timeout_max``: a link whose round trip is longer than the
   configured timeout (a 4G modem in poor signal) still connects. A connection that is
   made sets them from its own round trip.
+- **Where.** ``broker.host`` first, then ``broker.alternates`` in order: every failed
+  attempt and every lost link moves to the next broker, round the list. A connection
+  that works is kept (no flapping back to the primary while an alternate serves); a new
+  broker has no session of ours, and the daemon then publishes again whatever the
+  platform has not acknowledged, in sequence order.
 - **A dead link.** An alarm or test without a PUBACK for ``puback_timeout_s`` (or twice
   the link's round trip), with no other PUBACK meanwhile, means a half-open link: it is
   dropped and a new one made. Keepalive alone would take about two keepalives.
@@ -100,6 +105,21 @@ class Connection:
         self._attempt: threading.Thread | None = None
         self._attempt_done = threading.Event()
         self._outcome: BaseException | None = None
+        self.endpoints = config.broker.endpoints
+        self.endpoint_index = 0
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The broker the next (or the current) connection is with."""
+        return self.endpoints[self.endpoint_index]
+
+    def describe_endpoint(self) -> str:
+        host, port = self.endpoint
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if len(self.endpoints) == 1:
+            return where
+        role = "primary" if self.endpoint_index == 0 else f"alternate {self.endpoint_index}"
+        return f"{where} ({role} of {len(self.endpoints)})"
 
     @property
     def up(self) -> bool:
@@ -238,6 +258,9 @@ class Connection:
         return was_up
 
     def _down(self, now: float) -> None:
+        if self.phase is not Phase.DOWN and len(self.endpoints) > 1:
+            self.endpoint_index = (self.endpoint_index + 1) % len(self.endpoints)
+            log.info("the next attempt goes to %s", self.describe_endpoint())
         self.phase = Phase.DOWN
         self.connack_deadline = None
         self._last_attempt = now

@@ -104,16 +104,17 @@ class UplinkDaemon(Daemon):
         self.inbound.start(outbox, now)
         self._save_state()
         self._link.update(False)
-        log.info("uplink ready: broker %s:%d (MQTT %s%s), window %d", cfg.broker.host,
-                 cfg.broker.port, cfg.broker.protocol, ", TLS" if cfg.broker.tls else "",
-                 self.window.size)
+        log.info("uplink ready: broker %s:%d%s (MQTT %s%s), window %d", cfg.broker.host,
+                 cfg.broker.port, f" and {len(cfg.broker.alternates)} alternate(s)"
+                 if cfg.broker.alternates else "", cfg.broker.protocol,
+                 ", TLS" if cfg.broker.tls else "", self.window.size)
         return f"uplink to {cfg.broker.host}:{cfg.broker.port}"
 
     def step(self) -> int | None:
         """One turn: wait for the next attempt, for the attempt, or for the network (each
         at most LOOP_TICK_S, and cut short by a wake-up), then act on what came."""
         outbox, waker, now = self._outbox, self.waker, time.monotonic()
-        self._link.update(self.connection.up, now)
+        self._link.update(self.connection.up, now, platform=self.inbound.presence.state)
         if self.connection.phase is Phase.DOWN:
             self._while_down(outbox, waker, now)
         elif self.connection.phase is Phase.CONNECTING:
@@ -263,7 +264,8 @@ class UplinkDaemon(Daemon):
         self.client.will_set(self.topics.status, status_payload(
             self.identity, state="offline", session=self._session, reason="connection lost"),
             qos=1, retain=True, properties=will)
-        self.connection.start(lambda: connect(self.client, cfg.broker, persistent=True,
+        broker = cfg.broker.at(*self.connection.endpoint)
+        self.connection.start(lambda: connect(self.client, broker, persistent=True,
                                               max_inbound=cfg.uplink.max_inbound_bytes,
                                               receive_maximum=RECEIVE_MAXIMUM))
 
@@ -291,8 +293,8 @@ class UplinkDaemon(Daemon):
             # so that the broker never has more in flight from us than it allows.
             window = max(1, min(window, receive_maximum - RESERVED_IN_FLIGHT))
         self.window.connected(window, max_packet, now)
-        log.info("connected to %s:%d (session %d, %s, window %d, round trip %.0f ms)",
-                 self.config.broker.host, self.config.broker.port, self._session,
+        log.info("connected to %s (session %d, %s, window %d, round trip %.0f ms)",
+                 self.connection.describe_endpoint(), self._session,
                  "resumed" if flags.session_present else "new broker session", window,
                  self.connection.round_trip * 1000)
         # Published from inside the callback so the birth precedes paho's re-sends.
@@ -310,9 +312,11 @@ class UplinkDaemon(Daemon):
             # A retained acknowledgement or command would be replayed at every
             # subscription: ask the broker never to send one (refused anyway if it does).
             options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-            client.subscribe([(self.topics.ack, options), (self.topics.commands, options)])
+            client.subscribe([(self.topics.ack, options), (self.topics.commands, options),
+                              (self.topics.presence, SubscribeOptions(qos=1))])
         else:
-            client.subscribe([(self.topics.ack, 1), (self.topics.commands, 1)])
+            client.subscribe([(self.topics.ack, 1), (self.topics.commands, 1),
+                              (self.topics.presence, 1)])
         outbox.sessions.started(self._session)
         if not flags.session_present:
             # The broker kept nothing of ours: whatever it took and had not delivered to
@@ -368,7 +372,9 @@ class UplinkDaemon(Daemon):
         return self._props
 
     def _health_extras(self) -> dict:
-        return {"inbound": self.inbound.health(), "delivery": self.window.stats()}
+        return {"inbound": self.inbound.health(), "delivery": self.window.stats(),
+                "broker": self.connection.describe_endpoint(),
+                "platform": self.inbound.presence.summary()}
 
     def _show_unheard(self) -> None:
         """Nobody subscribes: say so where ``guardpost status`` looks, until it changes."""
@@ -390,7 +396,8 @@ class UplinkDaemon(Daemon):
         state = {
             "daemon": self.name, "version": __version__, "connected": self.connection.up,
             "phase": str(self.connection.phase),
-            "broker": f"{cfg.broker.host}:{cfg.broker.port}", "protocol": cfg.broker.protocol,
+            "broker": self.connection.describe_endpoint(), "protocol": cfg.broker.protocol,
+            "brokers": len(self.connection.endpoints),
             "tls": cfg.broker.tls is not None, "session": self._session,
             "connected_at": self._connected_at, "last_error": self._last_error,
             "in_flight": len(self.window.inflight), "window": self.window.size,
@@ -399,6 +406,7 @@ class UplinkDaemon(Daemon):
             "rtt_at": self.housekeeping.rtt_at,
             "connect_timeout_s": self.connection.timeout.current,
             "delivery": self.window.stats(), "inbound": self.inbound.health(),
+            "platform": self.inbound.presence.summary(),
         }
         self.save_state(self._outbox, state)
 

@@ -24,6 +24,11 @@ raises is a rejection too.
 - Retained messages on ``ack`` and ``cmd/...`` are refused (MQTT 5: the subscription
   asks the broker not to send them at all); oversized ones are refused by the guarded
   client before they are held in memory.
+- The platform's presence (:mod:`edge.contract.presence`, retained on
+  ``{root}/_platform/+/presence``) is checked like the rest (signed by a key with the role
+  ``ack``) but without the time window and nonce, since it is retained; what it says is
+  kept in :attr:`Inbound.presence` for the fallback daemon (SMS at once while the
+  platform is offline).
 - The platform's tests are rate-limited (``alarm_test.min_interval_s``) besides the limit
   of tests waiting to run; the other commands (:mod:`edge.daemons.uplink.commands`) by
   ``COMMAND_LIMITS``.
@@ -57,7 +62,8 @@ from edge.contract.messages import (
     rejection_payload,
     reply_payload,
 )
-from edge.contract.signing import Opened, Rejected
+from edge.contract.presence import PresenceBoard, platform_id_of, presence_from_body
+from edge.contract.signing import Opened, Rejected, open_envelope
 from edge.daemons.selftest.alarmtest import request_test
 from edge.daemons.uplink.commands import Answer, Commands
 from edge.daemons.uplink.gate import Gate
@@ -76,6 +82,7 @@ RETRY_S = 1.0        # a message our storage could not take is tried again after
 OPEN_BUDGET_S = 0.005
 MAX_UNOPENED = 1000  # messages waiting for that check; QoS 0 floods beyond it are refused
 RECEIVE_MAXIMUM = 64  # MQTT 5: QoS 1 messages the broker may send us before our PUBACKs
+PRESENCE = "(presence)"  # the "command name" of a presence message in the queue to open
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,9 @@ class Inbound:
         self._suppressed_last: tuple[str, str] | None = None  # (topic, reason)
         self._tests_not_before = 0.0         # monotonic: the next platform test may run then
         self._arrivals = 0
+        self._root = topics.prefix.rsplit("/", 2)[0]
+        self.presence = PresenceBoard()
+        self._presence_done: list[_Received] = []   # taken, to be acknowledged to the broker
 
     def health(self) -> dict:
         """The counts, and why messages were not believed (``untrusted``, by kind)."""
@@ -166,6 +176,18 @@ class Inbound:
 
     def _receive(self, message: paho.MQTTMessage) -> None:
         received = _received(message, self._v5, self._arrivals)
+        platform_id = platform_id_of(self._root, received.topic)
+        if platform_id is not None:
+            # Retained by design; an empty one is the instance's presence cleared.
+            if not received.payload:
+                self._presence_changed(self.presence.withdraw(platform_id))
+                self._presence_done.append(received)
+            elif len(self._unopened) >= MAX_UNOPENED:
+                self._refusals.append(_Refusal(received, f"over {MAX_UNOPENED} messages "
+                                                         "wait to be checked: refused unread"))
+            else:
+                self._unopened.append((received, PRESENCE, ""))
+            return
         if message.retain:
             # Sent once, kept by the broker, replayed at every subscription: an
             # acknowledgement or a command must never be that.
@@ -205,6 +227,9 @@ class Inbound:
         return bool(self._unopened)
 
     def _open(self, received: _Received, name: str | None, reply_topic: str) -> None:
+        if name == PRESENCE:
+            self._open_presence(received)
+            return
         try:
             opened = self.gate.open(received.payload, received.topic,
                                     "ack" if name is None else "command")
@@ -226,6 +251,35 @@ class Inbound:
             self._refusals.append(_Refusal(received, str(err), request_id=err.request_id,
                                            event_id=err.event_id, opened=opened))
 
+    def _open_presence(self, received: _Received) -> None:
+        try:
+            opened = open_envelope(received.payload, received.topic, self.gate.keyring, "ack",
+                                   now=utc_now(), clock_synced=False, newest_accepted=None,
+                                   seen_nonce=lambda nonce: False)
+        except Rejected as err:
+            self.gate.untrusted[err.kind] += 1
+            self._refusals.append(_Refusal(received, f"not believed: {err.reason}"))
+            return
+        try:
+            presence = presence_from_body(opened.body)
+            if presence.platform_id != platform_id_of(self._root, received.topic):
+                raise ValueError("platform_id is not the topic's")
+        except ValueError as err:
+            self._refusals.append(_Refusal(received, str(err)))
+            return
+        self._presence_changed(self.presence.offer(presence))
+        self._presence_done.append(received)
+
+    def _presence_changed(self, changed: bool) -> None:
+        if not changed:
+            return
+        summary = self.presence.summary()
+        if summary["state"] == "offline":
+            log.warning("the platform is offline (%s): alarms go by SMS at once",
+                        ", ".join(f"{k} {v}" for k, v in sorted(summary["instances"].items())))
+        else:
+            log.info("the platform's presence: %s", summary["state"])
+
     # -- the loop --------------------------------------------------------------------------
 
     def settle(self, client: paho.Client, outbox: Outbox, resend: Resend, now: float) -> bool:
@@ -243,6 +297,9 @@ class Inbound:
                 self._retry_at = now + RETRY_S
                 log.error("could not record what the platform sent (%s): it is not "
                           "acknowledged to the broker; trying again in %.0f s", err, RETRY_S)
+        for received in self._presence_done:
+            client.ack(received.mid, received.qos)
+        self._presence_done.clear()
         for command, ticket, answer in self.commands.finished():
             self._reply_command(command, ticket, answer)
         refusals = [r for r in self._refusals if r.opened is None]
@@ -351,6 +408,8 @@ class Inbound:
         self._commands.clear()
         self._refusals.clear()
         self._unopened.clear()
+        self._presence_done.clear()
+        self.presence.forget()   # the broker sends the retained presence again
         self.gate.forget_pending()
         self._retry_at = 0.0
 

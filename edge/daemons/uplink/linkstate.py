@@ -8,6 +8,10 @@ and at least every :data:`REFRESH_S` from the loop, with the process id, the boo
 a monotonic stamp (CLOCK_MONOTONIC is one clock for every process of a boot), and it
 wakes the fallback on every change.
 
+The file also carries what the uplink knows of the platform's presence (``platform``:
+online, offline or unknown; :mod:`edge.contract.presence`): connected to a broker with
+the platform known to be offline is, for the fallback, as good as down.
+
 A reader takes the link for down when the file is missing or unreadable, written in
 another boot, not refreshed for :data:`STALE_S` (a loop that is stuck, or a process that
 was killed or is a zombie), or its writer's process is gone.
@@ -42,20 +46,22 @@ class LinkStateFile:
         self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         self._boot = boot_id()
         self._connected: bool | None = None
+        self._platform: str | None = None
         self._written = 0.0
 
-    def update(self, connected: bool, now: float | None = None) -> None:
-        """Rewrite the file if the link changed or the last write is getting old; a
-        change also wakes the fallback daemon."""
+    def update(self, connected: bool, now: float | None = None, *,
+               platform: str = "unknown") -> None:
+        """Rewrite the file if the link or the platform's presence changed or the last
+        write is getting old; a change also wakes the fallback daemon."""
         now = time.monotonic() if now is None else now
-        changed = connected != self._connected
+        changed = (connected, platform) != (self._connected, self._platform)
         if not changed and now - self._written < REFRESH_S:
             return
-        body = json.dumps({"connected": connected, "pid": os.getpid(), "boot_id": self._boot,
-                           "monotonic": now})
+        body = json.dumps({"connected": connected, "platform": platform, "pid": os.getpid(),
+                           "boot_id": self._boot, "monotonic": now})
         self._temp.write_text(body)
         os.replace(self._temp, self.path)
-        self._connected, self._written = connected, now
+        self._connected, self._platform, self._written = connected, platform, now
         if changed:
             wake(self.runtime_dir, "fallback")
 
@@ -71,6 +77,12 @@ class LinkStateFile:
 class LinkReading:
     connected: bool
     why: str   # for a person: why it counts as down, or "connected"
+    platform: str = "unknown"   # the platform's presence, as the uplink last heard it
+
+    @property
+    def can_deliver(self) -> bool:
+        """Connected, and the platform not known to be offline."""
+        return self.connected and self.platform != "offline"
 
 
 def read_link_state(runtime_dir: Path, now: float | None = None) -> LinkReading:
@@ -89,7 +101,11 @@ def read_link_state(runtime_dir: Path, now: float | None = None) -> LinkReading:
                                   f"{now - stamp:.0f} s")
     if not _alive(pid):
         return LinkReading(False, f"the uplink (pid {pid}) is not running")
-    return LinkReading(connected, "connected" if connected else "the uplink is not connected")
+    platform = state.get("platform", "unknown")
+    if connected and platform == "offline":
+        return LinkReading(True, "the platform is offline (its presence)", "offline")
+    return LinkReading(connected, "connected" if connected else "the uplink is not connected",
+                       platform if platform in ("online", "offline") else "unknown")
 
 
 def _alive(pid: int) -> bool:
