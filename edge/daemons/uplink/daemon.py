@@ -90,6 +90,7 @@ class UplinkDaemon(Daemon):
         self._outbox: Outbox | None = None
         self._link: LinkStateFile | None = None
         self._props: PackedProperties | None = None
+        self._platform_saved: dict | None = None
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -122,6 +123,9 @@ class UplinkDaemon(Daemon):
         else:
             self._round(outbox, waker, now)
         self.housekeeping.prune_when_due(now)
+        if (platform := self.inbound.presence.summary()) != self._platform_saved:
+            self._platform_saved = platform   # for guardpost status, at once
+            self._save_state()
         return None
 
     def wait(self, timeout: float) -> bool:
