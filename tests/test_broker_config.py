@@ -223,6 +223,19 @@ def test_each_identity_reads_only_what_its_role_and_sites_allow(connect):
 
 # -- identities --------------------------------------------------------------------------
 
+def test_only_a_duty_desk_publishes_presence_its_own_and_every_identity_reads_it(connect):
+    presence = f"{ROOT}/_platform/{{}}/presence"
+    north, desk, admin = connect("north"), connect("desk"), connect("admin")
+    north.subscribe(presence.format("+"))
+    assert desk.publish(presence.format("hq")) == NOT_AUTHORIZED     # not its own
+    assert north.publish(presence.format("desk")) == NOT_AUTHORIZED  # a device never
+    assert admin.publish(presence.format("admin")) == NOT_AUTHORIZED  # no role ack
+    # Last, so that anything refused above would have reached the reader before it:
+    assert desk.publish(presence.format("desk")) in ALLOWED
+    north.wait_for_message(presence.format("desk"))
+    assert [m.topic for m in north.messages] == [presence.format("desk")]
+
+
 def test_a_certificate_cannot_take_another_identitys_client_id(site, connect):
     """Device south is connected; north's certificate, and one signed by the CA but in no
     list, connect asking for south's client id: each gets its own, south stays on."""

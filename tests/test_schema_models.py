@@ -13,9 +13,11 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from edge.contract.messages import COMMANDS, AckMessage, CommandMessage, TestCommand
+from edge.contract.presence import PresenceBody, presence_body
 from tests.support.contract import validator
 
-PAIRS = [(AckMessage, "ack"), (TestCommand, "cmd-test"), (CommandMessage, "cmd")]
+PAIRS = [(AckMessage, "ack"), (TestCommand, "cmd-test"), (CommandMessage, "cmd"),
+         (PresenceBody, "presence")]
 EVENT_ID = "01a2096d-0b4c-7fef-8f6b-3cf8b11cdc8f"
 # Values a "schema" field could be given: every name the contract uses, and near misses.
 SCHEMA_NAMES = ["guardpost/ack@1", "guardpost/ack@2", "guardpost/cmd-test@1", "guardpost/cmd@1",
@@ -82,6 +84,7 @@ ACK = {"schema": "guardpost/ack@1", "event_id": EVENT_ID,
        "acknowledged_at": "2026-11-23T07:41:10.002Z", "by": "duty officer 3"}
 TEST = {"schema": "guardpost/cmd-test@1", "request_id": "r-1", "by": "duty officer 3"}
 RESET = {"schema": "guardpost/cmd-reset@1", "request_id": "r-2", "by": "x", "input": "gate"}
+PRESENCE = presence_body("desk-1", "online", 1796284800000)
 CASES = {
     "ack": [ACK, {"event_id": EVENT_ID}, {**ACK, "extra": 1}, {**ACK, "event_id": 7},
             {**ACK, "event_id": EVENT_ID.upper()}, {**ACK, "by": "x" * 201},
@@ -93,6 +96,12 @@ CASES = {
             {**RESET, "input": "-gate"}, {**RESET, "input": "g" * 65},
             {**RESET, "camera": "cam.1"}, {**RESET, "input": True},
             *({"schema": f"guardpost/cmd-{n}@1", "request_id": "r"} for n in COMMANDS)],
+    "presence": [PRESENCE, {**PRESENCE, "reason": "shutdown"}, {**PRESENCE, "reason": None},
+                 {**PRESENCE, "state": "away"}, {**PRESENCE, "session": -1},
+                 {**PRESENCE, "session": 2 ** 53}, {**PRESENCE, "session": 1.5},
+                 {**PRESENCE, "platform_id": "_x"}, {**PRESENCE, "reason": "r" * 201},
+                 {k: v for k, v in PRESENCE.items() if k != "session"},
+                 {**PRESENCE, "schema": "guardpost/presence@2"}, {**PRESENCE, "extra": 1}],
 }
 
 

@@ -21,6 +21,11 @@ name and as the client id (``use_identity_as_username``, ``use_username_as_clien
 cannot be read two ways) and ``platform:{name}`` for a platform identity (``:`` is not
 allowed in identifiers, so it can never be a device's).
 
+Devices also read every platform instance's presence
+(``{root}/_platform/+/presence``), and a platform identity with the role ``ack``
+publishes its own, ``{root}/_platform/{name}/presence``: the platform id of a duty
+desk's presence is its identity's name.
+
 Every identity gets explicit ``user``/``topic`` lines: no patterns that apply to every
 certificate the CA ever signs, nothing copied by hand. Identifiers follow the device
 configuration's rules. Bad input is reported with its key (exit 78) and nothing is
@@ -38,6 +43,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edge.config.base import Identifier, Strict
 from edge.config.link import UplinkConfig
+from edge.contract.presence import presence_filter, presence_topic
 from edge.runtime.durable import fsync_directory
 
 DEVICE_WRITES = ("status", "health", "event/#", "snapshot/#", "rejected", "reply/#")
@@ -143,6 +149,7 @@ def acl_text(identities: Identities, source: str = "the list of identities") -> 
             lines += [f"# device {device} of site {site.id}", f"user {name}"]
             lines += [f"topic write {prefix}/{leaf}" for leaf in DEVICE_WRITES]
             lines += [f"topic read {prefix}/{leaf}" for leaf in DEVICE_READS]
+            lines.append(f"topic read {presence_filter(root)}")
             lines.append("")
     for platform in identities.platforms:
         lines += [f"# platform identity {platform.name}: {' and '.join(platform.roles)}",
@@ -154,6 +161,10 @@ def acl_text(identities: Identities, source: str = "the list of identities") -> 
             lines.append(f"topic read {root}/{site}/#")
             lines += [f"topic write {root}/{site}/+/{ROLE_WRITES[role]}"
                       for role in platform.roles]
+        if "ack" in platform.roles:
+            # a duty desk tells the devices it is there: its own presence, no other's
+            lines.append(f"topic write {presence_topic(root, platform.name)}")
+        lines.append(f"topic read {presence_filter(root)}")
         lines.append("")
     return "\n".join(lines)
 
