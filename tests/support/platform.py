@@ -120,8 +120,10 @@ class PlatformStandIn:
                 self.schema_problems.append(f"{message.topic}: device signature: {err}")
         if (self.ack and leaf.startswith("event/") and isinstance(body, dict)
                 and body.get("ack_required")):
-            client.publish(*DUTY_DESK.ack(self.prefix, body["id"], by="test platform",
-                                          signed_at=self.now()), qos=1)
+            topic, payload = DUTY_DESK.ack(self.prefix, body["id"], by="test platform",
+                                           signed_at=self.now())
+            self._check_outgoing(topic, payload)
+            client.publish(topic, payload, qos=1)
             self.acked.append(body["id"])
         with self._cond:
             self.messages.append(received)
@@ -192,14 +194,26 @@ class PlatformStandIn:
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.clock_offset_s())
 
+    def _check_outgoing(self, topic: str, payload: bytes) -> None:
+        """What the platform side of a test sends, against its channel in
+        docs/asyncapi.yaml, as every device message is (a deliberately malformed message
+        goes by :meth:`publish`, or ``conforming=False``)."""
+        self.schema_problems += [f"{topic} (sent): {p}" for p in payload_problems(
+            topic[len(self.prefix) + 1:], json.loads(payload))]
+
     def acknowledge(self, event_id: str, by: str | None = None, signer=DUTY_DESK,
                     **kwargs) -> None:
         """A signed acknowledgement, as the platform sends it."""
         topic, payload = signer.ack(self.prefix, event_id, by=by, signed_at=self.now())
+        self._check_outgoing(topic, payload)
         self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
 
-    def command(self, name: str, body: dict, signer=ADMIN, **kwargs) -> bytes:
-        """A signed command ``cmd/{name}``; returns what was sent (to send it again)."""
+    def command(self, name: str, body: dict, signer=ADMIN, conforming: bool = True,
+                **kwargs) -> bytes:
+        """A signed command ``cmd/{name}``; returns what was sent (to send it again).
+        ``conforming=False``: a command the contract does not have, on purpose."""
         topic, payload = signer.command(self.prefix, name, body, signed_at=self.now())
+        if conforming:
+            self._check_outgoing(topic, payload)
         self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(5)
         return payload
