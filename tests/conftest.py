@@ -152,13 +152,13 @@ class TlsSite:
     pki: dict
     tmp_path: Path
 
-    def config(self, name: str = "tls.toml", *, client_certificate: bool = True):
+    def config(self, name: str = "tls.toml", *, client_certificate: bool = True, **broker):
         tls = {"ca_file": str(self.pki["ca"][0])}
         if client_certificate:
             tls |= {"cert_file": str(self.pki["device"][0]),
                     "key_file": str(self.pki["device"][1])}
-        path = write_toml(self.tmp_path / name,
-                          sim_document(self.tmp_path, self.broker.port, broker={"tls": tls}))
+        path = write_toml(self.tmp_path / name, sim_document(
+            self.tmp_path, self.broker.port, broker={"tls": tls, **broker}))
         return path, load_config(path)
 
     def platform(self, config: Config, **kwargs) -> PlatformStandIn:

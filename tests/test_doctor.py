@@ -12,6 +12,7 @@ from pathlib import Path
 from drivers.camera.testcard import frame_number, write_video
 from edge.runtime.clock import clock_synchronised
 from edge.runtime.control import request
+from edge.tools.localbroker import free_port
 from tests.conftest import sim_document, write_toml
 from tests.support.daemons import poll_until
 from tests.test_alarm_path import online, press
@@ -74,6 +75,27 @@ def test_doctor_says_plainly_what_fails_when_the_broker_is_down(tls_site, daemon
     assert "Connection refused" in steps["broker over TLS"]["detail"]
     assert "did not reach the broker" in steps["test event round trip"]["detail"]
     assert "software test" not in steps["test event round trip"]["detail"]
+
+
+def test_doctor_finds_an_alternate_broker_that_does_not_answer(tls_site, daemons):
+    """The backup link is checked at commissioning, while the primary serves."""
+    dead = free_port()   # nothing listens there
+    path, config = tls_site.config(alternates=[f"127.0.0.1:{dead}"])
+    police = tls_site.platform(config)
+    try:
+        daemons("button", path)
+        daemons("uplink", path)
+        online(police)
+        checking = doctor(path, "--press-timeout", "0.5", "--ack-timeout", "1")
+        report = json.loads(checking.stdout.read())
+        checking.wait(60)
+    finally:
+        police.stop()
+    step = by_name(report)["broker over TLS"]
+    assert step["status"] == "FAIL"
+    assert "the uplink is connected" in step["detail"]
+    assert f"127.0.0.1:{dead}: " in step["detail"] and "refused" in step["detail"]
+    assert step["data"]["other_brokers"][f"127.0.0.1:{dead}"] != "ok"
 
 
 def test_doctor_with_a_broken_configuration_stops_at_the_first_step(tmp_path):

@@ -206,8 +206,10 @@ class Doctor:
         uplink = self._uplink_report()
         if uplink is not None and uplink.get("connected"):
             step.status = PASS
-            step.detail = (f"{where} over TLS: the uplink is connected (session "
-                           f"{uplink.get('session')}, since {uplink.get('connected_at')})")
+            step.detail = (f"{uplink.get('broker', where)} over TLS: the uplink is connected "
+                           f"(session {uplink.get('session')}, since "
+                           f"{uplink.get('connected_at')})")
+            self._check_other_brokers(step, in_use=uplink.get("broker", where).split(" ")[0])
             return
         problem = tls_handshake(broker)
         mutual = " with the device certificate" if broker.tls.cert_file else ""
@@ -221,6 +223,26 @@ class Doctor:
             step.status = PASS
             step.detail = (f"{where} over TLS{mutual} (a TLS handshake only: the uplink is "
                            "not running)")
+        self._check_other_brokers(step, in_use=where)
+
+    def _check_other_brokers(self, step: Step, in_use: str) -> None:
+        """Every other broker of the list (``broker.alternates``, and the primary when the
+        uplink is on an alternate) by a TLS handshake: a backup link that does not work is
+        found at commissioning, not during the outage it is there for."""
+        broker = self.config.broker
+        results = {}
+        for host, port in broker.endpoints:
+            if f"{host}:{port}" != in_use:
+                results[f"{host}:{port}"] = tls_handshake(broker.at(host, port))
+        if len(broker.endpoints) == 1:
+            return
+        step.data["other_brokers"] = {w: problem or "ok" for w, problem in results.items()}
+        failed = [f"{w}: {problem}" for w, problem in results.items() if problem is not None]
+        if failed:
+            step.status = FAIL
+            step.detail += "; other brokers of the list: " + "; ".join(failed)
+        else:
+            step.detail += f"; the {len(results)} other broker(s) of the list accept TLS"
 
     def _uplink_report(self) -> dict | None:
         """The uplink's latest state, if it is running (reported recently)."""
