@@ -3,16 +3,20 @@ thing cannot be made to fail on demand."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import paho.mqtt.client as paho
 
+from edge.contract.events import ContactId, EventDraft, EventKind, utc_now
 from edge.contract.messages import Topics
 from edge.daemons.button.latch import AlarmLatch
 from edge.daemons.uplink.inbound import Inbound
 from edge.daemons.uplink.lane import SideLane
 from edge.daemons.uplink.resend import Resend
+from edge.daemons.uplink.window import PublishWindow
 from edge.store.outbox import Outbox
+from edge.store.snapshots import SnapshotStore
 from tests.support.trust import DUTY_DESK
 
 
@@ -64,3 +68,43 @@ def test_a_defect_recording_one_acknowledgement_rejects_it_alone(make_config):
         assert sorted(client.acked) == [1, 2, 3]  # none comes back
         assert inbound.counts["rejected"] == 1 and inbound.counts["accepted"] == 2
         assert len(lane) == 1  # the rejection of the one, waiting for a slot
+
+
+class RecordingClient:
+    """What the publish window needs of paho: publish, and a message id for each."""
+
+    class _Info:
+        def __init__(self, mid: int):
+            self.mid = mid
+
+    def __init__(self):
+        self.published: list[tuple[str, int]] = []   # (topic, seq)
+
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        self.published.append((topic, json.loads(payload)["seq"]))
+        return self._Info(len(self.published))
+
+
+def test_an_alarm_published_again_goes_before_a_newer_one_of_its_priority(make_config):
+    """After a move to another broker (no session there), the alarm the platform never
+    acknowledged and the alarm pressed since go out in sequence order; an alarm still
+    overtakes a test published again."""
+    _, config = make_config(inputs={"gate": {"pin": 17}, "office": {"pin": 27}})
+    topics, client = Topics(config.topic_prefix), RecordingClient()
+    with Outbox(config.storage.database, config.identity) as outbox:
+        latch = AlarmLatch(outbox, config.inputs)
+        old = latch.press("gate")
+        test = outbox.commit_event(EventDraft(
+            kind=EventKind.TEST, code=ContactId.MANUAL_TEST, occurred_at=utc_now(),
+            clock_synced=True, boot_id="b", detail={}))
+        outbox.mark_sent([old.seq, test.seq])
+        new = latch.press("office")
+        now = time.monotonic()
+        resend = Resend(10, 600)
+        resend.load(outbox, now)
+        resend.session_lost(now)      # the new broker has no session: both due at once
+        window = PublishWindow(config, topics, SnapshotStore(
+            outbox, config.storage.spool_dir, 10_000_000), resend, lambda: None)
+        window.connected(18, None, now)
+        window.fill(client, outbox, now)
+    assert [seq for _, seq in client.published] == [old.seq, new.seq, test.seq]

@@ -93,13 +93,13 @@ class Resend:
                 count += 1
         return count
 
-    def due(self, now: float, limit: int) -> list[str]:
-        """Up to ``limit`` event ids due now, in publishing order."""
+    def due(self, now: float, limit: int) -> list[tuple[int, int, str]]:
+        """Up to ``limit`` rows due now, in publishing order: ``(priority, seq, event id)``."""
         if limit <= 0 or not self._rows:
             return []
         ready = [(row.priority, row.seq, event_id) for event_id, row in self._rows.items()
                  if row.due <= now]
-        return [event_id for _, _, event_id in sorted(ready)[:limit]]
+        return sorted(ready)[:limit]
 
     def next_due(self) -> float | None:
         return min((row.due for row in self._rows.values()), default=None)

@@ -154,13 +154,13 @@ class PublishWindow:
             return 0
         self._release(now)
         only_alarms = any(until > now for until in self._unheard.values())
-        rows = self._walk(outbox, free, now, only_alarms)
-        again = self._resend.fetch(outbox, self._resend.due(now, free - len(rows))) \
-            if len(rows) < free and len(self._resend) else []
-        self._publish_rows(client, rows, now, again=False)
-        if again:
-            self._publish_rows(client, again, now, again=True)
-        published = len(rows) + len(again)
+        due = self._resend.due(now, free) if len(self._resend) else []
+        if due:
+            published = self._fill_with_resends(client, outbox, free, now, only_alarms, due)
+        else:  # the drain's hot path
+            rows = self._walk(outbox, free, now, only_alarms)
+            self._publish_rows(client, rows, now, again=False)
+            published = len(rows)
         published += self._fill_snapshots(client, free - published)
         if not published and not self.inflight:
             self.flush_marks(outbox)
@@ -168,6 +168,36 @@ class PublishWindow:
                 self._drain.finish()
         self._drain.published(published)
         return free - published
+
+    def _fill_with_resends(self, client: paho.Client, outbox: Outbox, free: int, now: float,
+                           only_alarms: bool, due: list[tuple[int, int, str]]) -> int:
+        """Rows to publish again and queued rows, merged in publishing order (priority,
+        then seq): after a move to another broker, an alarm the platform never
+        acknowledged goes there before the alarm pressed since, never after it. Returns
+        how many were published."""
+        cursor = (self._cursor, self._cursor_set_at, self._cursor_is_frontier)
+        rows = self._walk(outbox, free, now, only_alarms)
+        merged = sorted([(row.priority, row.seq, row) for row in rows]
+                        + [(priority, seq, event_id) for priority, seq, event_id in due],
+                        key=lambda item: item[:2])[:free]
+        taken = [item[2] for item in merged if not isinstance(item[2], str)]
+        if len(taken) < len(rows):   # the walk went further than what fits: step back
+            if taken:
+                self._cursor = (taken[-1].priority, taken[-1].seq)
+            else:
+                self._cursor, self._cursor_set_at, self._cursor_is_frontier = cursor
+        again = {row.id: row for row in self._resend.fetch(
+            outbox, [item[2] for item in merged if isinstance(item[2], str)])}
+        published = 0
+        for _, _, item in merged:
+            if isinstance(item, str):
+                if (row := again.get(item)) is None:
+                    continue   # acknowledged meanwhile
+                self._publish_rows(client, [row], now, again=True)
+            else:
+                self._publish_rows(client, [item], now, again=False)
+            published += 1
+        return published
 
     def _release(self, now: float) -> None:
         """Rows held back whose time has come go back into the walk."""
