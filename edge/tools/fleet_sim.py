@@ -105,7 +105,8 @@ class Fleet:
         self.devices: list[SimDevice] = []
         for n in range(options.devices):
             identity = Identity(f"{options.site_prefix}-{n:05d}", "gate-1", f"Gate {n}")
-            device = SimDevice(identity, options.root, session_base, keyring)
+            device = SimDevice(identity, options.root, session_base, keyring,
+                               heartbeat_s=options.heartbeat)
             self.device_keys.add(identity.site_id, identity.device_id, device.signer.public_key)
             self._attach(device)
             self.devices.append(device)
