@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from edge.contract.events import EVENT_SCHEMA
+from edge.contract.messages import HEALTH_SCHEMA, STATUS_SCHEMA
+
 # Twice the default heartbeat interval (30 s), never less than 1.5 x the default keepalive.
 DEFAULT_DARK_AFTER_S = 60.0
 ALARM_KINDS = frozenset({"alarm"})
@@ -154,8 +157,9 @@ class Fleet:
     def status(self, site_id: str, device_id: str, body: dict, now: float) -> None:
         """A birth, a will or a clean shutdown (``{prefix}/status``)."""
         state, session = body.get("state"), _int(body, "session")
-        if state not in ("online", "offline") or session is None:
-            raise ValueError("not a status: state or session missing")
+        if body.get("schema") != STATUS_SCHEMA or state not in ("online", "offline") \
+                or session is None:
+            raise ValueError(f"not a status ({STATUS_SCHEMA} with state and session)")
         with self.lock:
             self.messages += 1
             device = self._device(site_id, device_id)
@@ -176,17 +180,18 @@ class Fleet:
         """A heartbeat: the device is there (a newer session than an offline's: it came
         back, and its birth is on its way or was lost)."""
         session = _int(body, "session")
+        if body.get("schema") != HEALTH_SCHEMA or session is None:
+            raise ValueError(f"not a heartbeat ({HEALTH_SCHEMA} with its session)")
         with self.lock:
             self.messages += 1
             device = self._device(site_id, device_id)
-            if device.session is not None and session is not None and session < device.session:
+            if device.session is not None and session < device.session:
                 return  # a retained heartbeat of an earlier connection
             if device.offline_reason is not None:
-                if session is None or device.session is None or session <= device.session:
+                if device.session is None or session <= device.session:
                     return  # the heartbeat before the will, delivered late or retained
                 device.offline_reason = None
-            if session is not None:
-                device.session = session
+            device.session = session
             device.last_heard = now
 
     def event(self, site_id: str, device_id: str, body: dict, now: float, *,
@@ -195,8 +200,8 @@ class Fleet:
         """An event (verified or not: an unverified alarm is shown, flagged); returns it and
         whether it is new (False: a copy of one already here, published again)."""
         event_id, kind = _text(body, "id", 64), _text(body, "kind", 32)
-        if not event_id or not kind:
-            raise ValueError("not an event: id or kind missing")
+        if body.get("schema") != EVENT_SCHEMA or not event_id or not kind:
+            raise ValueError(f"not an event ({EVENT_SCHEMA} with id and kind)")
         received_at = received_at or datetime.now(UTC)
         with self.lock:
             self.messages += 1
