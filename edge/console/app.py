@@ -56,9 +56,9 @@ class ConsoleApp(App):
     #lower { height: 3fr; }
     #devices { width: 3fr; border: round $primary; }
     #notices { width: 2fr; border: round $secondary; }
-    #filter { dock: bottom; display: none; }
+    #filter { display: none; }
     #filter.shown { display: block; }
-    #status { dock: bottom; height: 1; background: $boost; }
+    #status { height: 1; background: $boost; }
     """
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("a", "acknowledge", "Acknowledge"),
@@ -80,9 +80,9 @@ class ConsoleApp(App):
             with Horizontal(id="lower"):
                 yield DataTable(id="devices", cursor_type="row")
                 yield DataTable(id="notices", cursor_type="row")
-        yield Input(placeholder="school (site id, or part of it); empty: every school",
-                    id="filter")
-        yield Static(id="status")
+            yield Input(placeholder="school (site id, or part of it); empty: every school",
+                        id="filter")
+            yield Static(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
