@@ -20,6 +20,7 @@ from typing import ClassVar
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
@@ -49,6 +50,17 @@ def _verified(alarm: Alarm) -> str:
     return "signed" if alarm.verified else f"NOT VERIFIED: {alarm.problem or ''}"[:60]
 
 
+def _heard(device, link: Link, now: float) -> str:
+    """For a device that is not online: since when, and why. Online ones say nothing (a
+    column that changes every second for thousands of rows costs the screen)."""
+    if link is Link.ONLINE:
+        return ""
+    if device.last_heard is None:
+        return "never heard" + (f" ({device.offline_reason})" if device.offline_reason else "")
+    since = f"heard {now - device.last_heard:.0f} s ago"
+    return since + (f" ({device.offline_reason})" if device.offline_reason else "")
+
+
 class ConsoleApp(App):
     TITLE = "Guardpost duty desk"
     CSS = """
@@ -73,6 +85,7 @@ class ConsoleApp(App):
         self.fleet, self.client, self.broker, self.clock = fleet, client, broker, clock
         self.site_filter: str | None = None
         self.bells = 0
+        self._shown: dict[str, list[tuple[str, tuple]]] = {}  # table id -> rows drawn
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -121,8 +134,7 @@ class ConsoleApp(App):
             (f"{d.site_id}/{d.device_id}",
              (link.value.upper() if link is not Link.ONLINE else link.value, d.site_id,
               d.device_id, d.location or "",
-              "never" if d.last_heard is None else f"{now - d.last_heard:.0f} s ago"
-              + ("" if d.offline_reason is None else f" ({d.offline_reason})")))
+              _heard(d, link, now)))
             for d, link in shown])
         hidden = len(devices) - len(shown)
         self.query_one("#devices", DataTable).border_subtitle = (
@@ -141,9 +153,17 @@ class ConsoleApp(App):
             f"{counts['online']}  offline {counts['offline']}  lost {counts['lost']}"
             + (f" | school filter: {self.site_filter}" if self.site_filter else ""))
 
-    @staticmethod
-    def _fill(table: DataTable, rows: list[tuple[str, tuple]]) -> None:
-        """Replace the rows, keeping the selected one selected."""
+    def _fill(self, table: DataTable, rows: list[tuple[str, tuple]]) -> None:
+        """Show ``rows`` (key, cells): the cells that changed when the rows are the same
+        ones in the same order, else all of them again, keeping the selected row selected."""
+        previous = self._shown.get(table.id)
+        self._shown[table.id] = rows
+        if previous is not None and [k for k, _ in previous] == [k for k, _ in rows]:
+            for row, ((_, cells), (_, old)) in enumerate(zip(rows, previous, strict=True)):
+                for column, (new, was) in enumerate(zip(cells, old, strict=True)):
+                    if new != was:
+                        table.update_cell_at(Coordinate(row, column), new)
+            return
         selected = None
         if table.row_count:
             with contextlib.suppress(CellDoesNotExist):  # the cursor was out of range

@@ -452,6 +452,9 @@ def _fleet_sim_arguments(parser) -> None:
     parser.add_argument("--broker-pid", type=int, help="a local broker's pid: its CPU time")
     parser.add_argument("--seed", type=int, help="for the same alarms and tests each run")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--device-keys-out", metavar="FILE",
+                        help="write the devices' public keys here (JSON, for --device-keys "
+                             "of guardpost console or verify)")
 
 
 # -- the platform's side: the duty-desk console (issue 14) --------------------------------
