@@ -104,6 +104,39 @@ def run_size(devices: int, args, workdir: Path) -> dict:
             "sim_cpu_cores": report["sim_cpu_cores"]}
 
 
+def screen_refresh_ms(devices: int, alarms: int = 100) -> float:
+    """The median time of one redraw of the Textual screen (headless) with ``devices``
+    devices online and ``alarms`` alarms and as many tests: the redraw runs every second
+    on the screen's thread. The model is fed directly, as the client would."""
+    import asyncio
+
+    from edge.console.app import ConsoleApp
+
+    fleet = Fleet()
+    now = time.monotonic()
+    for n in range(devices):
+        fleet.status(f"school-{n:05d}", "gate-1", {"schema": "guardpost/status@1",
+                                                   "state": "online", "session": 1}, now)
+    for n in range(2 * alarms):
+        fleet.event(f"school-{n % devices:05d}", "gate-1", {
+            "schema": "guardpost/event@1", "id": f"event-{n}", "location": "Gate",
+            "kind": "alarm" if n % 2 else "test"}, now)
+    app = ConsoleApp(fleet)
+    times: list[float] = []
+
+    async def measure() -> None:
+        async with app.run_test(size=(200, 60)) as pilot:
+            await pilot.pause(0.2)
+            for _ in range(21):
+                started = time.perf_counter()
+                app.refresh_tables()
+                await pilot.pause(0)
+                times.append(time.perf_counter() - started)
+
+    asyncio.run(measure())
+    return round(sorted(times)[len(times) // 2] * 1000, 1)
+
+
 def ratio(value, base) -> str:
     return f"{value / base:.2f}" if value is not None and base else "-"
 
@@ -134,8 +167,13 @@ def main() -> None:
               f"{r['ignored']:>8}")
     print("(the fleet-sim's own platform side, for comparison, p99 publish -> its receipt: "
           + ", ".join(f"{n}: {r['platform_ms']['p99']} ms" for n, r in results.items()) + ")")
+    screens = {n: screen_refresh_ms(n) for n in sizes}
+    print("the screen's redraw (every second; headless, 100 alarms and 100 tests), median: "
+          + ", ".join(f"{n} devices {ms} ms ({ratio(ms, screens[1])} x 1 device)"
+                      for n, ms in screens.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"sizes": results, "screen_ms": screens},
+                                              indent=1))
 
 
 if __name__ == "__main__":
