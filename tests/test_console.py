@@ -104,6 +104,16 @@ def test_the_model_judges_silence_by_the_birth_or_the_contracts_default():
     assert fleet.link_of("s2", "d1", 3.0) is Link.ONLINE
 
 
+def test_a_snapshot_before_its_alarm_is_attached_when_the_alarm_comes(tmp_path):
+    fleet = Fleet()
+    fleet.snapshot_saved("e1", tmp_path / "b.jpg")
+    fleet.snapshot_saved("e1", tmp_path / "a.jpg")
+    alarm, new = fleet.event("s", "d", {"schema": "guardpost/event@1", "id": "e1",
+                                        "kind": "alarm"}, now=0.0)
+    assert new and alarm.snapshots == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    assert fleet.unclaimed == {}
+
+
 def test_an_alarm_acknowledged_at_the_desk_reaches_the_device_signed(gates, desks, recorder):
     device = gates.start("school-330106-0042", location="South gate, Xixi Primary")
     desk = desks()

@@ -31,6 +31,7 @@ DEFAULT_DARK_AFTER_S = 60.0
 ALARM_KINDS = frozenset({"alarm"})
 NOTICE_KINDS = frozenset({"reset", "test", "test-result", "fault", "restore", "fallback"})
 MAX_NOTICES = 500   # the notices list keeps the newest; the alarms list keeps every alarm
+MAX_UNCLAIMED = 1000  # snapshots whose event has not (yet) come here: a group's other desk
 
 
 class Link(StrEnum):
@@ -135,6 +136,8 @@ class Fleet:
         self.ignored = 0
         self.last_ignored: str | None = None
         self.not_verified = 0
+        # event id -> snapshots saved before their event arrived (or of another desk's)
+        self.unclaimed: dict[str, list[Path]] = {}
         self.lock = threading.RLock()
 
     # -- what the client feeds ------------------------------------------------------
@@ -224,6 +227,7 @@ class Fleet:
                                  received_at),
                          verified, problem, _int(body, "repeat"),
                          detail if isinstance(detail, dict) else {})
+            item.snapshots = sorted(self.unclaimed.pop(event_id, []))
             book[event_id] = item
             if book is self.notices and len(book) > MAX_NOTICES:
                 del book[next(iter(book))]
@@ -233,7 +237,13 @@ class Fleet:
         with self.lock:
             self.messages += 1
             item = self.alarms.get(event_id) or self.notices.get(event_id)
-            if item is not None and path not in item.snapshots:
+            if item is None:
+                waiting = self.unclaimed.setdefault(event_id, [])
+                if path not in waiting:
+                    waiting.append(path)
+                if len(self.unclaimed) > MAX_UNCLAIMED:
+                    del self.unclaimed[next(iter(self.unclaimed))]
+            elif path not in item.snapshots:
                 item.snapshots.append(path)
                 item.snapshots.sort()
 
