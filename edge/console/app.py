@@ -66,8 +66,8 @@ class ConsoleApp(App):
     CSS = """
     #alarms { height: 2fr; border: round red; }
     #lower { height: 3fr; }
-    #devices { width: 3fr; border: round $primary; }
-    #notices { width: 2fr; border: round $secondary; }
+    #devices { width: 3fr; height: 100%; border: round $primary; }
+    #notices { width: 2fr; height: 100%; border: round $secondary; }
     #filter { display: none; }
     #filter.shown { display: block; }
     #status { height: 1; background: $boost; }
@@ -162,7 +162,7 @@ class ConsoleApp(App):
             for row, ((_, cells), (_, old)) in enumerate(zip(rows, previous, strict=True)):
                 for column, (new, was) in enumerate(zip(cells, old, strict=True)):
                     if new != was:
-                        table.update_cell_at(Coordinate(row, column), new)
+                        table.update_cell_at(Coordinate(row, column), new, update_width=True)
             return
         selected = None
         if table.row_count:
