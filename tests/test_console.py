@@ -7,6 +7,8 @@ the console. Every payload the console publishes is checked against docs/asyncap
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -242,3 +244,20 @@ def test_an_alarm_that_fails_its_signature_is_shown_flagged(gates, desks):
     assert alarm.verified is False and "signature" in (alarm.problem or "")
     assert alarm.waited_s is None     # the device's clock was not synced: no outbox time
     assert desk.fleet.not_verified == 1
+
+
+def test_without_textual_the_command_says_how_to_install_it():
+    # A process where Textual cannot be imported (None in sys.modules: ImportError).
+    code = ("import sys; sys.modules['textual'] = None; from edge.tools.cli import main; "
+            "sys.exit(main(['console', '--broker', '127.0.0.1:9']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "pip install 'guardpost[console]'" in done.stderr
+
+
+def test_a_key_without_its_id_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edge.tools.cli", "console", "--broker",
+                           "127.0.0.1:9", "--key", str(tmp_path / "k.pem")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--key and --key-id go together" in done.stderr
