@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from edge.console.fleet import DEFAULT_DARK_AFTER_S, AckState, Fleet, Link
 from edge.contract.events import EventKind
 from edge.contract.presence import presence_topic
+from edge.platform import DeviceKeys
+from edge.runtime.control import request
 from edge.tools.fleet_device import fake_jpeg
 from tests.support.console import ROOT, Desk, Gates, Recorder, wait_until
+from tests.support.device_keys import EVENT_PUBLIC_KEY
 
 
 @pytest.fixture
@@ -261,3 +265,33 @@ def test_a_key_without_its_id_is_refused(tmp_path):
                            "127.0.0.1:9", "--key", str(tmp_path / "k.pem")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--key and --key-id go together" in done.stderr
+
+
+def test_a_real_device_lights_its_led_when_the_desk_acknowledges(
+        broker, tmp_path, make_config, daemons, platform, open_outbox):
+    """The real button and uplink daemons: the desk's signed ack is believed by the uplink,
+    made durable, and the guard's LED turns steady."""
+    path, config = make_config()
+    police = platform(config)               # listens, never acknowledges
+    button = daemons("button", path)
+    daemons("uplink", path)
+    police.wait_for(lambda p: any(s["state"] == "online" for s in p.on("status")),
+                    what="the device's birth")
+    keys = DeviceKeys()
+    keys.add(config.device.site_id, config.device.device_id, EVENT_PUBLIC_KEY)
+    desk = Desk(broker, tmp_path, keys, platform_id="desk-real")
+    try:
+        wait_until(lambda: desk.fleet.link_of(config.device.site_id, config.device.device_id,
+                                              time.monotonic()) is Link.ONLINE)
+        reply = request(config.storage.runtime_dir / "button.ctl",
+                        {"op": "press", "input": "gate", "hold": 0.05})
+        event_id = reply["event"]["id"]
+        wait_until(lambda: event_id in desk.fleet.alarms, what="the alarm at the desk")
+        alarm = desk.fleet.alarms[event_id]
+        assert alarm.verified is True and alarm.location == config.device.location
+        assert "sent" in desk.client.acknowledge(event_id)
+        button.wait_for_line("status LED: steady")
+        row = open_outbox(config).get_event_row(event_id)
+        assert row["state"] == "acknowledged" and row["acknowledged_by"] == "desk-real"
+    finally:
+        desk.stop()
