@@ -14,6 +14,7 @@ from referencing.exceptions import Unresolvable
 
 from edge.contract.events import ContactId, EventKind
 from edge.contract.messages import COMMANDS, Topics
+from edge.platform.presence import PlatformPresence
 from tests.support import asyncapi
 from tests.support.trust import ADMIN, DUTY_DESK
 
@@ -85,7 +86,7 @@ def test_every_operation_says_qos_1_and_whether_retained():
                 if op["bindings"]["mqtt"]["retain"]}
     assert {op["bindings"]["mqtt"]["qos"]
             for op in asyncapi.document()["operations"].values()} == {1}
-    assert retained == {"publishStatus", "publishHealth"}
+    assert retained == {"publishStatus", "publishHealth", "receivePresence"}
 
 
 def _code_topics() -> dict[str, str]:
@@ -138,6 +139,21 @@ def test_signed_messages_are_checked_envelope_and_body():
                                              "request_id": "r-2"})
     assert asyncapi.payload_problems("cmd/ping", json.loads(ping)) == []
     assert asyncapi.payload_problems("cmd/test", json.loads(ping)) != []
+
+
+def test_platform_presence_is_a_channel_of_its_own():
+    presence = PlatformPresence(DUTY_DESK, "guardpost/v1", "console-desk7")
+    topic, online, will = presence.connecting()
+    leaf = topic[len("guardpost/v1/"):]
+    assert asyncapi.channel_of(leaf).name == "presence"
+    for payload in (online, will, presence.stopping()[1]):
+        assert asyncapi.payload_problems(leaf, json.loads(payload)) == []
+    envelope = json.loads(online)
+    envelope["body"]["state"] = "away"
+    assert any("state" in p for p in asyncapi.payload_problems(leaf, envelope))
+    assert asyncapi.payload_problems("ack", json.loads(online)) != []
+    for other in ("_platform/a/b/presence", "_platform/+/presence", "x/_platform/a/presence"):
+        assert asyncapi.channel_of(other) is None, other
 
 
 def test_a_payload_of_another_channel_is_refused():

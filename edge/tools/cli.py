@@ -452,6 +452,39 @@ def _fleet_sim_arguments(parser) -> None:
     parser.add_argument("--broker-pid", type=int, help="a local broker's pid: its CPU time")
     parser.add_argument("--seed", type=int, help="for the same alarms and tests each run")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--device-keys-out", metavar="FILE",
+                        help="write the devices' public keys here (JSON, for --device-keys "
+                             "of guardpost console or verify)")
+
+
+# -- the platform's side: the duty-desk console (issue 14) --------------------------------
+
+def cmd_console(args) -> int:
+    from edge.console import command
+
+    return command.main(args)
+
+
+def _console_arguments(parser) -> None:
+    parser.add_argument("--broker", required=True, help="HOST[:PORT] (1883 by default)")
+    parser.add_argument("--site", action="append", default=[],
+                        help="only this school (site id); again for more (default: all)")
+    parser.add_argument("--key", type=Path,
+                        help="the desk's Ed25519 private key (PEM), a key with the role ack: "
+                             "without it the console cannot acknowledge")
+    parser.add_argument("--key-id", help="the key's id, as the devices' trust lists it")
+    parser.add_argument("--snapshots", type=Path, help="save camera snapshots in this folder")
+    parser.add_argument("--device-keys", type=Path,
+                        help="the devices' event-signing public keys (TOML or JSON, as for "
+                             "guardpost verify): events are checked, failures flagged")
+    parser.add_argument("--group", help="share the events with the other consoles of this "
+                                        "group (an MQTT 5 shared subscription)")
+    parser.add_argument("--platform-id",
+                        help="this console's presence id (default: console-<hostname>)")
+    parser.add_argument("--root", default="guardpost/v1", help="topic root")
+    parser.add_argument("--cafile", help="TLS: the broker's CA (enables TLS)")
+    parser.add_argument("--certfile", help="TLS: the desk's client certificate")
+    parser.add_argument("--keyfile", help="TLS: its key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "acknowledges, printing the alarm round trip and the broker's load")
     _fleet_sim_arguments(fleet)
     fleet.set_defaults(func=cmd_fleet_sim)
+
+    console = commands.add_parser(
+        "console", help="the duty-desk console: every device online/offline/lost, alarms "
+                        "with a bell, acknowledge with a key (needs the extra 'console')")
+    _console_arguments(console)
+    console.set_defaults(func=cmd_console)
     return parser
 
 

@@ -84,6 +84,7 @@ class SimDevice:
     root: str
     session: int
     platform_keys: Keyring
+    heartbeat_s: float = 30.0  # what the birth tells the platform (the fleet's loop beats)
     signer: EventSigner = field(default_factory=lambda: EventSigner(
         Ed25519PrivateKey.generate()))
     epoch: str = field(default_factory=lambda: str(uuid7()))
@@ -139,7 +140,9 @@ class SimDevice:
         client.publish(self.topics.status, status_payload(
             self.identity, state="online", session=self.session, version=__version__,
             config="f1ee75117e5ed000", boot_id=self.boot_id, protocol="5",
-            connected_at=utc_iso(utc_now()), epoch=self.epoch, last_seq=self.seq),
+            connected_at=utc_iso(utc_now()), epoch=self.epoch, last_seq=self.seq,
+            heartbeat_interval_s=float(self.heartbeat_s), keepalive_s=self.keepalive,
+            dark_after_s=round(max(2 * self.heartbeat_s, 1.5 * self.keepalive), 1)),
             qos=1, retain=True, properties=_json_properties())
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         client.subscribe([(self.topics.ack, options)])

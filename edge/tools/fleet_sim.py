@@ -68,6 +68,7 @@ class FleetOptions:
     tls: dict | None = None
     broker_pid: int | None = None
     seed: int | None = None
+    device_keys_out: str | None = None
 
 
 class _Timers:
@@ -105,10 +106,13 @@ class Fleet:
         self.devices: list[SimDevice] = []
         for n in range(options.devices):
             identity = Identity(f"{options.site_prefix}-{n:05d}", "gate-1", f"Gate {n}")
-            device = SimDevice(identity, options.root, session_base, keyring)
+            device = SimDevice(identity, options.root, session_base, keyring,
+                               heartbeat_s=options.heartbeat)
             self.device_keys.add(identity.site_id, identity.device_id, device.signer.public_key)
             self._attach(device)
             self.devices.append(device)
+        if options.device_keys_out:
+            _write_device_keys(options.device_keys_out, self.devices)
         self.platform = FleetPlatform(options.host, options.port, options.root, self.signer,
                                       self.device_keys, tls=options.tls)
         self.jpeg = fake_jpeg(options.snapshot_kb * 1024)
@@ -295,7 +299,21 @@ class Fleet:
             "devices_per_core": round(len(self.devices) / cores) if cores else None,
             "broker_cpu_cores": None if broker_cpu_s is None else round(broker_cpu_s / wall_s, 3),
             "broker": dict(sorted(self.platform.broker_figures.items())),
+            # event id -> CLOCK_MONOTONIC at its publication (machine-wide: another
+            # process, a console, can time its own receipt against it)
+            "published": {event_id: round(at, 6) for event_id, at in published.items()},
         }
+
+
+def _write_device_keys(path: str, devices: list[SimDevice]) -> None:
+    """The devices' event-signing public keys, as ``DeviceKeys.load`` reads them (JSON),
+    for another platform (a console) to verify this fleet's events."""
+    document = {"devices": {f"{d.identity.site_id}/{d.identity.device_id}":
+                            d.signer.public_key for d in devices}}
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as out:
+        json.dump(document, out)
+    os.replace(temporary, path)
 
 
 def _ack_promptly(sock) -> None:
@@ -378,7 +396,8 @@ def main(args) -> int:
         devices=args.devices, host=host, port=port, duration=args.duration,
         alarm_every=args.alarm_every, test_every=args.test_every, heartbeat=args.heartbeat,
         snapshots=args.snapshots, snapshot_kb=args.snapshot_kb, root=args.root,
-        site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed)
+        site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed,
+        device_keys_out=args.device_keys_out)
     fleet = Fleet(options)
     signal.signal(signal.SIGTERM, lambda signum, frame: fleet.stop())
     signal.signal(signal.SIGINT, lambda signum, frame: fleet.stop())

@@ -26,6 +26,9 @@ DOCUMENT = DOCS / "asyncapi.yaml"
 BASE_URI = "https://guardpost.example/asyncapi.yaml"
 JSON_SCHEMA_FORMAT = "application/schema+json;version=2020-12"
 DEVICE_PREFIX = "guardpost/v1/{site_id}/{device_id}/"
+# Channels outside a device's subtree (platform presence) are matched below the root:
+# their "leaf" is ``_platform/{platform_id}/presence``, which no device leaf can be.
+ROOT_PREFIX = "guardpost/v1/"
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,14 @@ def _deref(node):
 
 
 def _leaf_pattern(address: str, parameters: dict) -> re.Pattern:
-    if not address.startswith(DEVICE_PREFIX):
-        raise ValueError(f"{address}: not below {DEVICE_PREFIX}")
+    if address.startswith(DEVICE_PREFIX):
+        below = address[len(DEVICE_PREFIX):]
+    elif address.startswith(ROOT_PREFIX) and not address.startswith(f"{ROOT_PREFIX}{{"):
+        below = address[len(ROOT_PREFIX):]
+    else:
+        raise ValueError(f"{address}: neither below {DEVICE_PREFIX} nor a fixed level of the root")
     pattern = ""
-    for part in re.split(r"(\{[^}]+\})", address[len(DEVICE_PREFIX):]):
+    for part in re.split(r"(\{[^}]+\})", below):
         if part.startswith("{"):
             parameter = _deref(parameters[part[1:-1]])
             values = parameter.get("enum")
@@ -79,7 +86,8 @@ def channels() -> tuple[Channel, ...]:
 
 
 def channel_of(leaf: str) -> Channel | None:
-    """The channel of a topic below the device prefix (``event/alarm``, ``status``...)."""
+    """The channel of a topic below the device prefix (``event/alarm``, ``status``...), or
+    below the root for the platform's own (``_platform/desk-1/presence``)."""
     found = [c for c in channels() if c.leaf.fullmatch(leaf)]
     if len(found) > 1:
         raise AssertionError(f"{leaf}: in several channels {[c.name for c in found]}")
