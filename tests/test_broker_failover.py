@@ -5,6 +5,7 @@ daemons as processes. Judged from the brokers' side, by event id."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -101,3 +102,28 @@ def test_a_dead_primary_at_start_costs_one_attempt_not_the_alarm(
                        == "acknowledged", what="the alarm acknowledged")
     finally:
         backup_desk.stop()
+
+
+def test_an_alarm_held_through_an_outage_says_how_long_it_waited(device, broker):
+    """MQTT 5 user property ``waited_ms``: the time on the device from the alarm's creation
+    to its publication, so that a duty desk sees an alarm held through an outage for what
+    it is, whatever the device's clock says."""
+    running = device()
+    broker.stop()
+    alarm = press(running.config)
+    pressed = time.monotonic()
+    with Outbox(running.config.storage.database, running.config.identity) as outbox:
+        poll_until(lambda: not uplink_state(outbox).get("connected"), what="the uplink down")
+    poll_until(lambda: time.monotonic() - pressed > 1.0, what="a second of outage")
+    held_at_least_ms = (time.monotonic() - pressed) * 1000
+    broker.start()
+    [received] = running.police.wait_for(
+        lambda p: [m for m in p.messages if m.leaf == "event/alarm"
+                   and m.body["id"] == alarm["id"]], timeout=30, what="the alarm")
+    waited = dict(received.properties.UserProperty)["waited_ms"]
+    assert int(waited) >= held_at_least_ms - 1
+    fresh = press(running.config)
+    [prompt] = running.police.wait_for(
+        lambda p: [m for m in p.messages if m.leaf == "event/alarm"
+                   and m.body["id"] == fresh["id"]], what="an alarm with the link up")
+    assert int(dict(prompt.properties.UserProperty)["waited_ms"]) < int(waited)

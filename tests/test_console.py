@@ -271,6 +271,7 @@ def test_a_real_device_lights_its_led_when_the_desk_acknowledges(
         broker, tmp_path, make_config, daemons, platform, open_outbox):
     """The real button and uplink daemons: the desk's signed ack is believed by the uplink,
     made durable, and the guard's LED turns steady."""
+    started = time.monotonic()
     path, config = make_config()
     police = platform(config)               # listens, never acknowledges
     button = daemons("button", path)
@@ -289,6 +290,9 @@ def test_a_real_device_lights_its_led_when_the_desk_acknowledges(
         wait_until(lambda: event_id in desk.fleet.alarms, what="the alarm at the desk")
         alarm = desk.fleet.alarms[event_id]
         assert alarm.verified is True and alarm.location == config.device.location
+        # the device's own word of its time in the outbox (MQTT 5 waited_ms), a link that
+        # was up: well under the time the test has run
+        assert alarm.held_s is not None and 0 <= alarm.held_s < time.monotonic() - started
         assert "sent" in desk.client.acknowledge(event_id)
         button.wait_for_line("status LED: steady")
         row = open_outbox(config).get_event_row(event_id)

@@ -35,6 +35,10 @@ def _clock(alarm: Alarm) -> str:
 
 
 def _waited(alarm: Alarm) -> str:
+    """How long it waited on the device (its own figure, MQTT 5), else from the press to
+    here when the device's clock was synchronised."""
+    if alarm.held_s is not None:
+        return f"{alarm.held_s:.1f} s on device"
     return "clock not synced" if alarm.waited_s is None else f"{alarm.waited_s:.1f} s"
 
 

@@ -194,9 +194,10 @@ class ConsoleClient:
         if (body.get("site_id"), body.get("device_id"), body.get("kind")) != (
                 site_id, device_id, kind):
             verified, problem = False, "the payload names another device or kind than its topic"
+        user = dict(getattr(message.properties, "UserProperty", None) or [])
         item, new = self.fleet.event(site_id, device_id, body, now,
                                      received_at=datetime.now(UTC), verified=verified,
-                                     problem=problem)
+                                     problem=problem, waited_ms=user.get("waited_ms"))
         if body.get("ack_required") is not True or self.signer is None:
             pass
         elif item.kind == "test" and verified is not False:

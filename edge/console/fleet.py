@@ -89,6 +89,7 @@ class Alarm:
     acks_sent: int = 0
     acknowledged_at: datetime | None = None
     snapshots: list[Path] = field(default_factory=list)
+    held_s: float | None = None      # on the device, creation -> publication (MQTT 5 waited_ms)
 
     @property
     def summary(self) -> str:
@@ -199,9 +200,11 @@ class Fleet:
 
     def event(self, site_id: str, device_id: str, body: dict, now: float, *,
               received_at: datetime | None = None, verified: bool | None = None,
-              problem: str | None = None) -> tuple[Alarm, bool]:
+              problem: str | None = None, waited_ms: str | None = None) -> tuple[Alarm, bool]:
         """An event (verified or not: an unverified alarm is shown, flagged); returns it and
-        whether it is new (False: a copy of one already here, published again)."""
+        whether it is new (False: a copy of one already here, published again).
+        ``waited_ms``: the device's own word of how long the event waited on it (an MQTT 5
+        user property), which needs no synchronised clock."""
         event_id, kind = _text(body, "id", 64), _text(body, "kind", 32)
         if body.get("schema") != EVENT_SCHEMA or not event_id or not kind:
             raise ValueError(f"not an event ({EVENT_SCHEMA} with id and kind)")
@@ -227,6 +230,8 @@ class Fleet:
                                  received_at),
                          verified, problem, _int(body, "repeat"),
                          detail if isinstance(detail, dict) else {})
+            if isinstance(waited_ms, str) and waited_ms.isdigit() and len(waited_ms) <= 15:
+                item.held_s = int(waited_ms) / 1000
             item.snapshots = sorted(self.unclaimed.pop(event_id, []))
             book[event_id] = item
             if book is self.notices and len(book) > MAX_NOTICES:

@@ -41,7 +41,8 @@ from edge.config import BrokerConfig
 log = logging.getLogger(__name__)
 
 _PUBLISH = 0x30
-_CORRELATION_DATA = 0x09  # MQTT 5 property identifier
+_CORRELATION_DATA = 0x09  # MQTT 5 property identifiers
+_USER_PROPERTY = 0x26
 HEAD_BYTES = 4096         # what is kept of an oversized message: enough to say what it was
 _DISCARD_CHUNK = 256 * 1024
 _DISCARD_ROUND = 16       # chunks thrown away per read call, so other work is not starved
@@ -251,7 +252,13 @@ class PackedProperties:
         _, used = VariableByteIntegers.decode(packed)
         return cls(packed[used:])
 
-    def with_correlation(self, correlation: bytes) -> _Packed:
+    def with_correlation(self, correlation: bytes, extra: bytes = b"") -> _Packed:
+        """These properties and Correlation Data ``correlation``; ``extra``: more
+        properties already encoded (:func:`user_property`)."""
+        if extra:
+            body = (self._constant + bytes((_CORRELATION_DATA,))
+                    + struct.pack("!H", len(correlation)) + correlation + extra)
+            return _Packed(VariableByteIntegers.encode(len(body)) + body)
         prefix = self._prefixes.get(len(correlation))
         if prefix is None:
             body_length = len(self._constant) + 3 + len(correlation)
@@ -265,6 +272,12 @@ class PackedProperties:
 
     def __str__(self) -> str:  # paho's debug log prints the properties
         return f"PackedProperties({len(self._packed)} bytes)"
+
+
+def user_property(key: str, value: str) -> bytes:
+    """One MQTT 5 User Property in its wire form (identifier, then two UTF-8 strings)."""
+    k, v = key.encode(), value.encode()
+    return bytes((_USER_PROPERTY,)) + struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v
 
 
 class _Packed:

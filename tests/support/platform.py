@@ -114,6 +114,10 @@ class PlatformStandIn:
             self.schema_problems += [f"{message.topic}: {p}"
                                      for p in payload_problems(leaf, body)]
         if leaf.startswith("event/"):
+            user = dict(getattr(message.properties, "UserProperty", None) or [])
+            if self._protocol == paho.MQTTv5:   # (3.1.1 carries no properties)
+                self.schema_problems += [f"{message.topic}: {p}" for p in
+                                         header_problems(leaf, "event", user)]
             try:
                 verify_event(message.payload, self.device_key, topic=message.topic)
             except EventNotVerified as err:

@@ -41,7 +41,7 @@ from edge.contract.event_signature import EventSigner
 from edge.contract.events import ACK_REQUIRED, Priority
 from edge.contract.messages import Topics, snapshot_description
 from edge.daemons.uplink.resend import Resend
-from edge.runtime.mqtt import PackedProperties, is_v5
+from edge.runtime.mqtt import PackedProperties, is_v5, user_property
 from edge.store.outbox import Outbox, QueuedMessage
 from edge.store.snapshots import QueuedSnapshot, SnapshotStore
 
@@ -261,9 +261,15 @@ class PublishWindow:
         for row in rows:
             if row.recovered and template is not None:
                 template = self._event_properties(recovered=True)
-            info = client.publish(
-                f"{prefix}/{row.topic}", sign(row.payload), qos=1,
-                properties=template.with_correlation(row.id.encode()) if template else None)
+            properties = None
+            if template is not None:
+                # An alarm, reset or test says how long it waited on this device: the
+                # duty desk sees an alarm held through an outage for what it is.
+                properties = template.with_correlation(
+                    row.id.encode(), waited_property(row.id)
+                    if row.priority <= Priority.TEST else b"")
+            info = client.publish(f"{prefix}/{row.topic}", sign(row.payload), qos=1,
+                                  properties=properties)
             if row.recovered:
                 template = self._event_props
             # Even if the connection dropped just now, paho holds the message and re-sends
@@ -430,3 +436,13 @@ class PublishWindow:
                 "held_refused": len(self._refused),
                 "awaiting_acknowledgement": len(self._resend),
                 "published_again": self._resend.republished}
+
+
+def waited_property(event_id: str) -> bytes:
+    """The user property ``waited_ms``: milliseconds from the event's creation (the Unix
+    milliseconds at the head of its UUIDv7 id) to now, both on this device's clock, so
+    right whether or not that clock is synchronised (a step of it in between shows; never
+    below 0)."""
+    created_ms = int(event_id[:8] + event_id[9:13], 16)
+    waited = max(0, time.time_ns() // 1_000_000 - created_ms)
+    return user_property("waited_ms", str(waited))
