@@ -66,3 +66,8 @@ def durable_file_latencies(directory: Path, data: bytes, count: int) -> list[flo
     finally:
         table.close()
     return times
+
+
+def ratio(value, base) -> str:
+    """``value / base`` with two decimals, or ``-`` when either is missing."""
+    return f"{value / base:.2f}" if value is not None and base else "-"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._floor import ratio
 from edge.console.client import ConsoleClient, ConsoleOptions
 from edge.console.fleet import Fleet
 from edge.platform import DeviceKeys
@@ -135,10 +136,6 @@ def screen_refresh_ms(devices: int, alarms: int = 100) -> float:
 
     asyncio.run(measure())
     return round(sorted(times)[len(times) // 2] * 1000, 1)
-
-
-def ratio(value, base) -> str:
-    return f"{value / base:.2f}" if value is not None and base else "-"
 
 
 def main() -> None:

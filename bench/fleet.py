@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._floor import ratio
 from edge.tools.localbroker import LocalBroker
 
 
@@ -43,10 +44,6 @@ def run_size(devices: int, args, workdir: Path) -> dict:
 
 def _or_dash(value) -> str:
     return "-" if value is None else str(value)
-
-
-def ratio(value, base) -> str:
-    return f"{value / base:.2f}" if value is not None and base else "-"
 
 
 def main() -> None:

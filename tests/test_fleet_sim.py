@@ -14,11 +14,10 @@ import sys
 import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.asyncapi import header_problems, payload_problems
+from tests.support.listener import listen_to_everything
 
 ROOT = "guardpost/v1"
 DEVICES = 20
@@ -35,15 +34,7 @@ class FleetRecorder:
         self.events: dict[str, dict] = {}          # event id -> body
         self.snapshots = 0
         self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fleet-recorder",
-                                  protocol=paho.MQTTv5)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{ROOT}/#", qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(10), "the recorder did not subscribe"
+        self.client = listen_to_everything(broker, "fleet-recorder", self._on_message)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -36,6 +36,7 @@ from edge.contract.events import (
 )
 from edge.contract.messages import Topics, health_payload, snapshot_description, status_payload
 from edge.contract.signing import Keyring, Rejected, open_envelope
+from edge.store.snapshots import QueuedSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,6 @@ class DeviceCounts:
     acks: int = 0
     acks_refused: int = 0
     disconnects: int = 0
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """What :func:`snapshot_description` reads of a snapshot."""
-
-    event_id: str
-    camera: str
-    idx: int
-    phase: str
-    captured_at: str
-    offset_s: float
-    width: int
-    height: int
 
 
 def fake_jpeg(size: int) -> bytes:
@@ -196,8 +183,9 @@ class SimDevice:
             return
         for index in range(count):
             phase = "pre" if index < count // 2 else "post"
-            snapshot = _Snapshot(event_id, "gate-cam", index, phase, utc_iso(utc_now()),
-                                 float(index - count // 2), *SNAPSHOT_SIZE)
+            snapshot = QueuedSnapshot(0, event_id, "gate-cam", index, phase,
+                                      utc_iso(utc_now()), float(index - count // 2),
+                                      *SNAPSHOT_SIZE, path="")
             described = self.signer.sign_snapshot(
                 snapshot_description(self.identity, snapshot), jpeg)
             properties = Properties(PacketTypes.PUBLISH)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 from cryptography.hazmat.primitives import serialization
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.console.client import ConsoleClient, ConsoleOptions
 from edge.console.fleet import Fleet
@@ -22,6 +19,7 @@ from edge.contract.signing import Keyring
 from edge.platform import DeviceKeys
 from edge.tools.fleet_device import SimDevice
 from tests.support.asyncapi import payload_problems
+from tests.support.listener import listen_to_everything
 from tests.support.trust import DUTY_DESK
 
 ROOT = "guardpost/v1"
@@ -115,15 +113,7 @@ class Recorder:
         self.acks: list[dict] = []
         self.presence: list[dict] = []
         self.problems: list[str] = []
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="console-recorder",
-                                  protocol=paho.MQTTv5)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{ROOT}/#", qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(10)
+        self.client = listen_to_everything(broker, "console-recorder", self._on_message)
 
     def _on_message(self, client, userdata, message) -> None:
         leaf = message.topic[len(ROOT) + 1:]
