@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._floor import ratio
+from bench.fleet import fleet_arguments, fleet_sim_command
 from edge.console.client import ConsoleClient, ConsoleOptions
 from edge.console.fleet import Fleet
 from edge.platform import DeviceKeys
@@ -62,13 +63,9 @@ def run_size(devices: int, args, workdir: Path) -> dict:
             raise SystemExit("the console did not subscribe")
         keys_path = workdir / f"keys-{devices}.json"
         report_path = workdir / f"fleet-{devices}.json"
-        command = [sys.executable, "-m", "edge.tools.cli", "--log-level", "WARNING",
-                   "fleet-sim", "--devices", str(devices),
-                   "--broker", f"{broker.host}:{broker.port}",
-                   "--duration", str(args.duration), "--alarm-every", str(args.alarm_every),
-                   "--test-every", str(args.alarm_every * 3), "--heartbeat", "30",
-                   "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14",
-                   "--device-keys-out", str(keys_path), "--json", str(report_path)]
+        command = fleet_sim_command(devices, f"{broker.host}:{broker.port}", args,
+                                    "--device-keys-out", str(keys_path),
+                                    "--json", str(report_path))
         sim = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         ready = threading.Event()
 
@@ -140,10 +137,7 @@ def screen_refresh_ms(devices: int, alarms: int = 100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="5000", help="fleet sizes besides the baseline")
-    parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--alarm-every", type=float, default=0.5,
-                        help="mean seconds between two alarms in the whole fleet")
+    fleet_arguments(parser, "5000")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     sizes = [1] + [int(n) for n in args.sizes.split(",") if int(n) != 1]

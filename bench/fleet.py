@@ -27,16 +27,30 @@ from bench._floor import ratio
 from edge.tools.localbroker import LocalBroker
 
 
+def fleet_sim_command(devices: int, brokers: str, args, *extra: str) -> list[str]:
+    """``guardpost fleet-sim`` as every fleet bench runs it: the same fleet-wide alarm and
+    test rates whatever the size, heartbeats at the contract's 30 s, two 60 kB snapshots
+    after every alarm and test."""
+    return [sys.executable, "-m", "edge.tools.cli", "--log-level", "WARNING",
+            "fleet-sim", "--devices", str(devices), "--broker", brokers,
+            "--duration", str(args.duration), "--alarm-every", str(args.alarm_every),
+            "--test-every", str(args.alarm_every * 3), "--heartbeat", "30",
+            "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14", *extra]
+
+
+def fleet_arguments(parser: argparse.ArgumentParser, sizes: str) -> None:
+    parser.add_argument("--sizes", default=sizes, help="fleet sizes besides the baseline")
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--alarm-every", type=float, default=0.5,
+                        help="mean seconds between two alarms in the whole fleet")
+
+
 def run_size(devices: int, args, workdir: Path) -> dict:
     with LocalBroker(workdir / f"broker-{devices}") as broker:
         report_path = workdir / f"fleet-{devices}.json"
-        command = [sys.executable, "-m", "edge.tools.cli", "--log-level", "WARNING",
-                   "fleet-sim", "--devices", str(devices),
-                   "--broker", f"{broker.host}:{broker.port}",
-                   "--duration", str(args.duration), "--alarm-every", str(args.alarm_every),
-                   "--test-every", str(args.alarm_every * 3), "--heartbeat", "30",
-                   "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14",
-                   "--broker-pid", str(broker._process.pid), "--json", str(report_path)]
+        command = fleet_sim_command(devices, f"{broker.host}:{broker.port}", args,
+                                    "--broker-pid", str(broker._process.pid),
+                                    "--json", str(report_path))
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                        timeout=args.duration + 600)
         return json.loads(report_path.read_text())
@@ -48,10 +62,7 @@ def _or_dash(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="500,5000", help="fleet sizes besides the baseline")
-    parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--alarm-every", type=float, default=0.5,
-                        help="mean seconds between two alarms in the whole fleet")
+    fleet_arguments(parser, "500,5000")
     args = parser.parse_args()
     sizes = [1] + [int(n) for n in args.sizes.split(",") if int(n) != 1]
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as directory:
