@@ -150,7 +150,8 @@ def test_a_damaged_outbox_at_start_is_moved_aside_alarms_work_and_its_events_com
         assert ("recovered", "true") in (getattr(copy.properties, "UserProperty", []) or [])
     fresh_copy = next(m for m in police.messages if isinstance(m.body, dict)
                       and m.body.get("id") == fresh["id"])
-    assert not getattr(fresh_copy.properties, "UserProperty", None)
+    fresh_user = dict(getattr(fresh_copy.properties, "UserProperty", None) or [])
+    assert "recovered" not in fresh_user and "waited_ms" in fresh_user
     [lost] = police.wait_for(lambda p: [e for e in p.events("fault")
                                         if e["detail"].get("problem") == "history_lost"],
                              what="the fault that says history was lost")
