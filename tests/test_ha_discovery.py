@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.daemons.button.latch import reset_alarms
 from edge.runtime.control import request
+from tests.support.asyncapi import payload_problems
 
 PREFIX = "homeassistant"
 ROOT = "guardpost/v1"
@@ -161,6 +162,21 @@ def test_configs_of_a_real_device_render_its_real_messages(device, broker):
     assert int(render(named["Uptime"]["value_template"], latched)) == round(health["uptime_s"])
     assert render(named["Police platform"]["value_template"], latched) in named[
         "Police platform"]["options"]
+
+    # The same heartbeat with every figure different and a fault raised (still a valid
+    # health message): a template reading the wrong field cannot pass by coincidence.
+    varied = dict(health, outbox=dict(health["outbox"], queued=3, sent_unacknowledged=2),
+                  uptime_s=4321.6, platform={"state": "offline", "instances": {"d": "offline"}},
+                  checks={"button": {"ok": True, "fault": False, "summary": "fine"},
+                          "wiring": {"ok": False, "fault": True, "summary": "loop open"}},
+                  checked_at=health["at"])
+    assert not payload_problems("health", varied)
+    varied_payload = json.dumps(varied).encode()
+    assert [render(named[name]["value_template"], varied_payload) for name in (
+        "Outbox queued", "Sent, unacknowledged", "Uptime", "Police platform", "Fault",
+        "Alarm latched")] == ["3", "2", "4322", "offline", "ON", "ON"]
+    assert json.loads(render(named["Fault"]["json_attributes_template"], varied_payload)) == {
+        "faults": ["wiring"]}
 
     # The reset: its own event entity.
     reset_alarms(device_config, "test guard", None)
