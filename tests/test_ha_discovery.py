@@ -177,6 +177,9 @@ def test_configs_of_a_real_device_render_its_real_messages(device, broker):
         "Alarm latched")] == ["3", "2", "4322", "offline", "ON", "ON"]
     assert json.loads(render(named["Fault"]["json_attributes_template"], varied_payload)) == {
         "faults": ["wiring"]}
+    fine = json.dumps(dict(varied, checks={"button": {"ok": True, "fault": False,
+                                                       "summary": "fine"}})).encode()
+    assert render(named["Fault"]["value_template"], fine) == "OFF"
 
     # The reset: its own event entity.
     reset_alarms(device_config, "test guard", None)
