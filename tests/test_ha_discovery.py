@@ -51,10 +51,10 @@ class Retained:
     """Every retained message below a filter now, read with a fresh subscription (the
     probe published after subscribing comes back after the retained messages)."""
 
-    def __init__(self, broker, topic_filter: str):
+    def __init__(self, broker, topic_filter: str, tls: dict | None = None):
         self.messages: dict[str, bytes] = {}
         done, probe = threading.Event(), f"test-probe/{os.getpid()}/{time.monotonic_ns()}"
-        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        client = client_for(tls)
 
         def on_message(c, userdata, message):
             if message.topic == probe:
@@ -80,12 +80,20 @@ class Retained:
         return {topic: json.loads(payload) for topic, payload in self.messages.items()}
 
 
-def publish_retained(broker, topic: str, payload: bytes) -> None:
+def client_for(tls: dict | None) -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    if tls:
+        client.tls_set(**tls)
+    return client
+
+
+def publish_retained(broker, topic: str, payload: bytes, *, retain: bool = True,
+                     tls: dict | None = None) -> None:
+    client = client_for(tls)
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -245,6 +253,11 @@ def test_a_new_version_updates_the_configs_while_it_runs(broker):
         publish_retained(broker, f"{ROOT}/school-1/gate-1/status",
                          birth("school-1", "gate-1", version="0.2.0"))
         assert wait_for_version(broker, "0.2.0")
+        # An alarm names the gate: the device's name becomes its location.
+        publish_retained(broker, f"{ROOT}/school-1/gate-1/event/alarm", json.dumps(
+            {"schema": "guardpost/event@1", "kind": "alarm", "location": "南门 South gate"}
+        ).encode(), retain=False)
+        assert wait_for_configs(broker, lambda c: c["device"]["name"] == "南门 South gate")
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
@@ -252,16 +265,31 @@ def test_a_new_version_updates_the_configs_while_it_runs(broker):
     assert "of 1 device(s)" in out
 
 
-def wait_for_version(broker, version: str, timeout: float = 20.0) -> bool:
-    """Every config of the device names this version (polled, with a deadline)."""
+def wait_for_version(broker, version: str) -> bool:
+    return wait_for_configs(broker, lambda c: c["device"].get("sw_version") == version)
+
+
+def wait_for_configs(broker, condition, timeout: float = 20.0) -> bool:
+    """All nine configs of the device meet ``condition`` (polled, with a deadline)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         configs = Retained(broker, f"{PREFIX}/#").configs()
-        if len(configs) == 9 and all(c["device"].get("sw_version") == version
-                                     for c in configs.values()):
+        if len(configs) == 9 and all(condition(c) for c in configs.values()):
             return True
         time.sleep(0.1)
     return False
+
+
+def test_over_tls_with_a_client_certificate(tls_site):
+    pki = tls_site.pki
+    tls = {"ca_certs": str(pki["ca"][0]), "certfile": str(pki["device"][0]),
+           "keyfile": str(pki["device"][1])}
+    publish_retained(tls_site.broker, f"{ROOT}/school-1/gate-1/status",
+                     birth("school-1", "gate-1"), tls=tls)
+    result = ha_discovery(tls_site.broker, "--once", "--cafile", tls["ca_certs"],
+                          "--certfile", tls["certfile"], "--keyfile", tls["keyfile"])
+    assert result.returncode == 0, result.stderr
+    assert len(Retained(tls_site.broker, f"{PREFIX}/#", tls=tls).configs()) == 9
 
 
 @pytest.mark.parametrize(("value", "code", "says"), [
