@@ -77,6 +77,7 @@ class DiscoveryPublisher:
         self.options = options
         self.devices: dict[tuple[str, str], DeviceSeen] = {}
         self.ignored = 0
+        self.refused: str | None = None      # the broker's CONNACK reason, if it refused
         self.caught_up = threading.Event()   # every retained status has arrived
         self._lock = threading.Lock()
         self._in_flight: list[paho.MQTTMessageInfo] = []
@@ -120,6 +121,7 @@ class DiscoveryPublisher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.refused = str(reason_code)
             log.error("broker refused the connection: %s", reason_code)
             return
         topics = self._filters("status")
@@ -229,8 +231,9 @@ def main(args) -> int:
     if args.once:
         if not publisher.caught_up.wait(args.timeout):
             publisher.stop()
-            print(f"ha-discovery: no answer from {host}:{port} within {args.timeout:g} s",
-                  file=sys.stderr)
+            why = (f"the broker refused the connection ({publisher.refused})"
+                   if publisher.refused else f"no answer within {args.timeout:g} s")
+            print(f"ha-discovery: {host}:{port}: {why}", file=sys.stderr)
             return EX_UNAVAILABLE
     else:
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
