@@ -14,6 +14,7 @@
     guardpost watch [--ack]               a minimal stand-in for the police platform
     guardpost verify [FILE]               check a captured event's device signature
     guardpost demo [--auto]               the whole device in simulation, with a local broker
+    guardpost ha-discovery --broker H     Home Assistant discovery configs for every device
 
 Exit codes: 0 success; 1 failure or unhealthy; 69 a daemon is not running;
 78 bad configuration (systemd does not restart a unit that exits 78).
@@ -487,6 +488,33 @@ def _console_arguments(parser) -> None:
     parser.add_argument("--keyfile", help="TLS: its key")
 
 
+# -- the platform's side: Home Assistant discovery (issue 14) ------------------------------
+
+def cmd_ha_discovery(args) -> int:
+    from edge.platform import ha_publisher
+
+    return ha_publisher.main(args)
+
+
+def _ha_discovery_arguments(parser) -> None:
+    parser.add_argument("--broker", required=True, help="HOST[:PORT] (1883 by default)")
+    parser.add_argument("--site", action="append", default=[],
+                        help="only this school (site id); again for more (default: all)")
+    parser.add_argument("--prefix", default="homeassistant",
+                        help="Home Assistant's discovery prefix")
+    parser.add_argument("--root", default="guardpost/v1", help="the devices' topic root")
+    parser.add_argument("--once", action="store_true",
+                        help="publish for the devices the broker knows now, then exit "
+                             "(default: keep running until SIGTERM, following new births)")
+    parser.add_argument("--remove", action="store_true",
+                        help="publish empty configs: Home Assistant removes the entities")
+    parser.add_argument("--timeout", type=float, default=15.0,
+                        help="--once: seconds to wait for the broker")
+    parser.add_argument("--cafile", help="TLS: the broker's CA (enables TLS)")
+    parser.add_argument("--certfile", help="TLS: a client certificate")
+    parser.add_argument("--keyfile", help="TLS: its key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_config = os.environ.get("GUARDPOST_CONFIG", DEFAULT_CONFIG)
     parser = argparse.ArgumentParser(
@@ -624,6 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a bell, acknowledge with a key (needs the extra 'console')")
     _console_arguments(console)
     console.set_defaults(func=cmd_console)
+
+    ha = commands.add_parser(
+        "ha-discovery", help="Home Assistant MQTT discovery for every device on a broker: "
+                             "panic button, connectivity, health (configs only; Home "
+                             "Assistant reads the devices' own topics)")
+    _ha_discovery_arguments(ha)
+    ha.set_defaults(func=cmd_ha_discovery)
     return parser
 
 
