@@ -1,4 +1,4 @@
-"""``guardpost fleet-sim``: N simulated devices in one process, against any MQTT 5 broker.
+"""``guardpost fleet-sim``: N simulated devices in one process, against any MQTT broker.
 
 Why one paho client per device, driven by one loop: paho is what the uplink itself uses
 (the same wire behaviour, the same MQTT 5 properties), and its external-loop interface
@@ -19,6 +19,14 @@ The simulator prints ``READY <n>`` once every device is connected and subscribed
 report when it ends (after ``--duration`` seconds, or at SIGTERM/SIGINT, when every
 device publishes its clean ``offline``). Killed with SIGKILL, the broker publishes each
 device's will.
+
+``--broker`` takes one broker or several (the nodes of a cluster, comma-separated): the
+devices are spread over them (device n starts on broker n mod N) and a device whose link
+is lost moves to the next one, as a device with alternates does. The report says how many
+devices each broker holds, and, when links were lost after READY, the time from the first
+loss to every device reconnected and to every event of that span acknowledged (monotonic
+clock, system-wide on Linux: a bench can compare it with the moment it killed a node).
+``--protocol 3.1.1`` speaks MQTT 3.1.1 as the uplink does there (NATS speaks nothing else).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from dataclasses import dataclass
 from edge.contract.events import EventKind, Identity
 from edge.contract.signing import Keyring
 from edge.platform import DeviceKeys, PlatformSigner
-from edge.tools.fleet_device import SimDevice, fake_jpeg
+from edge.tools.fleet_device import RESEND_S, SimDevice, fake_jpeg
 from edge.tools.fleet_platform import FleetPlatform
 
 log = logging.getLogger(__name__)
@@ -54,8 +62,8 @@ DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgemen
 @dataclass(frozen=True)
 class FleetOptions:
     devices: int
-    host: str
-    port: int = 1883
+    brokers: tuple[tuple[str, int], ...]
+    protocol: str = "5"
     duration: float | None = None
     alarm_every: float = 5.0
     test_every: float = 15.0
@@ -105,15 +113,20 @@ class Fleet:
         self.devices: list[SimDevice] = []
         for n in range(options.devices):
             identity = Identity(f"{options.site_prefix}-{n:05d}", "gate-1", f"Gate {n}")
-            device = SimDevice(identity, options.root, session_base, keyring)
+            device = SimDevice(identity, options.root, session_base, keyring,
+                               protocol=options.protocol)
+            device.broker_index = n % len(options.brokers)
             self.device_keys.add(identity.site_id, identity.device_id, device.signer.public_key)
             self._attach(device)
             self.devices.append(device)
-        self.platform = FleetPlatform(options.host, options.port, options.root, self.signer,
-                                      self.device_keys, tls=options.tls)
+        self.platform = FleetPlatform(list(options.brokers), options.root, self.signer,
+                                      self.device_keys, tls=options.tls,
+                                      protocol=options.protocol)
         self.jpeg = fake_jpeg(options.snapshot_kb * 1024)
         self.stopping = False
         self.ready_at: float | None = None
+        self.at_ready: dict[str, int] = {}
+        self.at_end: dict[str, int] = {}
 
     # -- the loop --------------------------------------------------------------------
 
@@ -144,8 +157,12 @@ class Fleet:
         lost = client.on_disconnect
 
         def on_disconnect(client_, userdata, flags, reason_code, properties):
+            was_connected = device.connected
             lost(client_, userdata, flags, reason_code, properties)
             if not self.stopping:
+                if was_connected:
+                    device.lost_at, device.reconnected_at = time.monotonic(), None
+                self._move_on(device)
                 self.timers.at(time.monotonic() + 1.0 + self.random.random(),
                                lambda: self._connect(device))
 
@@ -155,13 +172,19 @@ class Fleet:
         if self.stopping:
             return
         device.prepare_connect()
+        host, port = self.options.brokers[device.broker_index]
+        device.address = f"{host}:{port}"
         try:
-            device.client.connect(self.options.host, self.options.port,
-                                  keepalive=self.options.keepalive)
+            device.client.connect(host, port, keepalive=self.options.keepalive)
         except OSError as err:
-            log.warning("%s: cannot connect: %s", device.client_id, err)
+            log.warning("%s: cannot connect to %s: %s", device.client_id, device.address, err)
+            self._move_on(device)
             self.timers.at(time.monotonic() + 1.0 + self.random.random(),
                            lambda: self._connect(device))
+
+    def _move_on(self, device: SimDevice) -> None:
+        """The next broker of the list, for the next attempt (a single broker stays)."""
+        device.broker_index = (device.broker_index + 1) % len(self.options.brokers)
 
     def _round(self, timeout: float) -> None:
         for key, mask in self.selector.select(timeout):
@@ -200,6 +223,7 @@ class Fleet:
                 self._drain()
                 break
         figures_end = time.monotonic()
+        self.at_end = self._per_broker()
         cpu = _cpu_seconds() - cpu_started
         broker_cpu = _process_cpu_seconds(self.options.broker_pid)
         self._stop_devices()
@@ -225,6 +249,22 @@ class Fleet:
             self._next_event(EventKind.ALARM, self.options.alarm_every)
         if self.options.test_every > 0:
             self._next_event(EventKind.TEST, self.options.test_every)
+        self.timers.at(now + RESEND_S, self._resend_round)
+        self.at_ready = self._per_broker()
+
+    def _resend_round(self) -> None:
+        for device in self.devices:
+            if device.unacknowledged:
+                device.resend()
+        self.timers.at(time.monotonic() + RESEND_S, self._resend_round)
+
+    def _per_broker(self) -> dict[str, int]:
+        """How many devices each broker holds now (those connected)."""
+        counts = {f"{host}:{port}": 0 for host, port in self.options.brokers}
+        for device in self.devices:
+            if device.connected:
+                counts[device.address] = counts.get(device.address, 0) + 1
+        return counts
 
     def _heartbeat(self, device: SimDevice, due: float) -> None:
         def beat():
@@ -249,6 +289,7 @@ class Fleet:
         while (any(device.awaiting_ack for device in self.devices)
                and time.monotonic() < deadline and not self.stopping):
             self._round(0.05)
+            self.timers.run_due(time.monotonic())  # resends go on
 
     def _stop_devices(self) -> None:
         """Every connected device publishes its ``offline`` and disconnects."""
@@ -295,6 +336,45 @@ class Fleet:
             "devices_per_core": round(len(self.devices) / cores) if cores else None,
             "broker_cpu_cores": None if broker_cpu_s is None else round(broker_cpu_s / wall_s, 3),
             "broker": dict(sorted(self.platform.broker_figures.items())),
+            "protocol": self.options.protocol,
+            "devices_per_broker_at_ready": self.at_ready,
+            "devices_per_broker_at_end": self.at_end,
+            "failover": self._failover(),
+        }
+
+    def _failover(self) -> dict | None:
+        """The links lost after READY: from the first loss to every device back, and to
+        every event published from just before it until then acknowledged.
+
+        Times are ``time.monotonic()`` values (CLOCK_MONOTONIC, the same in every process
+        of the machine) and seconds from the first loss."""
+        if self.ready_at is None:
+            return None
+        lost = [d for d in self.devices if d.lost_at is not None and d.lost_at >= self.ready_at]
+        if not lost:
+            return None
+        first = min(d.lost_at for d in lost)
+        back = [d.reconnected_at for d in lost if d.reconnected_at is not None]
+        everyone_back = max(back) if len(back) == len(lost) else None
+        span_end = everyone_back if everyone_back is not None else float("inf")
+        # every event published from RESEND_S before the loss until everyone was back
+        pending, acked = 0, []
+        for device in self.devices:
+            for event_id, published in device.published.items():
+                if first - RESEND_S <= published <= span_end:
+                    pending += 1
+                    if event_id in device.acked_at:
+                        acked.append(device.acked_at[event_id])
+        return {
+            "devices_lost": len(lost), "not_reconnected": len(lost) - len(back),
+            "first_lost_at": first, "all_reconnected_at": everyone_back,
+            "all_reconnected_s": None if everyone_back is None else round(
+                everyone_back - first, 3),
+            "gap_ms": _percentiles([d.reconnected_at - d.lost_at for d in lost
+                                    if d.reconnected_at is not None]),
+            "events_in_span": pending, "events_in_span_acked": len(acked),
+            "all_acked_s": round(max(acked) - first, 3) if acked and len(acked) == pending
+            else None,
         }
 
 
@@ -356,11 +436,28 @@ def print_report(report: dict, out=sys.stdout) -> None:
         f"publish -> platform receipt: n={tp['count']} p50 {tp['p50']} ms  p99 {tp['p99']} ms",
         f"simulator CPU {report['sim_cpu_cores']} cores -> {report['devices_per_core']} "
         f"devices per core; broker CPU {report['broker_cpu_cores']} cores",
+        f"resent {report['resent']}, disconnections {report['disconnects']} (the stop's "
+        f"included); devices per broker "
+        f"at READY {_by_broker(report['devices_per_broker_at_ready'])}, at the end "
+        f"{_by_broker(report['devices_per_broker_at_end'])}",
     ]
+    failover = report["failover"]
+    if failover:
+        lines.append(
+            f"failover: {failover['devices_lost']} devices lost their link; every one back "
+            f"{failover['all_reconnected_s']} s after the first loss (gap per device p50 "
+            f"{failover['gap_ms']['p50']} ms, max {failover['gap_ms']['max']} ms; "
+            f"{failover['not_reconnected']} not back); events of that span "
+            f"{failover['events_in_span_acked']}/{failover['events_in_span']} acknowledged, "
+            f"the last {failover['all_acked_s']} s after the loss")
     # The one-minute averages and the gauges; the 5 and 15 min ones are in --json.
     lines += [f"broker {name}: {value}" for name, value in report["broker"].items()
               if not name.endswith(("/5min", "/15min"))]
     print("\n".join(lines), file=out, flush=True)
+
+
+def _by_broker(counts: dict[str, int]) -> str:
+    return ", ".join(f"{address}: {n}" for address, n in counts.items()) or "-"
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -368,14 +465,22 @@ def parse_broker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_brokers(text: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port],host[:port],...``: one broker or the nodes of a cluster."""
+    brokers = tuple(parse_broker(part.strip()) for part in text.split(",") if part.strip())
+    if not brokers:
+        raise ValueError(f"no broker in {text!r}")
+    return brokers
+
+
 def main(args) -> int:
     """The ``fleet-sim`` command (edge/tools/cli.py)."""
-    host, port = parse_broker(args.broker)
+    brokers = parse_brokers(args.broker)
     tls = None
     if args.cafile:
         tls = {"ca_certs": args.cafile, "certfile": args.certfile, "keyfile": args.keyfile}
     options = FleetOptions(
-        devices=args.devices, host=host, port=port, duration=args.duration,
+        devices=args.devices, brokers=brokers, protocol=args.protocol, duration=args.duration,
         alarm_every=args.alarm_every, test_every=args.test_every, heartbeat=args.heartbeat,
         snapshots=args.snapshots, snapshot_kb=args.snapshot_kb, root=args.root,
         site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed)

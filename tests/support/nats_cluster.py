@@ -2,11 +2,15 @@
 
 Debian's ``nats-server`` (2.9.10 in bookworm) speaks MQTT 3.1.1 only, and only with
 JetStream: sessions, QoS 1 messages and retained messages live in JetStream streams
-(``$MQTT_sess``, ``$MQTT_msgs``, ``$MQTT_rmsgs``) replicated on min(3, cluster size)
-nodes. So a node is ready for MQTT only once the cluster has elected its JetStream meta
-leader and the streams exist: :meth:`NatsCluster.start` waits for exactly that (the
-meta leader on every node's ``/jsz`` monitoring page, then a CONNECT answered by a
-CONNACK 0 on every node's MQTT port), polling with a deadline, never sleeping blind.
+(``$MQTT_sess``, ``$MQTT_msgs``, ``$MQTT_rmsgs``), created by the first MQTT CONNECT
+with as many replicas as the node then sees routed peers (at most 3). Found the hard way:
+a CONNECT that comes while only two of three nodes are routed makes R2 streams, and the
+loss of either of those two nodes then stalls MQTT on the whole cluster (no quorum:
+CONNECTs time out, retained messages are not stored). So every node's configuration
+says ``stream_replicas`` (the cluster's size, at most 3), and :meth:`NatsCluster.start`
+waits, polling with a deadline (never sleeping blind), for every node to be routed to
+all the others (``/routez``), for the JetStream meta leader (``/jsz``), and for a
+CONNECT answered by a CONNACK 0 on every node's MQTT port.
 
 Each node has its own ``server_name``, client, cluster, MQTT and monitoring ports, and
 JetStream store directory under ``workdir``; :meth:`stop` (SIGTERM, the server's own
@@ -64,7 +68,7 @@ class NatsNode:
     def log_path(self) -> Path:
         return self.workdir / f"{self.name}.log"
 
-    def config(self, routes: list[int]) -> str:
+    def config(self, routes: list[int], replicas: int) -> str:
         route_urls = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in routes)
         return "\n".join([
             f'server_name: "{self.name}"',
@@ -73,18 +77,25 @@ class NatsNode:
             f'jetstream {{ store_dir: "{self.workdir / "store"}" }}',
             f"cluster {{ name: guardpost, listen: 127.0.0.1:{self.cluster_port}, "
             f"routes: [{route_urls}] }}",
-            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}",
+            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port}, stream_replicas: {replicas} }}",
             "",
         ])
 
-    def jsz(self) -> dict | None:
-        """The node's JetStream monitoring page, None while it does not answer."""
+    def monitor(self, page: str) -> dict | None:
+        """A monitoring page (``jsz``, ``routez``...), None while the node does not answer."""
         try:
             with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.http_port}/jsz", timeout=2) as answer:
+                    f"http://127.0.0.1:{self.http_port}/{page}", timeout=2) as answer:
                 return json.load(answer)
         except (OSError, ValueError):
             return None
+
+    def meta_leader(self) -> str | None:
+        return ((self.monitor("jsz") or {}).get("meta_cluster") or {}).get("leader")
+
+    def routed_peers(self) -> set[str]:
+        routes = (self.monitor("routez") or {}).get("routes") or []
+        return {route.get("remote_name") or route.get("remote_id") for route in routes}
 
 
 class NatsCluster:
@@ -107,7 +118,8 @@ class NatsCluster:
     def _spawn(self, node: NatsNode) -> None:
         node.workdir.mkdir(parents=True, exist_ok=True)
         config = node.workdir / "nats.conf"
-        config.write_text(node.config([n.cluster_port for n in self.nodes if n is not node]))
+        config.write_text(node.config([n.cluster_port for n in self.nodes if n is not node],
+                                      min(3, len(self.nodes))))
         with open(node.log_path, "ab") as log:
             node.process = subprocess.Popen([self.binary, "-c", str(config)],
                                             stdout=log, stderr=subprocess.STDOUT,
@@ -124,16 +136,18 @@ class NatsCluster:
         return self
 
     def wait_ready(self, nodes: list[NatsNode], timeout: float = READY_TIMEOUT_S) -> None:
-        """Until the JetStream meta leader is known on every node and every node answers an
-        MQTT CONNECT with CONNACK 0 (which needs the MQTT streams)."""
+        """Until every node in ``nodes`` is routed to every other running node, knows the
+        JetStream meta leader, and answers an MQTT CONNECT with CONNACK 0 (which needs
+        the MQTT streams)."""
         deadline = time.monotonic() + timeout
         waiting = list(nodes)
         while waiting:
             for node in list(waiting):
                 if not node.running:
                     raise BrokerUnavailable(f"nats-server {node.name} exited: see {node.log_path}")
-                meta = (node.jsz() or {}).get("meta_cluster") or {}
-                if meta.get("leader") and mqtt_connect_accepted(node.host, node.mqtt_port):
+                peers = sum(1 for n in self.nodes if n is not node and n.running)
+                if (len(node.routed_peers()) >= peers and node.meta_leader()
+                        and mqtt_connect_accepted(node.host, node.mqtt_port)):
                     waiting.remove(node)
             if waiting and time.monotonic() >= deadline:
                 names = ", ".join(n.name for n in waiting)
@@ -144,10 +158,8 @@ class NatsCluster:
 
     def meta_leader(self) -> str | None:
         for node in self.nodes:
-            if node.running:
-                leader = ((node.jsz() or {}).get("meta_cluster") or {}).get("leader")
-                if leader:
-                    return leader
+            if node.running and node.meta_leader():
+                return node.meta_leader()
         return None
 
     def stop(self, index: int) -> None:
