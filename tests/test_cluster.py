@@ -1,7 +1,9 @@
 """A real three-node NATS cluster (JetStream + MQTT 3.1.1, tests/support/nats_cluster.py):
 a fleet spread over the nodes loses one node mid-run and nothing is lost: every device of
 that node is back on another one, every alarm and test is acknowledged, and every
-device's retained birth is what a subscriber on any node gets, the restarted node too.
+device's retained status is what a subscriber on any node gets, the restarted node too.
+The real device (button and uplink daemons, MQTT 3.1.1) on one node with the two others
+as ``broker.alternates`` loses its node between two alarms: both acknowledged, in order.
 
 And what NATS does with wills, found by these tests: a will crosses nodes when a client's
 connection breaks, but the will of a client whose node dies (SIGKILL) or shuts down
@@ -21,9 +23,16 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.config import load_config
+from edge.store.outbox import Outbox
+from tests.conftest import sim_document, write_toml
 from tests.support.asyncapi import payload_problems
+from tests.support.daemons import poll_until
 from tests.support.fleet_process import FleetProcess
 from tests.support.nats_cluster import NatsCluster, nats_binary
+from tests.support.platform import PlatformStandIn
+from tests.test_alarm_path import online, press
+from tests.test_broker_failover import uplink_state
 
 if nats_binary() is None:
     pytest.skip("nats-server is not installed (.ci/setup installs Debian's nats-server)",
@@ -217,3 +226,39 @@ def test_a_will_crosses_nodes_but_dies_with_its_node(cluster, end):
             client.loop_stop()
             if client.socket() is not None:
                 client.socket().close()
+
+
+def test_the_real_device_moves_to_another_node_and_both_alarms_are_acknowledged_in_order(
+        cluster, tmp_path, daemons):
+    first_node, second_node, third_node = cluster.nodes
+    path = write_toml(tmp_path / "guardpost.toml", sim_document(
+        tmp_path, first_node.mqtt_port,
+        broker={"protocol": "3.1.1",
+                "alternates": [second_node.mqtt_address, third_node.mqtt_address]}))
+    config = load_config(path)
+    desk = PlatformStandIn("127.0.0.1", third_node.mqtt_port, config.topic_prefix, ack=True,
+                           protocol=paho.MQTTv311, client_id="cluster-platform").start()
+    try:
+        daemons("button", path)
+        daemons("uplink", path)
+        online(desk)
+        with Outbox(config.storage.database, config.identity) as outbox:
+            def acknowledged(*events):
+                ids = [e["id"] for e in events]
+                return set(outbox.event_states(ids).values()) == {"acknowledged"}
+
+            first = press(config)
+            poll_until(lambda: acknowledged(first), what="the first alarm acknowledged")
+            cluster.kill(0)
+            second = press(config)
+            poll_until(lambda: acknowledged(first, second), timeout=60,
+                       what="the second alarm acknowledged through another node")
+            seqs = [e["seq"] for e in desk.unique_events if e["kind"] == "alarm"]
+            assert seqs == [first["seq"], second["seq"]]
+            state = poll_until(lambda: (s := uplink_state(outbox)) and s["connected"] and s,
+                               what="the uplink's state")
+            assert state["broker"] in (f"{second_node.mqtt_address} (alternate 1 of 3)",
+                                       f"{third_node.mqtt_address} (alternate 2 of 3)")
+    finally:
+        desk.stop()
+    assert not desk.schema_problems, desk.schema_problems
