@@ -365,8 +365,12 @@ class Fleet:
                     pending += 1
                     if event_id in device.acked_at:
                         acked.append(device.acked_at[event_id])
+        before = [device.acked_at[event_id] - published
+                  for device in self.devices for event_id, published in device.published.items()
+                  if event_id in device.acked_at and device.acked_at[event_id] < first]
         return {
             "devices_lost": len(lost), "not_reconnected": len(lost) - len(back),
+            "round_trip_before_loss_ms": _percentiles(before),
             "first_lost_at": first, "all_reconnected_at": everyone_back,
             "all_reconnected_s": None if everyone_back is None else round(
                 everyone_back - first, 3),
