@@ -42,7 +42,8 @@ def fleet_command(args, brokers: str, report: Path) -> list[str]:
             "--devices", str(args.devices), "--broker", brokers, "--protocol", "3.1.1",
             "--duration", str(args.duration), "--alarm-every", str(args.alarm_every),
             "--test-every", str(args.alarm_every * 3), "--heartbeat", "30",
-            "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14", "--json", str(report)]
+            "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14", "--drain", "120",
+            "--json", str(report)]
 
 
 def run_fleet(command: list[str], timeout: float, on_ready=None) -> float:

@@ -456,6 +456,8 @@ def _fleet_sim_arguments(parser) -> None:
     parser.add_argument("--keyfile", help="TLS: its key")
     parser.add_argument("--broker-pid", type=int, help="a local broker's pid: its CPU time")
     parser.add_argument("--seed", type=int, help="for the same alarms and tests each run")
+    parser.add_argument("--drain", type=float, default=10.0,
+                        help="at the end, seconds to wait for acknowledgements still due")
     parser.add_argument("--json", help="also write the report to this file")
 
 

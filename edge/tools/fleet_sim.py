@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 CONNECTS_PER_ROUND = 50  # new connections between two rounds of the loop: CONNACKs flow
 MISC_INTERVAL_S = 1.0    # paho's keepalive bookkeeping, for every client
-DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgements
+DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgements (default)
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class FleetOptions:
     tls: dict | None = None
     broker_pid: int | None = None
     seed: int | None = None
+    drain: float = DRAIN_S
 
 
 class _Timers:
@@ -123,7 +124,7 @@ class Fleet:
                                       self.device_keys, tls=options.tls,
                                       protocol=options.protocol)
         self.jpeg = fake_jpeg(options.snapshot_kb * 1024)
-        self.stopping = False
+        self.stopping = self.draining = False
         self.ready_at: float | None = None
         self.at_ready: dict[str, int] = {}
         self.at_end: dict[str, int] = {}
@@ -274,7 +275,7 @@ class Fleet:
 
     def _next_event(self, kind: EventKind, mean_interval: float) -> None:
         def happen():
-            if self.stopping:
+            if self.stopping or self.draining:
                 return
             device = self.random.choice(self.devices)
             event_id = device.publish_event(kind)
@@ -284,8 +285,10 @@ class Fleet:
         self.timers.at(time.monotonic() + self.random.expovariate(1 / mean_interval), happen)
 
     def _drain(self) -> None:
-        """The acknowledgements still on their way, for at most :data:`DRAIN_S`."""
-        deadline = time.monotonic() + DRAIN_S
+        """The acknowledgements still on their way, for at most ``options.drain``
+        seconds (resends go on meanwhile; no new event is made)."""
+        self.draining = True
+        deadline = time.monotonic() + self.options.drain
         while (any(device.awaiting_ack for device in self.devices)
                and time.monotonic() < deadline and not self.stopping):
             self._round(0.05)
@@ -487,7 +490,8 @@ def main(args) -> int:
         devices=args.devices, brokers=brokers, protocol=args.protocol, duration=args.duration,
         alarm_every=args.alarm_every, test_every=args.test_every, heartbeat=args.heartbeat,
         snapshots=args.snapshots, snapshot_kb=args.snapshot_kb, root=args.root,
-        site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed)
+        site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed,
+        drain=args.drain)
     fleet = Fleet(options)
     signal.signal(signal.SIGTERM, lambda signum, frame: fleet.stop())
     signal.signal(signal.SIGINT, lambda signum, frame: fleet.stop())
