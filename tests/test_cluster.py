@@ -262,3 +262,35 @@ def test_the_real_device_moves_to_another_node_and_both_alarms_are_acknowledged_
     finally:
         desk.stop()
     assert not desk.schema_problems, desk.schema_problems
+
+
+def test_what_nats_refuses_mqtt_5_and_a_dot_in_a_topic_level(cluster):
+    """The README's compatibility table: NATS 2.9 answers an MQTT 5 CONNECT with "unacceptable
+    protocol version", and a device whose site id has a '.' (which the configuration
+    allows) cannot connect at all: its will topic is refused with the CONNECT."""
+    port = cluster.nodes[0].mqtt_port
+
+    def connect(protocol: int, will_topic: str) -> object:
+        answers: list = []
+        done = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"refused-{protocol}",
+                             protocol=protocol)
+        client.will_set(will_topic, b"{}", qos=1, retain=True)
+        client.on_connect = lambda c, u, flags, reason, props: (answers.append(reason),
+                                                                 done.set())
+        client.on_disconnect = lambda c, u, flags, reason, props: (
+            answers.append(f"closed: {reason}"), done.set())
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        try:
+            assert done.wait(20), "no answer"
+        finally:
+            client.loop_stop()
+            if client.socket() is not None:
+                client.socket().close()
+        return answers[0]
+
+    assert connect(paho.MQTTv311, f"{ROOT}/school-1/gate-1/status") == "Success"
+    refused = connect(paho.MQTTv5, f"{ROOT}/school-1/gate-1/status")
+    assert refused == "Unsupported protocol version"
+    assert str(connect(paho.MQTTv311, f"{ROOT}/school.1/gate-1/status")).startswith("closed")

@@ -114,6 +114,7 @@ class SimDevice:
     reconnected_at: float | None = None  # sets it, not at its own stop), and regained after
     address: str | None = None          # "host:port" of the broker it uses now
     broker_index: int = 0               # in the fleet's list of brokers
+    failed_attempts: int = 0            # connection attempts failed in a row (backoff)
     acked_at: dict[str, float] = field(default_factory=dict)  # event id -> monotonic time
     client: paho.Client | None = None
     _seen_nonces: set[str] = field(default_factory=set)

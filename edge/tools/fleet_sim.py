@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 CONNECTS_PER_ROUND = 50  # new connections between two rounds of the loop: CONNACKs flow
 MISC_INTERVAL_S = 1.0    # paho's keepalive bookkeeping, for every client
+RECONNECT_MIN_S = 0.5     # the uplink's defaults (edge/config/link.py)
+RECONNECT_MAX_S = 30.0
 DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgements (default)
 
 
@@ -146,11 +148,15 @@ class Fleet:
             with contextlib.suppress(KeyError, ValueError):
                 selector.unregister(sock)
 
+        # paho also calls these for a socket it already closed (after on_socket_close, and
+        # from its __del__ at exit): nothing to change then.
         def want_write(client_, userdata, sock):
-            selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client_)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client_)
 
         def written(client_, userdata, sock):
-            selector.modify(sock, selectors.EVENT_READ, client_)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                selector.modify(sock, selectors.EVENT_READ, client_)
 
         client.on_socket_open, client.on_socket_close = opened, closed
         client.on_socket_register_write = want_write
@@ -163,8 +169,11 @@ class Fleet:
             if not self.stopping:
                 if was_connected:
                     device.lost_at, device.reconnected_at = time.monotonic(), None
+                    device.failed_attempts = 0
+                else:
+                    device.failed_attempts += 1
                 self._move_on(device)
-                self.timers.at(time.monotonic() + 1.0 + self.random.random(),
+                self.timers.at(time.monotonic() + self._retry_delay(device),
                                lambda: self._connect(device))
 
         client.on_disconnect = on_disconnect
@@ -179,9 +188,17 @@ class Fleet:
             device.client.connect(host, port, keepalive=self.options.keepalive)
         except OSError as err:
             log.warning("%s: cannot connect to %s: %s", device.client_id, device.address, err)
+            device.failed_attempts += 1
             self._move_on(device)
-            self.timers.at(time.monotonic() + 1.0 + self.random.random(),
+            self.timers.at(time.monotonic() + self._retry_delay(device),
                            lambda: self._connect(device))
+
+    def _retry_delay(self, device: SimDevice) -> float:
+        """As the uplink's ``reconnect_min``/``reconnect_max`` (0.5 s doubling up to 30 s
+        per failed attempt), with jitter: a fleet that lost a node does not come back all
+        in the same second, nor hammer a broker that refuses it."""
+        base = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** device.failed_attempts)
+        return base * self.random.uniform(0.5, 1.5)
 
     def _move_on(self, device: SimDevice) -> None:
         """The next broker of the list, for the next attempt (a single broker stays)."""
