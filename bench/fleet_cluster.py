@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,10 +116,17 @@ def main() -> None:
                         help="seconds after READY the cluster loses a node")
     parser.add_argument("--alarm-every", type=float, default=0.5,
                         help="mean seconds between two alarms in the whole fleet")
+    parser.add_argument("--keep", type=Path,
+                        help="keep the simulator's reports and the nodes' logs here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fleet-cluster-") as directory:
         base, base_ready, base_cpu = on_mosquitto(args, Path(directory))
         nats, nats_ready, nats_cpu, killed_at = on_cluster(args, Path(directory))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for path in Path(directory).glob("**/*"):
+                if path.suffix in (".json", ".log"):
+                    shutil.copy(path, args.keep / path.name)
 
     trip, before, whole = base["round_trip_ms"], None, nats["round_trip_ms"]
     failover = nats["failover"] or {}
@@ -147,6 +155,9 @@ def main() -> None:
         print(f"{name:34} {left:>18} {right:>16} {r:>7}")
     all_back = failover.get("all_reconnected_at")
     acked_s = failover.get("all_acked_s")
+    first = failover.get("first_lost_at")
+    print(f"the first device lost its link "
+          f"{seconds(None if first is None else first - killed_at)} after the kill")
     print(f"node loss -> every device reconnected: "
           f"{seconds(None if all_back is None else all_back - killed_at)} "
           f"({failover.get('devices_lost', 0)} devices lost their link, "
