@@ -162,7 +162,8 @@ def main() -> None:
           f"{seconds(None if first is None else first - killed_at)} after the kill")
     print(f"node loss -> every device reconnected: "
           f"{seconds(None if all_back is None else all_back - killed_at)} "
-          f"({failover.get('devices_lost', 0)} devices lost their link, "
+          f"({failover.get('devices_lost', 0)} devices lost their link "
+          f"{failover.get('losses', 0)} times, "
           f"{failover.get('not_reconnected', '-')} not back; gap per device p50 "
           f"{(failover.get('gap_ms') or {}).get('p50')} ms, max "
           f"{(failover.get('gap_ms') or {}).get('max')} ms)")

@@ -110,8 +110,11 @@ class SimDevice:
     published: dict[str, float] = field(default_factory=dict)  # event id -> monotonic time
     # event id -> (topic, payload, properties, last sent), in seq order, until acknowledged
     unacknowledged: dict[str, tuple] = field(default_factory=dict)
-    lost_at: float | None = None        # monotonic time the link was last lost (the fleet
-    reconnected_at: float | None = None  # sets it, not at its own stop), and regained after
+    # Monotonic times the link was lost after READY (the fleet notes them, not the device's
+    # own stop) and how long each loss lasted until the next CONNACK.
+    losses: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    reconnected_at: float | None = None  # after the last loss; None while still away
     address: str | None = None          # "host:port" of the broker it uses now
     broker_index: int = 0               # in the fleet's list of brokers
     failed_attempts: int = 0            # connection attempts failed in a row (backoff)
@@ -163,8 +166,9 @@ class SimDevice:
             log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
         self.connected = True
-        if self.lost_at is not None:
+        if self.losses and self.reconnected_at is None:
             self.reconnected_at = time.monotonic()
+            self.gaps.append(self.reconnected_at - self.losses[-1])
         self.counts.births += 1
         client.publish(self.topics.status, status_payload(
             self.identity, state="online", session=self.session, version=__version__,

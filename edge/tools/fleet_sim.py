@@ -168,8 +168,9 @@ class Fleet:
             was_connected = device.connected
             lost(client_, userdata, flags, reason_code, properties)
             if not self.stopping:
-                if was_connected:
-                    device.lost_at, device.reconnected_at = time.monotonic(), None
+                if was_connected and self.ready_at is not None:
+                    device.losses.append(time.monotonic())
+                    device.reconnected_at = None
                     device.failed_attempts = 0
                 else:
                     device.failed_attempts += 1
@@ -374,11 +375,12 @@ class Fleet:
         machine) and seconds from the first loss."""
         if self.ready_at is None:
             return None
-        lost = [d for d in self.devices if d.lost_at is not None and d.lost_at >= self.ready_at]
+        lost = [d for d in self.devices if d.losses]
         if not lost:
             return None
-        first = min(d.lost_at for d in lost)
+        first = min(d.losses[0] for d in lost)
         back = [d.reconnected_at for d in lost if d.reconnected_at is not None]
+        # the moment the fleet was last whole again (a device may have lost its link twice)
         everyone_back = max(back) if len(back) == len(lost) else None
         before, after, delayed_acks = [], [], []
         published_since = 0
@@ -396,13 +398,13 @@ class Fleet:
         all_acked = len(after) == published_since
         return {
             "devices_lost": len(lost), "not_reconnected": len(lost) - len(back),
+            "losses": sum(len(d.losses) for d in lost),
             "round_trip_before_loss_ms": _percentiles(before),
             "round_trip_since_loss_ms": _percentiles(after),
             "first_lost_at": first, "all_reconnected_at": everyone_back,
             "all_reconnected_s": None if everyone_back is None else round(
                 everyone_back - first, 3),
-            "gap_ms": _percentiles([d.reconnected_at - d.lost_at for d in lost
-                                    if d.reconnected_at is not None]),
+            "gap_ms": _percentiles([gap for d in lost for gap in d.gaps]),
             "events_since_loss": published_since, "events_since_loss_acked": len(after),
             "events_delayed": len(delayed_acks),
             "last_delayed_ack_at": max(delayed_acks) if delayed_acks else None,
@@ -477,7 +479,8 @@ def print_report(report: dict, out=sys.stdout) -> None:
     failover = report["failover"]
     if failover:
         lines.append(
-            f"failover: {failover['devices_lost']} devices lost their link; every one back "
+            f"failover: {failover['devices_lost']} devices lost their link ({failover['losses']} "
+            f"times); every one back "
             f"{failover['all_reconnected_s']} s after the first loss (gap per device p50 "
             f"{failover['gap_ms']['p50']} ms, max {failover['gap_ms']['max']} ms; "
             f"{failover['not_reconnected']} not back); events since the loss "
