@@ -432,7 +432,12 @@ def cmd_fleet_sim(args) -> int:
 
 def _fleet_sim_arguments(parser) -> None:
     parser.add_argument("--devices", type=int, required=True, help="how many devices")
-    parser.add_argument("--broker", required=True, help="HOST[:PORT] (1883 by default)")
+    parser.add_argument("--broker", required=True,
+                        help="HOST[:PORT] (1883 by default), or several, comma-separated (the "
+                             "nodes of a cluster: devices are spread over them and move to "
+                             "the next one when their link is lost)")
+    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                        help="MQTT version (NATS speaks 3.1.1 only)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds after every device is up (default: until SIGTERM)")
     parser.add_argument("--alarm-every", type=float, default=5.0,
@@ -452,6 +457,8 @@ def _fleet_sim_arguments(parser) -> None:
     parser.add_argument("--keyfile", help="TLS: its key")
     parser.add_argument("--broker-pid", type=int, help="a local broker's pid: its CPU time")
     parser.add_argument("--seed", type=int, help="for the same alarms and tests each run")
+    parser.add_argument("--drain", type=float, default=10.0,
+                        help="at the end, seconds to wait for acknowledgements still due")
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--device-keys-out", metavar="FILE",
                         help="write the devices' public keys here (JSON, for --device-keys "

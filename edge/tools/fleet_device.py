@@ -4,11 +4,19 @@ A device does what the uplink does on the wire (docs/contract.md), and nothing o
 outbox: a retained birth and will with one session counter, a retained heartbeat on
 ``health``, signed events (alarms and tests, which the platform acknowledges), signed
 snapshots after each of them, and a clean ``offline`` when stopped. It checks every
-acknowledgement's signature as the uplink does and times the round trip.
+acknowledgement's signature as the uplink does and times the round trip. Like the uplink,
+it publishes an event again, same bytes, after every reconnection and every
+:data:`RESEND_S` until the platform acknowledges it (the platform de-duplicates by id):
+that, not the broker, is what makes a lost node lose nothing.
+
+Over MQTT 3.1.1 (``protocol="3.1.1"``, what NATS speaks) it does what the uplink does
+there: no properties, a persistent session (``clean_session=False``), and each snapshot
+as its description in one JSON line, a newline, then the JPEG.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -41,6 +49,7 @@ from edge.store.snapshots import QueuedSnapshot
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SIZE = (1280, 720)
+RESEND_S = 5.0  # an unacknowledged event goes again after this long (and on reconnect)
 
 
 @dataclass
@@ -54,6 +63,7 @@ class DeviceCounts:
     acks: int = 0
     acks_refused: int = 0
     disconnects: int = 0
+    resent: int = 0
 
 
 def fake_jpeg(size: int) -> bytes:
@@ -72,6 +82,7 @@ class SimDevice:
     session: int
     platform_keys: Keyring
     heartbeat_s: float = 30.0  # what the birth tells the platform (the fleet's loop beats)
+    protocol: str = "5"  # or "3.1.1"
     signer: EventSigner = field(default_factory=lambda: EventSigner(
         Ed25519PrivateKey.generate()))
     epoch: str = field(default_factory=lambda: str(uuid7()))
@@ -85,6 +96,17 @@ class SimDevice:
     awaiting_ack: dict[str, float] = field(default_factory=dict)
     round_trips: list[float] = field(default_factory=list)  # seconds, publish -> ack here
     published: dict[str, float] = field(default_factory=dict)  # event id -> monotonic time
+    # event id -> (topic, payload, properties, last sent), in seq order, until acknowledged
+    unacknowledged: dict[str, tuple] = field(default_factory=dict)
+    # Monotonic times the link was lost after READY (the fleet notes them, not the device's
+    # own stop) and how long each loss lasted until the next CONNACK.
+    losses: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    reconnected_at: float | None = None  # after the last loss; None while still away
+    address: str | None = None          # "host:port" of the broker it uses now
+    broker_index: int = 0               # in the fleet's list of brokers
+    failed_attempts: int = 0            # connection attempts failed in a row (backoff)
+    acked_at: dict[str, float] = field(default_factory=dict)  # event id -> monotonic time
     client: paho.Client | None = None
     _seen_nonces: set[str] = field(default_factory=set)
 
@@ -98,9 +120,17 @@ class SimDevice:
 
     # -- the connection --------------------------------------------------------------
 
+    @property
+    def v5(self) -> bool:
+        return self.protocol == "5"
+
     def build_client(self, *, keepalive: int, tls: dict | None = None) -> paho.Client:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=paho.MQTTv5)
+        if self.v5:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=paho.MQTTv5)
+        else:  # as the uplink: acknowledgements sent while it is away wait for it
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=paho.MQTTv311, clean_session=False)
         if tls:
             client.tls_set(**tls)
         client.on_connect = self._on_connect
@@ -116,24 +146,32 @@ class SimDevice:
         self.session += 1
         self.client.will_set(self.topics.status, status_payload(
             self.identity, state="offline", session=self.session, reason="connection lost"),
-            qos=1, retain=True, properties=_json_properties(PacketTypes.WILLMESSAGE))
+            qos=1, retain=True,
+            properties=_json_properties(PacketTypes.WILLMESSAGE) if self.v5 else None)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
         self.connected = True
+        if self.losses and self.reconnected_at is None:
+            self.reconnected_at = time.monotonic()
+            self.gaps.append(self.reconnected_at - self.losses[-1])
         self.counts.births += 1
         client.publish(self.topics.status, status_payload(
             self.identity, state="online", session=self.session, version=__version__,
-            config="f1ee75117e5ed000", boot_id=self.boot_id, protocol="5",
+            config="f1ee75117e5ed000", boot_id=self.boot_id, protocol=self.protocol,
             connected_at=utc_iso(utc_now()), epoch=self.epoch, last_seq=self.seq,
             heartbeat_interval_s=float(self.heartbeat_s), keepalive_s=self.keepalive,
             dark_after_s=round(max(2 * self.heartbeat_s, 1.5 * self.keepalive), 1)),
-            qos=1, retain=True, properties=_json_properties())
-        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-        client.subscribe([(self.topics.ack, options)])
+            qos=1, retain=True, properties=self._json())
+        if self.v5:
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            client.subscribe([(self.topics.ack, options)])
+        else:
+            client.subscribe(self.topics.ack, qos=1)
         self.publish_health()
+        self.resend(older_than=0.0)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         self.subscribed = True
@@ -153,7 +191,7 @@ class SimDevice:
         self.client.publish(self.topics.health, health_payload(
             self.identity, session=self.session, uptime_s=time.monotonic() - self.started,
             outbox=outbox, clock_synced=True, latched=[]), qos=1, retain=True,
-            properties=_json_properties())
+            properties=self._json())
         self.counts.heartbeats += 1
 
     def publish_event(self, kind: EventKind) -> str | None:
@@ -168,14 +206,30 @@ class SimDevice:
                            else None)
         event = Event(str(uuid7()), self.seq, draft)
         payload = self.signer.sign(event.payload(self.identity, self.epoch))
-        properties = _json_properties()
-        properties.ResponseTopic = self.topics.ack
-        properties.CorrelationData = event.id.encode()
-        self.awaiting_ack[event.id] = self.published[event.id] = time.monotonic()
-        self.client.publish(f"{self.topics.prefix}/{event.topic_suffix}", payload, qos=1,
-                            properties=properties)
+        properties = None
+        if self.v5:
+            properties = _json_properties()
+            properties.ResponseTopic = self.topics.ack
+            properties.CorrelationData = event.id.encode()
+        now = time.monotonic()
+        self.awaiting_ack[event.id] = self.published[event.id] = now
+        topic = f"{self.topics.prefix}/{event.topic_suffix}"
+        self.unacknowledged[event.id] = (topic, payload, properties, now)
+        self.client.publish(topic, payload, qos=1, properties=properties)
         self.counts.events += 1
         return event.id
+
+    def resend(self, *, older_than: float = RESEND_S) -> None:
+        """Every event not acknowledged, sent again (same bytes, seq order) if its last
+        copy is ``older_than`` seconds old: after a reconnection, and from a timer."""
+        if not self.connected:
+            return
+        now = time.monotonic()
+        for event_id, (topic, payload, properties, sent) in list(self.unacknowledged.items()):
+            if now - sent >= older_than:
+                self.client.publish(topic, payload, qos=1, properties=properties)
+                self.unacknowledged[event_id] = (topic, payload, properties, now)
+                self.counts.resent += 1
 
     def publish_snapshots(self, event_id: str, jpeg: bytes, count: int) -> None:
         """``count`` snapshots of ``event_id``, the same picture each time."""
@@ -188,10 +242,14 @@ class SimDevice:
                                       *SNAPSHOT_SIZE, path="")
             described = self.signer.sign_snapshot(
                 snapshot_description(self.identity, snapshot), jpeg)
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.ContentType = "image/jpeg"
-            properties.UserProperty = [(k, str(v)) for k, v in described.items()]
-            self.client.publish(f"{self.topics.prefix}/snapshot/{event_id}", jpeg, qos=1,
+            if self.v5:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.ContentType = "image/jpeg"
+                properties.UserProperty = [(k, str(v)) for k, v in described.items()]
+                payload = jpeg
+            else:  # the contract's 3.1.1 framing: one JSON line, a newline, the JPEG
+                properties, payload = None, json.dumps(described).encode() + b"\n" + jpeg
+            self.client.publish(f"{self.topics.prefix}/snapshot/{event_id}", payload, qos=1,
                                 properties=properties)
             self.counts.snapshots += 1
 
@@ -201,13 +259,13 @@ class SimDevice:
             return None
         return self.client.publish(self.topics.status, status_payload(
             self.identity, state="offline", session=self.session, reason="shutdown"),
-            qos=1, retain=True, properties=_json_properties())
+            qos=1, retain=True, properties=self._json())
 
     # -- what the platform sends -----------------------------------------------------
 
     def _on_message(self, client, userdata, message) -> None:
-        if message.topic != self.topics.ack:
-            return
+        if message.topic != self.topics.ack or message.retain:
+            return  # a retained ack is refused by the device too (docs/contract.md)
         now = time.monotonic()
         try:
             opened = open_envelope(message.payload, message.topic, self.platform_keys, "ack",
@@ -218,10 +276,15 @@ class SimDevice:
             self.counts.acks_refused += 1
             return
         self._seen_nonces.add(opened.nonce)
+        self.unacknowledged.pop(opened.body.get("event_id"), None)
         published = self.awaiting_ack.pop(opened.body.get("event_id"), None)
         if published is not None:
+            self.acked_at[opened.body.get("event_id")] = now
             self.round_trips.append(now - published)
             self.counts.acks += 1
+
+    def _json(self) -> Properties | None:
+        return _json_properties() if self.v5 else None
 
 
 def _json_properties(packet_type: int = PacketTypes.PUBLISH) -> Properties:

@@ -1,4 +1,4 @@
-"""``guardpost fleet-sim``: N simulated devices in one process, against any MQTT 5 broker.
+"""``guardpost fleet-sim``: N simulated devices in one process, against any MQTT broker.
 
 Why one paho client per device, driven by one loop: paho is what the uplink itself uses
 (the same wire behaviour, the same MQTT 5 properties), and its external-loop interface
@@ -19,6 +19,14 @@ The simulator prints ``READY <n>`` once every device is connected and subscribed
 report when it ends (after ``--duration`` seconds, or at SIGTERM/SIGINT, when every
 device publishes its clean ``offline``). Killed with SIGKILL, the broker publishes each
 device's will.
+
+``--broker`` takes one broker or several (the nodes of a cluster, comma-separated): the
+devices are spread over them (device n starts on broker n mod N) and a device whose link
+is lost moves to the next one, as a device with alternates does. The report says how many
+devices each broker holds, and, when links were lost after READY, the time from the first
+loss to every device reconnected and to every event of that span acknowledged (monotonic
+clock, system-wide on Linux: a bench can compare it with the moment it killed a node).
+``--protocol 3.1.1`` speaks MQTT 3.1.1 as the uplink does there (NATS speaks nothing else).
 """
 
 from __future__ import annotations
@@ -41,21 +49,24 @@ from dataclasses import dataclass
 from edge.contract.events import EventKind, Identity
 from edge.contract.signing import Keyring
 from edge.platform import DeviceKeys, PlatformSigner
-from edge.tools.fleet_device import SimDevice, fake_jpeg
+from edge.tools.fleet_device import RESEND_S, SimDevice, fake_jpeg
 from edge.tools.fleet_platform import FleetPlatform
 
 log = logging.getLogger(__name__)
 
 CONNECTS_PER_ROUND = 50  # new connections between two rounds of the loop: CONNACKs flow
 MISC_INTERVAL_S = 1.0    # paho's keepalive bookkeeping, for every client
-DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgements
+RECONNECT_MIN_S = 0.5     # the uplink's defaults (edge/config/link.py)
+RECONNECT_MAX_S = 30.0
+DISTURBED_S = 1.0         # a round trip longer than this was delayed by the loss
+DRAIN_S = 10.0           # how long the end waits for outstanding acknowledgements (default)
 
 
 @dataclass(frozen=True)
 class FleetOptions:
     devices: int
-    host: str
-    port: int = 1883
+    brokers: tuple[tuple[str, int], ...]
+    protocol: str = "5"
     duration: float | None = None
     alarm_every: float = 5.0
     test_every: float = 15.0
@@ -69,6 +80,7 @@ class FleetOptions:
     broker_pid: int | None = None
     seed: int | None = None
     device_keys_out: str | None = None
+    drain: float = DRAIN_S
 
 
 class _Timers:
@@ -107,17 +119,21 @@ class Fleet:
         for n in range(options.devices):
             identity = Identity(f"{options.site_prefix}-{n:05d}", "gate-1", f"Gate {n}")
             device = SimDevice(identity, options.root, session_base, keyring,
-                               heartbeat_s=options.heartbeat)
+                               heartbeat_s=options.heartbeat, protocol=options.protocol)
+            device.broker_index = n % len(options.brokers)
             self.device_keys.add(identity.site_id, identity.device_id, device.signer.public_key)
             self._attach(device)
             self.devices.append(device)
         if options.device_keys_out:
             _write_device_keys(options.device_keys_out, self.devices)
-        self.platform = FleetPlatform(options.host, options.port, options.root, self.signer,
-                                      self.device_keys, tls=options.tls)
+        self.platform = FleetPlatform(list(options.brokers), options.root, self.signer,
+                                      self.device_keys, tls=options.tls,
+                                      protocol=options.protocol)
         self.jpeg = fake_jpeg(options.snapshot_kb * 1024)
-        self.stopping = False
+        self.stopping = self.draining = False
         self.ready_at: float | None = None
+        self.at_ready: dict[str, int] = {}
+        self.at_end: dict[str, int] = {}
 
     # -- the loop --------------------------------------------------------------------
 
@@ -136,11 +152,15 @@ class Fleet:
             with contextlib.suppress(KeyError, ValueError):
                 selector.unregister(sock)
 
+        # paho also calls these for a socket it already closed (after on_socket_close, and
+        # from its __del__ at exit): nothing to change then.
         def want_write(client_, userdata, sock):
-            selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client_)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client_)
 
         def written(client_, userdata, sock):
-            selector.modify(sock, selectors.EVENT_READ, client_)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                selector.modify(sock, selectors.EVENT_READ, client_)
 
         client.on_socket_open, client.on_socket_close = opened, closed
         client.on_socket_register_write = want_write
@@ -148,9 +168,17 @@ class Fleet:
         lost = client.on_disconnect
 
         def on_disconnect(client_, userdata, flags, reason_code, properties):
+            was_connected = device.connected
             lost(client_, userdata, flags, reason_code, properties)
             if not self.stopping:
-                self.timers.at(time.monotonic() + 1.0 + self.random.random(),
+                if was_connected and self.ready_at is not None:
+                    device.losses.append(time.monotonic())
+                    device.reconnected_at = None
+                    device.failed_attempts = 0
+                else:
+                    device.failed_attempts += 1
+                self._move_on(device)
+                self.timers.at(time.monotonic() + self._retry_delay(device),
                                lambda: self._connect(device))
 
         client.on_disconnect = on_disconnect
@@ -159,13 +187,27 @@ class Fleet:
         if self.stopping:
             return
         device.prepare_connect()
+        host, port = self.options.brokers[device.broker_index]
+        device.address = f"{host}:{port}"
         try:
-            device.client.connect(self.options.host, self.options.port,
-                                  keepalive=self.options.keepalive)
+            device.client.connect(host, port, keepalive=self.options.keepalive)
         except OSError as err:
-            log.warning("%s: cannot connect: %s", device.client_id, err)
-            self.timers.at(time.monotonic() + 1.0 + self.random.random(),
+            log.warning("%s: cannot connect to %s: %s", device.client_id, device.address, err)
+            device.failed_attempts += 1
+            self._move_on(device)
+            self.timers.at(time.monotonic() + self._retry_delay(device),
                            lambda: self._connect(device))
+
+    def _retry_delay(self, device: SimDevice) -> float:
+        """As the uplink's ``reconnect_min``/``reconnect_max`` (0.5 s doubling up to 30 s
+        per failed attempt), with jitter: a fleet that lost a node does not come back all
+        in the same second, nor hammer a broker that refuses it."""
+        base = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** device.failed_attempts)
+        return base * self.random.uniform(0.5, 1.5)
+
+    def _move_on(self, device: SimDevice) -> None:
+        """The next broker of the list, for the next attempt (a single broker stays)."""
+        device.broker_index = (device.broker_index + 1) % len(self.options.brokers)
 
     def _round(self, timeout: float) -> None:
         for key, mask in self.selector.select(timeout):
@@ -204,6 +246,7 @@ class Fleet:
                 self._drain()
                 break
         figures_end = time.monotonic()
+        self.at_end = self._per_broker()
         cpu = _cpu_seconds() - cpu_started
         broker_cpu = _process_cpu_seconds(self.options.broker_pid)
         self._stop_devices()
@@ -229,6 +272,22 @@ class Fleet:
             self._next_event(EventKind.ALARM, self.options.alarm_every)
         if self.options.test_every > 0:
             self._next_event(EventKind.TEST, self.options.test_every)
+        self.timers.at(now + RESEND_S, self._resend_round)
+        self.at_ready = self._per_broker()
+
+    def _resend_round(self) -> None:
+        for device in self.devices:
+            if device.unacknowledged:
+                device.resend()
+        self.timers.at(time.monotonic() + RESEND_S, self._resend_round)
+
+    def _per_broker(self) -> dict[str, int]:
+        """How many devices each broker holds now (those connected)."""
+        counts = {f"{host}:{port}": 0 for host, port in self.options.brokers}
+        for device in self.devices:
+            if device.connected:
+                counts[device.address] = counts.get(device.address, 0) + 1
+        return counts
 
     def _heartbeat(self, device: SimDevice, due: float) -> None:
         def beat():
@@ -238,7 +297,7 @@ class Fleet:
 
     def _next_event(self, kind: EventKind, mean_interval: float) -> None:
         def happen():
-            if self.stopping:
+            if self.stopping or self.draining:
                 return
             device = self.random.choice(self.devices)
             event_id = device.publish_event(kind)
@@ -248,11 +307,14 @@ class Fleet:
         self.timers.at(time.monotonic() + self.random.expovariate(1 / mean_interval), happen)
 
     def _drain(self) -> None:
-        """The acknowledgements still on their way, for at most :data:`DRAIN_S`."""
-        deadline = time.monotonic() + DRAIN_S
+        """The acknowledgements still on their way, for at most ``options.drain``
+        seconds (resends go on meanwhile; no new event is made)."""
+        self.draining = True
+        deadline = time.monotonic() + self.options.drain
         while (any(device.awaiting_ack for device in self.devices)
                and time.monotonic() < deadline and not self.stopping):
             self._round(0.05)
+            self.timers.run_due(time.monotonic())  # resends go on
 
     def _stop_devices(self) -> None:
         """Every connected device publishes its ``offline`` and disconnects."""
@@ -302,6 +364,58 @@ class Fleet:
             # event id -> CLOCK_MONOTONIC at its publication (machine-wide: another
             # process, a console, can time its own receipt against it)
             "published": {event_id: round(at, 6) for event_id, at in published.items()},
+            "protocol": self.options.protocol,
+            "devices_per_broker_at_ready": self.at_ready,
+            "devices_per_broker_at_end": self.at_end,
+            "failover": self._failover(),
+        }
+
+    def _failover(self) -> dict | None:
+        """The links lost after READY: from the first loss to every device back, and to
+        the last acknowledgement the loss delayed.
+
+        "Since the loss" counts the events published from :data:`RESEND_S` before the
+        first loss on (those possibly in flight then, and every later one); a delayed
+        acknowledgement is one whose round trip took over :data:`DISTURBED_S`. Times are
+        ``time.monotonic()`` values (CLOCK_MONOTONIC, the same in every process of the
+        machine) and seconds from the first loss."""
+        if self.ready_at is None:
+            return None
+        lost = [d for d in self.devices if d.losses]
+        if not lost:
+            return None
+        first = min(d.losses[0] for d in lost)
+        back = [d.reconnected_at for d in lost if d.reconnected_at is not None]
+        # the moment the fleet was last whole again (a device may have lost its link twice)
+        everyone_back = max(back) if len(back) == len(lost) else None
+        before, after, delayed_acks = [], [], []
+        published_since = 0
+        for device in self.devices:
+            for event_id, published in device.published.items():
+                acked = device.acked_at.get(event_id)
+                if published >= first - RESEND_S:
+                    published_since += 1
+                    if acked is not None:
+                        after.append(acked - published)
+                        if acked - published > DISTURBED_S:
+                            delayed_acks.append(acked)
+                elif acked is not None and acked < first:
+                    before.append(acked - published)
+        all_acked = len(after) == published_since
+        return {
+            "devices_lost": len(lost), "not_reconnected": len(lost) - len(back),
+            "losses": sum(len(d.losses) for d in lost),
+            "round_trip_before_loss_ms": _percentiles(before),
+            "round_trip_since_loss_ms": _percentiles(after),
+            "first_lost_at": first, "all_reconnected_at": everyone_back,
+            "all_reconnected_s": None if everyone_back is None else round(
+                everyone_back - first, 3),
+            "gap_ms": _percentiles([gap for d in lost for gap in d.gaps]),
+            "events_since_loss": published_since, "events_since_loss_acked": len(after),
+            "events_delayed": len(delayed_acks),
+            "last_delayed_ack_at": max(delayed_acks) if delayed_acks else None,
+            "all_acked_s": None if not all_acked else round(
+                max(delayed_acks) - first, 3) if delayed_acks else 0.0,
         }
 
 
@@ -374,11 +488,30 @@ def print_report(report: dict, out=sys.stdout) -> None:
         f"publish -> platform receipt: n={tp['count']} p50 {tp['p50']} ms  p99 {tp['p99']} ms",
         f"simulator CPU {report['sim_cpu_cores']} cores -> {report['devices_per_core']} "
         f"devices per core; broker CPU {report['broker_cpu_cores']} cores",
+        f"resent {report['resent']}, disconnections {report['disconnects']} (the stop's "
+        f"included); devices per broker "
+        f"at READY {_by_broker(report['devices_per_broker_at_ready'])}, at the end "
+        f"{_by_broker(report['devices_per_broker_at_end'])}",
     ]
+    failover = report["failover"]
+    if failover:
+        lines.append(
+            f"failover: {failover['devices_lost']} devices lost their link ({failover['losses']} "
+            f"times); every one back "
+            f"{failover['all_reconnected_s']} s after the first loss (gap per device p50 "
+            f"{failover['gap_ms']['p50']} ms, max {failover['gap_ms']['max']} ms; "
+            f"{failover['not_reconnected']} not back); events since the loss "
+            f"{failover['events_since_loss_acked']}/{failover['events_since_loss']} "
+            f"acknowledged ({failover['events_delayed']} over {DISTURBED_S} s), the last "
+            f"delayed one {failover['all_acked_s']} s after the loss")
     # The one-minute averages and the gauges; the 5 and 15 min ones are in --json.
     lines += [f"broker {name}: {value}" for name, value in report["broker"].items()
               if not name.endswith(("/5min", "/15min"))]
     print("\n".join(lines), file=out, flush=True)
+
+
+def _by_broker(counts: dict[str, int]) -> str:
+    return ", ".join(f"{address}: {n}" for address, n in counts.items()) or "-"
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -386,18 +519,26 @@ def parse_broker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_brokers(text: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port],host[:port],...``: one broker or the nodes of a cluster."""
+    brokers = tuple(parse_broker(part.strip()) for part in text.split(",") if part.strip())
+    if not brokers:
+        raise ValueError(f"no broker in {text!r}")
+    return brokers
+
+
 def main(args) -> int:
     """The ``fleet-sim`` command (edge/tools/cli.py)."""
-    host, port = parse_broker(args.broker)
+    brokers = parse_brokers(args.broker)
     tls = None
     if args.cafile:
         tls = {"ca_certs": args.cafile, "certfile": args.certfile, "keyfile": args.keyfile}
     options = FleetOptions(
-        devices=args.devices, host=host, port=port, duration=args.duration,
+        devices=args.devices, brokers=brokers, protocol=args.protocol, duration=args.duration,
         alarm_every=args.alarm_every, test_every=args.test_every, heartbeat=args.heartbeat,
         snapshots=args.snapshots, snapshot_kb=args.snapshot_kb, root=args.root,
         site_prefix=args.site_prefix, tls=tls, broker_pid=args.broker_pid, seed=args.seed,
-        device_keys_out=args.device_keys_out)
+        device_keys_out=args.device_keys_out, drain=args.drain)
     fleet = Fleet(options)
     signal.signal(signal.SIGTERM, lambda signum, frame: fleet.stop())
     signal.signal(signal.SIGINT, lambda signum, frame: fleet.stop())
