@@ -31,7 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._floor import ratio
 from bench._proc import cpu_seconds
+from bench.fleet import fleet_sim_command
 from edge.tools.localbroker import LocalBroker
 from tests.support.nats_cluster import NatsCluster
 
@@ -39,12 +41,9 @@ KILLED = 1  # the node that dies: the platform side starts on node 0, as a desk 
 
 
 def fleet_command(args, brokers: str, report: Path) -> list[str]:
-    return [sys.executable, "-m", "edge.tools.cli", "--log-level", "ERROR", "fleet-sim",
-            "--devices", str(args.devices), "--broker", brokers, "--protocol", "3.1.1",
-            "--duration", str(args.duration), "--alarm-every", str(args.alarm_every),
-            "--test-every", str(args.alarm_every * 3), "--heartbeat", "30",
-            "--snapshots", "2", "--snapshot-kb", "60", "--seed", "14", "--drain", "120",
-            "--json", str(report)]
+    """The fleet of bench/fleet.py, over MQTT 3.1.1 (all NATS speaks) on both brokers."""
+    return fleet_sim_command(args.devices, brokers, args, "--protocol", "3.1.1",
+                             "--drain", "120", "--json", str(report))
 
 
 def run_fleet(command: list[str], timeout: float, on_ready=None) -> float:
@@ -97,10 +96,6 @@ def on_cluster(args, workdir: Path) -> tuple[dict, float, float, float]:
         used = sum(cpu[pid] if pid == pids[KILLED] else cpu_seconds(pid) - cpu[pid]
                    for pid in pids)
         return json.loads(report.read_text()), ready, used, killed_at[0]
-
-
-def ratio(value, base) -> str:
-    return f"{value / base:.2f}" if value is not None and base else "-"
 
 
 def seconds(value) -> str:

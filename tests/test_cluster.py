@@ -29,6 +29,7 @@ from tests.conftest import sim_document, write_toml
 from tests.support.asyncapi import payload_problems
 from tests.support.daemons import poll_until
 from tests.support.fleet_process import FleetProcess
+from tests.support.listener import Waits
 from tests.support.nats_cluster import NatsCluster, nats_binary
 from tests.support.platform import PlatformStandIn
 from tests.test_alarm_path import online, press
@@ -49,7 +50,7 @@ def cluster(tmp_path):
         yield running
 
 
-class Listener:
+class Listener(Waits):
     """An MQTT 3.1.1 subscriber on one node: every message of ``topics``, retained or not,
     each checked against its AsyncAPI channel; tests wait on conditions over them."""
 
@@ -87,15 +88,6 @@ class Listener:
         with self._cond:
             return [body for topic, body, _ in self.messages if topic.endswith(suffix) and body]
 
-    def wait_for(self, condition, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not condition(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
 
 
 def retained_statuses(port: int, expected: dict[str, dict], timeout: float = 30.0) -> dict:

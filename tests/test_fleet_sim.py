@@ -8,19 +8,18 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import pytest
 
 from tests.support.asyncapi import header_problems, payload_problems
 from tests.support.fleet_process import FleetProcess
-from tests.support.listener import listen_to_everything
+from tests.support.listener import Waits, listen_to_everything
 
 ROOT = "guardpost/v1"
 DEVICES = 20
 
 
-class FleetRecorder:
+class FleetRecorder(Waits):
     """Everything below the topic root, each message checked against its schema."""
 
     def __init__(self, broker):
@@ -74,15 +73,6 @@ class FleetRecorder:
         with self._cond:
             self.snapshots += 1
 
-    def wait_for(self, condition, timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not condition(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ what devices and platforms publish), connected and subscribed before it is retur
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
@@ -24,3 +25,20 @@ def listen_to_everything(broker, client_id: str, on_message: Callable,
     client.loop_start()
     assert subscribed.wait(10), f"{client_id} did not subscribe"
     return client
+
+
+class Waits:
+    """``wait_for(condition)`` on ``self._cond`` (a ``threading.Condition`` the subclass
+    creates and notifies whenever a message changed what it holds)."""
+
+    _cond: threading.Condition
+
+    def wait_for(self, condition, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not condition(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
