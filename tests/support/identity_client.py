@@ -108,7 +108,11 @@ class IdentityClient:
     def publish(self, topic: str, payload: bytes = b"probe", *, retain: bool = False) -> int:
         """Publish at QoS 1 and return the PUBACK's reason code."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
-        self.wait_for(lambda: info.mid in self.pubacks, what=f"the PUBACK of {topic}")
+        self.wait_for(lambda: info.mid in self.pubacks or self.disconnected is not None,
+                      what=f"the PUBACK of {topic} (paho: {info.rc})")
+        if info.mid not in self.pubacks:
+            raise AssertionError(f"disconnected before the PUBACK of {topic}: "
+                                 f"{self.disconnected}")
         return self.pubacks[info.mid]
 
     def subscribe(self, topic_filter: str, *, retain_handling: int = 0) -> list[int]:
